@@ -1,0 +1,314 @@
+"""Single-device MoE transformer: the oracle every parallel strategy is tested against.
+
+This file never imports torch.distributed and never reads a rank. Parallel strategies build
+the same modules over a slice of heads or experts (`Attention(cfg, heads=...)`,
+`Experts(cfg, expert_ids=...)`) and copy weights in from outside.
+
+Shape legend (suffixes on tensor names):
+  B batch (sequences)   T tokens per sequence in this call   S key/value positions attended
+  H hidden size         N query heads (local)                K key/value heads (local)
+  D head dim            E experts (local)                    I expert hidden size
+  V vocabulary          X flattened tokens (B*T)             k experts per token (top-k)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Normalises in float32 and casts back before the weight, as transformers does."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, D] for rotate-half RoPE, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim))
+    freqs = positions_BT.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BNTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x_BNTD.shape[-1] // 2
+    rotated = torch.cat((-x_BNTD[..., half:], x_BNTD[..., :half]), dim=-1)
+    return x_BNTD * cos + rotated * sin
+
+
+def kv_heads_for(cfg: ModelConfig, heads: range) -> range:
+    """The KV heads that query heads `heads` read under grouped-query attention."""
+    return range(heads.start // cfg.kv_group, (heads.stop - 1) // cfg.kv_group + 1)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value tensors [B, K, S_max, D] for the local KV heads."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def write(self, layer: int, positions_BT: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> None:
+        rows = torch.arange(positions_BT.shape[0], device=positions_BT.device)[:, None].expand_as(positions_BT)
+        self.k[layer][rows, :, positions_BT] = k_BKTD.transpose(1, 2)
+        self.v[layer][rows, :, positions_BT] = v_BKTD.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """GQA attention over query heads `heads` (all by default; a contiguous slice for head parallelism).
+
+    The output projection covers only the local heads, so partial outputs of a head-parallel
+    group sum to the full output.
+    """
+
+    def __init__(self, cfg: ModelConfig, heads: range | None = None, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = heads if heads is not None else range(cfg.num_heads)
+        self.kv_heads = kv_heads_for(cfg, self.heads)
+        n, k, d, h = len(self.heads), len(self.kv_heads), cfg.head_dim, cfg.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(h, n * d, bias=cfg.qkv_bias, **kw)
+        self.k_proj = nn.Linear(h, k * d, bias=cfg.qkv_bias, **kw)
+        self.v_proj = nn.Linear(h, k * d, bias=cfg.qkv_bias, **kw)
+        self.o_proj = nn.Linear(n * d, h, bias=False, **kw)
+        self.q_norm = RMSNorm(d, cfg.rms_eps, **kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_eps, **kw) if cfg.qk_norm else None
+        # Local KV index of each local query head; uneven head splits make it non-uniform.
+        kv_of_q = torch.tensor([q // cfg.kv_group - self.kv_heads.start for q in self.heads])
+        self.register_buffer("kv_of_q", kv_of_q.to(device), persistent=False)
+        self.uniform_groups = self.heads.start % cfg.kv_group == 0 and len(self.heads) % cfg.kv_group == 0
+
+    def forward(self, x_BTH: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, attend_len: int | None = None) -> torch.Tensor:
+        """Partial attention output [B, T, H] of the local heads (already through o_proj)."""
+        b, t, _ = x_BTH.shape
+        d = self.cfg.head_dim
+        q = self.q_proj(x_BTH).view(b, t, -1, d)
+        k = self.k_proj(x_BTH).view(b, t, -1, d)
+        v = self.v_proj(x_BTH).view(b, t, -1, d).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions_BT, d, self.cfg.rope_theta, x_BTH.dtype)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is None:
+            keys, values, key_pos = k, v, positions_BT
+        else:
+            cache.write(layer, positions_BT, k, v)
+            s = attend_len or cache.max_len
+            keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
+            key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
+        out = self._attend(q, keys, values, positions_BT, key_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend(self, q_BNTD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS) -> torch.Tensor:
+        # An explicit mask, never is_causal: with a cache, is_causal=True aligns the mask top-left
+        # and a single decode query would attend only to key 0.
+        mask = k_pos_BS[:, None, None, :] <= q_pos_BT[:, None, :, None]
+        if self.uniform_groups:
+            k_BNSD = k_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
+            v_BNSD = v_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
+        else:
+            k_BNSD, v_BNSD = k_BKSD[:, self.kv_of_q], v_BKSD[:, self.kv_of_q]
+        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask,
+                                              scale=1.0 / math.sqrt(self.cfg.head_dim))
+
+
+class Router(nn.Module):
+    """Softmax over all experts, top-k, optional renormalisation (Mixtral / Qwen semantics)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weights [X, k] (x's dtype) and expert ids [X, k] (int64)."""
+        probs = torch.softmax(F.linear(x_XH, self.weight).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x_XH.dtype), ids
+
+
+class Experts(nn.Module):
+    """The experts `expert_ids` (all by default), stacked for grouped matmul.
+
+    w_gate/w_up [E, I, H] and w_down [E, H, I], in nn.Linear's (out, in) orientation.
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(cfg.num_experts))
+        e, i, h = len(self.expert_ids), cfg.expert_hidden, cfg.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        self.w_gate = nn.Parameter(torch.empty(e, i, h, **kw)) if cfg.expert_act == "swiglu" else None
+        self.w_up = nn.Parameter(torch.empty(e, i, h, **kw))
+        self.w_down = nn.Parameter(torch.empty(e, h, i, **kw))
+        # global expert id -> local index (-1 = not held here)
+        local = torch.full((cfg.num_experts,), -1, dtype=torch.long)
+        local[self.expert_ids] = torch.arange(e)
+        self.register_buffer("local_index", local.to(device), persistent=False)
+
+    def _act(self, gate, up):
+        return F.silu(gate) * up if self.w_gate is not None else F.gelu(up)
+
+    def forward_sorted(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by local expert, counts [E] per local expert -> outputs [N, H].
+
+        One grouped matmul per weight matrix; the offsets stay on the device (no host sync).
+        """
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        up = F.grouped_mm(x_NH, self.w_up.transpose(1, 2), offs=offs)
+        gate = F.grouped_mm(x_NH, self.w_gate.transpose(1, 2), offs=offs) if self.w_gate is not None else None
+        return F.grouped_mm(self._act(gate, up), self.w_down.transpose(1, 2), offs=offs)
+
+    def forward_loop(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Reference path: one expert at a time, plain matmuls."""
+        outs, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            rows = x_NH[start:start + n]
+            gate = rows @ self.w_gate[e].T if self.w_gate is not None else None
+            outs.append(self._act(gate, rows @ self.w_up[e].T) @ self.w_down[e].T)
+            start += n
+        return torch.cat(outs) if outs else x_NH.new_zeros(0, self.cfg.hidden_size)
+
+    def forward(self, x_XH: torch.Tensor, weights_Xk: torch.Tensor, ids_Xk: torch.Tensor,
+                grouped: bool = True) -> torch.Tensor:
+        """Weighted sum over the token's local experts [X, H]; experts held elsewhere add nothing."""
+        local_Xk = self.local_index[ids_Xk]
+        mine = (local_Xk >= 0).flatten()
+        flat_local = local_Xk.flatten()[mine]
+        order = torch.argsort(flat_local, stable=True)
+        token = torch.arange(x_XH.shape[0], device=x_XH.device).repeat_interleave(ids_Xk.shape[1])[mine][order]
+        counts = torch.bincount(flat_local, minlength=len(self.expert_ids))
+        run = self.forward_sorted if grouped else self.forward_loop
+        y = run(x_XH[token], counts) * weights_Xk.flatten()[mine][order, None]
+        return torch.zeros_like(x_XH).index_add_(0, token, y.to(x_XH.dtype))
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's always-on SwiGLU expert, scaled by sigmoid(gate(x))."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        h, i = cfg.hidden_size, cfg.shared_expert_hidden
+        self.gate_proj, self.up_proj = nn.Linear(h, i, **kw), nn.Linear(h, i, **kw)
+        self.down_proj, self.gate = nn.Linear(i, h, **kw), nn.Linear(h, 1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return torch.sigmoid(self.gate(x)) * y
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.router = Router(cfg, device, dtype)
+        self.experts = Experts(cfg, device=device, dtype=dtype)
+        self.shared = SharedExpert(cfg, device, dtype) if cfg.shared_expert_hidden else None
+
+    def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
+        x_XH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        weights, ids = self.router(x_XH)
+        y = self.experts(x_XH, weights, ids, grouped=grouped)
+        if self.shared is not None:
+            y = y + self.shared(x_XH)
+        return y.view_as(x_BTH)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
+        self.attn = Attention(cfg, device=device, dtype=dtype)
+        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
+        self.moe = MoE(cfg, device, dtype)
+
+    def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True):
+        h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len)
+        return h + self.moe(self.moe_norm(h), grouped=grouped)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        dtype = dtype or cfg.torch_dtype
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, device, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        c = self.cfg
+        return KVCache.empty(c.num_layers, batch, c.num_kv_heads, max_len or c.max_seq_len, c.head_dim,
+                             self.dtype, self.device)
+
+    def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None, attend_len: int | None = None,
+                logits_at_B: torch.Tensor | None = None, grouped: bool = True) -> torch.Tensor:
+        """Logits [B, T, V]; or [B, V] at positions `logits_at_B` (index into T) when given."""
+        b, t = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
+        x = self.embed(input_ids_BT)
+        for i, block in enumerate(self.layers):
+            x = block(x, positions_BT, cache, i, attend_len, grouped)
+        if logits_at_B is not None:
+            x = x[torch.arange(b, device=x.device), logits_at_B]
+        return self.lm_head(self.norm(x))
+
+
+@torch.no_grad()
+def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoETransformer:
+    """Deterministic random weights (normal(0, std); norms at 1) drawn on the model's device."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(std))
+    return model
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None) -> MoETransformer:
+    """A model with deterministic random weights (the embedded default for demos and tests)."""
+    return init_random_(MoETransformer(cfg, device=device, dtype=dtype), seed).eval()
