@@ -22,6 +22,9 @@ from torch import nn
 
 from .config import ModelConfig
 
+# SDPA grew `enable_gqa` in torch 2.5; feature-check rather than pin a version.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class RMSNorm(nn.Module):
     """Normalises in float32 and casts back before the weight, as transformers does."""
@@ -109,9 +112,10 @@ class Attention(nn.Module):
         """Partial attention output [B, T, H] of the local heads (already through o_proj)."""
         b, t, _ = x_BTH.shape
         d = self.cfg.head_dim
-        q = self.q_proj(x_BTH).view(b, t, -1, d)
-        k = self.k_proj(x_BTH).view(b, t, -1, d)
-        v = self.v_proj(x_BTH).view(b, t, -1, d).transpose(1, 2)
+        n, kv = len(self.heads), len(self.kv_heads)  # explicit: an empty micro-batch has b = 0
+        q = self.q_proj(x_BTH).view(b, t, n, d)
+        k = self.k_proj(x_BTH).view(b, t, kv, d)
+        v = self.v_proj(x_BTH).view(b, t, kv, d).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions_BT, d, self.cfg.rope_theta, x_BTH.dtype)
@@ -124,19 +128,30 @@ class Attention(nn.Module):
             keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
             key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
         out = self._attend(q, keys, values, positions_BT, key_pos)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
 
     def _attend(self, q_BNTD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS) -> torch.Tensor:
         # An explicit mask, never is_causal: with a cache, is_causal=True aligns the mask top-left
         # and a single decode query would attend only to key 0.
         mask = k_pos_BS[:, None, None, :] <= q_pos_BT[:, None, :, None]
-        if self.uniform_groups:
+        scale = 1.0 / math.sqrt(self.cfg.head_dim)
+        if self.uniform_groups and self.cfg.kv_group == 1:
+            # One query head per KV head: read the cache in place (repeat_interleave would copy it).
+            k_BNSD, v_BNSD = k_BKSD, v_BKSD
+        elif self.uniform_groups and q_BNTD.is_cuda and _SDPA_HAS_GQA:
+            # On CUDA let SDPA broadcast KV heads instead of materialising a copy of the cache.
+            return F.scaled_dot_product_attention(q_BNTD, k_BKSD, v_BKSD, attn_mask=mask, scale=scale,
+                                                  enable_gqa=True)
+        elif self.uniform_groups:
             k_BNSD = k_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
             v_BNSD = v_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
         else:
             k_BNSD, v_BNSD = k_BKSD[:, self.kv_of_q], v_BKSD[:, self.kv_of_q]
-        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask,
-                                              scale=1.0 / math.sqrt(self.cfg.head_dim))
+        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
+
+
+def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_NK, w_EKM, offs=offs_E)
 
 
 class Router(nn.Module):
@@ -175,6 +190,12 @@ class Experts(nn.Module):
         local = torch.full((cfg.num_experts,), -1, dtype=torch.long)
         local[self.expert_ids] = torch.arange(e)
         self.register_buffer("local_index", local.to(device), persistent=False)
+        # Every expert held here: no token is dropped, so routing needs no boolean mask and all
+        # shapes are static (no host sync; the step can be captured in a CUDA graph).
+        self.all_local = sorted(self.expert_ids) == list(range(cfg.num_experts))
+        # Optional grouped-matmul kernel (x [N, K], w [E, K, M], offs [E] int32) -> [N, M];
+        # None = F.grouped_mm. masep.fastpath installs a Triton kernel here on CUDA.
+        self.grouped_mm_fn = None
 
     def _act(self, gate, up):
         return F.silu(gate) * up if self.w_gate is not None else F.gelu(up)
@@ -185,9 +206,10 @@ class Experts(nn.Module):
         One grouped matmul per weight matrix; the offsets stay on the device (no host sync).
         """
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        up = F.grouped_mm(x_NH, self.w_up.transpose(1, 2), offs=offs)
-        gate = F.grouped_mm(x_NH, self.w_gate.transpose(1, 2), offs=offs) if self.w_gate is not None else None
-        return F.grouped_mm(self._act(gate, up), self.w_down.transpose(1, 2), offs=offs)
+        mm = self.grouped_mm_fn or _grouped_mm
+        up = mm(x_NH, self.w_up.transpose(1, 2), offs)
+        gate = mm(x_NH, self.w_gate.transpose(1, 2), offs) if self.w_gate is not None else None
+        return mm(self._act(gate, up), self.w_down.transpose(1, 2), offs)
 
     def forward_loop(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Reference path: one expert at a time, plain matmuls."""
@@ -202,6 +224,8 @@ class Experts(nn.Module):
     def forward(self, x_XH: torch.Tensor, weights_Xk: torch.Tensor, ids_Xk: torch.Tensor,
                 grouped: bool = True) -> torch.Tensor:
         """Weighted sum over the token's local experts [X, H]; experts held elsewhere add nothing."""
+        if self.all_local:
+            return self._forward_all_local(x_XH, weights_Xk, ids_Xk, grouped)
         local_Xk = self.local_index[ids_Xk]
         mine = (local_Xk >= 0).flatten()
         flat_local = local_Xk.flatten()[mine]
@@ -210,6 +234,19 @@ class Experts(nn.Module):
         counts = torch.bincount(flat_local, minlength=len(self.expert_ids))
         run = self.forward_sorted if grouped else self.forward_loop
         y = run(x_XH[token], counts) * weights_Xk.flatten()[mine][order, None]
+        return torch.zeros_like(x_XH).index_add_(0, token, y.to(x_XH.dtype))
+
+    def _forward_all_local(self, x_XH, weights_Xk, ids_Xk, grouped):
+        """forward() when every expert is local: the same arithmetic, with static shapes and no
+        host sync (counts by scatter_add: CUDA bincount reads its max back to the host)."""
+        k = ids_Xk.shape[1]
+        flat_local = self.local_index[ids_Xk].flatten()
+        order = torch.argsort(flat_local, stable=True)
+        token = torch.div(torch.arange(flat_local.numel(), device=x_XH.device), k, rounding_mode="floor")[order]
+        counts = torch.zeros(len(self.expert_ids), dtype=torch.long, device=x_XH.device)
+        counts.scatter_add_(0, flat_local, torch.ones_like(flat_local))
+        run = self.forward_sorted if grouped else self.forward_loop
+        y = run(x_XH[token], counts) * weights_Xk.flatten()[order, None]
         return torch.zeros_like(x_XH).index_add_(0, token, y.to(x_XH.dtype))
 
 

@@ -1,0 +1,235 @@
+"""All inter-rank communication. Runtime code calls these functions, never torch.distributed.
+
+Attention -> expert traffic runs on a *bridge* group (one attention replica + all expert
+ranks) as `all_to_all_single`, which gloo and NCCL both support with uneven splits.
+
+Protocol for one (layer, micro-batch) on a bridge:
+  1. counts: every member sends every member an int64 row [flag, step, layer, mb, c_0..c_{L-1}]
+     (c_j = rows for the receiver's local expert j). Receivers check the header and the counts
+     before any payload moves: gloo aborts the process on inconsistent split sizes.
+  2. dispatch payload: attention ranks send their token rows, sorted by (expert rank, local expert).
+  3. combine payload: expert ranks send each row's expert output back in the order received.
+Every wait has a timeout; a CommError names the peers, the layer, the micro-batch and the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER = 4  # flag, step, layer, mb
+FLAG_WORK, FLAG_STOP = 1, 2
+
+
+class CommError(RuntimeError):
+    """A transfer failed or timed out; the message names the peers and where in the schedule."""
+
+
+@dataclass
+class Bridge:
+    """One attention replica plus all expert ranks. Members are ordered attention first."""
+
+    group: object
+    ranks: list[int]  # global ranks of the members
+    me: int  # my index in `ranks`
+    num_attention: int
+    replica: int
+    max_local_experts: int
+    timeout: timedelta
+    device: torch.device
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def expert_members(self) -> range:
+        return range(self.num_attention, self.size)
+
+    def where(self, what: str, step: int, layer: int, mb: int) -> str:
+        return (f"{what} on bridge of attention replica {self.replica} (ranks {self.ranks}), "
+                f"step {step}, layer {layer}, micro-batch {mb}")
+
+
+def _wait(work, bridge: Bridge, what: str, step: int, layer: int, mb: int) -> None:
+    try:
+        ok = work.wait(timeout=bridge.timeout)
+    except Exception as err:  # gloo/NCCL raise their own types; re-raise with the schedule position
+        raise CommError(f"{bridge.where(what, step, layer, mb)}: {type(err).__name__}: {err}") from err
+    if ok is False:
+        raise CommError(f"{bridge.where(what, step, layer, mb)}: no answer from peer ranks within "
+                        f"{bridge.timeout.total_seconds():.0f} s")
+
+
+def _all_to_all(out, inp, out_splits, in_splits, bridge):
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.group, async_op=True)
+
+
+def exchange_counts(bridge: Bridge, send_PC: torch.Tensor, step: int, layer: int, mb: int) -> torch.Tensor:
+    """send_PC [P, HEADER + L] int64, row p for member p -> received [P, HEADER + L] (row p from p)."""
+    recv = torch.empty_like(send_PC)
+    work = _all_to_all(recv, send_PC.contiguous(), None, None, bridge)
+    _wait(work, bridge, "token-count exchange", step, layer, mb)
+    return recv
+
+
+def _header(bridge: Bridge, flag: int, step: int, layer: int, mb: int) -> torch.Tensor:
+    counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
+    counts[bridge.expert_members(), :HEADER] = torch.tensor([flag, step, layer, mb], device=bridge.device)
+    return counts
+
+
+# --- attention side ---------------------------------------------------------------------------
+@dataclass
+class ExpertRoute:
+    """Where each global expert is served for one replica: bridge member and local index there."""
+
+    member_E: torch.Tensor  # [num_experts] int64
+    local_E: torch.Tensor  # [num_experts] int64
+
+
+@dataclass
+class DispatchHandle:
+    """All that combine needs: which token and weight each sent row belongs to, and the splits."""
+
+    bridge: Bridge
+    step: int
+    layer: int
+    mb: int
+    num_tokens: int
+    token_R: torch.Tensor  # [rows] token index of each sent row
+    weight_R: torch.Tensor  # [rows] routing weight of each sent row
+    splits: list[int]  # rows sent to each member
+    work: object = None
+    keep: list = field(default_factory=list)  # buffers alive until the transfer completes
+
+
+def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
+             bridge: Bridge, step: int, layer: int, mb: int) -> DispatchHandle:
+    """Launch the send of each token's hidden state to the ranks holding its top-k experts.
+
+    x [X, H] (model dtype), ids/weights [X, k]. Returns once counts are agreed and the payload
+    is in flight; combine(handle) waits for it.
+    """
+    k = ids_Xk.shape[1]
+    member = route.member_E[ids_Xk].flatten()
+    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
+    order = torch.argsort(key, stable=True)
+    counts = _header(bridge, FLAG_WORK, step, layer, mb)
+    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
+    exchange_counts(bridge, counts, step, layer, mb)
+    splits = counts[:, HEADER:].sum(1).tolist()
+    token = torch.arange(x_XH.shape[0], device=x_XH.device).repeat_interleave(k)[order]
+    rows = x_XH[token].contiguous()
+    work = _all_to_all(x_XH.new_empty(0, x_XH.shape[1]), rows, [0] * bridge.size, splits, bridge)
+    return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
+                          splits, work, [rows])
+
+
+def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Wait for the experts' outputs and return sum_k weight_k * expert_k(x) per token [X, H]."""
+    b = handle.bridge
+    _wait(handle.work, b, "dispatch payload", handle.step, handle.layer, handle.mb)
+    out = torch.empty(sum(handle.splits), hidden, dtype=dtype, device=b.device)
+    work = _all_to_all(out, out.new_empty(0, hidden), handle.splits, [0] * b.size, b)
+    _wait(work, b, "combine payload", handle.step, handle.layer, handle.mb)
+    y = torch.zeros(handle.num_tokens, hidden, dtype=dtype, device=b.device)
+    return y.index_add_(0, handle.token_R, out * handle.weight_R[:, None].to(dtype))
+
+
+def send_stop(bridge: Bridge, step: int) -> None:
+    """Tell the expert ranks this replica has no more work (sent where dispatch(l0, mb0) would be)."""
+    exchange_counts(bridge, _header(bridge, FLAG_STOP, step, 0, 0), step, 0, 0)
+
+
+# --- expert side ------------------------------------------------------------------------------
+@dataclass
+class ExpertBatch:
+    """Rows received for this rank's experts, sorted by local expert across all senders."""
+
+    x_NH: torch.Tensor
+    counts_L: torch.Tensor  # [local experts] rows per local expert
+    perm_N: torch.Tensor  # arrival order -> expert-sorted order
+    source_splits: list[int]  # rows received from each member
+    stop: bool = False
+
+
+def _check_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb: int, num_local: int) -> bool:
+    """Validate headers and counts from every member; returns True on a stop request."""
+    attn = recv[: bridge.num_attention]
+    flags = set(attn[:, 0].tolist())
+    where = bridge.where("token-count check", step, layer, mb)
+    if flags == {FLAG_STOP}:
+        return True
+    if flags != {FLAG_WORK}:
+        raise CommError(f"{where}: attention ranks sent flags {sorted(flags)}, expected all {FLAG_WORK} "
+                        f"(work) or all {FLAG_STOP} (stop)")
+    for p in range(bridge.num_attention):
+        got = tuple(recv[p, 1:HEADER].tolist())
+        if got != (step, layer, mb):
+            raise CommError(f"{where}: rank {bridge.ranks[p]} is at (step, layer, mb)={got}: the schedules diverged")
+    counts = recv[:, HEADER:]
+    if (counts < 0).any() or counts[:, num_local:].any() or counts[bridge.num_attention:].any():
+        raise CommError(f"{where}: invalid token counts {counts.tolist()} for {num_local} local experts")
+    return False
+
+
+def expert_receive(bridge: Bridge, num_local: int, hidden: int, dtype: torch.dtype,
+                   step: int, layer: int, mb: int) -> ExpertBatch:
+    """Receive this (layer, mb)'s rows from the replica's attention ranks (blocking, with timeout)."""
+    recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
+                                               dtype=torch.int64, device=bridge.device), step, layer, mb)
+    if _check_counts(bridge, recv, step, layer, mb, num_local):
+        return ExpertBatch(torch.empty(0, hidden), torch.zeros(num_local), torch.empty(0), [], stop=True)
+    counts_PL = recv[:, HEADER:HEADER + num_local]
+    splits = counts_PL.sum(1).tolist()
+    x = torch.empty(sum(splits), hidden, dtype=dtype, device=bridge.device)
+    work = _all_to_all(x, x.new_empty(0, hidden), splits, [0] * bridge.size, bridge)
+    _wait(work, bridge, "dispatch payload", step, layer, mb)
+    # Arrival order is (sender, local expert); group by local expert across senders.
+    local_of_row = torch.repeat_interleave(torch.arange(num_local, device=bridge.device).repeat(bridge.size),
+                                           counts_PL.flatten())
+    perm = torch.argsort(local_of_row, stable=True)
+    return ExpertBatch(x[perm], counts_PL.sum(0), perm, splits)
+
+
+def expert_send(y_NH: torch.Tensor, batch: ExpertBatch, bridge: Bridge, step: int, layer: int, mb: int):
+    """Launch the return of expert outputs (expert-sorted rows [N, H]) to their senders.
+    Returns a handle for `wait_sent`."""
+    back = torch.empty_like(y_NH)
+    back[batch.perm_N] = y_NH
+    work = _all_to_all(back.new_empty(0, y_NH.shape[1]), back, [0] * bridge.size, batch.source_splits, bridge)
+    return (work, back, bridge, step, layer, mb)
+
+
+def wait_sent(pending) -> None:
+    work, _, bridge, step, layer, mb = pending
+    _wait(work, bridge, "combine payload", step, layer, mb)
+
+
+# --- inside an attention replica --------------------------------------------------------------
+def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str) -> torch.Tensor:
+    """Sum partial attention outputs of a replica's head-parallel ranks (in place)."""
+    work = dist.all_reduce(x, group=group, async_op=True)
+    try:
+        work.wait(timeout=timeout)
+    except Exception as err:
+        raise CommError(f"{what}: all-reduce inside the attention replica failed: {err}") from err
+    return x
+
+
+def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, timeout: timedelta,
+                            what: str) -> torch.Tensor:
+    """Concatenate each head-parallel rank's token slice [splits[t], H] into [sum(splits), H].
+    Slices are padded to the largest so the collective has equal sizes."""
+    pad = max(splits)
+    buf = x_slice.new_zeros(pad, x_slice.shape[1])
+    buf[: x_slice.shape[0]] = x_slice
+    parts = [torch.empty_like(buf) for _ in splits]
+    work = dist.all_gather(parts, buf, group=group, async_op=True)
+    try:
+        work.wait(timeout=timeout)
+    except Exception as err:
+        raise CommError(f"{what}: all-gather inside the attention replica failed: {err}") from err
+    return torch.cat([p[:n] for p, n in zip(parts, splits)])

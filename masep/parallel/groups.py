@@ -1,0 +1,80 @@
+"""Process groups built from a plan, following failure domains.
+
+Hot-path traffic never uses the world group: each attention replica has its own group (the
+head-parallel all-reduce) and its own bridge to the expert ranks, so a dead replica only
+breaks its own groups. The world group is used once at the end to gather results.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from ..plan import Role, SeparatedPlan
+from .comm import Bridge
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    timeout: timedelta
+
+
+def init_distributed(device_kind: str, timeout_s: float) -> DistEnv:
+    """Join the world described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"environment variables {missing} are not set: launch with torchrun or masep's spawn helper")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = timedelta(seconds=timeout_s)
+    if device_kind == "cuda":
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            raise ValueError(f"--device cuda: local rank {local_rank} needs a GPU but "
+                             f"{torch.cuda.device_count()} are visible; NCCL cannot share one GPU between ranks")
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    return DistEnv(rank, world, local_rank, device, backend, timeout)
+
+
+@dataclass
+class SeparatedGroups:
+    role: Role
+    replica_group: object | None  # my replica's head-parallel group (attention ranks only)
+    bridges: list[Bridge]  # attention rank: [its replica's bridge]; expert rank: one per replica
+    expert_group: object | None
+
+
+def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) -> SeparatedGroups:
+    """Create every group in the same order on every rank (torch requires it)."""
+    role = plan.role(env.rank)
+    max_local = max(len(p) for p in plan.expert_placement(cfg))
+    experts = plan.expert_rank_ids()
+    replica_group, bridges = None, []
+    for r in range(plan.attn_replicas):
+        attn = plan.replica_ranks(r)
+        group = dist.new_group(attn, timeout=env.timeout)
+        if role.kind == "attention" and role.replica == r:
+            replica_group = group
+    for r in range(plan.attn_replicas):
+        members = plan.replica_ranks(r) + experts
+        group = dist.new_group(members, timeout=env.timeout)
+        if env.rank in members:
+            bridges.append(Bridge(group, members, members.index(env.rank), plan.attn_tp, r, max_local,
+                                  env.timeout, env.device))
+    expert_group = dist.new_group(experts, timeout=env.timeout)
+    return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None)

@@ -1,0 +1,83 @@
+"""Start N ranks on this machine with torchrun's environment, or join the one torchrun made.
+
+`spawn(n, fn, arg)` runs `fn(arg)` in n fresh processes with RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT set exactly as torchrun sets them, so the same entry point works
+both ways. Rank 0's return value comes back to the caller. A rank that fails or a run that
+outlives `timeout_s` ends every rank and raises, naming the rank.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, fn: Callable, arg: Any, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Each rank gets one thread: N ranks share the machine's cores, and oversubscription makes
+    # gloo collectives crawl.
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        out = fn(arg)
+        results.put((rank, "ok", out if rank == 0 else None))
+    except BaseException as err:  # report every failure to the parent, then exit non-zero
+        results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        raise SystemExit(1)
+
+
+def spawn(world: int, fn: Callable[[Any], Any], arg: Any, timeout_s: float = 600.0) -> Any:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, arg, results), daemon=False)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results, world, timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+
+
+def _collect(procs, results, world: int, timeout_s: float) -> Any:
+    import time
+    deadline = time.monotonic() + timeout_s
+    reported, rank0 = {}, None
+    while len(reported) < world:
+        try:
+            rank, status, payload = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
+            if dead:
+                raise RuntimeError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report "
+                                   "(killed, or crashed in native code)")
+            if time.monotonic() > deadline:
+                waiting = [r for r in range(world) if r not in reported]
+                raise TimeoutError(f"ranks {waiting} did not finish within {timeout_s:.0f} s")
+            continue
+        reported[rank] = status
+        if status == "error":
+            raise RuntimeError(f"rank {rank} failed: {payload}")
+        if rank == 0:
+            rank0 = payload
+    return rank0

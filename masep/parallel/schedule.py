@@ -1,0 +1,87 @@
+"""Schedules as data: a rank's work for one step is a list of ops with yield points.
+
+Each micro-batch has its own op list; `interleave` runs micro-batch 0 up to its first yield,
+then micro-batch 1 up to its first yield, and so on round-robin. The resulting flat order is
+what the runtime executes and what the simulator times, so both model the same thing.
+
+Because every rank derives its order from the same rule, the collectives on each bridge
+group are issued in the same sequence by attention and expert ranks, e.g. for m = 2:
+  dispatch(l0,mb0) dispatch(l0,mb1) combine(l0,mb0) dispatch(l1,mb0) combine(l0,mb1) ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+# Op kinds. Attention side: attention (norm + attention + head-parallel all-reduce + router),
+# dispatch (launch the send of hidden states), combine (wait for expert outputs, add to the
+# residual, gather the replica's tokens). Expert side: recv, experts, send. Both: head (final
+# norm + lm_head), only on attention ranks.
+ATTENTION, DISPATCH, COMBINE, HEAD = "attention", "dispatch", "combine", "head"
+RECV, EXPERTS, SEND = "recv", "experts", "send"
+YIELD = "yield"
+COMM_KINDS = (DISPATCH, COMBINE, RECV, SEND)
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    layer: int = -1
+    mb: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.kind}(l{self.layer},mb{self.mb})" if self.layer >= 0 else f"{self.kind}(mb{self.mb})"
+
+
+def attention_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
+    """One micro-batch on an attention rank: yield while the experts work on it."""
+    ops: list[Op] = []
+    for layer in range(num_layers):
+        ops += [Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(YIELD, layer, mb), Op(COMBINE, layer, mb)]
+    return ops + [Op(HEAD, -1, mb)]
+
+
+def expert_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
+    """One micro-batch on an expert rank: yield after computing, send when its turn comes."""
+    ops: list[Op] = []
+    for layer in range(num_layers):
+        ops += [Op(RECV, layer, mb), Op(EXPERTS, layer, mb), Op(YIELD, layer, mb), Op(SEND, layer, mb)]
+    return ops
+
+
+def interleave(per_mb: list[list[Op]]) -> list[Op]:
+    """Round-robin over micro-batches, switching at yield points; yields are dropped."""
+    cursors = [0] * len(per_mb)
+    out: list[Op] = []
+    while any(c < len(ops) for c, ops in zip(cursors, per_mb)):
+        for i, ops in enumerate(per_mb):
+            while cursors[i] < len(ops):
+                op = ops[cursors[i]]
+                cursors[i] += 1
+                if op.kind == YIELD:
+                    break
+                out.append(op)
+    return out
+
+
+def separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
+    build = attention_microbatch_ops if role_kind == "attention" else expert_microbatch_ops
+    return interleave([build(num_layers, mb) for mb in range(microbatches)])
+
+
+def comm_sequence(ops: Iterable[Op]) -> list[tuple[str, int, int]]:
+    """The order of bridge collectives an op list issues, with attention/expert names unified
+    (dispatch == recv, combine == send): equal sequences mean the two sides cannot mismatch."""
+    unify = {DISPATCH: "a2e", RECV: "a2e", COMBINE: "e2a", SEND: "e2a"}
+    return [(unify[op.kind], op.layer, op.mb) for op in ops if op.kind in unify]
+
+
+def execute(ops: Iterable[Op], handlers: dict[str, Callable[[Op], None]],
+            on_op: Callable[[Op, float, float], None] | None = None) -> None:
+    """Run ops in order by kind; `on_op(op, start, end)` records per-op wall times."""
+    import time
+    for op in ops:
+        start = time.perf_counter()
+        handlers[op.kind](op)
+        if on_op is not None:
+            on_op(op, start, time.perf_counter())

@@ -1,0 +1,122 @@
+"""What every rank of a distributed `masep run` does: join, build its part, generate, report.
+
+Rank 0 gathers every rank's report (over the world group, once, after the hot path) and
+returns one result: tokens per request in request order, merged metrics, busy time per rank
+and the expert-load histogram.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..engine import Request, generate
+from ..metrics import compute_metrics
+from ..plan import split_evenly
+from .groups import build_separated_groups, init_distributed
+from .separated import OpTimer, SeparatedAttentionRuntime, serve_experts
+
+
+@dataclass
+class RunSpec:
+    """Everything a rank needs, picklable: sent to spawned ranks or rebuilt under torchrun."""
+
+    plan: object
+    requests: list[Request]
+    preset: str | None = None
+    model_dir: str | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    timeout_s: float = 120.0
+    trace_dir: str | None = None
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def load_model(spec: RunSpec, device: torch.device):
+    """Every rank builds the same weights (a seed or a checkpoint) and keeps only its part."""
+    from ..config import DTYPES, preset
+    from ..model import build_model
+    dtype = DTYPES[spec.dtype]
+    if spec.model_dir:
+        from ..checkpoint import from_pretrained
+        return from_pretrained(spec.model_dir, dtype=dtype, device="cpu").to(device)
+    return build_model(preset(spec.preset), seed=spec.seed, dtype=dtype).to(device)
+
+
+def run_rank(spec: RunSpec) -> dict | None:
+    env = init_distributed(spec.device, spec.timeout_s)
+    try:
+        model = load_model(spec, env.device)
+        cfg = model.cfg
+        plan = spec.plan.validate(cfg, env.world_size)
+        groups = build_separated_groups(plan, cfg, env)
+        if env.rank == 0 and not spec.quiet:
+            print(plan.describe(cfg), flush=True)
+        timer = OpTimer(label_ops=spec.trace_dir is not None)
+        with _maybe_profile(spec.trace_dir, env.rank):
+            report = _run_role(spec, model, plan, groups, env, timer)
+        report.update(rank=env.rank, role=groups.role.kind, busy_s=dict(timer.busy_s))
+        gathered = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(report, gathered, dst=0)
+        return assemble(spec, plan, cfg, gathered) if env.rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_role(spec, model, plan, groups, env, timer) -> dict:
+    role = groups.role
+    if role.kind == "expert":
+        stats = serve_experts(model, plan, groups, env, timer)
+        return dict(steps=stats.steps, load=stats.load_LE.tolist())
+    shares = split_evenly(len(spec.requests), plan.attn_replicas)[role.replica]
+    runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer)
+    result = generate(runtime, [spec.requests[i] for i in shares])
+    # generate() skips finish() when no request was valid; a second call is a no-op. On an
+    # exception no stop is sent: the bridge is mid-step, and peers see this process exit.
+    runtime.finish()
+    keep = role.index == 0  # head-parallel ranks of a replica hold identical outputs
+    return dict(replica=role.replica, indices=list(shares), outputs=result.outputs if keep else None,
+                duration_s=result.metrics.duration_s)
+
+
+def assemble(spec: RunSpec, plan, cfg, reports: list[dict]) -> dict:
+    outputs = [None] * len(spec.requests)
+    durations = []
+    load = None
+    for rep in reports:
+        if rep["role"] == "attention" and rep["outputs"] is not None:
+            for i, out in zip(rep["indices"], rep["outputs"]):
+                outputs[i] = out
+            durations.append(rep["duration_s"])
+        if rep["role"] == "expert":
+            lay = torch.tensor(rep["load"])
+            load = lay if load is None else load + lay
+    metrics = compute_metrics(outputs, max(durations, default=0.0))
+    return dict(metrics=metrics, outputs=outputs, busy=[(r["rank"], r["role"], r["busy_s"]) for r in reports],
+                expert_load=load.tolist() if load is not None else None, plan=plan, cfg=cfg)
+
+
+class _maybe_profile:
+    """torch.profiler around the rank's work, writing <dir>/rank<r>.json (Chrome trace)."""
+
+    def __init__(self, trace_dir: str | None, rank: int):
+        self.trace_dir, self.rank, self.prof = trace_dir, rank, None
+
+    def __enter__(self):
+        if self.trace_dir:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+            os.makedirs(self.trace_dir, exist_ok=True)
+            self.prof.export_chrome_trace(os.path.join(self.trace_dir, f"rank{self.rank}.json"))
+        return False

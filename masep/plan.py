@@ -1,0 +1,171 @@
+"""Parallel plans: validated dataclasses that say how a model is split over ranks.
+
+A plan is checked once, at the edge, before any process group exists. Every error is a
+ValueError naming the field, the value, the rule and a fix. The runtime, the simulator and
+the planner all read the same plan objects.
+
+Rank layout of `separated` (deterministic, printed by rank 0):
+  ranks [0, R*T)          attention: replica r owns ranks [r*T, (r+1)*T), head-parallel inside
+  ranks [R*T, R*T + E)    experts: expert rank e holds placement[e]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ModelConfig
+
+STRATEGIES = ("single", "separated", "tp_pp", "ep")
+
+
+def _fail(field_name: str, value, rule: str, fix: str) -> None:
+    raise ValueError(f"plan.{field_name}={value!r}: {rule}; {fix}")
+
+
+def split_evenly(total: int, parts: int) -> list[range]:
+    """Contiguous ranges covering [0, total); the first total % parts ranges get one extra."""
+    base, extra = divmod(total, parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def contiguous_placement(num_experts: int, ranks: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(r) for r in split_evenly(num_experts, ranks))
+
+
+def _check_placement(placement, num_experts: int, ranks: int, field_name: str = "placement") -> None:
+    if len(placement) != ranks:
+        _fail(field_name, placement, f"needs one expert list per expert rank ({ranks})",
+              "give exactly one tuple of expert ids per expert rank")
+    seen = set()
+    for r, experts in enumerate(placement):
+        if not experts:
+            _fail(field_name, placement, f"expert rank {r} holds no expert", "give every expert rank an expert")
+        bad = [e for e in experts if not 0 <= e < num_experts]
+        if bad:
+            _fail(field_name, placement, f"expert ids {bad} are outside [0, {num_experts})", "use valid expert ids")
+        if len(set(experts)) != len(experts):
+            _fail(field_name, placement, f"expert rank {r} lists an expert twice", "list each expert once per rank")
+        seen.update(experts)
+    missing = sorted(set(range(num_experts)) - seen)
+    if missing:
+        _fail(field_name, placement, f"experts {missing} are placed on no rank",
+              "place every expert at least once")
+
+
+def _check_microbatches(m: int) -> None:
+    if not isinstance(m, int) or m < 1:
+        _fail("microbatches", m, "must be an integer >= 1", "use --microbatches 1 or more")
+
+
+@dataclass(frozen=True)
+class SinglePlan:
+    strategy: str = field(default="single", init=False)
+    microbatches: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "SinglePlan":
+        _check_world(self, world_size)
+        return self
+
+    def describe(self) -> str:
+        return "single: the whole model on one device"
+
+
+@dataclass(frozen=True)
+class SeparatedPlan:
+    """Attention on R replicas x T head-parallel ranks; experts on E ranks; m micro-batches."""
+
+    attn_replicas: int = 1
+    attn_tp: int = 1
+    expert_ranks: int = 1
+    microbatches: int = 2
+    placement: tuple[tuple[int, ...], ...] | None = None  # expert ids per expert rank; None = contiguous
+    seq_split: bool = False  # prefill: cut each prompt into m sequence chunks instead of batch slices
+    strategy: str = field(default="separated", init=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.attn_replicas * self.attn_tp + self.expert_ranks
+
+    @property
+    def num_attention_ranks(self) -> int:
+        return self.attn_replicas * self.attn_tp
+
+    def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "SeparatedPlan":
+        for name in ("attn_replicas", "attn_tp", "expert_ranks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(name, value, "must be an integer >= 1", f"use --{name.replace('_', '-')} 1 or more")
+        _check_microbatches(self.microbatches)
+        if self.attn_tp > cfg.num_heads:
+            _fail("attn_tp", self.attn_tp, f"more head-parallel ranks than attention heads ({cfg.num_heads})",
+                  f"use --attn-tp <= {cfg.num_heads} and add replicas instead")
+        if self.expert_ranks > cfg.num_experts and self.placement is None:
+            _fail("expert_ranks", self.expert_ranks, f"more expert ranks than experts ({cfg.num_experts}) with "
+                  "the contiguous placement", "give an explicit placement with replicated experts or fewer ranks")
+        _check_placement(self.expert_placement(cfg), cfg.num_experts, self.expert_ranks)
+        _check_world(self, world_size)
+        return self
+
+    def expert_placement(self, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+        return self.placement if self.placement is not None else contiguous_placement(cfg.num_experts,
+                                                                                       self.expert_ranks)
+
+    def head_split(self, cfg: ModelConfig) -> list[range]:
+        """Query heads of each head-parallel rank (uneven when T does not divide the heads)."""
+        return split_evenly(cfg.num_heads, self.attn_tp)
+
+    def role(self, rank: int) -> "Role":
+        if rank < self.num_attention_ranks:
+            return Role("attention", rank, replica=rank // self.attn_tp, index=rank % self.attn_tp)
+        return Role("expert", rank, replica=None, index=rank - self.num_attention_ranks)
+
+    def replica_ranks(self, replica: int) -> list[int]:
+        return list(range(replica * self.attn_tp, (replica + 1) * self.attn_tp))
+
+    def expert_rank_ids(self) -> list[int]:
+        return list(range(self.num_attention_ranks, self.world_size))
+
+    def holder(self, cfg: ModelConfig, expert: int, replica: int) -> int:
+        """Expert-group index that serves `expert` for `replica` (spreads replicated experts)."""
+        holders = [r for r, experts in enumerate(self.expert_placement(cfg)) if expert in experts]
+        return holders[replica % len(holders)]
+
+    def describe(self, cfg: ModelConfig | None = None) -> str:
+        text = (f"separated: {self.attn_replicas} attention replica(s) x {self.attn_tp} head-parallel rank(s) "
+                f"+ {self.expert_ranks} expert rank(s), {self.microbatches} micro-batch(es)"
+                + (", sequence-split prefill" if self.seq_split else ""))
+        if cfg is None:
+            return text
+        lines = [text]
+        heads = self.head_split(cfg)
+        for rank in range(self.world_size):
+            role = self.role(rank)
+            if role.kind == "attention":
+                h = heads[role.index]
+                lines.append(f"  rank {rank}: attention replica {role.replica} tp {role.index} "
+                             f"heads [{h.start}, {h.stop})")
+            else:
+                lines.append(f"  rank {rank}: experts {list(self.expert_placement(cfg)[role.index])}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # "attention" | "expert" | ...
+    rank: int
+    replica: int | None
+    index: int  # tp rank inside the replica, or expert-group index
+
+
+def _check_world(plan, world_size: int | None) -> None:
+    if world_size is not None and world_size != plan.world_size:
+        _fail("world_size", world_size, f"the launch has {world_size} ranks but the plan needs {plan.world_size}",
+              f"launch with --nproc-per-node {plan.world_size} or change the plan")
