@@ -184,7 +184,10 @@ def from_hf_dict(raw: dict, source: str = "config.json", max_seq_len: int | None
         return ModelConfig(**common, num_experts=int(_require(raw, "num_local_experts", source)),
                            expert_hidden=int(_require(raw, "intermediate_size", source)), norm_topk_prob=True)
     _check_all_layers_sparse(raw, source)
-    extra = dict(num_experts=int(_require(raw, "num_experts", source)),
+    # transformers >= 5 writes qwen3_moe's expert count as `num_local_experts` (attribute_map).
+    num_experts = raw.get("num_experts") or _require(raw, "num_local_experts" if "num_local_experts" in raw
+                                                     else "num_experts", source)
+    extra = dict(num_experts=int(num_experts),
                  expert_hidden=int(_require(raw, "moe_intermediate_size", source)),
                  norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
     if model_type == "qwen2_moe":

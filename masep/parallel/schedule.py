@@ -19,8 +19,11 @@ from typing import Callable, Iterable
 # norm + lm_head), only on attention ranks.
 ATTENTION, DISPATCH, COMBINE, HEAD = "attention", "dispatch", "combine", "head"
 RECV, EXPERTS, SEND = "recv", "experts", "send"
+# tp_pp: head-parallel attention and hidden-split experts, each followed by an all-reduce in the
+# TP group; activations move between pipeline stages with send_act / recv_act.
+ALLREDUCE, SEND_ACT, RECV_ACT = "allreduce", "send_act", "recv_act"
 YIELD = "yield"
-COMM_KINDS = (DISPATCH, COMBINE, RECV, SEND)
+COMM_KINDS = (DISPATCH, COMBINE, RECV, SEND, ALLREDUCE, SEND_ACT, RECV_ACT)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,36 @@ def interleave(per_mb: list[list[Op]]) -> list[Op]:
 def separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
     build = attention_microbatch_ops if role_kind == "attention" else expert_microbatch_ops
     return interleave([build(num_layers, mb) for mb in range(microbatches)])
+
+
+def ep_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
+    """Colocated EP: every rank runs attention on its own sequences and a share of the experts.
+    Yields after each all-to-all launch, so one micro-batch's transfer hides under the other's
+    compute (two-batch overlap when m = 2)."""
+    ops: list[Op] = []
+    for layer in range(num_layers):
+        ops += [Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(YIELD, layer, mb),
+                Op(EXPERTS, layer, mb), Op(COMBINE, layer, mb), Op(YIELD, layer, mb)]
+    return ops + [Op(HEAD, -1, mb)]
+
+
+def ep_schedule(num_layers: int, microbatches: int) -> list[Op]:
+    return interleave([ep_microbatch_ops(num_layers, mb) for mb in range(microbatches)])
+
+
+def tp_pp_stage_ops(layers: range, stage: int, stages: int, mb: int) -> list[Op]:
+    """One micro-batch on one rank of pipeline stage `stage` (layers of that stage only)."""
+    ops: list[Op] = [Op(RECV_ACT, layers.start, mb)] if stage > 0 else []
+    for layer in layers:
+        ops += [Op(ATTENTION, layer, mb), Op(ALLREDUCE, layer, mb), Op(EXPERTS, layer, mb), Op(ALLREDUCE, layer, mb)]
+    ops.append(Op(SEND_ACT, layers.stop - 1, mb) if stage < stages - 1 else Op(HEAD, -1, mb))
+    return ops + [Op(YIELD, layers.stop - 1, mb)]
+
+
+def tp_pp_schedule(layers: range, stage: int, stages: int, microbatches: int) -> list[Op]:
+    """GPipe order for inference: a stage runs micro-batch 0, then 1, ...; the stages overlap
+    because stage s works on micro-batch i+1 while stage s+1 works on i."""
+    return interleave([tp_pp_stage_ops(layers, stage, stages, mb) for mb in range(microbatches)])
 
 
 def comm_sequence(ops: Iterable[Op]) -> list[tuple[str, int, int]]:

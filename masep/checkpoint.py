@@ -1,0 +1,365 @@
+"""HF safetensors checkpoints in and out (Mixtral, Qwen2-MoE, Qwen3-MoE), read by slice.
+
+`CheckpointReader` reads every file's header once (names, shapes, dtypes; no tensor data),
+checks them against the config, and then reads tensors by slice with
+`safe_open(...).get_slice`: a distributed rank loads only its heads (`load_attention`) or
+its experts (`load_experts`). `from_pretrained` is those same functions over the whole model.
+
+HF names -> ours, per layer i (prefix `model.layers.{i}.`):
+  input_layernorm / post_attention_layernorm     -> attn_norm / moe_norm
+  self_attn.{q,k,v,o}_proj (+bias), {q,k}_norm   -> attn.*
+  {moe}.gate.weight                              -> moe.router.weight
+  {moe}.experts.{j}.w1|w3|w2 (Mixtral)           -> moe.experts.w_gate|w_up|w_down [j]
+  {moe}.experts.{j}.gate_proj|up_proj|down_proj  -> the same (Qwen)
+  {moe}.experts.gate_up_proj [E, 2I, H] (gate rows first), {moe}.experts.down_proj [E, H, I]
+                                                 -> the same, fused layout
+  mlp.shared_expert.*, mlp.shared_expert_gate    -> moe.shared.{gate,up,down}_proj, moe.shared.gate
+{moe} is `block_sparse_moe` for Mixtral files (what transformers 5 still writes) or `mlp`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import DTYPES, ModelConfig, from_hf_config, to_hf_dict
+from .model import Attention, Experts, MoETransformer, kv_heads_for
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Stored dtypes we cast from. FP8 / int tensors need scales or dequantisation: refused.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Old checkpoints carry RoPE caches; we recompute them.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointReader:
+    """Index of an HF checkpoint directory: tensor name -> file, shape and dtype, validated once.
+
+    Construction reads only the headers. `read` returns one tensor, or a slice of it, as stored.
+    """
+
+    def __init__(self, path: str | Path, max_seq_len: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path}: not a checkpoint directory")
+        self.cfg: ModelConfig = from_hf_config(self.path, max_seq_len=max_seq_len)
+        self._handles: dict[Path, object] = {}
+        self.file_of: dict[str, Path] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.dtype_of: dict[str, str] = {}
+        self._index()
+        moe = "block_sparse_moe." if self.cfg.hf_model_type == "mixtral" else "mlp."
+        # Mixtral files may use either prefix for the MoE block; decide per layer from what is there.
+        self.moe_prefix = [self._moe_prefix(i, moe) for i in range(self.cfg.num_layers)]
+        self.fused = [f"{p}experts.gate_up_proj" in self.file_of for p in self.moe_prefix]
+        self._validate()
+
+    # --- index ---------------------------------------------------------------------------------
+    def _index(self) -> None:
+        single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
+        if single.exists():  # transformers prefers the single file too
+            self._read_header(single)
+        elif index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}") from err
+            for name in sorted(set(weight_map.values())):
+                shard = self.path / name
+                if not shard.exists():
+                    raise ValueError(f"{index}: shard file {name!r} listed in the index is missing")
+                self._read_header(shard)
+            for key, name in weight_map.items():
+                if self.file_of.get(key) != self.path / name:
+                    raise ValueError(f"{index}: lists tensor {key!r} in {name!r}, but that file does not hold it")
+        else:
+            raise ValueError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+    def _read_header(self, file: Path) -> None:
+        f = self._open(file)
+        for key in f.keys():
+            if key in self.file_of:
+                raise ValueError(f"tensor {key!r} is in both {self.file_of[key]} and {file}")
+            sl = f.get_slice(key)
+            self.file_of[key] = file
+            self.shape_of[key] = tuple(sl.get_shape())
+            self.dtype_of[key] = sl.get_dtype()
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except SafetensorError as err:
+                raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from err
+        return self._handles[file]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _moe_prefix(self, layer: int, default: str) -> str:
+        for p in (default, "mlp."):
+            if f"model.layers.{layer}.{p}gate.weight" in self.file_of:
+                return f"model.layers.{layer}.{p}"
+        return f"model.layers.{layer}.{default}"
+
+    # --- expected names and shapes -------------------------------------------------------------
+    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """Per-expert layout: (gate, up, down) tensor names of one expert."""
+        p = f"{self.moe_prefix[layer]}experts.{expert}."
+        if self.cfg.hf_model_type == "mixtral":
+            return f"{p}w1.weight", f"{p}w3.weight", f"{p}w2.weight"
+        return f"{p}gate_proj.weight", f"{p}up_proj.weight", f"{p}down_proj.weight"
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        c = self.cfg
+        h, d, i, e = c.hidden_size, c.head_dim, c.expert_hidden, c.num_experts
+        out = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        if not c.tie_embeddings:
+            out["lm_head.weight"] = (c.vocab_size, h)
+        for layer in range(c.num_layers):
+            p, moe = f"model.layers.{layer}.", self.moe_prefix[layer]
+            attn = {"q_proj": c.num_heads * d, "k_proj": c.num_kv_heads * d, "v_proj": c.num_kv_heads * d}
+            for name, rows in attn.items():
+                out[f"{p}self_attn.{name}.weight"] = (rows, h)
+                if c.qkv_bias:
+                    out[f"{p}self_attn.{name}.bias"] = (rows,)
+            out[f"{p}self_attn.o_proj.weight"] = (h, c.num_heads * d)
+            if c.qk_norm:
+                out[f"{p}self_attn.q_norm.weight"] = out[f"{p}self_attn.k_norm.weight"] = (d,)
+            out[f"{p}input_layernorm.weight"] = out[f"{p}post_attention_layernorm.weight"] = (h,)
+            out[f"{moe}gate.weight"] = (e, h)
+            if self.fused[layer]:
+                out[f"{moe}experts.gate_up_proj"], out[f"{moe}experts.down_proj"] = (e, 2 * i, h), (e, h, i)
+            else:
+                for j in range(e):
+                    gate, up, down = self.expert_names(layer, j)
+                    out[gate], out[up], out[down] = (i, h), (i, h), (h, i)
+            if c.shared_expert_hidden:
+                s = c.shared_expert_hidden
+                out[f"{p}mlp.shared_expert.gate_proj.weight"] = out[f"{p}mlp.shared_expert.up_proj.weight"] = (s, h)
+                out[f"{p}mlp.shared_expert.down_proj.weight"] = (h, s)
+                out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
+        return out
+
+    def _validate(self) -> None:
+        expected, where = self.expected(), self._where()
+        missing = [k for k in expected if k not in self.file_of]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"{where}: missing tensor {missing[0]!r}{more} "
+                             f"for model_type={self.cfg.hf_model_type!r}")
+        for key, file in self.file_of.items():
+            if key not in expected and not self._ignorable(key):
+                raise ValueError(f"{file}: unexpected tensor {key!r} (not part of a "
+                                 f"{self.cfg.hf_model_type} model with this config.json)")
+        for key, shape in expected.items():
+            if self.shape_of[key] != shape:
+                raise ValueError(f"{self.file_of[key]}: tensor {key!r} has shape {list(self.shape_of[key])}, "
+                                 f"config.json implies {list(shape)}")
+            if self.dtype_of[key] not in FLOAT_DTYPES:
+                raise ValueError(f"{self.file_of[key]}: tensor {key!r} has dtype {self.dtype_of[key]}; "
+                                 f"expected a floating-point dtype ({sorted(FLOAT_DTYPES)})")
+
+    def _ignorable(self, key: str) -> bool:
+        return key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.cfg.tie_embeddings)
+
+    def _where(self) -> Path:
+        return self.path / (SINGLE_FILE if (self.path / SINGLE_FILE).exists() else INDEX_FILE)
+
+    # --- reading -------------------------------------------------------------------------------
+    def read(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """Tensor `key` (or `key[index]`, read by slice) in its stored dtype, on the CPU."""
+        if key not in self.file_of:
+            raise ValueError(f"{self._where()}: no tensor {key!r}")
+        file = self.file_of[key]
+        try:
+            sl = self._open(file).get_slice(key)
+            return sl[index] if index else sl[:]
+        except SafetensorError as err:
+            raise ValueError(f"{file}: cannot read tensor {key!r} (truncated or corrupt file?): {err}") from err
+
+
+def _reader(ckpt: CheckpointReader | str | Path) -> CheckpointReader:
+    return ckpt if isinstance(ckpt, CheckpointReader) else CheckpointReader(ckpt)
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 6), (9, 10)]: contiguous ranges, so each is one slice read."""
+    runs: list[tuple[int, int]] = []
+    for j in ids:
+        if runs and runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], j + 1)
+        else:
+            runs.append((j, j + 1))
+    return runs
+
+
+def load_experts(ckpt: CheckpointReader | str | Path, layer: int,
+                 expert_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Experts `expert_ids` (in that order) of one layer, as `Experts` names them:
+    w_gate, w_up [E_local, I, H] and w_down [E_local, H, I], in the stored dtype.
+    Reads only those experts' bytes, in both per-expert and fused layouts."""
+    r = _reader(ckpt)
+    ids = list(range(r.cfg.num_experts)) if expert_ids is None else [int(j) for j in expert_ids]
+    bad = [j for j in ids if not 0 <= j < r.cfg.num_experts]
+    if bad:
+        raise ValueError(f"expert_ids={bad}: must be in [0, {r.cfg.num_experts})")
+    i = r.cfg.expert_hidden
+    gates, ups, downs = [], [], []
+    if r.fused[layer]:
+        p = r.moe_prefix[layer]
+        for a, b in _runs(ids):
+            gates.append(r.read(f"{p}experts.gate_up_proj", (slice(a, b), slice(0, i))))
+            ups.append(r.read(f"{p}experts.gate_up_proj", (slice(a, b), slice(i, 2 * i))))
+            downs.append(r.read(f"{p}experts.down_proj", (slice(a, b),)))
+    else:
+        for j in ids:
+            gate, up, down = r.expert_names(layer, j)
+            gates.append(r.read(gate)[None])
+            ups.append(r.read(up)[None])
+            downs.append(r.read(down)[None])
+    return {"w_gate": torch.cat(gates), "w_up": torch.cat(ups), "w_down": torch.cat(downs)}
+
+
+def load_attention(ckpt: CheckpointReader | str | Path, layer: int,
+                   heads: range | None = None) -> dict[str, torch.Tensor]:
+    """Attention weights of one layer for query heads `heads` (all by default), as
+    `Attention(cfg, heads=heads)` names them: q rows of those heads, k/v rows of the KV heads
+    they read, o_proj columns of those heads. Stored dtype."""
+    r = _reader(ckpt)
+    c = r.cfg
+    heads = heads if heads is not None else range(c.num_heads)
+    if not (0 <= heads.start < heads.stop <= c.num_heads and heads.step == 1):
+        raise ValueError(f"heads={heads}: must be a non-empty contiguous range within [0, {c.num_heads})")
+    kv, d = kv_heads_for(c, heads), c.head_dim
+    q_rows, kv_rows = slice(heads.start * d, heads.stop * d), slice(kv.start * d, kv.stop * d)
+    p = f"model.layers.{layer}.self_attn."
+    out = {"o_proj.weight": r.read(f"{p}o_proj.weight", (slice(None), q_rows))}
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        out[f"{name}.weight"] = r.read(f"{p}{name}.weight", (rows,))
+        if c.qkv_bias:
+            out[f"{name}.bias"] = r.read(f"{p}{name}.bias", (rows,))
+    if c.qk_norm:
+        out["q_norm.weight"], out["k_norm.weight"] = r.read(f"{p}q_norm.weight"), r.read(f"{p}k_norm.weight")
+    return out
+
+
+def load_block(ckpt: CheckpointReader | str | Path, layer: int) -> dict[str, torch.Tensor]:
+    """All weights of layer `layer`, named as in `Block`'s state dict."""
+    r = _reader(ckpt)
+    p, moe = f"model.layers.{layer}.", r.moe_prefix[layer]
+    out = {f"attn.{k}": v for k, v in load_attention(r, layer).items()}
+    out |= {f"moe.experts.{k}": v for k, v in load_experts(r, layer).items()}
+    out["attn_norm.weight"] = r.read(f"{p}input_layernorm.weight")
+    out["moe_norm.weight"] = r.read(f"{p}post_attention_layernorm.weight")
+    out["moe.router.weight"] = r.read(f"{moe}gate.weight")
+    if r.cfg.shared_expert_hidden:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"moe.shared.{name}.weight"] = r.read(f"{p}mlp.shared_expert.{name}.weight")
+        out["moe.shared.gate.weight"] = r.read(f"{p}mlp.shared_expert_gate.weight")
+    return out
+
+
+@torch.no_grad()
+def copy_into_(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy (casting dtype, moving device) `state` into `module`'s parameters; names must match exactly."""
+    params = dict(module.named_parameters())
+    assert set(params) == set(state), f"checkpoint mapping bug: {set(params) ^ set(state)}"
+    for name, tensor in state.items():
+        params[name].copy_(tensor)
+
+
+def _dtype_name(dtype: torch.dtype | str | None, default: str) -> str:
+    if dtype is None:
+        return default
+    names = {v: k for k, v in DTYPES.items()}
+    name = names.get(dtype, dtype) if isinstance(dtype, torch.dtype) else str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    return name
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device="cpu",
+                    max_seq_len: int | None = None) -> MoETransformer:
+    """Load an HF Mixtral / Qwen2-MoE / Qwen3-MoE safetensors directory into a MoETransformer.
+
+    dtype: None keeps config.json's dtype; stored floating tensors are cast to it.
+    max_seq_len: override max_position_embeddings (the default KV cache length).
+    """
+    with CheckpointReader(path, max_seq_len=max_seq_len) as r:
+        cfg = r.cfg.replace(dtype=_dtype_name(dtype, r.cfg.dtype))
+        model = MoETransformer(cfg, device=device)
+        top = {"embed.weight": r.read("model.embed_tokens.weight"), "norm.weight": r.read("model.norm.weight")}
+        if not cfg.tie_embeddings:
+            top["lm_head.weight"] = r.read("lm_head.weight")
+        with torch.no_grad():
+            for name, tensor in top.items():
+                model.get_parameter(name).copy_(tensor)
+        for layer, block in enumerate(model.layers):
+            copy_into_(block, load_block(r, layer))
+    return model.eval()
+
+
+# --- saving ----------------------------------------------------------------------------------
+def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names, per-expert layout (what transformers 5 writes), on the CPU."""
+    cfg = model.cfg
+    model_type = to_hf_dict(cfg)["model_type"]
+    mixtral = model_type == "mixtral"
+    _check_saveable(model, model_type)
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    for layer, block in enumerate(model.layers):
+        p = f"model.layers.{layer}."
+        moe = p + ("block_sparse_moe." if mixtral else "mlp.")
+        out[f"{p}input_layernorm.weight"] = block.attn_norm.weight
+        out[f"{p}post_attention_layernorm.weight"] = block.moe_norm.weight
+        for name, tensor in block.attn.named_parameters():
+            out[f"{p}self_attn.{name}"] = tensor
+        out[f"{moe}gate.weight"] = block.moe.router.weight
+        ex = block.moe.experts
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for j in range(cfg.num_experts):
+            for name, w in zip(names, (ex.w_gate, ex.w_up, ex.w_down)):
+                out[f"{moe}experts.{j}.{name}.weight"] = w[j]
+        if block.moe.shared is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{p}mlp.shared_expert.{name}.weight"] = getattr(block.moe.shared, name).weight
+            out[f"{p}mlp.shared_expert_gate.weight"] = block.moe.shared.gate.weight
+    # safetensors refuses tensors that share storage (expert rows of one stacked parameter): copy.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+def _check_saveable(model: MoETransformer, model_type: str) -> None:
+    cfg = model.cfg
+    for layer, block in enumerate(model.layers):
+        if block.attn.heads != range(cfg.num_heads) or block.moe.experts.expert_ids != list(range(cfg.num_experts)):
+            raise ValueError(f"layer {layer} holds a slice of heads or experts: save_pretrained needs the whole model")
+    unsupported = {"mixtral": cfg.qk_norm or cfg.qkv_bias or cfg.shared_expert_hidden or not cfg.norm_topk_prob,
+                   "qwen2_moe": cfg.qk_norm, "qwen3_moe": cfg.qkv_bias or cfg.shared_expert_hidden}[model_type]
+    if unsupported:
+        raise ValueError(f"model_type={model_type!r} cannot express qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}, "
+                         f"shared_expert_hidden={cfg.shared_expert_hidden}, norm_topk_prob={cfg.norm_topk_prob}")
+
+
+def save_pretrained(model: MoETransformer, path: str | Path) -> Path:
+    """Write config.json + model.safetensors (HF per-expert layout) that transformers loads back."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.replace(dtype=_dtype_name(model.dtype, model.cfg.dtype))
+    state = hf_state_dict(model)
+    (path / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2) + "\n")
+    save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
+    return path
