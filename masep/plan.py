@@ -169,3 +169,122 @@ def _check_world(plan, world_size: int | None) -> None:
     if world_size is not None and world_size != plan.world_size:
         _fail("world_size", world_size, f"the launch has {world_size} ranks but the plan needs {plan.world_size}",
               f"launch with --nproc-per-node {plan.world_size} or change the plan")
+
+
+@dataclass(frozen=True)
+class TpPpPlan:
+    """Megatron-style baseline: T tensor-parallel ranks x P pipeline stages, m micro-batches.
+
+    Rank r is stage r // T, tp index r % T. Heads and each expert's hidden dimension are split
+    over the T ranks of a stage; the layers are split over the P stages."""
+
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 1
+    strategy: str = field(default="tp_pp", init=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "TpPpPlan":
+        for name in ("tp", "pp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(name, value, "must be an integer >= 1", f"use --{name} 1 or more")
+        _check_microbatches(self.microbatches)
+        if self.tp > cfg.num_heads:
+            _fail("tp", self.tp, f"more tensor-parallel ranks than attention heads ({cfg.num_heads})",
+                  f"use --tp <= {cfg.num_heads}")
+        if self.tp > cfg.expert_hidden:
+            _fail("tp", self.tp, f"more tensor-parallel ranks than expert hidden columns ({cfg.expert_hidden})",
+                  f"use --tp <= {cfg.expert_hidden}")
+        if self.pp > cfg.num_layers:
+            _fail("pp", self.pp, f"more pipeline stages than layers ({cfg.num_layers})",
+                  f"use --pp <= {cfg.num_layers}")
+        _check_world(self, world_size)
+        return self
+
+    def stage_layers(self, cfg: ModelConfig) -> list[range]:
+        return split_evenly(cfg.num_layers, self.pp)
+
+    def head_split(self, cfg: ModelConfig) -> list[range]:
+        return split_evenly(cfg.num_heads, self.tp)
+
+    def hidden_split(self, cfg: ModelConfig) -> list[range]:
+        """Columns of each expert's hidden dimension per TP rank (column- then row-parallel)."""
+        return split_evenly(cfg.expert_hidden, self.tp)
+
+    def role(self, rank: int) -> Role:
+        return Role("tp_pp", rank, replica=rank // self.tp, index=rank % self.tp)  # replica = stage
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return list(range(stage * self.tp, (stage + 1) * self.tp))
+
+    def describe(self, cfg: ModelConfig | None = None) -> str:
+        text = f"tp_pp: {self.tp} tensor-parallel x {self.pp} pipeline stage(s), {self.microbatches} micro-batch(es)"
+        if cfg is None:
+            return text
+        lines, layers, heads = [text], self.stage_layers(cfg), self.head_split(cfg)
+        for rank in range(self.world_size):
+            role = self.role(rank)
+            lay, h = layers[role.replica], heads[role.index]
+            lines.append(f"  rank {rank}: stage {role.replica} layers [{lay.start}, {lay.stop}) tp {role.index} "
+                         f"heads [{h.start}, {h.stop})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EpPlan:
+    """Colocated expert parallelism: every rank runs attention for its own sequences (data
+    parallel) and holds a share of the experts; all-to-all among all ranks."""
+
+    ep: int = 1
+    microbatches: int = 2
+    placement: tuple[tuple[int, ...], ...] | None = None
+    strategy: str = field(default="ep", init=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.ep
+
+    def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "EpPlan":
+        if not isinstance(self.ep, int) or self.ep < 1:
+            _fail("ep", self.ep, "must be an integer >= 1", "use --ep 1 or more")
+        _check_microbatches(self.microbatches)
+        if self.ep > cfg.num_experts and self.placement is None:
+            _fail("ep", self.ep, f"more ranks than experts ({cfg.num_experts}) with the contiguous placement",
+                  "give an explicit placement with replicated experts or fewer ranks")
+        _check_placement(self.expert_placement(cfg), cfg.num_experts, self.ep)
+        _check_world(self, world_size)
+        return self
+
+    def expert_placement(self, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+        return self.placement if self.placement is not None else contiguous_placement(cfg.num_experts, self.ep)
+
+    def holder(self, cfg: ModelConfig, expert: int, rank: int) -> int:
+        holders = [r for r, experts in enumerate(self.expert_placement(cfg)) if expert in experts]
+        return rank if rank in holders else holders[rank % len(holders)]
+
+    def role(self, rank: int) -> Role:
+        return Role("ep", rank, replica=rank, index=rank)
+
+    def describe(self, cfg: ModelConfig | None = None) -> str:
+        text = f"ep: {self.ep} rank(s), each with data-parallel attention and a share of the experts, " \
+               f"{self.microbatches} micro-batch(es)"
+        if cfg is None:
+            return text
+        return "\n".join([text] + [f"  rank {r}: attention on its own sequences, experts {list(p)}"
+                                   for r, p in enumerate(self.expert_placement(cfg))])
+
+
+def plan_from_dict(data: dict):
+    """Rebuild a plan from its JSON form (as printed by `masep run --json`)."""
+    kinds = {"single": SinglePlan, "separated": SeparatedPlan, "tp_pp": TpPpPlan, "ep": EpPlan}
+    data = dict(data)
+    strategy = data.pop("strategy", None)
+    if strategy not in kinds:
+        raise ValueError(f"plan.strategy={strategy!r}: must be one of {sorted(kinds)}")
+    if data.get("placement") is not None:
+        data["placement"] = tuple(tuple(p) for p in data["placement"])
+    return kinds[strategy](**data)

@@ -26,6 +26,7 @@ class RunSpec:
     plan: object
     requests: list[Request]
     preset: str | None = None
+    config: object | None = None  # a ModelConfig to build with random weights instead of a preset
     model_dir: str | None = None
     seed: int = 0
     dtype: str = "float32"
@@ -44,7 +45,8 @@ def load_model(spec: RunSpec, device: torch.device):
     if spec.model_dir:
         from ..checkpoint import from_pretrained
         return from_pretrained(spec.model_dir, dtype=dtype, device="cpu").to(device)
-    return build_model(preset(spec.preset), seed=spec.seed, dtype=dtype).to(device)
+    cfg = spec.config if spec.config is not None else preset(spec.preset)
+    return build_model(cfg, seed=spec.seed, dtype=dtype).to(device)
 
 
 def run_rank(spec: RunSpec) -> dict | None:
