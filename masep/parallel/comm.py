@@ -233,3 +233,129 @@ def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, tim
     except Exception as err:
         raise CommError(f"{what}: all-gather inside the attention replica failed: {err}") from err
     return torch.cat([p[:n] for p, n in zip(parts, splits)])
+
+
+# --- colocated expert parallelism: every member sends and receives ------------------------------
+FLAG_IDLE = 3  # an EP rank with no sequences left still serves its experts
+
+
+@dataclass
+class ExchangeHandle:
+    """Both halves of a symmetric EP exchange: what this rank sent (for combine) and what it got."""
+
+    sent: DispatchHandle
+    got: ExpertBatch | None = None
+    work: object = None
+    back: torch.Tensor | None = None  # expert outputs on their way back to their senders
+
+
+def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
+                bridge: Bridge, num_local: int, step: int, layer: int, mb: int, idle: bool = False
+                ) -> tuple[ExchangeHandle, bool]:
+    """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k]).
+
+    Returns the handle and whether every rank is idle (then nothing was sent and the caller stops)."""
+    k = ids_Xk.shape[1]
+    member = route.member_E[ids_Xk].flatten()
+    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
+    counts[:, :HEADER] = torch.tensor([FLAG_IDLE if idle else FLAG_WORK, step, layer, mb], device=bridge.device)
+    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
+    recv = exchange_counts(bridge, counts, step, layer, mb)
+    flags = set(recv[:, 0].tolist())
+    if flags == {FLAG_IDLE}:
+        return ExchangeHandle(DispatchHandle(bridge, step, layer, mb, 0, order, order, [])), True
+    _check_symmetric_counts(bridge, recv, step, layer, mb, num_local)
+    send_splits = counts[:, HEADER:].sum(1).tolist()
+    counts_PL = recv[:, HEADER:HEADER + num_local]
+    recv_splits = counts_PL.sum(1).tolist()
+    token = torch.arange(x_XH.shape[0], device=x_XH.device).repeat_interleave(k)[order]
+    rows = x_XH[token].contiguous()
+    x_in = torch.empty(sum(recv_splits), x_XH.shape[1], dtype=x_XH.dtype, device=x_XH.device)
+    work = _all_to_all(x_in, rows, recv_splits, send_splits, bridge)
+    local_of_row = torch.repeat_interleave(torch.arange(num_local, device=bridge.device).repeat(bridge.size),
+                                           counts_PL.flatten())
+    perm = torch.argsort(local_of_row, stable=True)
+    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
+                          send_splits, work, [rows, x_in])
+    return ExchangeHandle(sent, ExpertBatch(x_in, counts_PL.sum(0), perm, recv_splits)), False
+
+
+def _check_symmetric_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb: int,
+                            num_local: int) -> None:
+    where = bridge.where("token-count check", step, layer, mb)
+    for p in range(bridge.size):
+        got = tuple(recv[p, 1:HEADER].tolist())
+        if got != (step, layer, mb):
+            raise CommError(f"{where}: rank {bridge.ranks[p]} is at (step, layer, mb)={got}: the schedules diverged")
+    counts = recv[:, HEADER:]
+    if (counts < 0).any() or counts[:, num_local:].any():
+        raise CommError(f"{where}: invalid token counts {counts.tolist()} for {num_local} local experts")
+
+
+def ep_received(handle: ExchangeHandle) -> ExpertBatch:
+    """Wait for this rank's incoming rows; returns them sorted by local expert."""
+    s = handle.sent
+    _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
+    got = handle.got
+    got.x_NH = got.x_NH[got.perm_N]
+    return got
+
+
+def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
+    """Send expert outputs (expert-sorted rows) back to their senders; receive our own rows'."""
+    s, got = handle.sent, handle.got
+    back = torch.empty_like(y_NH)
+    back[got.perm_N] = y_NH
+    handle.back = torch.empty(sum(s.splits), y_NH.shape[1], dtype=y_NH.dtype, device=y_NH.device)
+    handle.work = _all_to_all(handle.back, back, s.splits, got.source_splits, s.bridge)
+    s.keep.append(back)
+
+
+def ep_combine_wait(handle: ExchangeHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weight_k * expert_k(x) per token [X, H] once the outputs are back."""
+    s = handle.sent
+    _wait(handle.work, s.bridge, "combine payload", s.step, s.layer, s.mb)
+    y = torch.zeros(s.num_tokens, hidden, dtype=dtype, device=s.bridge.device)
+    return y.index_add_(0, s.token_R, handle.back * s.weight_R[:, None].to(dtype))
+
+
+# --- tensor and pipeline parallelism ------------------------------------------------------------
+def group_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str) -> torch.Tensor:
+    """In-place sum over a group (the TP all-reduce after attention and after the experts)."""
+    return replica_all_reduce(x, group, timeout, what)
+
+
+def send_activation(x: torch.Tensor, dst: int, group, timeout: timedelta, what: str):
+    """Launch a point-to-point send of a stage's output [b, t, H] to the next stage's rank `dst`."""
+    x = x.contiguous()
+    return (dist.isend(x, dst=dst, group=group), x, timeout, what)
+
+
+def recv_activation(shape, dtype, device, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    work = dist.irecv(buf, src=src, group=group)
+    try:
+        work.wait(timeout=timeout)
+    except Exception as err:
+        raise CommError(f"{what}: receiving activations from rank {src} failed: {err}") from err
+    return buf
+
+
+def wait_activation_sent(pending) -> None:
+    work, _, timeout, what = pending
+    try:
+        work.wait(timeout=timeout)
+    except Exception as err:
+        raise CommError(f"{what}: sending activations failed: {err}") from err
+
+
+def broadcast(x: torch.Tensor, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
+    """Share the last stage's logits with every rank of the model instance (in place)."""
+    work = dist.broadcast(x, src=src, group=group, async_op=True)
+    try:
+        work.wait(timeout=timeout)
+    except Exception as err:
+        raise CommError(f"{what}: broadcast from rank {src} failed: {err}") from err
+    return x

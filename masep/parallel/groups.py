@@ -78,3 +78,47 @@ def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) 
                                   env.timeout, env.device))
     expert_group = dist.new_group(experts, timeout=env.timeout)
     return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None)
+
+
+@dataclass
+class EpGroups:
+    role: Role
+    bridge: Bridge  # all EP ranks: each is both a sender and an expert holder
+
+
+def build_ep_groups(plan, cfg: ModelConfig, env: DistEnv) -> EpGroups:
+    """One group of the EP ranks (its own group, not the world one, so a later multi-instance
+    launch keeps instances apart)."""
+    ranks = list(range(plan.world_size))
+    group = dist.new_group(ranks, timeout=env.timeout)
+    max_local = max(len(p) for p in plan.expert_placement(cfg))
+    bridge = Bridge(group, ranks, env.rank, plan.world_size, env.rank, max_local, env.timeout, env.device)
+    return EpGroups(plan.role(env.rank), bridge)
+
+
+@dataclass
+class TpPpGroups:
+    role: Role
+    tp_group: object  # the ranks of my stage
+    prev_group: object | None  # [rank of stage s-1 with my tp index, me]
+    next_group: object | None  # [me, rank of stage s+1 with my tp index]
+    model_group: object  # every rank of this model instance: the last stage shares logits on it
+
+
+def build_tp_pp_groups(plan, env: DistEnv) -> TpPpGroups:
+    role = plan.role(env.rank)
+    tp_group = prev_group = next_group = None
+    for stage in range(plan.pp):
+        group = dist.new_group(plan.stage_ranks(stage), timeout=env.timeout)
+        if stage == role.replica:
+            tp_group = group
+    for stage in range(plan.pp - 1):
+        for t in range(plan.tp):
+            pair = [stage * plan.tp + t, (stage + 1) * plan.tp + t]
+            group = dist.new_group(pair, timeout=env.timeout)
+            if env.rank == pair[0]:
+                next_group = group
+            if env.rank == pair[1]:
+                prev_group = group
+    model_group = dist.new_group(list(range(plan.world_size)), timeout=env.timeout)
+    return TpPpGroups(role, tp_group, prev_group, next_group, model_group)

@@ -12,36 +12,18 @@ Per layer and micro-batch on an attention rank (replica of T head-parallel ranks
 """
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..config import ModelConfig
-from ..model import Attention, Experts, KVCache, MoETransformer
+from ..model import Attention, Experts, MoETransformer
 from ..plan import SeparatedPlan, split_evenly
 from . import comm
 from .groups import DistEnv, SeparatedGroups
 from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, SEND, Op, execute,
                        separated_schedule)
-
-
-class OpTimer:
-    """Per-op wall times (busy time per kind) and optional profiler labels for --trace."""
-
-    def __init__(self, label_ops: bool = False):
-        self.busy_s: dict[str, float] = defaultdict(float)
-        self.label_ops = label_ops
-
-    def record(self, op: Op, start: float, end: float) -> None:
-        self.busy_s[op.kind] += end - start
-
-    def label(self, op: Op):
-        if not self.label_ops:
-            return nullcontext()
-        return torch.profiler.record_function(str(op))
+from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
 def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attention:
@@ -85,22 +67,7 @@ def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) ->
     return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
 
 
-@dataclass
-class _MicroBatch:
-    """State of one micro-batch on an attention rank while it moves through the layers."""
-
-    x: torch.Tensor  # [b, t, H] residual stream (replicated in the replica)
-    positions: torch.Tensor  # [b, t]
-    cache: KVCache  # view of the replica cache rows of this micro-batch
-    attend_len: int
-    h_slice: torch.Tensor | None = None  # [n, H] residual after attention, my token slice
-    z_slice: torch.Tensor | None = None  # [n, H] normalised input of the MoE, my token slice
-    handle: comm.DispatchHandle | None = None
-    slices: list[int] = field(default_factory=list)  # tokens per head-parallel rank
-    out: torch.Tensor | None = None  # [b, t, H] after the final norm
-
-
-class SeparatedAttentionRuntime:
+class SeparatedAttentionRuntime(MicroBatchRuntime):
     """The attention side of MA separation as an engine `Runtime` for one replica's sequences."""
 
     def __init__(self, model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
@@ -116,43 +83,8 @@ class SeparatedAttentionRuntime:
         self.attn = [shard_attention(b.attn, cfg, heads) for b in model.layers]
         self.blocks = list(model.layers)  # norms, router and shared expert are used whole
         self.route = expert_route(plan, cfg, self.role.replica, env.device)
-        self.num_kv = len(self.attn[0].kv_heads)
-        self.cache: KVCache | None = None
-        self.step = 0
+        self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.embed.weight.dtype)
         self.stopped = False
-        self.in_step = False
-
-    # --- Runtime interface ------------------------------------------------------------------
-    def start(self, batch: int, max_len: int) -> None:
-        c = self.cfg
-        self.cache = KVCache.empty(c.num_layers, batch, self.num_kv, max_len, c.head_dim,
-                                   self.embed.weight.dtype, self.device)
-
-    @torch.inference_mode()
-    def prefill(self, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        b, t = input_ids_BT.shape
-        ids = input_ids_BT.to(self.device)
-        positions = torch.arange(t, device=self.device).expand(b, t)
-        if self.plan.seq_split:
-            chunks = [r for r in split_evenly(t, self.plan.microbatches)]
-            mbs = [self._mb(ids[:, r], positions[:, r], slice(0, b), r.stop) for r in chunks]
-            out = torch.cat([mb.out for mb in self._run(mbs)], dim=1)
-        else:
-            rows = split_evenly(b, self.plan.microbatches)
-            mbs = [self._mb(ids[r.start:r.stop], positions[r.start:r.stop], slice(r.start, r.stop), t)
-                   for r in rows]
-            out = torch.cat([mb.out for mb in self._run(mbs)], dim=0)
-        last = lengths_B.to(self.device) - 1
-        return self.lm_head(out[torch.arange(b, device=self.device), last]).float()
-
-    @torch.inference_mode()
-    def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int) -> torch.Tensor:
-        tokens, positions = tokens_B.to(self.device)[:, None], positions_B.to(self.device)[:, None]
-        rows = split_evenly(tokens.shape[0], self.plan.microbatches)
-        mbs = [self._mb(tokens[r.start:r.stop], positions[r.start:r.stop], slice(r.start, r.stop), attend_len)
-               for r in rows]
-        out = torch.cat([mb.out for mb in self._run(mbs)], dim=0)
-        return self.lm_head(out[:, 0]).float()
 
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
@@ -161,62 +93,44 @@ class SeparatedAttentionRuntime:
             comm.send_stop(self.bridge, self.step)
         self.cache = None
 
-    # --- one step -----------------------------------------------------------------------------
-    def _mb(self, ids_bt, positions_bt, rows: slice, attend_len: int) -> _MicroBatch:
-        view = KVCache([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v])
-        return _MicroBatch(self.embed(ids_bt), positions_bt, view, attend_len)
+    def _schedule(self, microbatches: int) -> list[Op]:
+        return separated_schedule("attention", self.cfg.num_layers, microbatches)
 
-    def _run(self, mbs: list[_MicroBatch]) -> list[_MicroBatch]:
-        handlers = {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
-                    DISPATCH: lambda op: self._dispatch(mbs[op.mb], op.layer, op.mb),
-                    COMBINE: lambda op: self._combine(mbs[op.mb], op.layer, op.mb),
-                    HEAD: lambda op: self._head(mbs[op.mb])}
-        ops = separated_schedule("attention", self.cfg.num_layers, len(mbs))
-        labelled = {k: self._labelled(fn) for k, fn in handlers.items()}
-        self.in_step = True
-        execute(ops, labelled, self.timer.record)
-        self.in_step = False
-        self.step += 1
-        return mbs
+    def _handlers(self, mbs: list[MicroBatch]):
+        return {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
+                DISPATCH: lambda op: self._dispatch(mbs[op.mb], op.layer, op.mb),
+                COMBINE: lambda op: self._combine(mbs[op.mb], op.layer, op.mb),
+                HEAD: lambda op: self._head(mbs[op.mb])}
 
-    def _labelled(self, fn):
-        def run(op):
-            with self.timer.label(op):
-                fn(op)
-        return run
-
-    def _where(self, layer: int, mb: int) -> str:
-        return f"rank {self.env.rank}: step {self.step}, layer {layer}, micro-batch {mb}"
-
-    def _attention(self, mb: _MicroBatch, layer: int, i: int) -> None:
-        block = self.blocks[layer]
+    def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
+        block, w = self.blocks[layer], mb.work
         part = self.attn[layer](block.attn_norm(mb.x), mb.positions, mb.cache, layer, mb.attend_len)
         if self.plan.attn_tp > 1:
             comm.replica_all_reduce(part, self.replica_group, self.env.timeout, self._where(layer, i))
         h = (mb.x + part).reshape(-1, self.cfg.hidden_size)
-        mb.slices = [len(r) for r in split_evenly(h.shape[0], self.plan.attn_tp)]
-        start = sum(mb.slices[: self.role.index])
-        mine = slice(start, start + mb.slices[self.role.index])
-        mb.h_slice = h[mine]
-        mb.z_slice = block.moe_norm(mb.h_slice)
+        w["slices"] = [len(r) for r in split_evenly(h.shape[0], self.plan.attn_tp)]
+        start = sum(w["slices"][: self.role.index])
+        w["h"] = h[start:start + w["slices"][self.role.index]]  # my token slice [n, H]
+        w["z"] = block.moe_norm(w["h"])
 
-    def _dispatch(self, mb: _MicroBatch, layer: int, i: int) -> None:
-        weights, ids = self.blocks[layer].moe.router(mb.z_slice)
-        mb.handle = comm.dispatch(mb.z_slice, ids, weights, self.route, self.bridge, self.step, layer, i)
+    def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
+        weights, ids = self.blocks[layer].moe.router(mb.work["z"])
+        mb.work["handle"] = comm.dispatch(mb.work["z"], ids, weights, self.route, self.bridge, self.step, layer, i)
 
-    def _combine(self, mb: _MicroBatch, layer: int, i: int) -> None:
-        y = comm.combine(mb.handle, self.cfg.hidden_size, mb.h_slice.dtype)
+    def _combine(self, mb: MicroBatch, layer: int, i: int) -> None:
+        w = mb.work
+        y = comm.combine(w["handle"], self.cfg.hidden_size, w["h"].dtype)
         shared = self.blocks[layer].moe.shared
         if shared is not None:
-            y = y + shared(mb.z_slice)
-        x_slice = mb.h_slice + y
+            y = y + shared(w["z"])
+        x_slice = w["h"] + y
         if self.plan.attn_tp > 1:
-            x_slice = comm.replica_all_gather_rows(x_slice, mb.slices, self.replica_group, self.env.timeout,
+            x_slice = comm.replica_all_gather_rows(x_slice, w["slices"], self.replica_group, self.env.timeout,
                                                    self._where(layer, i))
         mb.x = x_slice.view_as(mb.x)
-        mb.handle = mb.h_slice = mb.z_slice = None
+        w.clear()
 
-    def _head(self, mb: _MicroBatch) -> None:
+    def _head(self, mb: MicroBatch) -> None:
         mb.out = self.norm(mb.x)
 
 
@@ -271,15 +185,8 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
                     y = outputs.pop((bi, op.layer, op.mb))
                     pending.append(comm.expert_send(y, b, bridge, stats.steps, op.layer, op.mb))
 
-        def labelled(fn):
-            def run(op):
-                with timer.label(op):
-                    fn(op)
-            return run
-
         with torch.inference_mode():
-            execute(ops, {RECV: labelled(recv), EXPERTS: labelled(run_experts), SEND: labelled(send)},
-                    timer.record)
+            execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
         for p in pending:
             comm.wait_sent(p)
         live = [b for bi, b in enumerate(live) if bi not in stopped]
