@@ -15,8 +15,11 @@ import torch.distributed as dist
 from ..engine import Request, generate
 from ..metrics import compute_metrics
 from ..plan import split_evenly
-from .groups import build_separated_groups, init_distributed
-from .separated import OpTimer, SeparatedAttentionRuntime, serve_experts
+from .ep import EpRuntime
+from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
+from .separated import SeparatedAttentionRuntime, serve_experts
+from .stepper import OpTimer
+from .tp_pp import TpPpRuntime
 
 
 @dataclass
@@ -55,13 +58,13 @@ def run_rank(spec: RunSpec) -> dict | None:
         model = load_model(spec, env.device)
         cfg = model.cfg
         plan = spec.plan.validate(cfg, env.world_size)
-        groups = build_separated_groups(plan, cfg, env)
         if env.rank == 0 and not spec.quiet:
             print(plan.describe(cfg), flush=True)
         timer = OpTimer(label_ops=spec.trace_dir is not None)
+        run = {"separated": _run_separated, "ep": _run_ep, "tp_pp": _run_tp_pp}[plan.strategy]
         with _maybe_profile(spec.trace_dir, env.rank):
-            report = _run_role(spec, model, plan, groups, env, timer)
-        report.update(rank=env.rank, role=groups.role.kind, busy_s=dict(timer.busy_s))
+            report = run(spec, model, plan, env, timer)
+        report.update(rank=env.rank, busy_s=dict(timer.busy_s))
         gathered = [None] * env.world_size if env.rank == 0 else None
         dist.gather_object(report, gathered, dst=0)
         return assemble(spec, plan, cfg, gathered) if env.rank == 0 else None
@@ -69,20 +72,37 @@ def run_rank(spec: RunSpec) -> dict | None:
         dist.destroy_process_group()
 
 
-def _run_role(spec, model, plan, groups, env, timer) -> dict:
+def _generate_share(runtime, spec: RunSpec, indices, keep: bool, **extra) -> dict:
+    """Run the engine over requests `indices`; `keep` marks the rank that reports them (ranks
+    that hold identical outputs report once)."""
+    result = generate(runtime, [spec.requests[i] for i in indices])
+    # generate() skips finish() when no request was valid; a second call is a no-op. On an
+    # exception no stop is sent: the peers are mid-step and see this process exit.
+    runtime.finish()
+    return dict(role="attention", indices=list(indices), outputs=result.outputs if keep else None,
+                duration_s=result.metrics.duration_s, **extra)
+
+
+def _run_separated(spec, model, plan, env, timer) -> dict:
+    groups = build_separated_groups(plan, model.cfg, env)
     role = groups.role
     if role.kind == "expert":
         stats = serve_experts(model, plan, groups, env, timer)
-        return dict(steps=stats.steps, load=stats.load_LE.tolist())
+        return dict(role="expert", steps=stats.steps, load=stats.load_LE.tolist())
     shares = split_evenly(len(spec.requests), plan.attn_replicas)[role.replica]
     runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer)
-    result = generate(runtime, [spec.requests[i] for i in shares])
-    # generate() skips finish() when no request was valid; a second call is a no-op. On an
-    # exception no stop is sent: the bridge is mid-step, and peers see this process exit.
-    runtime.finish()
-    keep = role.index == 0  # head-parallel ranks of a replica hold identical outputs
-    return dict(replica=role.replica, indices=list(shares), outputs=result.outputs if keep else None,
-                duration_s=result.metrics.duration_s)
+    return _generate_share(runtime, spec, shares, keep=role.index == 0)
+
+
+def _run_ep(spec, model, plan, env, timer) -> dict:
+    runtime = EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer)
+    shares = split_evenly(len(spec.requests), plan.ep)[env.rank]
+    return _generate_share(runtime, spec, shares, keep=True, load=runtime.load_LE.tolist())
+
+
+def _run_tp_pp(spec, model, plan, env, timer) -> dict:
+    runtime = TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer)
+    return _generate_share(runtime, spec, range(len(spec.requests)), keep=env.rank == 0)
 
 
 def assemble(spec: RunSpec, plan, cfg, reports: list[dict]) -> dict:
@@ -94,7 +114,7 @@ def assemble(spec: RunSpec, plan, cfg, reports: list[dict]) -> dict:
             for i, out in zip(rep["indices"], rep["outputs"]):
                 outputs[i] = out
             durations.append(rep["duration_s"])
-        if rep["role"] == "expert":
+        if "load" in rep:
             lay = torch.tensor(rep["load"])
             load = lay if load is None else load + lay
     metrics = compute_metrics(outputs, max(durations, default=0.0))

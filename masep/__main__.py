@@ -1,0 +1,6 @@
+"""`python -m masep ...` is the `masep` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""Command line: `masep COMMAND ...` (also `python -m masep COMMAND ...`).
+
+Thin by design: parse, check every argument before any work starts (a bad one exits 2 with
+a message naming the value and the rule), build library objects, call library functions, print.
+
+Extending it:
+  - a strategy: write `run_<name>(args, cfg, source) -> dict` (at least `tokens`, `errors`
+    and the metrics of `GenerationResult.to_dict()`) and add it to STRATEGIES; its extra
+    flags go in `add_run_args`, their checks in `check_run_args`;
+  - a subcommand: write `add_<name>_args(parser)` and `cmd_<name>(args, parser) -> int`
+    and add a `Subcommand` to SUBCOMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .config import PRESETS, ModelConfig, from_hf_config, preset
+from .engine import Request, generate, random_prompts
+from .model import MoETransformer, build_model
+from .runtime import LocalRuntime
+
+RUN_DTYPES = ("float32", "bfloat16")
+DEFAULT_PRESET = "small"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a preset with random weights from `seed`, or an HF checkpoint
+    directory. Distributed strategies pass it to each rank, which builds only its own part."""
+
+    preset: str | None = None
+    path: str | None = None
+    seed: int = 0
+
+    def build(self, cfg: ModelConfig, device: str) -> MoETransformer:
+        if self.path is not None:
+            from . import from_pretrained
+            return from_pretrained(self.path, dtype=cfg.torch_dtype, device=device).eval()
+        return build_model(cfg, seed=self.seed, device=device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- pieces shared by strategies and subcommands --------------------------------------------
+def load_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ModelConfig, ModelSource]:
+    """The model config (dtype resolved) and where its weights come from; errors exit 2."""
+    try:
+        if args.model is not None:
+            cfg, source = from_hf_config(args.model), ModelSource(path=args.model, seed=args.seed)
+        else:
+            name = args.preset or DEFAULT_PRESET
+            cfg, source = preset(name), ModelSource(preset=name, seed=args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg.replace(dtype=args.dtype or cfg.dtype), source
+
+
+def draw_prompts(args: argparse.Namespace, cfg: ModelConfig) -> list[list[int]]:
+    return random_prompts(args.batch, args.prompt_len, cfg.vocab_size, args.seed)
+
+
+def make_requests(args: argparse.Namespace, cfg: ModelConfig) -> list[Request]:
+    """Request i samples with seed `seed + i`: a rank that runs only some requests draws
+    the same tokens for them as a single process running all of them."""
+    return [Request(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed + i)
+            for i, prompt in enumerate(draw_prompts(args, cfg))]
+
+
+def resolved_config(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict:
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    return dict(model=dataclasses.asdict(cfg), model_source=source.to_dict(), strategy=args.strategy,
+                batch=args.batch, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, dtype=cfg.dtype,
+                device=args.device, device_name=device_name, seed=args.seed, warmup=args.warmup,
+                torch_version=torch.__version__, masep_version=__version__)
+
+
+def _row(label: str, value) -> str:
+    text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{label:<40}{text:>12}"
+
+
+def print_report(report: dict, file=None) -> None:
+    """The resolved config, then the metrics in vLLM `bench serve`'s layout."""
+    file = file or sys.stdout
+    c, m = report["config"], report["config"]["model"]
+    print(f"masep {c['masep_version']}  torch {c['torch_version']}  device {c['device']} ({c['device_name']})"
+          f"  dtype {c['dtype']}  strategy {c['strategy']}  seed {c['seed']}", file=file)
+    print(f"model {m['name']}: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_heads']}"
+          f" (kv {m['num_kv_heads']}, dim {m['head_dim']}), {m['num_experts']} experts top-{m['top_k']}"
+          f" ({m['expert_act']}, hidden {m['expert_hidden']}), vocab {m['vocab_size']}", file=file)
+    print(f"workload: batch {c['batch']}, prompt {c['prompt_len']}, max new tokens {c['max_new_tokens']},"
+          f" temperature {c['temperature']}, top-p {c['top_p']}, top-k {c['top_k']},"
+          f" warm-up runs {c['warmup']}", file=file)
+    r = report
+    lines = ["{s:=^52}".format(s=" masep run result "), _row("Successful requests:", r["completed"]),
+             _row("Failed requests:", r["failed"]), _row("Duration (s):", r["duration_s"]),
+             _row("Total input tokens:", r["total_input_tokens"]),
+             _row("Total generated tokens:", r["total_output_tokens"]),
+             _row("Request throughput (req/s):", r["request_throughput"]),
+             _row("Output token throughput (tok/s):", r["output_throughput"]),
+             _row("Total token throughput (tok/s):", r["total_token_throughput"])]
+    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                       ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+        lines.append("{s:-^52}".format(s=title))
+        for stat in ("mean", "median", "p99"):
+            lines.append(_row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):",
+                              r[f"{stat}_{key}_ms"]))
+    lines.append("=" * 52)
+    print("\n".join(lines), file=file)
+    for i, err in enumerate(r["errors"]):
+        if err is not None:
+            print(f"request {i} failed: {err}", file=file)
+    if r["tokens"]:
+        print(f"request 0: prompt {r['prompts'][0][:8]}... -> tokens {r['tokens'][0][:16]}", file=file)
+
+
+# --- strategies ----------------------------------------------------------------------------
+def run_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict:
+    """The whole model on one device."""
+    runtime = LocalRuntime(source.build(cfg, args.device))
+    requests = make_requests(args, cfg)
+    for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
+        generate(runtime, requests)
+    return generate(runtime, requests).to_dict()
+
+
+STRATEGIES: dict[str, Callable[[argparse.Namespace, ModelConfig, ModelSource], dict]] = {
+    "single": run_single,
+}
+
+
+# --- subcommand: run -----------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help=f"built-in model with random weights from --seed (default: {DEFAULT_PRESET})")
+    which.add_argument("--model", metavar="DIR", default=None,
+                       help="HF checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE: config.json + safetensors)")
+    p.add_argument("--dtype", choices=RUN_DTYPES, default=None, help="default: the model config's dtype")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="weights (presets), prompts and per-request sampling")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
+    p.add_argument("--batch", type=int, default=8, help="number of requests, all prefilled together")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per random prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.ArgumentParser) -> None:
+    """Every rule `run` needs, checked before any weight is built."""
+    for flag, value, low in (("--batch", args.batch, 1), ("--prompt-len", args.prompt_len, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--warmup", args.warmup, 0),
+                             ("--top-k", args.top_k, 0)):
+        if value < low:
+            parser.error(f"{flag}={value}: must be >= {low}")
+    total = args.prompt_len + args.max_new_tokens
+    if total > cfg.max_seq_len:
+        parser.error(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} = {total} "
+                     f"exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine "
+                     f"(torch {torch.__version__}); use --device cpu")
+
+
+def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cfg, source = load_config(args, parser)
+    check_run_args(args, cfg, parser)
+    report = STRATEGIES[args.strategy](args, cfg, source)
+    report.update(prompts=draw_prompts(args, cfg), config=resolved_config(args, cfg, source))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0 if report["failed"] == 0 else 1
+
+
+# --- entry point ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "run": Subcommand("generate for a batch of random prompts and print TTFT / TPOT / throughput",
+                      add_run_args, cmd_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="masep", description="MoE-Attention separation: run, plan and "
+                                     "measure MoE inference with attention and experts on separate GPUs.")
+    parser.add_argument("--version", action="version", version=f"masep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, spec in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        spec.add_args(p)
+        p.set_defaults(handler=spec.handler, subparser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args, args.subparser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Colocated expert parallelism (the DeepSeek / SGLang / vLLM baseline).
+
+Every rank runs full attention over its own sequences (data parallel) and holds a share of
+the experts. Per layer and micro-batch: attention -> router -> all-to-all dispatch among all
+ranks -> local experts on what arrived -> all-to-all combine. With m = 2 the op list overlaps
+one micro-batch's transfer with the other's compute (two-batch overlap).
+
+A rank whose own sequences are done keeps serving its experts with empty micro-batches
+(flag "idle") until every rank is idle, so no peer is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import MoETransformer
+from ..plan import EpPlan
+from . import comm
+from .groups import DistEnv, EpGroups
+from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, Op, ep_schedule
+from .separated import shard_experts
+from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
+
+
+def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
+    """Serve an expert locally when this rank holds it, else from a holder chosen by rank."""
+    placement = plan.expert_placement(cfg)
+    member = [plan.holder(cfg, e, rank) for e in range(cfg.num_experts)]
+    local = [placement[m].index(e) for e, m in enumerate(member)]
+    return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
+
+
+class EpRuntime(MicroBatchRuntime):
+    def __init__(self, model: MoETransformer, plan: EpPlan, groups: EpGroups, env: DistEnv,
+                 timer: OpTimer | None = None):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.device = plan, env, env.device
+        self.bridge = groups.bridge
+        self.timer = timer or OpTimer()
+        self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
+        self.blocks = list(model.layers)  # attention, norms, router, shared expert: whole
+        self.my_experts = plan.expert_placement(cfg)[env.rank]
+        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
+        self.route = ep_route(plan, cfg, env.rank, env.device)
+        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype)
+        self.idle = False  # no sequences of our own: empty micro-batches, flag idle
+        self.all_idle = False
+        self.stopped = False
+        self.load_LE = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
+
+    def finish(self) -> None:
+        """Serve the other ranks' experts with empty micro-batches until every rank is idle."""
+        if self.stopped or self.in_step:  # mid-step (an error): peers see this rank exit
+            return
+        self.idle, self.cache = True, None
+        while not self.all_idle:
+            self.decode(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1)
+        self.stopped = True
+
+    def _schedule(self, microbatches: int) -> list[Op]:
+        return ep_schedule(self.cfg.num_layers, microbatches)
+
+    def _handlers(self, mbs: list[MicroBatch]):
+        def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere
+            return lambda op: None if self.all_idle else fn(mbs[op.mb], op.layer, op.mb)
+        return {ATTENTION: guard(self._attention), DISPATCH: guard(self._dispatch),
+                EXPERTS: guard(self._experts), COMBINE: guard(self._combine_launch),
+                HEAD: guard(lambda mb, layer, i: self._head(mb, i))}
+
+    def _logits(self, out, index_B, batch):
+        if batch == 0:
+            return torch.zeros(0, self.cfg.vocab_size, device=self.device)
+        return super()._logits(out, index_B, batch)
+
+    def _settle(self, mb: MicroBatch, layer: int) -> None:
+        """Finish the previous layer's MoE for this micro-batch: residual + experts (+ shared)."""
+        w = mb.work
+        if "exchange" not in w:
+            return
+        y = comm.ep_combine_wait(w.pop("exchange"), self.cfg.hidden_size, mb.x.dtype)
+        shared = self.blocks[layer].moe.shared
+        if shared is not None and y.shape[0]:
+            y = y + shared(w["z"])
+        mb.x = (w["h"] + y).view_as(mb.x)
+
+    def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
+        if layer > 0:
+            self._settle(mb, layer - 1)
+        block, w = self.blocks[layer], mb.work
+        if mb.x.shape[0]:
+            h = mb.x + block.attn(block.attn_norm(mb.x), mb.positions, mb.cache, layer, mb.attend_len)
+        else:
+            h = mb.x
+        w["h"] = h.reshape(-1, self.cfg.hidden_size)
+        w["z"] = block.moe_norm(w["h"])
+
+    def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
+        w = mb.work
+        weights, ids = self.blocks[layer].moe.router(w["z"])
+        w["exchange"], self.all_idle = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge,
+                                                        len(self.my_experts), self.step, layer, i, self.idle)
+
+    def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
+        got = comm.ep_received(mb.work["exchange"])
+        self.load_LE[layer, list(self.my_experts)] += got.counts_L.cpu()
+        mb.work["y"] = self.experts[layer].forward_sorted(got.x_NH, got.counts_L)
+
+    def _combine_launch(self, mb: MicroBatch, layer: int, i: int) -> None:
+        comm.ep_combine_launch(mb.work["exchange"], mb.work.pop("y"))
+
+    def _head(self, mb: MicroBatch, i: int) -> None:
+        self._settle(mb, self.cfg.num_layers - 1)
+        mb.out = self.norm(mb.x)

@@ -1,0 +1,123 @@
+"""Tensor x pipeline parallelism (Megatron style): the seeds' comparator, TP=8 x PP=2.
+
+Inside a stage, T ranks split the attention heads and each expert's hidden dimension
+(gate/up column-parallel, down row-parallel), with one all-reduce after attention and one
+after the experts per layer. Stages hold contiguous layers and pass activations [b, t, H]
+point to point; micro-batches pipeline across stages (stage s works on micro-batch i+1 while
+stage s+1 works on i). The last stage shares the logits with every rank, so every rank's
+engine samples the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Experts, MoETransformer
+from ..plan import TpPpPlan
+from . import comm
+from .groups import DistEnv, TpPpGroups
+from .schedule import ALLREDUCE, ATTENTION, EXPERTS, HEAD, RECV_ACT, SEND_ACT, Op, tp_pp_schedule
+from .separated import shard_attention
+from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
+
+
+def shard_expert_hidden(full: Experts, cfg: ModelConfig, cols: range) -> Experts:
+    """Every expert, with only hidden columns `cols`: outputs of the T slices sum to the full output
+    because the activation is elementwise over the hidden dimension."""
+    part = Experts(cfg.replace(expert_hidden=len(cols)), device=full.w_up.device, dtype=full.w_up.dtype)
+    c = slice(cols.start, cols.stop)
+    with torch.no_grad():
+        if full.w_gate is not None:
+            part.w_gate.copy_(full.w_gate[:, c])
+        part.w_up.copy_(full.w_up[:, c])
+        part.w_down.copy_(full.w_down[:, :, c])
+    return part
+
+
+class TpPpRuntime(MicroBatchRuntime):
+    def __init__(self, model: MoETransformer, plan: TpPpPlan, groups: TpPpGroups, env: DistEnv,
+                 timer: OpTimer | None = None):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.device, self.groups = plan, env, env.device, groups
+        self.timer = timer or OpTimer()
+        self.stage, self.tp_index = groups.role.replica, groups.role.index
+        self.layers = plan.stage_layers(cfg)[self.stage]
+        heads = plan.head_split(cfg)[self.tp_index]
+        cols = plan.hidden_split(cfg)[self.tp_index]
+        self.blocks = {i: model.layers[i] for i in self.layers}  # norms, router: whole
+        self.attn = {i: shard_attention(model.layers[i].attn, cfg, heads) for i in self.layers}
+        self.experts = {i: shard_expert_hidden(model.layers[i].moe.experts, cfg, cols) for i in self.layers}
+        self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
+        self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
+        self.dtype = model.embed.weight.dtype
+        self._init_steps(len(self.layers), len(self.attn[self.layers.start].kv_heads), self.dtype)
+        self.sends: list = []
+
+    def finish(self) -> None:
+        self.cache = None
+
+    def _schedule(self, microbatches: int) -> list[Op]:
+        return tp_pp_schedule(self.layers, self.stage, self.plan.pp, microbatches)
+
+    def _embed(self, ids_bt):
+        return self.embed(ids_bt) if self.first else None
+
+    def _handlers(self, mbs: list[MicroBatch]):
+        return {RECV_ACT: lambda op: self._recv(mbs[op.mb], op.mb),
+                ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer),
+                ALLREDUCE: lambda op: self._all_reduce(mbs[op.mb], op.layer, op.mb),
+                EXPERTS: lambda op: self._experts(mbs[op.mb], op.layer),
+                SEND_ACT: lambda op: self._send(mbs[op.mb], op.mb),
+                HEAD: lambda op: self._head(mbs[op.mb])}
+
+    def _step(self, mbs, dim):
+        out = super()._step(mbs, dim)
+        for pending in self.sends:
+            comm.wait_activation_sent(pending)
+        self.sends.clear()
+        return out
+
+    def _recv(self, mb: MicroBatch, i: int) -> None:
+        b, t = mb.ids.shape
+        src = (self.stage - 1) * self.plan.tp + self.tp_index
+        mb.x = comm.recv_activation((b, t, self.cfg.hidden_size), self.dtype, self.device, src,
+                                    self.groups.prev_group, self.env.timeout, self._where(self.layers.start, i))
+
+    def _send(self, mb: MicroBatch, i: int) -> None:
+        dst = (self.stage + 1) * self.plan.tp + self.tp_index
+        self.sends.append(comm.send_activation(mb.x, dst, self.groups.next_group, self.env.timeout,
+                                               self._where(self.layers.stop - 1, i)))
+
+    def _attention(self, mb: MicroBatch, layer: int) -> None:
+        block = self.blocks[layer]
+        local = layer - self.layers.start
+        mb.work["partial"] = self.attn[layer](block.attn_norm(mb.x), mb.positions, mb.cache, local, mb.attend_len)
+        mb.work["phase"] = "attention"
+
+    def _experts(self, mb: MicroBatch, layer: int) -> None:
+        moe = self.blocks[layer].moe
+        z = moe_in = self.blocks[layer].moe_norm(mb.x).reshape(-1, self.cfg.hidden_size)
+        weights, ids = moe.router(moe_in)
+        y = self.experts[layer](z, weights, ids)
+        if moe.shared is not None and self.tp_index == 0:  # added once, before the all-reduce
+            y = y + moe.shared(z)
+        mb.work["partial"], mb.work["phase"] = y.view_as(mb.x), "experts"
+
+    def _all_reduce(self, mb: MicroBatch, layer: int, i: int) -> None:
+        partial = mb.work.pop("partial")
+        if self.plan.tp > 1:
+            comm.group_all_reduce(partial, self.groups.tp_group, self.env.timeout, self._where(layer, i))
+        mb.x = mb.x + partial
+
+    def _head(self, mb: MicroBatch) -> None:
+        mb.out = self.norm(mb.x)
+
+    def _logits(self, out, index_B, batch):
+        """The last stage's tp rank 0 computes logits [B, V]; every rank receives them."""
+        logits = torch.empty(batch, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        if self.last:
+            logits.copy_(super()._logits(out, index_B, batch))
+        src = (self.plan.pp - 1) * self.plan.tp
+        if self.plan.world_size > 1:
+            comm.broadcast(logits, src, self.groups.model_group, self.env.timeout, f"rank {self.env.rank}: logits")
+        return logits
