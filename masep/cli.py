@@ -25,6 +25,7 @@ from . import __version__
 from .config import PRESETS, ModelConfig, from_hf_config, preset
 from .engine import Request, generate, random_prompts
 from .model import MoETransformer, build_model
+from .parallel.schedule import COMM_KINDS
 from .runtime import LocalRuntime
 
 RUN_DTYPES = ("float32", "bfloat16")
@@ -121,8 +122,29 @@ def print_report(report: dict, file=None) -> None:
     for i, err in enumerate(r["errors"]):
         if err is not None:
             print(f"request {i} failed: {err}", file=file)
+    if "plan_text" in r:
+        print_distributed(r, file)
     if r["tokens"]:
         print(f"request 0: prompt {r['prompts'][0][:8]}... -> tokens {r['tokens'][0][:16]}", file=file)
+
+
+def print_distributed(r: dict, file) -> None:
+    """The plan, each rank's busy time by op kind, and the expert-load histogram."""
+    print("plan: " + r["plan_text"], file=file)
+    print("wall time per rank in the timed round, by op kind (ms); communication ops include waiting "
+          "for peers:", file=file)
+    for row in r["busy"]:
+        ms = row["busy_ms"]
+        compute = sum(v for k, v in ms.items() if k not in COMM_KINDS)
+        ops = "  ".join(f"{k} {v:.1f}" for k, v in sorted(ms.items()))
+        print(f"  rank {row['rank']:>3} {row['role']:<9} compute {compute:8.1f}  "
+              f"communication {sum(ms.values()) - compute:8.1f}  | {ops}", file=file)
+    if r.get("expert_load"):
+        load = torch.tensor(r["expert_load"]).sum(0)
+        share = load.float() / max(1, int(load.sum()))
+        print("expert load (token-expert assignments, all layers): " + " ".join(
+            f"e{e}:{int(n)}" for e, n in enumerate(load)), file=file)
+        print(f"  max/mean = {float(share.max() * len(share)):.2f} (1.00 = perfectly even)", file=file)
 
 
 # --- strategies ----------------------------------------------------------------------------
@@ -135,8 +157,56 @@ def run_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) 
     return generate(runtime, requests).to_dict()
 
 
+def build_plan(args: argparse.Namespace, cfg: ModelConfig):
+    """The validated plan of a distributed strategy (ValueError names the field and the rule)."""
+    from .plan import EpPlan, SeparatedPlan, TpPpPlan
+    m = args.microbatches
+    if args.strategy == "separated":
+        plan = SeparatedPlan(args.attn_replicas, args.attn_tp, args.expert_ranks, m if m is not None else 2,
+                             placement=parse_placement(args.placement), seq_split=args.seq_split)
+    elif args.strategy == "tp_pp":
+        plan = TpPpPlan(args.tp, args.pp, m if m is not None else args.pp)
+    else:
+        plan = EpPlan(args.ep, m if m is not None else 2, placement=parse_placement(args.placement))
+    return plan.validate(cfg)
+
+
+def parse_placement(text: str | None):
+    """'0,1,2;3,4,5,6,7' -> ((0, 1, 2), (3, 4, 5, 6, 7)): expert ids per expert rank."""
+    if text is None:
+        return None
+    try:
+        return tuple(tuple(int(e) for e in part.split(",")) for part in text.split(";"))
+    except ValueError:
+        raise ValueError(f"--placement={text!r}: expected comma-separated expert ids per rank, ranks separated "
+                         "by ';' (e.g. '0,1,2,3;4,5,6,7')") from None
+
+
+def run_distributed(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict | None:
+    """Start plan.world_size ranks (or join torchrun's), generate, and gather on rank 0.
+    Returns None on ranks other than 0 under torchrun."""
+    from .parallel.worker import RunSpec, launch
+    spec = RunSpec(plan=build_plan(args, cfg), requests=make_requests(args, cfg), preset=source.preset,
+                   model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device,
+                   timeout_s=args.timeout, trace_dir=args.trace, quiet=True, warmup=args.warmup)
+    result = launch(spec)
+    if result is None:
+        return None
+    outputs, metrics = result["outputs"], result["metrics"]
+    return dict(**metrics.to_dict(), tokens=[o.tokens for o in outputs], errors=[o.error for o in outputs],
+                per_request=[o.to_dict() for o in outputs], plan=dict(dataclasses.asdict(spec.plan),
+                                                                      strategy=spec.plan.strategy),
+                plan_text=spec.plan.describe(cfg),
+                busy=[dict(rank=r, role=role, busy_ms={k: v * 1e3 for k, v in b.items()})
+                      for r, role, b in result["busy"]],
+                expert_load=result["expert_load"])
+
+
 STRATEGIES: dict[str, Callable[[argparse.Namespace, ModelConfig, ModelSource], dict]] = {
     "single": run_single,
+    "separated": run_distributed,
+    "tp_pp": run_distributed,
+    "ep": run_distributed,
 }
 
 
@@ -163,6 +233,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    d = p.add_argument_group("distributed strategies (separated, tp_pp, ep)")
+    d.add_argument("--attn-replicas", type=int, default=1, help="separated: data-parallel attention replicas R")
+    d.add_argument("--attn-tp", type=int, default=1, help="separated: head-parallel ranks per replica T")
+    d.add_argument("--expert-ranks", type=int, default=1, help="separated: expert ranks E")
+    d.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per step (default: 2 for separated/ep, pp for tp_pp)")
+    d.add_argument("--placement", default=None, help="expert ids per expert rank, e.g. '0,1,2,3;4,5,6,7'")
+    d.add_argument("--seq-split", action="store_true", help="separated: cut prefill prompts into sequence chunks")
+    d.add_argument("--tp", type=int, default=1, help="tp_pp: tensor-parallel ranks per stage")
+    d.add_argument("--pp", type=int, default=1, help="tp_pp: pipeline stages")
+    d.add_argument("--ep", type=int, default=1, help="ep: expert-parallel ranks (each with its own attention)")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds any rank waits for a peer before failing")
+    d.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace per rank to DIR/rank<r>.json")
 
 
 def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.ArgumentParser) -> None:
@@ -180,6 +263,13 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
         parser.error(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    if args.strategy != "single":
+        try:
+            build_plan(args, cfg)
+        except ValueError as err:
+            parser.error(str(err))
+        if args.timeout <= 0:
+            parser.error(f"--timeout={args.timeout}: must be > 0 seconds")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")
@@ -189,6 +279,8 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg, source = load_config(args, parser)
     check_run_args(args, cfg, parser)
     report = STRATEGIES[args.strategy](args, cfg, source)
+    if report is None:  # a torchrun rank other than 0: rank 0 prints
+        return 0
     report.update(prompts=draw_prompts(args, cfg), config=resolved_config(args, cfg, source))
     if args.json:
         print(json.dumps(report))

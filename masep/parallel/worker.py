@@ -16,6 +16,7 @@ from ..engine import Request, generate
 from ..metrics import compute_metrics
 from ..plan import split_evenly
 from .ep import EpRuntime
+from .launch import launched_by_torchrun, spawn
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
 from .separated import SeparatedAttentionRuntime, serve_experts
 from .stepper import OpTimer
@@ -37,6 +38,7 @@ class RunSpec:
     timeout_s: float = 120.0
     trace_dir: str | None = None
     quiet: bool = False
+    warmup: int = 0  # untimed rounds of the same requests before the timed one
     extra: dict = field(default_factory=dict)
 
 
@@ -72,13 +74,15 @@ def run_rank(spec: RunSpec) -> dict | None:
         dist.destroy_process_group()
 
 
-def _generate_share(runtime, spec: RunSpec, indices, keep: bool, **extra) -> dict:
-    """Run the engine over requests `indices`; `keep` marks the rank that reports them (ranks
-    that hold identical outputs report once)."""
-    result = generate(runtime, [spec.requests[i] for i in indices])
-    # generate() skips finish() when no request was valid; a second call is a no-op. On an
-    # exception no stop is sent: the peers are mid-step and see this process exit.
-    runtime.finish()
+def _generate_share(make_runtime, spec: RunSpec, indices, keep: bool, **extra) -> dict:
+    """Run the engine over requests `indices` (warm-up rounds first); `keep` marks the rank that
+    reports them (ranks that hold identical outputs report once)."""
+    for _ in range(spec.warmup + 1):
+        runtime = make_runtime()
+        result = generate(runtime, [spec.requests[i] for i in indices])
+        # generate() skips finish() when no request was valid; a second call is a no-op. On an
+        # exception no stop is sent: the peers are mid-step and see this process exit.
+        runtime.finish()
     return dict(role="attention", indices=list(indices), outputs=result.outputs if keep else None,
                 duration_s=result.metrics.duration_s, **extra)
 
@@ -87,22 +91,46 @@ def _run_separated(spec, model, plan, env, timer) -> dict:
     groups = build_separated_groups(plan, model.cfg, env)
     role = groups.role
     if role.kind == "expert":
-        stats = serve_experts(model, plan, groups, env, timer)
+        for _ in range(spec.warmup + 1):
+            timer.busy_s.clear()  # report the timed round only
+            stats = serve_experts(model, plan, groups, env, timer)
         return dict(role="expert", steps=stats.steps, load=stats.load_LE.tolist())
     shares = split_evenly(len(spec.requests), plan.attn_replicas)[role.replica]
-    runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer)
-    return _generate_share(runtime, spec, shares, keep=role.index == 0)
+    return _generate_share(lambda: _fresh(timer, SeparatedAttentionRuntime(model, plan, groups, env, timer)),
+                           spec, shares, keep=role.index == 0)
 
 
 def _run_ep(spec, model, plan, env, timer) -> dict:
-    runtime = EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer)
+    groups = build_ep_groups(plan, model.cfg, env)
     shares = split_evenly(len(spec.requests), plan.ep)[env.rank]
-    return _generate_share(runtime, spec, shares, keep=True, load=runtime.load_LE.tolist())
+    made: list[EpRuntime] = []
+
+    def make() -> EpRuntime:
+        made.append(_fresh(timer, EpRuntime(model, plan, groups, env, timer)))
+        return made[-1]
+
+    report = _generate_share(make, spec, shares, keep=True)
+    report["load"] = made[-1].load_LE.tolist()
+    return report
 
 
 def _run_tp_pp(spec, model, plan, env, timer) -> dict:
-    runtime = TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer)
-    return _generate_share(runtime, spec, range(len(spec.requests)), keep=env.rank == 0)
+    groups = build_tp_pp_groups(plan, env)
+    return _generate_share(lambda: _fresh(timer, TpPpRuntime(model, plan, groups, env, timer)),
+                           spec, range(len(spec.requests)), keep=env.rank == 0)
+
+
+def _fresh(timer: OpTimer, runtime):
+    timer.busy_s.clear()  # busy time of the timed (last) round only
+    return runtime
+
+
+def launch(spec: RunSpec) -> dict | None:
+    """Under torchrun: run this rank (rank 0 returns the result, others None). Otherwise
+    start plan.world_size local ranks with torchrun's environment and return rank 0's result."""
+    if launched_by_torchrun():
+        return run_rank(spec)
+    return spawn(spec.plan.world_size, run_rank, spec, timeout_s=spec.timeout_s * 10)
 
 
 def assemble(spec: RunSpec, plan, cfg, reports: list[dict]) -> dict:
