@@ -124,6 +124,11 @@ def print_report(report: dict, file=None) -> None:
             print(f"request {i} failed: {err}", file=file)
     if "plan_text" in r:
         print_distributed(r, file)
+    if "check" in r:
+        c = r["check"]
+        verdict = ("identical to the single-device model" if c["match"] else
+                   f"DIFFER from the single-device model in requests {c['mismatched_requests']}")
+        print(f"check: generated tokens of all {len(r['tokens'])} requests are {verdict}", file=file)
     if r["tokens"]:
         print(f"request 0: prompt {r['prompts'][0][:8]}... -> tokens {r['tokens'][0][:16]}", file=file)
 
@@ -188,7 +193,7 @@ def run_distributed(args: argparse.Namespace, cfg: ModelConfig, source: ModelSou
     from .parallel.worker import RunSpec, launch
     spec = RunSpec(plan=build_plan(args, cfg), requests=make_requests(args, cfg), preset=source.preset,
                    model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device,
-                   timeout_s=args.timeout, trace_dir=args.trace, quiet=True, warmup=args.warmup)
+                   backend=args.backend, timeout_s=args.timeout, trace_dir=args.trace, quiet=True, warmup=args.warmup)
     result = launch(spec)
     if result is None:
         return None
@@ -233,6 +238,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--check", action="store_true",
+                   help="also run the single-device model on the same requests and compare the tokens")
     d = p.add_argument_group("distributed strategies (separated, tp_pp, ep)")
     d.add_argument("--attn-replicas", type=int, default=1, help="separated: data-parallel attention replicas R")
     d.add_argument("--attn-tp", type=int, default=1, help="separated: head-parallel ranks per replica T")
@@ -244,6 +251,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tp", type=int, default=1, help="tp_pp: tensor-parallel ranks per stage")
     d.add_argument("--pp", type=int, default=1, help="tp_pp: pipeline stages")
     d.add_argument("--ep", type=int, default=1, help="ep: expert-parallel ranks (each with its own attention)")
+    d.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="auto: gloo on CPU, NCCL on CUDA; gloo with --device cuda lets ranks share one GPU")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds any rank waits for a peer before failing")
     d.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace per rank to DIR/rank<r>.json")
 
@@ -264,8 +273,12 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
     if args.strategy != "single":
+        from .parallel.launch import launched_by_torchrun
+        import os
         try:
-            build_plan(args, cfg)
+            plan = build_plan(args, cfg)
+            if launched_by_torchrun():  # the launch fixed the world size: the plan must match it
+                plan.validate(cfg, int(os.environ["WORLD_SIZE"]))
         except ValueError as err:
             parser.error(str(err))
         if args.timeout <= 0:
@@ -281,12 +294,24 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     report = STRATEGIES[args.strategy](args, cfg, source)
     if report is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
+    if args.check:
+        report["check"] = check_against_single(args, cfg, source, report["tokens"])
     report.update(prompts=draw_prompts(args, cfg), config=resolved_config(args, cfg, source))
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report)
-    return 0 if report["failed"] == 0 else 1
+    ok = report["failed"] == 0 and report.get("check", {}).get("match", True)
+    return 0 if ok else 1
+
+
+def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource,
+                         tokens: list[list[int]]) -> dict:
+    """Generate the same requests with the single-device model (the oracle) and compare tokens.
+    Greedy tokens must be identical; a mismatch makes `masep run` exit 1."""
+    reference = generate(LocalRuntime(source.build(cfg, args.device)), make_requests(args, cfg)).tokens
+    mismatched = [i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b]
+    return dict(match=not mismatched, mismatched_requests=mismatched, reference_tokens=reference)
 
 
 # --- entry point ---------------------------------------------------------------------------

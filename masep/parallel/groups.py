@@ -28,10 +28,14 @@ class DistEnv:
     timeout: timedelta
 
 
-def init_distributed(device_kind: str, timeout_s: float) -> DistEnv:
+def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") -> DistEnv:
     """Join the world described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
+    backend "auto": gloo on CPU, NCCL on CUDA (one GPU per local rank). backend "gloo" with
+    CUDA lets several ranks share one GPU (NCCL refuses that): the CUDA kernels then run under
+    the real multi-rank runtime, with gloo moving the CUDA tensors (collectives only)."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: must be 'auto', 'gloo' or 'nccl'")
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"environment variables {missing} are not set: launch with torchrun or masep's spawn helper")
@@ -39,12 +43,18 @@ def init_distributed(device_kind: str, timeout_s: float) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     timeout = timedelta(seconds=timeout_s)
     if device_kind == "cuda":
-        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
-            raise ValueError(f"--device cuda: local rank {local_rank} needs a GPU but "
-                             f"{torch.cuda.device_count()} are visible; NCCL cannot share one GPU between ranks")
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend = "nccl" if backend == "auto" else backend
+        if backend == "nccl" and local_rank >= gpus:
+            raise ValueError(f"--device cuda: local rank {local_rank} needs its own GPU for NCCL but {gpus} are "
+                             "visible (NCCL refuses two ranks on one GPU); use fewer ranks or --backend gloo")
+        if gpus == 0:
+            raise ValueError("--device cuda: no GPU is visible")
+        device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(device)
     else:
+        if backend == "nccl":
+            raise ValueError("--backend nccl needs --device cuda")
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)

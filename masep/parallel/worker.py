@@ -35,6 +35,7 @@ class RunSpec:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    backend: str = "auto"
     timeout_s: float = 120.0
     trace_dir: str | None = None
     quiet: bool = False
@@ -55,7 +56,7 @@ def load_model(spec: RunSpec, device: torch.device):
 
 
 def run_rank(spec: RunSpec) -> dict | None:
-    env = init_distributed(spec.device, spec.timeout_s)
+    env = init_distributed(spec.device, spec.timeout_s, spec.backend)
     try:
         model = load_model(spec, env.device)
         cfg = model.cfg
