@@ -151,3 +151,29 @@ def test_plan_layout_is_deterministic():
     assert [x.kind for x in roles] == ["attention"] * 6 + ["expert"] * 4
     assert [len(h) for h in plan.head_split(CFG)] == [11, 11, 10]
     assert plan.expert_placement(CFG) == ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15))
+
+
+def _stuck_expert_rank(arg) -> str:
+    """Rank 1 (the expert) never answers; rank 0 must fail with a CommError, not hang."""
+    import time
+    plan = SeparatedPlan(1, 1, 1, 1).validate(CFG, None)
+    env = init_distributed("cpu", timeout_s=3)
+    groups = build_separated_groups(plan, CFG, env)
+    if groups.role.kind == "expert":
+        time.sleep(8)
+        return ""
+    runtime = SeparatedAttentionRuntime(build_model(CFG, seed=3), plan, groups, env)
+    runtime.start(1, 16)
+    start = time.monotonic()
+    try:
+        runtime.prefill(torch.zeros(1, 4, dtype=torch.long), torch.tensor([4]))
+    except comm.CommError as err:
+        assert time.monotonic() - start < 7, "the wait outlived its timeout"
+        return str(err)
+    raise AssertionError("prefill returned although the expert rank never answered")
+
+
+@pytest.mark.timeout(60)
+def test_a_stuck_peer_is_an_error_naming_the_bridge_layer_and_step():
+    message = spawn(2, _stuck_expert_rank, None, timeout_s=40)
+    assert "ranks [0, 1]" in message and "step 0, layer 0, micro-batch 0" in message, message

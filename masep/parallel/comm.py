@@ -10,6 +10,13 @@ Protocol for one (layer, micro-batch) on a bridge:
   2. dispatch payload: attention ranks send their token rows, sorted by (expert rank, local expert).
   3. combine payload: expert ranks send each row's expert output back in the order received.
 Every wait has a timeout; a CommError names the peers, the layer, the micro-batch and the step.
+
+Launch and wait are separate calls (`dispatch` launches, `combine` waits; `expert_send`
+launches, `wait_sent` waits). On CUDA with NCCL every collective is issued with
+async_op=True, so it runs on the process group's own stream, ordered after the producing
+kernels by a CUDA event; `wait` makes the compute stream wait on the completion event
+without blocking the host. The one host synchronisation per transfer is reading the
+exchanged counts, which sizes the payload buffers.
 """
 from __future__ import annotations
 
@@ -53,13 +60,17 @@ class Bridge:
 
 
 def _wait(work, bridge: Bridge, what: str, step: int, layer: int, mb: int) -> None:
+    _wait_named(work, bridge.timeout, bridge.where(what, step, layer, mb))
+
+
+def _wait_named(work, timeout: timedelta, what: str) -> None:
+    """Wait for a transfer inside a replica or a pipeline; `what` says who waits for what."""
     try:
-        ok = work.wait(timeout=bridge.timeout)
-    except Exception as err:  # gloo/NCCL raise their own types; re-raise with the schedule position
-        raise CommError(f"{bridge.where(what, step, layer, mb)}: {type(err).__name__}: {err}") from err
+        ok = work.wait(timeout=timeout)
+    except Exception as err:  # gloo/NCCL raise their own types; re-raise naming the transfer
+        raise CommError(f"{what}: {type(err).__name__}: {err}") from err
     if ok is False:
-        raise CommError(f"{bridge.where(what, step, layer, mb)}: no answer from peer ranks within "
-                        f"{bridge.timeout.total_seconds():.0f} s")
+        raise CommError(f"{what}: no answer within {timeout.total_seconds():.0f} s")
 
 
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
@@ -75,6 +86,7 @@ def exchange_counts(bridge: Bridge, send_PC: torch.Tensor, step: int, layer: int
 
 
 def _header(bridge: Bridge, flag: int, step: int, layer: int, mb: int) -> torch.Tensor:
+    """Count rows that carry only a header (to the expert members): a stop request."""
     counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
     counts[bridge.expert_members(), :HEADER] = torch.tensor([flag, step, layer, mb], device=bridge.device)
     return counts
@@ -105,6 +117,30 @@ class DispatchHandle:
     keep: list = field(default_factory=list)  # buffers alive until the transfer completes
 
 
+def _route_rows(ids_Xk: torch.Tensor, route: ExpertRoute, bridge: Bridge, flag: int, step: int, layer: int,
+                mb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order of the X*k (token, expert) rows sorted by (member, local expert), the token of each
+    sorted row, and the count rows to send: [P, HEADER + L] with this step's header."""
+    k = ids_Xk.shape[1]
+    member = route.member_E[ids_Xk].flatten()
+    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
+    counts[:, :HEADER] = torch.tensor([flag, step, layer, mb], device=bridge.device)
+    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
+    token = torch.arange(ids_Xk.shape[0], device=ids_Xk.device).repeat_interleave(k)[order]
+    return order, token, counts
+
+
+def _expert_sorted_order(counts_PL: torch.Tensor) -> torch.Tensor:
+    """Rows arrive grouped by (sender, local expert); the permutation that groups them by local
+    expert across senders (stable, so each sender's rows keep their order)."""
+    senders, num_local = counts_PL.shape
+    local_of_row = torch.repeat_interleave(torch.arange(num_local, device=counts_PL.device).repeat(senders),
+                                           counts_PL.flatten())
+    return torch.argsort(local_of_row, stable=True)
+
+
 def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
              bridge: Bridge, step: int, layer: int, mb: int) -> DispatchHandle:
     """Launch the send of each token's hidden state to the ranks holding its top-k experts.
@@ -112,15 +148,9 @@ def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor,
     x [X, H] (model dtype), ids/weights [X, k]. Returns once counts are agreed and the payload
     is in flight; combine(handle) waits for it.
     """
-    k = ids_Xk.shape[1]
-    member = route.member_E[ids_Xk].flatten()
-    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
-    order = torch.argsort(key, stable=True)
-    counts = _header(bridge, FLAG_WORK, step, layer, mb)
-    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
+    order, token, counts = _route_rows(ids_Xk, route, bridge, FLAG_WORK, step, layer, mb)
     exchange_counts(bridge, counts, step, layer, mb)
     splits = counts[:, HEADER:].sum(1).tolist()
-    token = torch.arange(x_XH.shape[0], device=x_XH.device).repeat_interleave(k)[order]
     rows = x_XH[token].contiguous()
     work = _all_to_all(x_XH.new_empty(0, x_XH.shape[1]), rows, [0] * bridge.size, splits, bridge)
     return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
@@ -187,10 +217,7 @@ def expert_receive(bridge: Bridge, num_local: int, hidden: int, dtype: torch.dty
     x = torch.empty(sum(splits), hidden, dtype=dtype, device=bridge.device)
     work = _all_to_all(x, x.new_empty(0, hidden), splits, [0] * bridge.size, bridge)
     _wait(work, bridge, "dispatch payload", step, layer, mb)
-    # Arrival order is (sender, local expert); group by local expert across senders.
-    local_of_row = torch.repeat_interleave(torch.arange(num_local, device=bridge.device).repeat(bridge.size),
-                                           counts_PL.flatten())
-    perm = torch.argsort(local_of_row, stable=True)
+    perm = _expert_sorted_order(counts_PL)
     return ExpertBatch(x[perm], counts_PL.sum(0), perm, splits)
 
 
@@ -211,11 +238,7 @@ def wait_sent(pending) -> None:
 # --- inside an attention replica --------------------------------------------------------------
 def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str) -> torch.Tensor:
     """Sum partial attention outputs of a replica's head-parallel ranks (in place)."""
-    work = dist.all_reduce(x, group=group, async_op=True)
-    try:
-        work.wait(timeout=timeout)
-    except Exception as err:
-        raise CommError(f"{what}: all-reduce inside the attention replica failed: {err}") from err
+    _wait_named(dist.all_reduce(x, group=group, async_op=True), timeout, f"{what}: all-reduce")
     return x
 
 
@@ -227,11 +250,7 @@ def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, tim
     buf = x_slice.new_zeros(pad, x_slice.shape[1])
     buf[: x_slice.shape[0]] = x_slice
     parts = [torch.empty_like(buf) for _ in splits]
-    work = dist.all_gather(parts, buf, group=group, async_op=True)
-    try:
-        work.wait(timeout=timeout)
-    except Exception as err:
-        raise CommError(f"{what}: all-gather inside the attention replica failed: {err}") from err
+    _wait_named(dist.all_gather(parts, buf, group=group, async_op=True), timeout, f"{what}: all-gather")
     return torch.cat([p[:n] for p, n in zip(parts, splits)])
 
 
@@ -255,13 +274,7 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
     """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k]).
 
     Returns the handle and whether every rank is idle (then nothing was sent and the caller stops)."""
-    k = ids_Xk.shape[1]
-    member = route.member_E[ids_Xk].flatten()
-    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
-    counts[:, :HEADER] = torch.tensor([FLAG_IDLE if idle else FLAG_WORK, step, layer, mb], device=bridge.device)
-    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
+    order, token, counts = _route_rows(ids_Xk, route, bridge, FLAG_IDLE if idle else FLAG_WORK, step, layer, mb)
     recv = exchange_counts(bridge, counts, step, layer, mb)
     flags = set(recv[:, 0].tolist())
     if flags == {FLAG_IDLE}:
@@ -270,13 +283,10 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
     send_splits = counts[:, HEADER:].sum(1).tolist()
     counts_PL = recv[:, HEADER:HEADER + num_local]
     recv_splits = counts_PL.sum(1).tolist()
-    token = torch.arange(x_XH.shape[0], device=x_XH.device).repeat_interleave(k)[order]
     rows = x_XH[token].contiguous()
     x_in = torch.empty(sum(recv_splits), x_XH.shape[1], dtype=x_XH.dtype, device=x_XH.device)
     work = _all_to_all(x_in, rows, recv_splits, send_splits, bridge)
-    local_of_row = torch.repeat_interleave(torch.arange(num_local, device=bridge.device).repeat(bridge.size),
-                                           counts_PL.flatten())
-    perm = torch.argsort(local_of_row, stable=True)
+    perm = _expert_sorted_order(counts_PL)
     sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
                           send_splits, work, [rows, x_in])
     return ExchangeHandle(sent, ExpertBatch(x_in, counts_PL.sum(0), perm, recv_splits)), False
@@ -335,27 +345,16 @@ def send_activation(x: torch.Tensor, dst: int, group, timeout: timedelta, what: 
 
 def recv_activation(shape, dtype, device, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
     buf = torch.empty(shape, dtype=dtype, device=device)
-    work = dist.irecv(buf, src=src, group=group)
-    try:
-        work.wait(timeout=timeout)
-    except Exception as err:
-        raise CommError(f"{what}: receiving activations from rank {src} failed: {err}") from err
+    _wait_named(dist.irecv(buf, src=src, group=group), timeout, f"{what}: activations from rank {src}")
     return buf
 
 
 def wait_activation_sent(pending) -> None:
     work, _, timeout, what = pending
-    try:
-        work.wait(timeout=timeout)
-    except Exception as err:
-        raise CommError(f"{what}: sending activations failed: {err}") from err
+    _wait_named(work, timeout, f"{what}: sending activations")
 
 
 def broadcast(x: torch.Tensor, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
     """Share the last stage's logits with every rank of the model instance (in place)."""
-    work = dist.broadcast(x, src=src, group=group, async_op=True)
-    try:
-        work.wait(timeout=timeout)
-    except Exception as err:
-        raise CommError(f"{what}: broadcast from rank {src} failed: {err}") from err
+    _wait_named(dist.broadcast(x, src=src, group=group, async_op=True), timeout, f"{what}: broadcast from rank {src}")
     return x
