@@ -29,6 +29,13 @@ def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
     return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
 
 
+def parallelize_ep(model: MoETransformer, plan: EpPlan, rank: int) -> MoETransformer:
+    """In place: every block keeps full attention and only this rank's experts."""
+    for block in model.layers:
+        block.moe.experts = shard_experts(block.moe.experts, model.cfg, plan.expert_placement(model.cfg)[rank])
+    return model
+
+
 class EpRuntime(MicroBatchRuntime):
     def __init__(self, model: MoETransformer, plan: EpPlan, groups: EpGroups, env: DistEnv,
                  timer: OpTimer | None = None):

@@ -27,7 +27,10 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
 def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attention:
-    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read."""
+    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read
+    (`full` itself when it already is that slice)."""
+    if full.heads == heads:
+        return full
     part = Attention(cfg, heads, device=full.q_proj.weight.device, dtype=full.q_proj.weight.dtype)
     d = cfg.head_dim
     q_rows = slice(heads.start * d, heads.stop * d)
@@ -48,6 +51,9 @@ def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attentio
 
 
 def shard_experts(full: Experts, cfg: ModelConfig, expert_ids) -> Experts:
+    """The experts `expert_ids` of `full` (`full` itself when it holds exactly those)."""
+    if full.expert_ids == list(expert_ids) and full.cfg.expert_hidden == cfg.expert_hidden:
+        return full
     part = Experts(cfg, expert_ids, device=full.w_up.device, dtype=full.w_up.dtype)
     idx = torch.tensor(list(expert_ids), device=full.w_up.device)
     with torch.no_grad():
@@ -65,6 +71,20 @@ def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) ->
         member.append(plan.attn_tp + holder)
         local.append(placement[holder].index(e))
     return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
+
+
+def parallelize_separated(model: MoETransformer, plan: SeparatedPlan, rank: int) -> MoETransformer:
+    """Apply the plan to `model` in place for `rank`: keep its slice of heads or its experts and
+    drop the rest, so a rank holds only what it serves (torchtitan's parallelize_* recipe)."""
+    cfg, role = model.cfg, plan.role(rank)
+    for block in model.layers:
+        if role.kind == "attention":
+            block.attn = shard_attention(block.attn, cfg, plan.head_split(cfg)[role.index])
+            block.moe.experts = None  # served by the expert ranks
+        else:
+            block.attn = None
+            block.moe.experts = shard_experts(block.moe.experts, cfg, plan.expert_placement(cfg)[role.index])
+    return model
 
 
 class SeparatedAttentionRuntime(MicroBatchRuntime):

@@ -24,7 +24,10 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 def shard_expert_hidden(full: Experts, cfg: ModelConfig, cols: range) -> Experts:
     """Every expert, with only hidden columns `cols`: outputs of the T slices sum to the full output
     because the activation is elementwise over the hidden dimension."""
+    if getattr(full, "hidden_cols", None) == cols:
+        return full
     part = Experts(cfg.replace(expert_hidden=len(cols)), device=full.w_up.device, dtype=full.w_up.dtype)
+    part.hidden_cols = cols
     c = slice(cols.start, cols.stop)
     with torch.no_grad():
         if full.w_gate is not None:
@@ -32,6 +35,20 @@ def shard_expert_hidden(full: Experts, cfg: ModelConfig, cols: range) -> Experts
         part.w_up.copy_(full.w_up[:, c])
         part.w_down.copy_(full.w_down[:, :, c])
     return part
+
+
+def parallelize_tp_pp(model: MoETransformer, plan: TpPpPlan, rank: int) -> MoETransformer:
+    """In place: this stage's layers keep their head slice and hidden-column slice of every
+    expert; other stages' layers are emptied."""
+    cfg, role = model.cfg, plan.role(rank)
+    mine = plan.stage_layers(cfg)[role.replica]
+    for i, block in enumerate(model.layers):
+        if i in mine:
+            block.attn = shard_attention(block.attn, cfg, plan.head_split(cfg)[role.index])
+            block.moe.experts = shard_expert_hidden(block.moe.experts, cfg, plan.hidden_split(cfg)[role.index])
+        else:
+            block.attn = block.moe = None
+    return model
 
 
 class TpPpRuntime(MicroBatchRuntime):

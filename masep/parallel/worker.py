@@ -15,12 +15,14 @@ import torch.distributed as dist
 from ..engine import Request, generate
 from ..metrics import compute_metrics
 from ..plan import split_evenly
-from .ep import EpRuntime
+from .ep import EpRuntime, parallelize_ep
 from .launch import launched_by_torchrun, spawn
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
-from .separated import SeparatedAttentionRuntime, serve_experts
+from .separated import SeparatedAttentionRuntime, parallelize_separated, serve_experts
 from .stepper import OpTimer
-from .tp_pp import TpPpRuntime
+from .tp_pp import TpPpRuntime, parallelize_tp_pp
+
+PARALLELIZE = {"separated": parallelize_separated, "ep": parallelize_ep, "tp_pp": parallelize_tp_pp}
 
 
 @dataclass
@@ -65,6 +67,9 @@ def run_rank(spec: RunSpec) -> dict | None:
             print(plan.describe(cfg), flush=True)
         timer = OpTimer(label_ops=spec.trace_dir is not None)
         run = {"separated": _run_separated, "ep": _run_ep, "tp_pp": _run_tp_pp}[plan.strategy]
+        PARALLELIZE[plan.strategy](model, plan, env.rank)  # free what this rank does not serve
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
         with _maybe_profile(spec.trace_dir, env.rank):
             report = run(spec, model, plan, env, timer)
         report.update(rank=env.rank, busy_s=dict(timer.busy_s))
