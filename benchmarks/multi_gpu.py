@@ -1,0 +1,213 @@
+"""Separated vs TP×PP vs colocated EP on one N-GPU host, through torchrun and NCCL.
+
+    torchrun --nproc-per-node N benchmarks/multi_gpu.py --out DIR [--quick]
+
+One launch runs every configuration in turn (the model is rebuilt from its seed on each GPU
+and parallelized for each plan), so process start-up is paid once:
+
+1. correctness: for each strategy, a small fp32 batch of the `paper` model generates greedy
+   tokens that must equal the single-device model's (rank 0 computes the reference on its GPU);
+2. decode timing: `paper` (2-matrix) and `paper-swiglu`, batch {24, 128, 512}, context 2048
+   and 8192: `separated` at the planner's best split and the other legal attention:expert
+   ratios (up to 3), `tp_pp` with TP=N and with TP=N/2 x PP=2, and `ep` with EP=N. Each row
+   holds the measurement, the simulator's prediction for the same plan and workload, and the
+   hardware it ran on. A point that runs out of memory becomes a row with an `error`.
+3. per-rank Chrome traces of one decode step set per strategy (batch 24, context 2048), packed
+   into traces.tar.gz.
+
+Rows are appended to DIR/multi_gpu.jsonl as they finish, so a cut-off run keeps what it did.
+Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+NVSHMEM_DISABLE_NVLS=1 (set below too, before NCCL starts).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from masep.config import preset  # noqa: E402
+from masep.engine import Request, generate, random_prompts  # noqa: E402
+from masep.model import build_model  # noqa: E402
+from masep.parallel.bench_dist import DistBenchSpec, bench_on  # noqa: E402
+from masep.parallel.groups import init_distributed  # noqa: E402
+from masep.parallel.worker import RunSpec, run_on  # noqa: E402
+from masep.plan import EpPlan, SeparatedPlan, TpPpPlan  # noqa: E402
+from masep.runtime import LocalRuntime  # noqa: E402
+
+
+def separated_splits(gpus: int, limit: int = 4) -> list[SeparatedPlan]:
+    """Attention:expert splits of `gpus` (one replica, head-parallel attention), most attention first."""
+    return [SeparatedPlan(1, a, gpus - a, 2) for a in range(gpus - 1, 0, -1)][:limit]
+
+
+def baseline_plans(gpus: int) -> list:
+    plans = [TpPpPlan(gpus, 1, 1), EpPlan(gpus, 2)]
+    if gpus >= 2 and gpus % 2 == 0:
+        plans.insert(1, TpPpPlan(gpus // 2, 2, 2))
+    return plans
+
+
+def predicted(plan, cfg, batch: int, context: int, hardware: str) -> dict:
+    """The simulator's prediction for the same plan and workload (empty if unavailable)."""
+    try:
+        from masep.perf.hardware import get_hardware
+        from masep.perf.costmodel import Workload
+        from masep.perf.simulator import simulate
+        sim = simulate(plan, cfg, Workload(batch=batch, context=context), get_hardware(hardware))
+        return dict(predicted_tpot_ms=sim.tpot_s * 1e3, predicted_tps=sim.tps, predicted_hardware=hardware)
+    except Exception as err:  # the row keeps the measurement either way
+        return dict(predicted_error=f"{type(err).__name__}: {err}")
+
+
+def best_separated(cfg, gpus: int, batch: int, context: int, hardware: str):
+    try:
+        from masep.perf.planner import best_of
+        from masep.perf.costmodel import Workload
+        from masep.perf.hardware import get_hardware
+        sim = best_of(separated_splits(gpus, limit=gpus), cfg, get_hardware(hardware),
+                      Workload(batch=batch, context=context))
+        return sim.plan if sim is not None else None
+    except Exception:
+        return None
+
+
+def write_row(out: Path, row: dict) -> None:
+    with open(out / "multi_gpu.jsonl", "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    print(json.dumps({k: row.get(k) for k in ("kind", "strategy", "plan_text", "preset", "batch", "context",
+                                              "tpot_ms_median", "predicted_tpot_ms", "match", "error")},
+                     default=str), flush=True)
+
+
+def free(env) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+
+def check_tokens(env, out: Path, plans, args) -> None:
+    cfg = preset(args.check_preset).replace(dtype="float32", max_seq_len=64)
+    reqs = [Request(p, 4, seed=i) for i, p in enumerate(random_prompts(4, 12, cfg.vocab_size, seed=1))]
+    for plan in plans:
+        model = build_model(cfg, seed=0, device=env.device)
+        reference = generate(LocalRuntime(model), reqs).tokens if env.rank == 0 else None
+        spec = RunSpec(plan=plan, requests=reqs, dtype="float32", device=args.device, timeout_s=args.timeout,
+                       quiet=True)
+        try:
+            result = run_on(env, spec, model)
+            error = None
+        except Exception as err:
+            result, error = None, f"{type(err).__name__}: {err}"
+        if env.rank == 0:
+            tokens = [o.tokens for o in result["outputs"]] if result else None
+            write_row(out, dict(kind="check", strategy=plan.strategy, plan_text=plan.describe(), preset=cfg.name,
+                                dtype="float32", batch=len(reqs), match=tokens == reference, tokens=tokens,
+                                reference=reference, error=error))
+        del model
+        free(env)
+
+
+def bench_points(env, out: Path, args) -> None:
+    gpus = env.world_size
+    batches = (24,) if args.quick else (24, 128, 512)
+    contexts = (2048,) if args.quick else (2048, 8192)
+    presets = args.presets
+    traced = set()
+    for name in presets:
+        for context in contexts:
+            for batch in batches:
+                cfg = preset(name).replace(max_seq_len=context + 64)
+                plans = separated_splits(gpus, limit=3) + baseline_plans(gpus)
+                best = best_separated(cfg, gpus, batch, context, args.hardware)
+                if best is not None and best not in plans:
+                    plans.insert(0, best)
+                for plan in plans:
+                    bench_one(env, out, args, cfg, plan, batch, context, best, traced)
+
+
+def bench_one(env, out: Path, args, cfg, plan, batch: int, context: int, best, traced: set) -> None:
+    trace = args.trace and batch == 24 and plan.strategy not in traced
+    spec = DistBenchSpec(RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout),
+                         batch=batch, context=context, warmup=3, steps=args.steps)
+    model = build_model(cfg, seed=0, device=env.device)
+    try:
+        with _profile(out / "traces" / f"{plan.strategy}", env.rank, trace):
+            row = bench_on(env, spec, model)
+        error = None
+    except Exception as err:  # e.g. out of memory: every rank fails the same point
+        row, error = None, f"{type(err).__name__}: {str(err)[:300]}"
+    if trace:
+        traced.add(plan.strategy)
+    if env.rank == 0:
+        row = row or dict(strategy=plan.strategy, preset=cfg.name, batch=batch, context=context,
+                          plan_text=plan.describe())
+        row.update(kind="decode", error=error, planner_best=best == plan, gpus=env.world_size,
+                   nccl=".".join(map(str, torch.cuda.nccl.version())) if env.backend == "nccl" else None,
+                   **predicted(plan, cfg, batch, context, args.hardware))
+        write_row(out, row)
+    del model
+    free(env)
+
+
+class _profile:
+    def __init__(self, folder: Path, rank: int, on: bool):
+        self.folder, self.rank, self.on, self.prof = folder, rank, on, None
+
+    def __enter__(self):
+        if self.on:
+            from torch.profiler import ProfilerActivity, profile
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.folder / f"rank{self.rank}.json"))
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--hardware", default="h100", help="simulator profile for the predictions")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--quick", action="store_true", help="batch 24, context 2048 only")
+    parser.add_argument("--presets", nargs="+", default=["paper", "paper-swiglu"])
+    parser.add_argument("--check-preset", default="paper", help="model of the fp32 token check")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo dry run")
+    parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--no-trace", dest="trace", action="store_false")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = init_distributed(args.device, args.timeout)
+    start = time.time()
+    try:
+        if args.check:
+            check_tokens(env, out, separated_splits(env.world_size, limit=1) + baseline_plans(env.world_size), args)
+        bench_points(env, out, args)
+    finally:
+        dist.destroy_process_group()
+    if env.rank == 0:
+        traces = out / "traces"
+        if traces.exists():
+            with tarfile.open(out / "traces.tar.gz", "w:gz") as tar:
+                tar.add(traces, arcname="traces")
+        print(f"done in {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Decode-step timing of a distributed plan at a given context, on every rank of the launch.
+
+Like the one-GPU benchmark (masep/perf/bench.py), the KV cache is filled with random values
+up to `context` instead of running a long prefill (the values do not change what a decode
+step reads or moves), then `warmup + steps` decode steps run with each row's position
+advancing. Each attention-side rank times its steps (host clock around a device
+synchronisation); rank 0 reports, per step, the slowest rank's time, and its median and p99
+as TPOT.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..plan import split_evenly
+from .ep import EpRuntime
+from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
+from .separated import SeparatedAttentionRuntime, serve_experts
+from .stepper import OpTimer
+from .tp_pp import TpPpRuntime
+from .worker import PARALLELIZE, RunSpec, load_model
+
+
+@dataclass
+class DistBenchSpec:
+    run: RunSpec  # plan, model source, dtype, device, backend, timeout (requests unused)
+    batch: int = 24
+    context: int = 2048
+    warmup: int = 3
+    steps: int = 20
+
+
+def _attention_runtime(spec: DistBenchSpec, model, plan, env, timer):
+    """(runtime, rows this rank decodes), or (groups, 0) on an expert rank (it serves instead)."""
+    if plan.strategy == "separated":
+        groups = build_separated_groups(plan, model.cfg, env)
+        if groups.role.kind == "expert":
+            return groups, 0
+        rows = len(split_evenly(spec.batch, plan.attn_replicas)[groups.role.replica])
+        return SeparatedAttentionRuntime(model, plan, groups, env, timer), rows
+    if plan.strategy == "ep":
+        rows = len(split_evenly(spec.batch, plan.ep)[env.rank])
+        return EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer), rows
+    return TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer), spec.batch
+
+
+class CacheDoesNotFit(RuntimeError):
+    """Raised on every rank when any rank's KV cache would not fit: no rank starts the point."""
+
+
+def _check_cache_fits(spec: DistBenchSpec, runtime, rows: int, env, headroom: int = 4 << 30) -> None:
+    """Agree across ranks, before allocating, that every rank's KV cache fits its free memory
+    (with headroom for activations), so an out-of-memory point fails fast on all ranks instead
+    of leaving its peers waiting in a collective."""
+    need = 0
+    if runtime is not None:
+        layers, kv_heads, dtype = runtime._cache_shape
+        positions = spec.context + spec.warmup + spec.steps + 1
+        need = 2 * layers * rows * kv_heads * positions * runtime.cfg.head_dim * torch.finfo(dtype).bits // 8
+    free = torch.cuda.mem_get_info(env.device)[0] - headroom if env.device.type == "cuda" else need
+    verdict = torch.tensor([1 if need <= free else 0], device=env.device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    if not int(verdict.item()):
+        raise CacheDoesNotFit(f"rank {env.rank}: KV cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                              "after headroom (some rank does not fit this point)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device) -> list[float]:
+    cfg = runtime.cfg
+    runtime.start(rows, spec.context + spec.warmup + spec.steps + 1)
+    gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
+    for k, v in zip(runtime.cache.k, runtime.cache.v):
+        k.normal_(generator=gen)
+        v.normal_(generator=gen)
+    tokens = torch.randint(0, cfg.vocab_size, (rows,), generator=gen, device=device)
+    positions = torch.full((rows,), spec.context - 1, device=device)
+    times = []
+    for i in range(spec.warmup + spec.steps):
+        _sync(device)
+        start = time.perf_counter()
+        logits = runtime.decode(tokens, positions, spec.context + i)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        tokens, positions = logits.argmax(-1), positions + 1
+    runtime.finish()
+    return times[spec.warmup:]
+
+
+def bench_rank(spec: DistBenchSpec) -> dict | None:
+    run = spec.run
+    env = init_distributed(run.device, run.timeout_s, run.backend)
+    try:
+        return bench_on(env, spec, load_model(run, env.device))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
+    """This rank's part of the benchmark in an initialised world (`model` is parallelized in
+    place). Rank 0 returns the summary row."""
+    plan = spec.run.plan.validate(model.cfg, env.world_size)
+    PARALLELIZE[plan.strategy](model, plan, env.rank)
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(env.device)
+    timer = OpTimer()
+    part, rows = _attention_runtime(spec, model, plan, env, timer)
+    _check_cache_fits(spec, part if rows else None, rows, env)
+    if rows == 0:  # an expert rank of `separated`: `part` is its groups
+        serve_experts(model, plan, part, env, timer)
+        times = None
+    else:
+        times = _decode_steps(part, rows, spec, env.device)
+    mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
+    report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem)
+    gathered = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object(report, gathered, dst=0)
+    return summarize(spec, plan, model.cfg, env, gathered) if env.rank == 0 else None
+
+
+def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
+    timed = [r["times_s"] for r in reports if r["times_s"]]
+    per_step = [max(t[i] for t in timed) for i in range(spec.steps)]  # a step ends when the slowest does
+    ordered = sorted(per_step)
+    median = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    steps = spec.warmup + spec.steps
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+    return dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
+                backend=env.backend, world_size=env.world_size, strategy=plan.strategy,
+                plan=dict(plan.__dict__, strategy=plan.strategy), plan_text=plan.describe(),
+                preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
+                context=spec.context, steps=spec.steps, tpot_ms_median=median * 1e3, tpot_ms_p99=p99 * 1e3,
+                tps=spec.batch / median,
+                busy_ms_per_step={r["rank"]: {k: v * 1e3 / steps for k, v in r["busy_s"].items()} for r in reports},
+                max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports})
+
+
+def launch_bench(spec: DistBenchSpec) -> dict | None:
+    from .launch import launched_by_torchrun, spawn
+    if launched_by_torchrun():
+        return bench_rank(spec)
+    return spawn(spec.run.plan.world_size, bench_rank, spec, timeout_s=spec.run.timeout_s * 10)
