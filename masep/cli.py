@@ -240,6 +240,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--check", action="store_true",
                    help="also run the single-device model on the same requests and compare the tokens")
+    add_distributed_args(p)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distributed strategies (separated, tp_pp, ep)")
     d.add_argument("--attn-replicas", type=int, default=1, help="separated: data-parallel attention replicas R")
     d.add_argument("--attn-tp", type=int, default=1, help="separated: head-parallel ranks per replica T")
@@ -322,9 +326,60 @@ class Subcommand:
     handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
+# --- subcommand: bench ---------------------------------------------------------------------
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=("decode", "calibrate", "dist"),
+                   help="decode: one-GPU decode sweep (+ transformers peer); calibrate: per-rank calibration "
+                        "file for the cost model; dist: decode steps of a distributed plan at a context")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the options of that benchmark (see `masep bench X -h`)")
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.what in ("decode", "calibrate"):
+        from .perf.bench import main as bench_main
+        return bench_main([args.what, *args.rest])
+    return bench_dist(args.rest)
+
+
+def bench_dist(argv: list[str]) -> int:
+    """`masep bench dist`: decode TPOT of a distributed plan with the KV cache at --context."""
+    p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--strategy", choices=("separated", "tp_pp", "ep"), required=True)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    add_distributed_args(p)
+    args = p.parse_args(argv)
+    cfg, source = load_config(args, p)
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.context + args.warmup_steps + args.steps + 1))
+    try:
+        plan = build_plan(args, cfg)
+    except ValueError as err:
+        p.error(str(err))
+    for flag, value in (("--batch", args.batch), ("--context", args.context), ("--steps", args.steps)):
+        if value < 1:
+            p.error(f"{flag}={value}: must be >= 1")
+    from .parallel.bench_dist import DistBenchSpec, launch_bench
+    from .parallel.worker import RunSpec
+    run = RunSpec(plan=plan, requests=[], preset=source.preset, config=cfg if source.preset else None,
+                  model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device, backend=args.backend,
+                  timeout_s=args.timeout)
+    row = launch_bench(DistBenchSpec(run, args.batch, args.context, args.warmup_steps, args.steps))
+    if row is not None:
+        print(json.dumps(row) if args.json else
+              f"{row['plan_text']}\n{row['preset']} batch {row['batch']} context {row['context']} on {row['device']}: "
+              f"TPOT median {row['tpot_ms_median']:.2f} ms, p99 {row['tpot_ms_p99']:.2f} ms, {row['tps']:.0f} tokens/s")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "run": Subcommand("generate for a batch of random prompts and print TTFT / TPOT / throughput",
                       add_run_args, cmd_run),
+    "bench": Subcommand("benchmarks: one-GPU decode sweep, per-rank calibration, distributed decode steps",
+                        add_bench_args, cmd_bench),
 }
 
 

@@ -59,3 +59,18 @@ def test_bad_distributed_arguments_exit_2_before_any_rank_starts(flags, message)
     out = _masep("run", "--preset", "tiny", *flags, check=False)
     assert out.returncode == 2
     assert re.search(message, out.stderr), out.stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("flags", [["--strategy", "separated", "--attn-tp", "2", "--expert-ranks", "1"],
+                                   ["--strategy", "tp_pp", "--tp", "1", "--pp", "2"],
+                                   ["--strategy", "ep", "--ep", "2"]], ids=["separated", "tp_pp", "ep"])
+def test_bench_dist_reports_one_row_per_plan(flags):
+    out = _masep("bench", "dist", "--preset", "tiny", *flags, "--batch", "5", "--context", "16", "--steps", "3",
+                 "--warmup-steps", "1", "--json")
+    row = json.loads(out.stdout)
+    for key in ("device", "torch", "date", "strategy", "plan", "preset", "batch", "context", "tpot_ms_median",
+                "tpot_ms_p99", "tps", "busy_ms_per_step"):
+        assert key in row, key
+    assert row["batch"] == 5 and row["context"] == 16 and row["strategy"] == flags[1]
+    assert row["tpot_ms_p99"] >= row["tpot_ms_median"] > 0
