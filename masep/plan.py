@@ -56,6 +56,15 @@ def _check_placement(placement, num_experts: int, ranks: int, field_name: str = 
               "place every expert at least once")
 
 
+def _check_counts(plan, names: tuple[str, ...]) -> None:
+    """Each named field and micro-batches must be integers >= 1 (flag: the field with dashes)."""
+    for name in names:
+        value = getattr(plan, name)
+        if not isinstance(value, int) or value < 1:
+            _fail(name, value, "must be an integer >= 1", f"use --{name.replace('_', '-')} 1 or more")
+    _check_microbatches(plan.microbatches)
+
+
 def _check_microbatches(m: int) -> None:
     if not isinstance(m, int) or m < 1:
         _fail("microbatches", m, "must be an integer >= 1", "use --microbatches 1 or more")
@@ -99,11 +108,7 @@ class SeparatedPlan:
         return self.attn_replicas * self.attn_tp
 
     def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "SeparatedPlan":
-        for name in ("attn_replicas", "attn_tp", "expert_ranks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                _fail(name, value, "must be an integer >= 1", f"use --{name.replace('_', '-')} 1 or more")
-        _check_microbatches(self.microbatches)
+        _check_counts(self, ("attn_replicas", "attn_tp", "expert_ranks"))
         if self.attn_tp > cfg.num_heads:
             _fail("attn_tp", self.attn_tp, f"more head-parallel ranks than attention heads ({cfg.num_heads})",
                   f"use --attn-tp <= {cfg.num_heads} and add replicas instead")
@@ -188,11 +193,7 @@ class TpPpPlan:
         return self.tp * self.pp
 
     def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "TpPpPlan":
-        for name in ("tp", "pp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                _fail(name, value, "must be an integer >= 1", f"use --{name} 1 or more")
-        _check_microbatches(self.microbatches)
+        _check_counts(self, ("tp", "pp"))
         if self.tp > cfg.num_heads:
             _fail("tp", self.tp, f"more tensor-parallel ranks than attention heads ({cfg.num_heads})",
                   f"use --tp <= {cfg.num_heads}")
@@ -249,9 +250,7 @@ class EpPlan:
         return self.ep
 
     def validate(self, cfg: ModelConfig, world_size: int | None = None) -> "EpPlan":
-        if not isinstance(self.ep, int) or self.ep < 1:
-            _fail("ep", self.ep, "must be an integer >= 1", "use --ep 1 or more")
-        _check_microbatches(self.microbatches)
+        _check_counts(self, ("ep",))
         if self.ep > cfg.num_experts and self.placement is None:
             _fail("ep", self.ep, f"more ranks than experts ({cfg.num_experts}) with the contiguous placement",
                   "give an explicit placement with replicated experts or fewer ranks")

@@ -22,7 +22,7 @@ from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups,
 from .separated import SeparatedAttentionRuntime, serve_experts
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
-from .worker import PARALLELIZE, RunSpec, load_model
+from .worker import RunSpec, apply_plan, gather_reports, load_model
 
 
 @dataclass
@@ -107,10 +107,8 @@ def bench_rank(spec: DistBenchSpec) -> dict | None:
 def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
     """This rank's part of the benchmark in an initialised world (`model` is parallelized in
     place). Rank 0 returns the summary row."""
-    plan = spec.run.plan.validate(model.cfg, env.world_size)
-    PARALLELIZE[plan.strategy](model, plan, env.rank)
+    plan = apply_plan(env, spec.run.plan, model)
     if env.device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(env.device)
     timer = OpTimer()
     part, rows = _attention_runtime(spec, model, plan, env, timer)
@@ -122,8 +120,7 @@ def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
         times = _decode_steps(part, rows, spec, env.device)
     mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem)
-    gathered = [None] * env.world_size if env.rank == 0 else None
-    dist.gather_object(report, gathered, dst=0)
+    gathered = gather_reports(env, dict(report))
     return summarize(spec, plan, model.cfg, env, gathered) if env.rank == 0 else None
 
 

@@ -69,20 +69,32 @@ def run_on(env, spec: RunSpec, model) -> dict | None:
     """This rank's part of a run in an initialised world; `model` (full, on this rank's device)
     is parallelized in place. Rank 0 returns the assembled result."""
     cfg = model.cfg
-    plan = spec.plan.validate(cfg, env.world_size)
+    plan = apply_plan(env, spec.plan, model)
     if env.rank == 0 and not spec.quiet:
         print(plan.describe(cfg), flush=True)
     timer = OpTimer(label_ops=spec.trace_dir is not None)
     run = {"separated": _run_separated, "ep": _run_ep, "tp_pp": _run_tp_pp}[plan.strategy]
-    PARALLELIZE[plan.strategy](model, plan, env.rank)  # free what this rank does not serve
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
     with _maybe_profile(spec.trace_dir, env.rank):
         report = run(spec, model, plan, env, timer)
     report.update(rank=env.rank, busy_s=dict(timer.busy_s))
+    gathered = gather_reports(env, report)
+    return assemble(spec, plan, cfg, gathered) if env.rank == 0 else None
+
+
+def apply_plan(env, plan, model):
+    """Validate against the launch, then keep on this rank only the weights it serves."""
+    plan = plan.validate(model.cfg, env.world_size)
+    PARALLELIZE[plan.strategy](model, plan, env.rank)
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return plan
+
+
+def gather_reports(env, report: dict) -> list[dict] | None:
+    """Every rank's report on rank 0 (over the world group: once, after the hot path)."""
     gathered = [None] * env.world_size if env.rank == 0 else None
     dist.gather_object(report, gathered, dst=0)
-    return assemble(spec, plan, cfg, gathered) if env.rank == 0 else None
+    return gathered
 
 
 def _generate_share(make_runtime, spec: RunSpec, indices, keep: bool, **extra) -> dict:
