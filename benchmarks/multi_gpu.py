@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -60,10 +61,10 @@ def baseline_plans(gpus: int) -> list:
 def predicted(plan, cfg, batch: int, context: int, hardware: str) -> dict:
     """The simulator's prediction for the same plan and workload (empty if unavailable)."""
     try:
-        from masep.perf.hardware import get_hardware
+        from masep.perf.hardware import get_profile
         from masep.perf.costmodel import Workload
         from masep.perf.simulator import simulate
-        sim = simulate(plan, cfg, Workload(batch=batch, context=context), get_hardware(hardware))
+        sim = simulate(plan, cfg, Workload(batch=batch, context=context), get_profile(hardware))
         return dict(predicted_tpot_ms=sim.tpot_s * 1e3, predicted_tps=sim.tps, predicted_hardware=hardware)
     except Exception as err:  # the row keeps the measurement either way
         return dict(predicted_error=f"{type(err).__name__}: {err}")
@@ -73,8 +74,8 @@ def best_separated(cfg, gpus: int, batch: int, context: int, hardware: str):
     try:
         from masep.perf.planner import best_of
         from masep.perf.costmodel import Workload
-        from masep.perf.hardware import get_hardware
-        sim = best_of(separated_splits(gpus, limit=gpus), cfg, get_hardware(hardware),
+        from masep.perf.hardware import get_profile
+        sim = best_of(separated_splits(gpus, limit=gpus), cfg, get_profile(hardware),
                       Workload(batch=batch, context=context))
         return sim.plan if sim is not None else None
     except Exception:
@@ -206,6 +207,7 @@ def main() -> None:
         if traces.exists():
             with tarfile.open(out / "traces.tar.gz", "w:gz") as tar:
                 tar.add(traces, arcname="traces")
+            shutil.rmtree(traces)  # one archive instead of one file per rank and strategy
         print(f"done in {time.time() - start:.0f} s", flush=True)
 
 
