@@ -393,11 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         spec.add_args(p)
         p.set_defaults(handler=spec.handler, subparser=p)
+    from .perf.cli import add_perf_parsers  # plan, simulate, sweep, replan
+    add_perf_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "func"):  # the perf subcommands take args only
+        return args.func(args)
     return args.handler(args, args.subparser)
 
 

@@ -1,0 +1,346 @@
+"""`masep plan | simulate | sweep | replan`: argparse registration for masep/cli.py.
+
+Each `add_*_parser(subparsers)` adds one subcommand whose `func` takes the parsed args and
+returns an exit code (0 ok, 2 a bad argument or a plan that cannot run, with the reason on
+stderr). Everything here is CPU-only and deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..config import PRESETS, ModelConfig, from_hf_config, preset
+from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from .costmodel import Workload, describe, plan_to_dict
+from .hardware import load_hardware
+
+DEFAULT_HARDWARE = "a100-80g"
+
+
+# --- shared arguments ------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=sorted(PRESETS), default=None, help="built-in model (default: paper)")
+    which.add_argument("--model", metavar="DIR", default=None, help="HF checkpoint dir or config.json")
+    p.add_argument("--gpus", type=int, default=16, help="number of GPUs")
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE,
+                   help="a100-80g | h100 | h200, or a TOML/JSON profile file")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="calibration JSON from masep.perf.bench (overrides the profile's rates)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="NVLink domain size (default: the profile's)")
+    p.add_argument("--batch", type=int, default=batch, help="sequences decoding together")
+    p.add_argument("--context", type=int, default=2048, help="keys each sequence attends to")
+    p.add_argument("--no-lm-head", action="store_true",
+                   help="leave the lm_head out (REFERENCE.md's floors do)")
+    p.add_argument("--serial", action="store_true",
+                   help="one stream per GPU (the blocking CPU/gloo runtime) instead of compute + comm streams")
+    p.add_argument("--max-microbatches", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _fail(message: str) -> int:
+    print(f"masep: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _setup(args) -> tuple[ModelConfig, object, Workload]:
+    """Model, hardware, workload; ValueError on any bad value."""
+    if args.model is not None:
+        cfg = from_hf_config(args.model)
+    else:
+        cfg = preset(args.preset or "paper")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: must be >= 1")
+    if args.max_microbatches < 1:
+        raise ValueError(f"--max-microbatches {args.max_microbatches}: must be >= 1")
+    hw = load_hardware(args.hardware, args.calibration, args.gpus_per_node)
+    return cfg, hw, Workload(args.batch, args.context, lm_head=not args.no_lm_head)
+
+
+def _header(cfg: ModelConfig, hw, gpus: int, work: Workload, serial: bool) -> str:
+    return (f"model {cfg.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+            f"(kv {cfg.num_kv_heads}), {cfg.num_experts} experts top-{cfg.top_k}, {cfg.expert_matrices}-matrix "
+            f"experts ({cfg.expert_act}, hidden {cfg.expert_hidden}), {cfg.dtype}\n"
+            f"{gpus} x {hw.summary()}\n"
+            f"one decode step: batch {work.batch}, context {work.context}, lm_head "
+            f"{'included' if work.lm_head else 'left out'}, "
+            f"{'one stream per GPU (serial)' if serial else 'compute and comm streams overlap'}")
+
+
+FOOTNOTES = """\
+floor   = HBM floor of the GPU split: sum over phases that must run one after another of max over the phase's
+          GPUs of (bytes it must read with one micro-batch) / spec HBM bandwidth; tp_pp: one phase per stage;
+          separated / ep: one phase (attention and experts overlapping perfectly)
+MBU     = bytes all GPUs read in the step / TPOT / (GPUs x spec HBM bandwidth); 'useful' counts only the bytes a
+          step must read (weights touched by the batch once + KV + lm_head)
+busy    = compute time / TPOT, mean over GPUs
+kernel* = nvidia-smi-style 'GPU utilization': fraction of the step any kernel runs, NCCL kernels waiting for
+          peers included (secondary)"""
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return f"{v:{width}{spec}}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'':46} {'plan':>15} {'TPOT ms':>8} {'tok/s':>8} {'floor ms':>8} {'xfloor':>6} {'MBU':>5} "
+            f"{'useful':>6} {'busy':>5} {'kernel*':>7} {'GB/GPU':>6}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['label']:46.46} {r['plan']:>15} {_fmt(r.get('tpot_ms'), '.3f', 8)} "
+                     f"{_fmt(r.get('tps'), ',.0f', 8)} {_fmt(r.get('floor_ms'), '.3f', 8)} "
+                     f"{_fmt(r.get('tpot_over_floor'), '.2f', 6)} {_fmt(r.get('mbu'), '.0%', 5)} "
+                     f"{_fmt(r.get('mbu_useful'), '.0%', 6)} {_fmt(r.get('busy_fraction_mean'), '.0%', 5)} "
+                     f"{_fmt(r.get('kernel_active_mean_nvidia_smi_style'), '.0%', 7)} "
+                     f"{_fmt(r.get('memory_max_gb'), '.1f', 6)}" + (f"  <- {r['note']}" if r.get("note") else ""))
+    return "\n".join(lines)
+
+
+# --- plan specs: `sep 12x1+4 m2`, `tp8pp2 m2`, `ep16 m2`, `single` (describe()'s names) ------------------
+_SPECS = (
+    (re.compile(r"^sep(?:arated)?[: ]*(\d+)x(\d+)\+(\d+)(?:[ :/]*m(\d+))?$"),
+     lambda g: SeparatedPlan(int(g[0]), int(g[1]), int(g[2]), int(g[3] or 2))),
+    (re.compile(r"^tp(\d+)[ x]*pp(\d+)(?:[ :/]*m(\d+))?$"), lambda g: TpPpPlan(int(g[0]), int(g[1]), int(g[2] or 1))),
+    (re.compile(r"^ep(\d+)(?:[ :/]*m(\d+))?$"), lambda g: EpPlan(int(g[0]), int(g[1] or 1))),
+    (re.compile(r"^single$"), lambda g: SinglePlan()),
+)
+
+
+def parse_plan(text: str):
+    spec = text.strip().lower()
+    for pattern, build in _SPECS:
+        m = pattern.match(spec)
+        if m:
+            return build(m.groups())
+    raise ValueError(f"--plan {text!r}: write 'sep RxT+E mM' (e.g. 'sep 12x1+4 m2'), 'tpTppP mM' "
+                     "(e.g. 'tp8pp2 m2'), 'epN mM' or 'single'")
+
+
+# --- plan ----------------------------------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    from .planner import STRATEGY_NAMES, explain, explain_text, search, search_throughput
+    try:
+        cfg, hw, work = _setup(args)
+        strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
+        bad = sorted(set(strategies) - set(STRATEGY_NAMES))
+        if bad:
+            raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(STRATEGY_NAMES)}")
+        if args.top < 1:
+            raise ValueError(f"--top {args.top}: must be >= 1")
+        overlap = not args.serial
+        if args.tpot_limit_ms is not None:
+            if args.tpot_limit_ms <= 0:
+                raise ValueError(f"--tpot-limit-ms {args.tpot_limit_ms}: must be > 0")
+            res = search_throughput(cfg, hw, args.gpus, work.context, args.tpot_limit_ms * 1e-3,
+                                    max_batch=args.max_batch, strategies=strategies, top=args.top,
+                                    max_microbatches=args.max_microbatches, lm_head=work.lm_head, overlap=overlap)
+        else:
+            res = search(cfg, hw, args.gpus, work, strategies=strategies, top=args.top,
+                         max_microbatches=args.max_microbatches, overlap=overlap)
+        if not res.ranked:
+            raise ValueError(res.no_plan_message())
+    except ValueError as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(dict(
+            gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name, context=work.context,
+            batch=res.work.batch if args.tpot_limit_ms else work.batch, tpot_limit_ms=args.tpot_limit_ms,
+            candidates=res.candidates, simulated=res.simulated, rejected=len(res.rejected),
+            rejected_examples=[dict(plan=p, reason=r) for p, r in res.rejected[:5]],
+            ranked=[{**s.summary(), "plan_fields": plan_to_dict(s.plan), "explain": explain(s)} for s in res.ranked])))
+        return 0
+    print(_header(cfg, hw, args.gpus, res.work if args.tpot_limit_ms else work, args.serial))
+    goal = (f"highest tok/s with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})"
+            if args.tpot_limit_ms else "lowest TPOT")
+    print(f"goal: {goal}; {res.candidates} candidate plans, {len(res.rejected)} rejected (memory or rules), "
+          f"{res.simulated} simulated (exact branch and bound)")
+    print(f"{'#':>2} {'plan':>15} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'floor ms':>8} {'MBU':>5} {'busy':>5} "
+          f"{'kernel*':>7} {'GB/GPU':>6}")
+    for i, s in enumerate(res.ranked, 1):
+        d = s.summary()
+        print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {d['floor_ms']:8.3f} "
+              f"{d['mbu']:5.0%} {d['busy_fraction_mean']:5.0%} {d['kernel_active_mean_nvidia_smi_style']:7.0%} "
+              f"{d['memory_max_gb']:6.1f}")
+    print(explain_text(res.best))
+    print("kernel* = nvidia-smi-style 'GPU utilization' (any kernel running, NCCL waits included)")
+    return 0
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="choose the parallel plan for N GPUs from simulated step times",
+                              description="Enumerate legal plans (separated, tp_pp, ep), simulate them and rank "
+                              "them by TPOT, or by tok/s under --tpot-limit-ms; explain the winner.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    p.add_argument("--tpot-limit-ms", type=float, default=None,
+                   help="rank by tok/s among plans (and batches up to --max-batch) under this TPOT")
+    p.add_argument("--max-batch", type=int, default=1024, help="largest batch tried with --tpot-limit-ms")
+    p.add_argument("--top", type=int, default=5, help="plans to list")
+    p.add_argument("--strategies", default=None, help="comma list (default: all): separated,tp_pp,ep,single")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+# --- simulate ------------------------------------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from .planner import explain_text, seeds_table
+    from .trace import gantt_png, write_trace
+    try:
+        cfg, hw, work = _setup(args)
+        extra = [parse_plan(p) for p in args.plan or []]
+        for plan in extra:
+            plan.validate(cfg, args.gpus)
+        rows, sims = seeds_table(cfg, hw, args.gpus, work, max_microbatches=args.max_microbatches,
+                                 overlap=not args.serial, extra_plans=extra)
+    except ValueError as err:
+        return _fail(str(err))
+    files = []
+    if args.trace:
+        out = Path(args.trace)
+        for i, sim in enumerate(sims):
+            slug = f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", describe(sim.plan).lower()).strip("_")
+            files += [str(write_trace(sim, out / f"{slug}.trace.json")), str(gantt_png(sim, out / f"{slug}.gantt.png"))]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(_header(cfg, hw, args.gpus, work, args.serial))
+    print(table(rows))
+    print(FOOTNOTES)
+    best = sims[-1] if sims else None
+    if best is not None:
+        print(explain_text(best))
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="simulate the seeds' table: claims vs TPxPP, separated, EP, best plan",
+                              description="Simulate one decode step of the seeds' splits and the planner's best "
+                              "plan; print each beside its physical floor and MBU.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    p.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace + Gantt PNG per simulated row")
+    p.add_argument("--plan", action="append", default=None,
+                   help="also simulate this plan, e.g. 'sep 4x1+12 m2', 'tp8pp2 m2', 'ep16 m1' (repeatable)")
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+# --- sweep ---------------------------------------------------------------------------------------------------
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: must be a comma list of integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: needs positive integers")
+    return values
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import DEFAULT_BATCHES, DEFAULT_CONTEXTS, SWEEP_STRATEGIES, run_sweep, summary_lines, write_sweep
+    try:
+        cfg, hw, work = _setup(args)
+        batches = _int_list(args.batches, "--batches") if args.batches else DEFAULT_BATCHES
+        contexts = _int_list(args.contexts, "--contexts") if args.contexts else DEFAULT_CONTEXTS
+        strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else SWEEP_STRATEGIES
+        bad = sorted(set(strategies) - set(SWEEP_STRATEGIES))
+        if bad:
+            raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(SWEEP_STRATEGIES)}")
+        doc = run_sweep(cfg, hw, args.gpus, batch=work.batch, context=work.context, batches=batches, contexts=contexts,
+                        lm_head=work.lm_head, strategies=strategies, max_microbatches=args.max_microbatches,
+                        overlap=not args.serial)
+    except ValueError as err:
+        return _fail(str(err))
+    files = write_sweep(doc, args.out)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(_header(cfg, hw, args.gpus, work, args.serial))
+    print("\n".join(summary_lines(doc)))
+    print("speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation wins; "
+          "split = its attention:expert GPUs")
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("sweep", help="plot TPOT and tok/s over batch and context for each strategy",
+                              description="Best plan of each strategy over batch (at --context) and over context "
+                              "(at --batch); writes sweep.json, sweep_batch.png and sweep_context.png.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--batches", default=None, help="comma list (default 1,2,4,...,1024)")
+    p.add_argument("--contexts", default=None, help="comma list (default 512,1024,...,32768)")
+    p.add_argument("--strategies", default=None, help="comma list (default tp_pp,ep,separated)")
+    p.set_defaults(func=cmd_sweep)
+    return p
+
+
+# --- replan --------------------------------------------------------------------------------------------------
+def cmd_replan(args) -> int:
+    from .replan import load_measured, replan
+    try:
+        measured = load_measured(args.measured)
+        hw = load_hardware(args.hardware or measured.hardware or DEFAULT_HARDWARE, args.calibration, args.gpus_per_node)
+        result = replan(measured, hw, args.threshold, gpus=args.gpus, max_microbatches=args.max_microbatches)
+    except ValueError as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    r = result
+    print(f"running plan {r['plan']} on {r['gpus']} x {r['hardware']}, batch {r['batch']}, context {r['context']}")
+    if r["measured_tpot_ms"] is not None:
+        print(f"measured TPOT {r['measured_tpot_ms']:.3f} ms")
+    print(f"predicted TPOT {r['predicted_tpot_ms_before_refit']:.3f} ms before refit, "
+          f"{r['predicted_tpot_ms']:.3f} ms after")
+    print("refit (measured / predicted per op kind): " +
+          (", ".join(f"{k} x{v:.2f}" for k, v in r["refit_factors"].items()) or "nothing to refit"))
+    if r["note"]:
+        print(f"note: {r['note']}")
+    print(f"best plan under the refit model: {r['best_plan']} at {r['best_tpot_ms']:.3f} ms (gain {r['gain']:.1%})")
+    print(r["advice"])
+    return 0
+
+
+def add_replan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("replan", help="refit the cost model to measured op times and propose a new plan",
+                              description="Read a run's measured per-op times, refit the cost model's efficiencies "
+                              "and propose a new plan when its predicted gain passes --threshold.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--measured", metavar="FILE", required=True, help="JSON with the plan and busy_s or measurements")
+    p.add_argument("--threshold", type=float, default=0.1, help="minimum predicted gain (fraction of TPOT)")
+    p.add_argument("--hardware", default=None, help="profile (default: the file's, else a100-80g)")
+    p.add_argument("--calibration", metavar="FILE", default=None)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the running plan's)")
+    p.add_argument("--max-microbatches", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replan)
+    return p
+
+
+def add_perf_parsers(subparsers) -> None:
+    """All four subcommands at once."""
+    for add in (add_plan_parser, add_simulate_parser, add_sweep_parser, add_replan_parser):
+        add(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m masep.perf.cli plan ...`) until masep/cli.py hooks these in."""
+    parser = argparse.ArgumentParser(prog="masep")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_perf_parsers(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""Cost model: bytes, FLOPs and time of every op of a plan's schedule, one rank at a time.
+
+Every function here is pure: (op kind, plan, rank, model config, tokens of the micro-batch,
+context, hardware) -> numbers, so each value can be checked by hand.
+
+Compute ops (attention, experts, head) move `hbm_bytes` through HBM and do `flops`:
+    compute_s = max(hbm_bytes / achievable HBM rate, flops / achievable matmul rate) + op latency
+  - attention (one layer, one rank): q/k/v/o weights of its heads + router + norms, the KV
+    cache of its sequences at `context` keys, 2 activation rows per token; FLOPs of the
+    projections (2*b*H*D*(2N + 2K)), of QK^T and PV (4*b*N*S*D) and of the router.
+  - experts (one layer, one rank): the weights of the experts *touched*, in expectation: an
+    expert seen by n tokens that each pick top-k of E uniformly is touched with probability
+    1 - (1 - k/E)^n (16 * (1 - (14/16)^24) = 15.35 of 16 at 24 tokens, top-2); rows routed
+    to it n*k/E; FLOPs 2 * rows * matrices * H * I. Micro-batches re-read the weights they
+    touch, which is why m > 1 costs bytes at small batch.
+  - head: final norm per micro-batch; then, as the runtimes do, the lm_head once per step over
+    all the rank's rows, in full (no vocabulary split), on every attention rank (separated),
+    every rank (ep), or the last stage's tp rank 0, which broadcasts the logits (tp_pp).
+    `Workload.lm_head=False` leaves it out, as ../shared/REFERENCE.md's floors do.
+  These are the same definitions as `masep.perf.bench` (attention/experts bytes and FLOPs), so
+  a calibration file's measurements fit this model directly.
+
+Communication ops are alpha-beta per link (hardware.py): each rank's `transfer_s` is the time
+its own bytes need once every member of the transfer has arrived; the simulator takes the
+slowest member. Bytes to peers on the same node go over NVLink, others over the rank's NIC;
+an all-to-all-like exchange with p peers pays p latencies per round trip (pairwise exchange:
+(p-1) alpha + bytes beta; 7 NVLink peers at 2 us ~ 14 us, 8 A100s' NCCL all-to-all is ~20 us).
+Dispatch pays two round trips (token counts, then payload: the runtime checks counts before
+any payload, comm.py), combine one. Ring all-reduce:
+2(n-1) latency + 2(n-1)/n * bytes / bandwidth; all-gather: (n-1) latency + (n-1)/n * bytes / bw.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..config import ModelConfig
+from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, split_evenly
+from . import hardware as hwmod
+from .hardware import Hardware
+
+COMPUTE, COMM = 0, 1  # stream ids
+
+
+# --- the workload and one op's cost -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    batch: int  # sequences decoding together (all micro-batches, all replicas)
+    context: int  # keys each sequence attends to in this step
+    lm_head: bool = True  # include final norm + lm_head (REFERENCE.md's floors exclude it)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"Workload.batch={self.batch!r}: must be an integer >= 1")
+        if not isinstance(self.context, int) or self.context < 1:
+            raise ValueError(f"Workload.context={self.context!r}: must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class OpCost:
+    kind: str
+    compute_s: float = 0.0  # this rank's own work before the rendezvous
+    transfer_s: float = 0.0  # this rank's alpha-beta time once every member arrived
+    post_s: float = 0.0  # this rank's tail after the transfer (all-gather inside a replica)
+    hbm_bytes: float = 0.0
+    weight_bytes: float = 0.0  # part of hbm_bytes that are weights
+    kv_bytes: float = 0.0  # part of hbm_bytes that is KV cache read
+    flops: float = 0.0
+    link_bytes: float = 0.0
+
+    @property
+    def time_s(self) -> float:
+        """The op alone (no waiting for peers)."""
+        return self.compute_s + self.transfer_s + self.post_s
+
+
+def elt_bytes(cfg: ModelConfig) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+
+
+def roofline_s(hw: Hardware, kind: str, nbytes: float, flops: float) -> float:
+    """max(bytes / HBM rate, FLOPs / matmul rate) + the kind's fixed latency; 0 for no work."""
+    if nbytes <= 0 and flops <= 0:
+        return 0.0
+    return max(nbytes / hw.hbm_rate(kind), flops / hw.flop_rate(kind)) + hw.latency(kind)
+
+
+def touched(cfg: ModelConfig, tokens: float) -> float:
+    """Probability that one given expert is picked by at least one of `tokens` tokens (top-k of E)."""
+    return 1.0 - (1.0 - cfg.top_k / cfg.num_experts) ** tokens
+
+
+def experts_touched(cfg: ModelConfig, tokens: float) -> float:
+    """E(1 - (1 - k/E)^n): expected distinct experts per layer at n tokens."""
+    return cfg.num_experts * touched(cfg, tokens)
+
+
+def kv_heads_for(cfg: ModelConfig, heads: range) -> int:
+    if len(heads) == 0:
+        return 0
+    return (heads.stop - 1) // cfg.kv_group - heads.start // cfg.kv_group + 1
+
+
+def attention_cost(cfg: ModelConfig, hw: Hardware, tokens: int, context: int, heads: int, kv_heads: int) -> OpCost:
+    """One layer of attention on one rank: `heads` query heads, `kv_heads` KV heads, `tokens` rows."""
+    if tokens == 0:
+        return OpCost("attention")
+    h, d, e = cfg.hidden_size, cfg.head_dim, elt_bytes(cfg)
+    weights = (h * d * (2 * heads + 2 * kv_heads) + cfg.num_experts * h + 2 * h) * e  # + router, 2 norms
+    kv = tokens * context * 2 * kv_heads * d * e
+    act = 2 * tokens * h * e
+    flops = 2 * tokens * h * d * (2 * heads + 2 * kv_heads) + 4 * tokens * heads * context * d \
+        + 2 * tokens * h * cfg.num_experts
+    nbytes = weights + kv + act
+    return OpCost("attention", compute_s=roofline_s(hw, "attention", nbytes, flops), hbm_bytes=nbytes,
+                  weight_bytes=weights, kv_bytes=kv, flops=flops)
+
+
+def experts_cost(cfg: ModelConfig, hw: Hardware, tokens_per_expert: tuple[float, ...], hidden_div: int = 1) -> OpCost:
+    """One layer of experts on one rank. tokens_per_expert[i]: tokens whose routing can reach the
+    i-th held expert on this rank (each picks it with probability k/E)."""
+    h, i, e = cfg.hidden_size, cfg.expert_hidden / hidden_div, elt_bytes(cfg)
+    p = cfg.top_k / cfg.num_experts
+    rows = sum(n * p for n in tokens_per_expert)
+    if rows == 0:
+        return OpCost("experts")
+    weights = sum(touched(cfg, n) for n in tokens_per_expert) * cfg.expert_matrices * h * i * e
+    nbytes = weights + 2 * rows * h * e
+    flops = 2 * rows * cfg.expert_matrices * h * i
+    return OpCost("experts", compute_s=roofline_s(hw, "experts", nbytes, flops), hbm_bytes=nbytes,
+                  weight_bytes=weights, flops=flops)
+
+
+def head_cost(cfg: ModelConfig, hw: Hardware, tokens: int, logit_rows: int = 0, lm_head: bool = True) -> OpCost:
+    """Final norm over `tokens` rows, plus the lm_head over `logit_rows` rows (fp32 logits)."""
+    vocab = cfg.vocab_size if lm_head and logit_rows else 0
+    if tokens == 0 and vocab == 0:
+        return OpCost("head")
+    h, e = cfg.hidden_size, elt_bytes(cfg)
+    weights = (vocab * h + h) * e
+    nbytes = weights + 2 * tokens * h * e + logit_rows * vocab * 4
+    flops = 2 * logit_rows * h * vocab
+    return OpCost("head", compute_s=roofline_s(hw, "head", nbytes, flops), hbm_bytes=nbytes,
+                  weight_bytes=weights, flops=flops)
+
+
+# --- links ---------------------------------------------------------------------------------------------
+def link_time(hw: Hardware, rank: int, peers: dict[int, float], nbytes: float, round_trips: int = 1) -> float:
+    """Alpha-beta time for `rank` to move `nbytes` to/from `peers` (rank -> share of the bytes):
+    pairwise exchange, one latency per peer and round trip, (p - 1) * alpha + bytes * beta.
+    The share to itself costs nothing; NVLink peers and NIC peers progress concurrently."""
+    total = sum(peers.values())
+    if nbytes <= 0 or total <= 0:
+        return 0.0
+    near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == hw.node(rank)]
+    far = [w for r, w in peers.items() if w > 0 and hw.node(r) != hw.node(rank)]
+    if not near and not far:
+        return 0.0
+    latency = max(len(near) * hw.nvlink_latency_s, len(far) * hw.internode_latency_s)
+    return round_trips * latency + max(sum(near) / total * nbytes / hw.nvlink_bytes_per_s,
+                                       sum(far) / total * nbytes / hw.internode_bytes_per_s)
+
+
+def _group_link(hw: Hardware, group: tuple[int, ...]) -> tuple[float, float]:
+    """(bandwidth, latency) of a ring over `group`: the NIC when it spans nodes."""
+    if len({hw.node(r) for r in group}) > 1:
+        return hw.internode_bytes_per_s, hw.internode_latency_s
+    return hw.nvlink_bytes_per_s, hw.nvlink_latency_s
+
+
+def allreduce_s(hw: Hardware, group: tuple[int, ...], nbytes: float) -> float:
+    bw, lat = _group_link(hw, group)
+    return hwmod.ring_allreduce_s(nbytes, len(group), bw, lat)
+
+
+def broadcast_s(hw: Hardware, group: tuple[int, ...], nbytes: float) -> float:
+    """Pipelined ring broadcast: (n-1) latencies + bytes / bandwidth."""
+    if len(group) <= 1:
+        return 0.0
+    bw, lat = _group_link(hw, group)
+    return (len(group) - 1) * lat + nbytes / bw
+
+
+def allgather_s(hw: Hardware, group: tuple[int, ...], nbytes: float) -> float:
+    bw, lat = _group_link(hw, group)
+    return hwmod.ring_allgather_s(nbytes, len(group), bw, lat)
+
+
+def comm_cost(kind: str, hw: Hardware, rank: int, peers: dict[int, float], nbytes: float, round_trips: int = 1,
+              post_s: float = 0.0) -> OpCost:
+    return OpCost(kind, transfer_s=link_time(hw, rank, peers, nbytes, round_trips), post_s=post_s,
+                  link_bytes=nbytes)
+
+
+# --- rank roles ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankRole:
+    """What one rank holds and does (derived from a plan; the simulator and memory model read it)."""
+    kind: str  # "attention" | "expert" | "stage" | "colocated" | "single"
+    rank: int
+    heads: range = range(0)  # query heads held
+    experts: tuple[int, ...] = ()  # experts held (hidden-split `hidden_div` ways in tp_pp)
+    hidden_div: int = 1
+    layers: range = range(0)  # layers this rank runs
+    group: tuple[int, ...] = ()  # its TP group (tp_pp stage) or attention replica
+    replica: int = 0  # attention replica (separated); stage (tp_pp)
+    index: int = 0  # index inside `group`; expert-rank index (separated)
+    has_embedding: bool = False
+    logits: bool = False  # computes the step's logits (the lm_head, in full, as the runtimes do)
+
+
+def strategy_of(plan) -> str:
+    return plan.strategy
+
+
+@lru_cache(maxsize=4096)
+def placement_of(plan, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+    """Experts held by each expert rank (separated) or each rank (ep)."""
+    if plan.placement is not None:
+        return tuple(tuple(p) for p in plan.placement)
+    ranks = plan.expert_ranks if plan.strategy == "separated" else plan.ep
+    return contiguous_placement(cfg.num_experts, ranks)
+
+
+def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
+    return split_evenly(cfg.num_layers, pp)
+
+
+@lru_cache(maxsize=65536)
+def rank_role(plan, cfg: ModelConfig, rank: int) -> RankRole:
+    s = plan.strategy
+    all_layers = range(cfg.num_layers)
+    if s == "single":
+        return RankRole("single", rank, range(cfg.num_heads), tuple(range(cfg.num_experts)), layers=all_layers,
+                        group=(rank,), has_embedding=True, logits=True)
+    if s == "separated":
+        if rank < plan.num_attention_ranks:
+            r, t = rank // plan.attn_tp, rank % plan.attn_tp
+            return RankRole("attention", rank, plan.head_split(cfg)[t], layers=all_layers,
+                            group=tuple(plan.replica_ranks(r)), replica=r, index=t, has_embedding=True,
+                            logits=True)
+        j = rank - plan.num_attention_ranks
+        return RankRole("expert", rank, experts=tuple(placement_of(plan, cfg)[j]), layers=all_layers,
+                        group=tuple(plan.expert_rank_ids()), index=j)
+    if s == "tp_pp":
+        stage, t = divmod(rank, plan.tp)
+        return RankRole("stage", rank, split_evenly(cfg.num_heads, plan.tp)[t], tuple(range(cfg.num_experts)),
+                        hidden_div=plan.tp, layers=stage_layers(cfg, plan.pp)[stage],
+                        group=tuple(range(stage * plan.tp, (stage + 1) * plan.tp)), replica=stage, index=t,
+                        has_embedding=stage == 0, logits=stage == plan.pp - 1 and t == 0)
+    if s == "ep":
+        return RankRole("colocated", rank, range(cfg.num_heads), placement_of(plan, cfg)[rank], layers=all_layers,
+                        group=(rank,), index=rank, has_embedding=True, logits=True)
+    raise ValueError(f"plan.strategy={s!r}: the cost model knows single, separated, tp_pp and ep")
+
+
+# --- sequences per micro-batch ------------------------------------------------------------------------------
+def part_size(total: int, parts: int, i: int) -> int:
+    """len(split_evenly(total, parts)[i]) without building the ranges."""
+    base, extra = divmod(total, parts)
+    return base + (1 if i < extra else 0)
+
+
+def attention_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> int:
+    """Sequences of micro-batch `mb` that this rank's attention runs."""
+    s, m = plan.strategy, plan.microbatches
+    if s in ("single", "tp_pp"):
+        return part_size(batch, m, mb)
+    if s == "separated":
+        return part_size(part_size(batch, plan.attn_replicas, rank // plan.attn_tp), m, mb)
+    if s == "ep":
+        return part_size(part_size(batch, plan.ep, rank), m, mb)
+    raise ValueError(s)
+
+
+@lru_cache(maxsize=4096)
+def _holders(placement: tuple[tuple[int, ...], ...]) -> dict[int, tuple[int, ...]]:
+    out: dict[int, list[int]] = {}
+    for r, experts in enumerate(placement):
+        for e in experts:
+            out.setdefault(e, []).append(r)
+    return {e: tuple(rs) for e, rs in out.items()}
+
+
+def _holder(placement, expert: int, source: int, local_first: bool = False) -> int:
+    """Index of the rank serving `expert` for `source`, as the plans' `holder`: separated spreads
+    replicas over the copies; ep serves from the source rank itself when it holds a copy."""
+    holders = _holders(placement)[expert]
+    if local_first and source in holders:
+        return source
+    return holders[source % len(holders)]
+
+
+@lru_cache(maxsize=65536)
+def expert_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> tuple[float, ...]:
+    """Per held expert: tokens of micro-batch `mb` whose routing reaches it on this rank (sources
+    are attention replicas in separated, ranks in ep; replicated experts split sources)."""
+    s, role = plan.strategy, rank_role(plan, cfg, rank)
+    if s in ("single", "tp_pp"):
+        return tuple(float(part_size(batch, plan.microbatches, mb)) for _ in role.experts)
+    if s == "separated":
+        placement = placement_of(plan, cfg)
+        sources = [(r, attention_tokens(plan, cfg, batch, r * plan.attn_tp, mb)) for r in range(plan.attn_replicas)]
+    else:
+        placement = placement_of(plan, cfg)
+        sources = [(r, attention_tokens(plan, cfg, batch, r, mb)) for r in range(plan.ep)]
+    local = s == "ep"
+    return tuple(float(sum(n for src, n in sources if _holder(placement, e, src, local) == role.index))
+                 for e in role.experts)
+
+
+def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> int:
+    """Tokens this attention rank sends (separated: its share of the replica's micro-batch)."""
+    n = attention_tokens(plan, cfg, batch, rank, mb)
+    if plan.strategy == "separated":
+        return part_size(n, plan.attn_tp, rank % plan.attn_tp)
+    return n
+
+
+@lru_cache(maxsize=65536)
+def _dispatch_peers(plan, cfg: ModelConfig, rank: int) -> dict[int, float]:
+    """Where a source rank's routed rows go: expert-holding rank -> share (uniform routing)."""
+    if plan.strategy == "separated":
+        placement, base, source = placement_of(plan, cfg), plan.num_attention_ranks, rank // plan.attn_tp
+    else:
+        placement, base, source = placement_of(plan, cfg), 0, rank
+    peers: dict[int, float] = {}
+    for e in range(cfg.num_experts):
+        dest = base + _holder(placement, e, source, plan.strategy == "ep")
+        peers[dest] = peers.get(dest, 0.0) + 1.0
+    return peers
+
+
+def _expert_sources(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> dict[int, float]:
+    """Which ranks send this expert rank rows, weighted by their rows for it."""
+    role, placement = rank_role(plan, cfg, rank), placement_of(plan, cfg)
+    if plan.strategy == "separated":
+        hits = [sum(1 for e in role.experts if _holder(placement, e, r) == role.index)
+                for r in range(plan.attn_replicas)]
+        return {a: hits[a // plan.attn_tp] * dispatch_slice(plan, cfg, batch, a, mb)
+                for a in range(plan.num_attention_ranks)}
+    return {a: sum(1 for e in role.experts if _holder(placement, e, a, True) == role.index)
+            * attention_tokens(plan, cfg, batch, a, mb) for a in range(plan.ep)}
+
+
+def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardware, b: int, mb: int) -> OpCost:
+    """Final norm of micro-batch `mb`; the logits of all the rank's rows come after the last
+    micro-batch (the runtimes compute them once per step). tp_pp: the last stage's tp rank 0
+    computes them and broadcasts [batch, vocab] fp32 to every rank."""
+    last = mb == plan.microbatches - 1
+    rows = sum(attention_tokens(plan, cfg, work.batch, role.rank, i) for i in range(plan.microbatches)) \
+        if role.logits and last else 0
+    c = head_cost(cfg, hw, b, rows, work.lm_head)
+    if plan.strategy == "tp_pp" and rows and work.lm_head and plan.world_size > 1:
+        c = dataclasses.replace(c, post_s=broadcast_s(hw, tuple(range(plan.world_size)), rows * cfg.vocab_size * 4))
+    return c
+
+
+# --- one op of one rank -------------------------------------------------------------------------------------
+def op_cost(kind: str, layer: int, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+    """Cost of op `kind(layer, mb)` on `rank` of `plan` (layer only matters through the role)."""
+    return _op_cost(kind, mb, plan, rank, cfg, work, hw)
+
+
+@lru_cache(maxsize=262144)
+def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+    role = rank_role(plan, cfg, rank)
+    e, hsz, k = elt_bytes(cfg), cfg.hidden_size, cfg.top_k
+    b = attention_tokens(plan, cfg, work.batch, rank, mb) if role.kind != "expert" else 0
+    if kind == "attention":
+        c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads))
+        if plan.strategy == "separated" and plan.attn_tp > 1:  # head-parallel partial sums
+            c = dataclasses.replace(c, transfer_s=allreduce_s(hw, role.group, b * hsz * e), link_bytes=b * hsz * e)
+        return c
+    if kind == "experts":
+        return experts_cost(cfg, hw, expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
+    if kind == "head":
+        return _head_op(plan, role, cfg, work, hw, b, mb)
+    if kind == "allreduce":
+        return OpCost(kind, transfer_s=allreduce_s(hw, role.group, b * hsz * e), link_bytes=b * hsz * e)
+    if kind in ("send_act", "recv_act"):
+        peer = rank + plan.tp if kind == "send_act" else rank - plan.tp
+        return comm_cost(kind, hw, rank, {peer: 1.0}, b * hsz * e)
+    if kind in ("dispatch", "combine"):  # token rows from an attention (or colocated) rank
+        n = dispatch_slice(plan, cfg, work.batch, rank, mb)
+        post = 0.0
+        if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
+            post = allgather_s(hw, role.group, b * hsz * e)
+        c = comm_cost(kind, hw, rank, _dispatch_peers(plan, cfg, rank), n * k * hsz * e,
+                      round_trips=2 if kind == "dispatch" else 1, post_s=post)
+        if plan.strategy == "ep":  # colocated: also receives rows for its own experts
+            rows = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * k / cfg.num_experts
+            inbound = comm_cost(kind, hw, rank, _expert_sources(plan, cfg, work.batch, rank, mb), rows * hsz * e,
+                                round_trips=2 if kind == "dispatch" else 1)
+            c = c if c.transfer_s >= inbound.transfer_s else inbound
+        return c
+    if kind in ("recv", "send"):  # expert rank side of dispatch / combine
+        rows = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * k / cfg.num_experts
+        return comm_cost(kind, hw, rank, _expert_sources(plan, cfg, work.batch, rank, mb), rows * hsz * e,
+                         round_trips=2 if kind == "recv" else 1)
+    raise ValueError(f"op kind {kind!r}: the cost model has no rule for it")
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryUse:
+    weights: float
+    kv_cache: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.buffers
+
+
+def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware) -> MemoryUse:
+    """Weights held + KV cache for `context` keys of its sequences + working buffers
+    (activations and logits of the largest micro-batch, expert intermediates) + the
+    profile's reserved bytes (CUDA context, NCCL buffers, allocator slack)."""
+    role = rank_role(plan, cfg, rank)
+    e, h = elt_bytes(cfg), cfg.hidden_size
+    layers = len(role.layers)
+    kv = kv_heads_for(cfg, role.heads)
+    attn = (h * cfg.head_dim * (2 * len(role.heads) + 2 * kv) + cfg.num_experts * h + 2 * h) * e if role.heads else 0
+    experts = len(role.experts) * cfg.expert_params() / role.hidden_div * e
+    vocab = cfg.vocab_size * h * e
+    weights = layers * (attn + experts) + vocab * role.has_embedding + vocab * role.logits
+    seqs = sum(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
+        if role.kind != "expert" else 0
+    kv_bytes = layers * seqs * work.context * 2 * kv * cfg.head_dim * e
+    biggest = max(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
+        if role.kind != "expert" else 0
+    rows = max((sum(expert_tokens(plan, cfg, work.batch, rank, i)) * cfg.top_k / cfg.num_experts
+                for i in range(plan.microbatches)), default=0) if role.experts else 0
+    rows_all = work.batch if plan.strategy == "tp_pp" else seqs  # tp_pp: every rank receives the logits
+    buffers = (plan.microbatches * biggest * h * e * 4 + rows_all * cfg.vocab_size * 4
+               + rows * (2 * h + cfg.expert_hidden / role.hidden_div * cfg.expert_matrices) * e
+               + hw.reserved_bytes)
+    return MemoryUse(weights, kv_bytes, buffers)
+
+
+def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[MemoryUse]:
+    """Memory per rank; ValueError naming the rank and the numbers when one does not fit."""
+    out = []
+    for rank in range(plan.world_size):
+        use = rank_memory(plan, cfg, rank, work, hw)
+        if use.total > hw.memory_bytes:
+            role = rank_role(plan, cfg, rank)
+            raise ValueError(
+                f"plan {describe(plan)} does not fit: rank {rank} ({role.kind}) needs {use.total / 1e9:.1f} GB = "
+                f"weights {use.weights / 1e9:.1f} GB + KV cache {use.kv_cache / 1e9:.1f} GB (batch {work.batch}, "
+                f"context {work.context}) + buffers {use.buffers / 1e9:.1f} GB, more than the "
+                f"{hw.memory_bytes / 2**30:.1f} GiB ({hw.memory_bytes / 1e9:.1f} GB) of one {hw.name}; use more "
+                "GPUs, a smaller batch or context, or a plan that spreads this rank's part")
+        out.append(use)
+    return out
+
+
+def describe(plan) -> str:
+    """Short plan name: `sep 12x1+4 m2`, `tp8pp2 m2`, `ep16 m2`, `single`."""
+    s = plan.strategy
+    if s == "separated":
+        return f"sep {plan.attn_replicas}x{plan.attn_tp}+{plan.expert_ranks} m{plan.microbatches}"
+    if s == "tp_pp":
+        return f"tp{plan.tp}pp{plan.pp} m{plan.microbatches}"
+    if s == "ep":
+        return f"ep{plan.ep} m{plan.microbatches}"
+    return "single"
+
+
+def plan_to_dict(plan) -> dict:
+    d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    if d.get("placement") is not None:
+        d["placement"] = [list(p) for p in d["placement"]]
+    return d
+
+
+def plan_from_dict(d: dict):
+    d = dict(d)
+    s = d.pop("strategy", None)
+    if d.get("placement") is not None:
+        d["placement"] = tuple(tuple(p) for p in d["placement"])
+    cls = {"separated": SeparatedPlan, "tp_pp": TpPpPlan, "ep": EpPlan, "single": SinglePlan}.get(s)
+    if cls is None:
+        raise ValueError(f"plan.strategy={s!r}: must be one of separated, tp_pp, ep, single")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"plan fields {unknown} are not fields of a {s} plan ({sorted(names)})")
+    return cls(**d)

@@ -1,0 +1,353 @@
+"""Planner: enumerate the legal plans for N GPUs, simulate them, rank them, explain the winner.
+
+Candidates (`candidate_plans`):
+  separated  E expert ranks (1..N-1), the other A = N - E ranks as R replicas x T head-parallel
+             ranks (every T <= heads dividing A); contiguous expert placement, or round-robin
+             replicas when E > experts; m = 1..max_microbatches with m <= batch / R
+  tp_pp      tp x pp = N, tp <= heads, pp <= layers; m = 1..max_microbatches, m <= batch
+  ep         ep = N (contiguous placement, round-robin replicas when N > experts);
+             m <= ceil(batch / N)
+  single     N = 1
+Plans whose memory does not fit are rejected (with the numbers, see `Search.rejected`).
+
+Search is exact branch and bound: every rank's compute ops run one after another on its
+compute stream, so max over ranks of the summed compute time is a lower bound on the simulated
+TPOT. Candidates are simulated in order of that bound until the bound passes the N-th best
+simulated TPOT (or, under a TPOT limit, until batch / bound drops below the best TPS), so the
+winner is the plan exhaustive simulation would pick.
+
+Explanation (MegaScale-Infer, arXiv 2504.02263): per layer and micro-batch, T_a = attention
+(+ its all-reduce), T_e = experts (+ all-reduce in tp_pp), T_c = the slowest transfer between
+them; T_f = max(T_a, T_e). Ping-pong hides transfers when T_c < T_f and m >= 2(1 + T_c/T_f);
+balance is T_a / T_e (1 = balanced).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from ..config import ModelConfig
+from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from .costmodel import Workload, check_memory, describe, plan_to_dict, rank_role
+from .hardware import Hardware
+from .simulator import COMPUTE_KINDS, Simulation, all_costs, simulate
+
+STRATEGY_NAMES = ("separated", "tp_pp", "ep", "single")
+
+
+def _replicated(num_experts: int, ranks: int) -> tuple[tuple[int, ...], ...] | None:
+    """None (contiguous) when every rank can hold distinct experts, else expert j % E on rank j."""
+    if ranks <= num_experts:
+        return None
+    return tuple((j % num_experts,) for j in range(ranks))
+
+
+def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY_NAMES,
+                    max_microbatches: int = 8) -> list:
+    out: list = []
+    if "separated" in strategies:
+        for e in range(1, gpus):
+            a = gpus - e
+            for t in range(1, min(a, cfg.num_heads) + 1):
+                if a % t:
+                    continue
+                r = a // t
+                for m in range(1, min(max_microbatches, max(1, batch // r)) + 1):
+                    out.append(SeparatedPlan(r, t, e, m, placement=_replicated(cfg.num_experts, e)))
+    if "tp_pp" in strategies:
+        for tp in range(1, min(gpus, cfg.num_heads) + 1):
+            if gpus % tp == 0 and gpus // tp <= cfg.num_layers:
+                for m in range(1, min(max_microbatches, batch) + 1):
+                    out.append(TpPpPlan(tp, gpus // tp, m))
+    if "ep" in strategies and gpus > 1:
+        for m in range(1, min(max_microbatches, math.ceil(batch / gpus)) + 1):
+            out.append(EpPlan(gpus, m, placement=_replicated(cfg.num_experts, gpus)))
+    if "single" in strategies and gpus == 1:
+        out.append(SinglePlan())
+    return out
+
+
+def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=None) -> float:
+    """max over ranks of the compute time on its compute stream: the simulated TPOT is >= this."""
+    costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
+    return max(sum(c.compute_s for c in rank if c.kind in COMPUTE_KINDS) for rank in costs)
+
+
+@dataclass
+class Search:
+    """What the planner looked at: the ranked simulations and what it rejected and why."""
+    cfg: ModelConfig
+    hw: Hardware
+    gpus: int
+    work: Workload  # the batch searched at (the winner's, under a TPOT limit)
+    ranked: list[Simulation]  # best first
+    candidates: int = 0
+    simulated: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (plan, reason)
+    tpot_limit_s: float | None = None
+
+    @property
+    def best(self) -> Simulation:
+        if not self.ranked:
+            raise ValueError(self.no_plan_message())
+        return self.ranked[0]
+
+    def no_plan_message(self) -> str:
+        why = self.rejected[0][1] if self.rejected else "no candidate plans"
+        limit = f" under a TPOT limit of {self.tpot_limit_s * 1e3:.3f} ms" if self.tpot_limit_s else ""
+        return (f"no plan for {self.gpus} GPU(s), batch {self.work.batch}, context {self.work.context}{limit}: "
+                f"{len(self.rejected)} of {self.candidates} candidates rejected; e.g. {why}")
+
+
+def _fits(plan, cfg, work, hw, rejected) -> bool:
+    try:
+        plan.validate(cfg, plan.world_size)
+        check_memory(plan, cfg, work, hw)
+    except ValueError as err:
+        rejected.append((describe(plan), str(err)))
+        return False
+    return True
+
+
+def _order_key(sim: Simulation) -> tuple:
+    return (round(sim.tpot_s, 12), sim.plan.microbatches, describe(sim.plan))
+
+
+def search(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, strategies=STRATEGY_NAMES, top: int = 5,
+           max_microbatches: int = 8, overlap: bool = True) -> Search:
+    """Rank plans for a fixed batch by simulated TPOT (exact branch and bound, module docstring)."""
+    plans = candidate_plans(cfg, gpus, work.batch, strategies, max_microbatches)
+    result = Search(cfg, hw, gpus, work, [], candidates=len(plans))
+    bounded = []
+    for i, plan in enumerate(plans):
+        if _fits(plan, cfg, work, hw, result.rejected):
+            costs = all_costs(plan, cfg, work, hw)
+            bounded.append((lower_bound_s(plan, cfg, work, hw, costs), i, plan, costs))
+    bounded.sort(key=lambda x: (x[0], x[1]))
+    best: list[Simulation] = []
+    for lb, _, plan, costs in bounded:
+        if len(best) >= top and lb >= best[top - 1].tpot_s:
+            break
+        best.append(simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False, costs=costs))
+        result.simulated += 1
+        best.sort(key=_order_key)
+        del best[top:]
+    result.ranked = best
+    return result
+
+
+def batch_candidates(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b <= max_batch:
+        out.append(b)
+        b *= 2
+    if out[-1] != max_batch:
+        out.append(max_batch)
+    return out
+
+
+def search_throughput(cfg: ModelConfig, hw: Hardware, gpus: int, context: int, tpot_limit_s: float, *,
+                      max_batch: int = 1024, strategies=STRATEGY_NAMES, top: int = 5, max_microbatches: int = 8,
+                      lm_head: bool = True, overlap: bool = True) -> Search:
+    """Rank (batch, plan) pairs by TPS among those with simulated TPOT <= tpot_limit_s."""
+    rejected: list[tuple[str, str]] = []
+    heap, count = [], 0
+    for batch in batch_candidates(max_batch):
+        work = Workload(batch, context, lm_head)
+        for plan in candidate_plans(cfg, gpus, batch, strategies, max_microbatches):
+            count += 1
+            if not _fits(plan, cfg, work, hw, rejected):
+                continue
+            lb = lower_bound_s(plan, cfg, work, hw)
+            if lb <= tpot_limit_s:
+                heapq.heappush(heap, (-batch / lb, count, plan, work))
+    best: list[Simulation] = []
+    simulated = 0
+    while heap:
+        neg_ub, _, plan, work = heapq.heappop(heap)
+        if len(best) >= top and -neg_ub <= best[top - 1].tps:
+            break
+        sim = simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False)
+        simulated += 1
+        if sim.tpot_s <= tpot_limit_s:
+            best.append(sim)
+            best.sort(key=lambda s: (-round(s.tps, 6), describe(s.plan)))
+            del best[top:]
+    work = best[0].work if best else Workload(1, context, lm_head)
+    return Search(cfg, hw, gpus, work, best, candidates=count, simulated=simulated, rejected=rejected,
+                  tpot_limit_s=tpot_limit_s)
+
+
+# --- explaining a plan ----------------------------------------------------------------------------------
+def _first(sim: Simulation, kinds: tuple[str, ...], layer: int = 0, mb: int = 0) -> dict[int, float]:
+    """Per rank: summed op time (compute + transfer + post) of `kinds` at (layer, mb)."""
+    out: dict[int, float] = {}
+    for r in sim.records:
+        if r.op.kind in kinds and r.op.mb == mb and r.op.layer == layer:
+            out[r.rank] = out.get(r.rank, 0.0) + r.cost.time_s
+    return out
+
+
+def _transfer(sim: Simulation, kinds: tuple[str, ...], layer: int, mb: int) -> float:
+    """Slowest member's transfer of the matched op(s) at (layer, mb) (what the group waits)."""
+    worst = 0.0
+    for r in sim.records:
+        if r.op.kind in kinds and r.op.mb == mb and r.op.layer == layer:
+            worst = max(worst, r.cost.transfer_s + r.cost.post_s)
+    return worst
+
+
+def explain(sim: Simulation) -> dict:
+    """T_attention, T_experts, T_transfer per layer and micro-batch (micro-batch 0, the first
+    layer a rank runs), balance and MegaScale-Infer's conditions for ping-pong."""
+    s, plan = sim.plan.strategy, sim.plan
+    if s == "separated":
+        t_a = max(_first(sim, ("attention",)).values())
+        t_e = max(_first(sim, ("experts",)).values())
+        t_c = max(_transfer(sim, ("dispatch", "recv"), 0, 0), _transfer(sim, ("combine", "send"), 0, 0))
+    elif s == "tp_pp":
+        t_a = max(_first(sim, ("attention",)).values()) + _transfer(sim, ("allreduce",), 0, 0)
+        t_e = max(_first(sim, ("experts",)).values()) + _transfer(sim, ("allreduce",), 0, 0)
+        t_c = _transfer(sim, ("allreduce",), 0, 0) + (_transfer(sim, ("send_act",), rank_role(
+            plan, sim.cfg, 0).layers.stop - 1, 0) if plan.pp > 1 else 0.0)
+    elif s == "ep":
+        t_a = max(_first(sim, ("attention",)).values())
+        t_e = max(_first(sim, ("experts",)).values())
+        t_c = max(_transfer(sim, ("dispatch",), 0, 0), _transfer(sim, ("combine",), 0, 0))
+    else:
+        t_a = max(_first(sim, ("attention",)).values())
+        t_e = max(_first(sim, ("experts",)).values())
+        t_c = 0.0
+    t_f = max(t_a, t_e)
+    m_min = 2 * (1 + t_c / t_f) if t_f > 0 else 2.0
+    head = max((r.cost.time_s for r in sim.records if r.op.kind == "head"), default=0.0)
+    return dict(plan=describe(plan), plan_fields=plan_to_dict(plan), t_attention_ms=t_a * 1e3,
+                t_experts_ms=t_e * 1e3, t_transfer_ms=t_c * 1e3, t_head_ms=head * 1e3,
+                balance_ta_over_te=t_a / t_e if t_e > 0 else math.inf,
+                bound="attention" if t_a > t_e else "experts",
+                tc_below_tf=t_c < t_f, m=plan.microbatches, m_min=m_min, m_condition=plan.microbatches >= m_min,
+                applies="ping-pong between attention and expert ranks" if s == "separated" else
+                "for reference only: the conditions are about separated attention/expert groups")
+
+
+def explain_text(sim: Simulation) -> str:
+    x = explain(sim)
+    d = sim.summary()
+    lines = [f"winner: {x['plan']}  ({sim.plan.strategy}, {sim.num_gpus} GPUs)",
+             f"  TPOT {d['tpot_ms']:.3f} ms, {d['tps']:,.0f} tok/s; floor {d['floor_ms']:.3f} ms "
+             f"({d['tpot_over_floor']:.2f}x floor); MBU {d['mbu']:.1%} (useful bytes {d['mbu_useful']:.1%}); "
+             f"MFU {d['mfu']:.2%}",
+             f"  per layer and micro-batch: T_attention {x['t_attention_ms']:.3f} ms, T_experts "
+             f"{x['t_experts_ms']:.3f} ms, T_transfer {x['t_transfer_ms']:.3f} ms; head {x['t_head_ms']:.3f} ms",
+             f"  balance T_a/T_e = {x['balance_ta_over_te']:.2f} ({x['bound']}-bound)",
+             f"  MegaScale-Infer: T_c < T_f: {'yes' if x['tc_below_tf'] else 'NO'}; m = {x['m']} vs "
+             f"2(1 + T_c/T_f) = {x['m_min']:.2f}: {'met' if x['m_condition'] else 'not met'} ({x['applies']})"]
+    if sim.plan.strategy == "separated" and x["m"] < x["m_min"]:
+        lines.append("  (a smaller m wins here: each micro-batch re-reads the experts it touches, which costs more "
+                     "than the overlap gains at this batch)")
+    return "\n".join(lines)
+
+
+
+# --- the seeds' table --------------------------------------------------------------------------------------
+# Claims of the seed documents (16 x A100 80GB, NVLink 3, the `paper` model, ~24 sequences decoding:
+# TPS x TPOT ~ 24 in both rows). Kept as data to print beside the simulation, never to tune it.
+SEED_CLAIMS = (
+    dict(label="seeds' claim: TP8xPP2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
+    dict(label="seeds' claim: separated 12+4", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
+         tpot_ms=1.82, tps=13289),
+)
+
+
+def best_of(plans, cfg: ModelConfig, hw: Hardware, work: Workload, overlap: bool = True) -> Simulation | None:
+    """The fastest of `plans` that fit (None when none fits)."""
+    return best_of_with_errors(plans, cfg, hw, work, overlap)[0]
+
+
+def best_of_with_errors(plans, cfg: ModelConfig, hw: Hardware, work: Workload,
+                        overlap: bool = True) -> tuple[Simulation | None, list[str]]:
+    """The fastest of `plans` that fit (None when none fits), and why the others were rejected."""
+    sims, errors = [], []
+    for plan in plans:
+        try:
+            sims.append(simulate(plan, cfg, work, hw, overlap=overlap))
+        except ValueError as err:
+            errors.append(str(err))
+    return (min(sims, key=_order_key) if sims else None), errors
+
+
+def _row(label: str, sim: Simulation, note: str = "") -> dict:
+    d = sim.summary()
+    keep = ("strategy", "plan", "gpus", "tpot_ms", "tps", "floor_ms", "floor_achievable_ms", "tpot_over_floor", "mbu",
+            "mbu_useful", "mfu", "busy_fraction_mean", "kernel_active_mean_nvidia_smi_style", "memory_max_gb",
+            "microbatches", "busy_fraction", "kernel_active_nvidia_smi_style", "memory_gb")
+    return dict(label=label, source="simulated", **{k: d[k] for k in keep}, plan_fields=plan_to_dict(sim.plan),
+                explain=explain(sim), note=note)
+
+
+def seeds_table(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, max_microbatches: int = 4,
+                overlap: bool = True, extra_plans=()) -> tuple[list[dict], list[Simulation]]:
+    """Rows: the seeds' two claims (with the floors of their splits), simulated TPxPP, separated 3:1
+    (R x T = 3N/4 arranged both ways: the best, and one head-parallel replica as the seeds
+    describe), colocated EP, `extra_plans`, and the planner's best. Each named split is shown at
+    its best micro-batch count."""
+    rows, sims = [], []
+    ms = range(1, max_microbatches + 1)
+    if gpus == 16:
+        min_bytes = None
+        for claim in SEED_CLAIMS:
+            plan = claim["plan_obj"]
+            floor = _floor_of(plan, cfg, work, hw)
+            if min_bytes is None:
+                from .simulator import min_step_bytes
+                min_bytes = min_step_bytes(cfg, work, hw)
+            tpot = claim["tpot_ms"] * 1e-3
+            below = tpot < floor
+            rows.append(dict(label=claim["label"], source="claimed", strategy=claim["strategy"], plan="claimed",
+                             gpus=16, tpot_ms=claim["tpot_ms"], tps=claim["tps"], floor_ms=floor * 1e3,
+                             tpot_over_floor=tpot / floor, mbu=None,
+                             mbu_useful=min_bytes / tpot / (16 * hw.hbm_bytes_per_s),
+                             note=("BELOW the HBM floor of its own split: not reachable in "
+                                   f"{cfg.dtype} at this batch" if below else "")))
+    tp = min(8, gpus)
+    named = []
+    if gpus % tp == 0 and gpus // tp <= cfg.num_layers:
+        named.append((f"simulated TP{tp}xPP{gpus // tp}", [TpPpPlan(tp, gpus // tp, m) for m in ms], ""))
+    a = max(1, round(gpus * 3 / 4)) if gpus > 1 else 0
+    e = gpus - a
+    if a >= 1 and e >= 1:
+        arrangements = [(a // t, t) for t in range(1, min(a, cfg.num_heads) + 1) if a % t == 0]
+        placement = _replicated(cfg.num_experts, e)
+        named.append((f"simulated separated {a}+{e} (best R x T, m)",
+                      [SeparatedPlan(r, t, e, m, placement=placement) for r, t in arrangements for m in ms
+                       if m <= max(1, work.batch // r)], ""))
+        if a <= cfg.num_heads:
+            named.append((f"simulated separated {a}+{e} (1x{a} head-parallel)",
+                          [SeparatedPlan(1, a, e, m, placement=placement) for m in ms if m <= work.batch],
+                          "the seeds' '32 heads across 12 GPUs'"))
+    if gpus > 1:
+        named.append((f"simulated colocated EP{gpus}",
+                      [EpPlan(gpus, m, placement=_replicated(cfg.num_experts, gpus))
+                       for m in ms if m <= max(1, math.ceil(work.batch / gpus))], ""))
+    for plan in extra_plans:
+        named.append((f"simulated {describe(plan)}", [plan], "requested with --plan"))
+    for label, plans, note in named:
+        sim, errors = best_of_with_errors(plans, cfg, hw, work, overlap)
+        if sim is None:
+            rows.append(dict(label=label, source="simulated", strategy=plans[0].strategy if plans else "?",
+                             plan="does not fit", tpot_ms=None, tps=None, floor_ms=None,
+                             note=errors[0] if errors else "no legal plan"))
+            continue
+        rows.append(_row(label, sim, note))
+        sims.append(sim)
+    res = search(cfg, hw, gpus, work, top=1, max_microbatches=max_microbatches, overlap=overlap)
+    if res.ranked:
+        rows.append(_row("planner's best", res.best, f"{res.simulated} of {res.candidates} candidates simulated"))
+        sims.append(res.best)
+    return rows, sims
+
+
+def _floor_of(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
+    from .simulator import floor_s
+    return floor_s(plan, cfg, work, hw)

@@ -1,0 +1,366 @@
+"""Event-driven simulator: the runtime's per-rank op lists, timed by the cost model.
+
+Each rank runs the op list `masep.parallel.schedule` gives its role, in order, on two CUDA-like
+streams (the runtime's design: streams and events, no host sync inside a step):
+  - stream 0 (compute): attention, experts, head;
+  - stream 1 (comm): dispatch, combine, recv, send, allreduce, send_act, recv_act.
+An op starts when the previous op of its stream has ended *and* the previous op of the same
+micro-batch on this rank has ended (its data). With `overlap=False` everything runs on one
+stream: the in-order, blocking semantics of the CPU/gloo runtime.
+
+Ops that involve other ranks are matched by a key (op names unified: dispatch == recv,
+combine == send, send_act(l) == recv_act(l+1)) plus the n-th occurrence of that key on the
+rank (tp_pp issues two all-reduces per layer). Member i *arrives* at start_i + compute_s_i;
+when all members have arrived the transfer runs: every member ends at
+    max(arrivals) + max(members' transfer_s) + its own post_s.
+So a NCCL kernel that waits for a late peer occupies its stream (and shows as "kernel active")
+while doing nothing: that is what nvidia-smi's utilization counts.
+
+Matching groups (rank layouts of masep.plan):
+  separated  a2e(l, mb): all attention + expert ranks; e2a(l, mb) likewise; attention with
+             T > 1: the replica's ranks (head-parallel all-reduce inside the op)
+  tp_pp      rank = stage * tp + t; all-reduce: the stage's TP group; activations: t of stage s
+             with t of stage s+1
+  ep         dispatch(l, mb), combine(l, mb): all ranks (all-to-all)
+One step starts with every rank idle and ends when the last op ends: TPOT = that makespan
+(the runtime returns logits of all micro-batches before the next step starts).
+
+Metrics (per simulated step):
+  busy fraction      compute-stream work (compute_s of compute ops) / TPOT, per GPU
+  kernel active      union of all op intervals on both streams / TPOT, per GPU: the
+                     nvidia-smi "GPU utilization" sense (secondary; counts NCCL kernels waiting)
+  MBU                bytes all GPUs read from HBM in the step / TPOT / (GPUs x spec HBM rate)
+  MBU (useful)       bytes one step must read at least (weights touched by the whole batch once,
+                     KV, lm_head once) / TPOT / (GPUs x spec HBM rate)
+  MFU                FLOPs of all GPUs / TPOT / (GPUs x spec matmul rate)
+  floor              sum over phases that must run one after another of max over the phase's GPUs
+                     of (bytes that GPU must read with one micro-batch) / spec HBM rate. Phases:
+                     tp_pp = its pipeline stages (one stage streams at a time); separated, ep and
+                     single = one phase (attention and experts overlap perfectly at best).
+                     One-phase floors bound every m (more micro-batches only re-read weights);
+                     the tp_pp floor is REFERENCE.md's definition: with m > 1 the stages do
+                     overlap, so it bounds the m = 1 pipeline, not every m.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..config import ModelConfig
+from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, RECV_ACT,
+                                 SEND, SEND_ACT, Op, ep_schedule, separated_schedule, tp_pp_schedule)
+from ..plan import SinglePlan
+from .costmodel import (COMM, COMPUTE, MemoryUse, OpCost, Workload, check_memory, describe, op_cost,
+                        rank_memory, rank_role)
+from .hardware import Hardware
+
+COMPUTE_KINDS = (ATTENTION, EXPERTS, HEAD)
+
+
+# --- op lists and matching ----------------------------------------------------------------------------
+def single_schedule(num_layers: int, microbatches: int = 1) -> list[Op]:
+    ops: list[Op] = []
+    for mb in range(microbatches):
+        for layer in range(num_layers):
+            ops += [Op(ATTENTION, layer, mb), Op(EXPERTS, layer, mb)]
+        ops.append(Op(HEAD, -1, mb))
+    return ops
+
+
+def rank_ops(plan, cfg: ModelConfig, rank: int) -> tuple[Op, ...]:
+    """The op list the runtime runs on `rank` for one step."""
+    role = rank_role(plan, cfg, rank)
+    stages = plan.pp if plan.strategy == "tp_pp" else 1
+    return _schedule(plan.strategy, role.kind, cfg.num_layers, role.layers, role.replica, stages, plan.microbatches)
+
+
+@lru_cache(maxsize=4096)
+def _schedule(strategy: str, kind: str, num_layers: int, layers: range, stage: int, stages: int,
+              m: int) -> tuple[Op, ...]:
+    if strategy == "separated":
+        return tuple(separated_schedule(kind, num_layers, m))
+    if strategy == "tp_pp":
+        return tuple(tp_pp_schedule(layers, stage, stages, m))
+    if strategy == "ep":
+        return tuple(ep_schedule(num_layers, m))
+    if strategy == "single":
+        return tuple(single_schedule(num_layers, m))
+    raise ValueError(f"plan.strategy={strategy!r}: cannot simulate it")
+
+
+def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
+    """(key, member ranks) of an op that needs other ranks, or None for a local op."""
+    s = plan.strategy
+    if s == "separated":
+        if op.kind in (DISPATCH, RECV):
+            return ("a2e", op.layer, op.mb), tuple(range(plan.world_size))
+        if op.kind in (COMBINE, SEND):
+            return ("e2a", op.layer, op.mb), tuple(range(plan.world_size))
+        if op.kind == ATTENTION and plan.attn_tp > 1:
+            replica = rank // plan.attn_tp
+            return ("attn", replica, op.layer, op.mb), tuple(plan.replica_ranks(replica))
+        return None
+    if s == "tp_pp":
+        stage, t = divmod(rank, plan.tp)
+        if op.kind == ALLREDUCE:
+            return ("ar", stage, op.layer, op.mb), tuple(range(stage * plan.tp, (stage + 1) * plan.tp))
+        if op.kind == SEND_ACT:
+            return ("act", stage, t, op.mb), (rank, rank + plan.tp)
+        if op.kind == RECV_ACT:
+            return ("act", stage - 1, t, op.mb), (rank - plan.tp, rank)
+        return None
+    if s == "ep" and op.kind in (DISPATCH, COMBINE):
+        return (op.kind, op.layer, op.mb), tuple(range(plan.world_size))
+    return None
+
+
+def rank_costs(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware, ops) -> list[OpCost]:
+    """Cost of each op in `ops` on `rank` (costs depend on kind and micro-batch, not on the layer)."""
+    memo: dict[tuple[str, int], OpCost] = {}
+    out = []
+    for o in ops:
+        c = memo.get((o.kind, o.mb))
+        if c is None:
+            c = memo[o.kind, o.mb] = op_cost(o.kind, o.layer, o.mb, plan, rank, cfg, work, hw)
+        out.append(c)
+    return out
+
+
+# --- results -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpRecord:
+    rank: int
+    stream: int
+    op: Op
+    start: float
+    arrive: float  # start + compute_s: when its own work was done
+    end: float
+    cost: OpCost
+
+    @property
+    def name(self) -> str:
+        return str(self.op)
+
+
+@dataclass
+class Simulation:
+    plan: object
+    cfg: ModelConfig
+    work: Workload
+    hw: Hardware
+    overlap: bool
+    records: list[OpRecord]
+    memory: list[MemoryUse]
+    floor_s: float
+    floor_achievable_s: float
+    min_step_bytes: float
+    tpot_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tpot_s = max((r.end for r in self.records), default=0.0)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.plan.world_size
+
+    @property
+    def tps(self) -> float:
+        return self.work.batch / self.tpot_s
+
+    def _per_rank(self, fn) -> list[float]:
+        out = [0.0] * self.num_gpus
+        for r in self.records:
+            out[r.rank] += fn(r)
+        return out
+
+    @property
+    def busy_fraction(self) -> list[float]:
+        busy = self._per_rank(lambda r: r.cost.compute_s if r.op.kind in COMPUTE_KINDS else 0.0)
+        return [b / self.tpot_s for b in busy]
+
+    @property
+    def kernel_active(self) -> list[float]:
+        """nvidia-smi-style: fraction of the step during which any op (kernel) is on the GPU."""
+        spans: list[list[tuple[float, float]]] = [[] for _ in range(self.num_gpus)]
+        for r in self.records:
+            if r.end > r.start:
+                spans[r.rank].append((r.start, r.end))
+        out = []
+        for s in spans:
+            total, cur_start, cur_end = 0.0, None, None
+            for a, b in sorted(s):
+                if cur_end is None or a > cur_end:
+                    total += (cur_end - cur_start) if cur_end is not None else 0.0
+                    cur_start, cur_end = a, b
+                else:
+                    cur_end = max(cur_end, b)
+            total += (cur_end - cur_start) if cur_end is not None else 0.0
+            out.append(total / self.tpot_s)
+        return out
+
+    @property
+    def hbm_bytes(self) -> float:
+        return sum(r.cost.hbm_bytes for r in self.records)
+
+    @property
+    def flops(self) -> float:
+        return sum(r.cost.flops for r in self.records)
+
+    @property
+    def mbu(self) -> float:
+        return self.hbm_bytes / self.tpot_s / (self.num_gpus * self.hw.hbm_bytes_per_s)
+
+    @property
+    def mbu_useful(self) -> float:
+        return self.min_step_bytes / self.tpot_s / (self.num_gpus * self.hw.hbm_bytes_per_s)
+
+    @property
+    def mfu(self) -> float:
+        return self.flops / self.tpot_s / (self.num_gpus * self.hw.matmul_flops_per_s)
+
+    def op_times(self, rank: int | None = None) -> dict[str, float]:
+        """Seconds per op kind, summed (one rank, or all), of the op alone (no waiting)."""
+        out: dict[str, float] = {}
+        for r in self.records:
+            if rank is None or r.rank == rank:
+                out[r.op.kind] = out.get(r.op.kind, 0.0) + r.cost.time_s
+        return out
+
+    def summary(self) -> dict:
+        busy, active = self.busy_fraction, self.kernel_active
+        return dict(
+            strategy=self.plan.strategy, plan=describe(self.plan), gpus=self.num_gpus, hardware=self.hw.name,
+            batch=self.work.batch, context=self.work.context, microbatches=self.plan.microbatches,
+            overlap=self.overlap, tpot_ms=self.tpot_s * 1e3, tps=self.tps, floor_ms=self.floor_s * 1e3,
+            floor_achievable_ms=self.floor_achievable_s * 1e3, tpot_over_floor=self.tpot_s / self.floor_s,
+            mbu=self.mbu, mbu_useful=self.mbu_useful, mfu=self.mfu,
+            busy_fraction_mean=sum(busy) / len(busy), busy_fraction=busy,
+            kernel_active_mean_nvidia_smi_style=sum(active) / len(active), kernel_active_nvidia_smi_style=active,
+            hbm_bytes=self.hbm_bytes, min_step_bytes=self.min_step_bytes, flops=self.flops,
+            memory_gb=[round(m.total / 1e9, 3) for m in self.memory],
+            memory_max_gb=max(m.total for m in self.memory) / 1e9,
+        )
+
+
+# --- floors ------------------------------------------------------------------------------------------
+def _rank_bytes(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware) -> float:
+    ops = [op for op in rank_ops(plan, cfg, rank) if op.kind in COMPUTE_KINDS]
+    return sum(c.hbm_bytes for c in rank_costs(plan, cfg, rank, work, hw, ops))
+
+
+def floor_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, achievable: bool = False) -> float:
+    """HBM floor of the plan's GPU split (module docstring): one micro-batch, spec bandwidth."""
+    one = dataclasses.replace(plan, microbatches=1)
+    rate = hw.hbm_bytes_per_s * (hw.hbm_efficiency if achievable else 1.0)
+    per_rank = [_rank_bytes(one, cfg, r, work, hw) for r in range(plan.world_size)]
+    if plan.strategy == "tp_pp":
+        return sum(max(per_rank[s * plan.tp:(s + 1) * plan.tp]) for s in range(plan.pp)) / rate
+    return max(per_rank) / rate
+
+
+def min_step_bytes(cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
+    """Bytes one decode step reads at least: the whole model on one device, one micro-batch."""
+    return _rank_bytes(SinglePlan(), cfg, 0, work, hw)
+
+
+# --- the event loop ----------------------------------------------------------------------------------
+class Deadlock(RuntimeError):
+    """The op lists cannot finish: some matched op never gets all its members."""
+
+
+def all_costs(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[list[OpCost]]:
+    """Cost of every op of every rank, in op-list order."""
+    return [rank_costs(plan, cfg, r, work, hw, rank_ops(plan, cfg, r)) for r in range(plan.world_size)]
+
+
+def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
+         costs: list[list[OpCost]] | None = None) -> list[OpRecord]:
+    n = plan.world_size
+    ops = [rank_ops(plan, cfg, r) for r in range(n)]
+    costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
+    stream = [[(COMM if overlap and o.kind not in COMPUTE_KINDS else COMPUTE) for o in ops[r]] for r in range(n)]
+    # dependencies: previous op on the same stream, previous op of the same micro-batch
+    deps, keys = [], []
+    for r in range(n):
+        last_stream, last_mb, seen, d, k = {}, {}, {}, [], []
+        for i, o in enumerate(ops[r]):
+            d.append((last_stream.get(stream[r][i], -1), last_mb.get(o.mb, -1)))
+            last_stream[stream[r][i]], last_mb[o.mb] = i, i
+            m = match(plan, r, o)
+            if m is not None:
+                nth = seen.get(m[0], 0)
+                seen[m[0]] = nth + 1
+                m = ((*m[0], nth), m[1])
+            k.append(m)
+        deps.append(d)
+        keys.append(k)
+    by_stream = [[[i for i in range(len(ops[r])) if stream[r][i] == s] for s in (COMPUTE, COMM)] for r in range(n)]
+    ptr = [[0, 0] for _ in range(n)]
+    waiting = [[False, False] for _ in range(n)]
+    start = [[None] * len(ops[r]) for r in range(n)]
+    arrive = [[None] * len(ops[r]) for r in range(n)]
+    end = [[None] * len(ops[r]) for r in range(n)]
+    groups: dict[tuple, dict[int, int]] = {}  # key -> {rank: op index} of members that arrived
+    queue = deque(range(n))
+    queued = [True] * n
+
+    def finish(r: int, i: int, t: float) -> None:
+        end[r][i] = t
+        s = stream[r][i]
+        waiting[r][s] = False
+        ptr[r][s] += 1
+
+    while queue:
+        r = queue.popleft()
+        queued[r] = False
+        progress = True
+        while progress:
+            progress = False
+            for s in (COMPUTE, COMM):
+                if waiting[r][s] or ptr[r][s] >= len(by_stream[r][s]):
+                    continue
+                i = by_stream[r][s][ptr[r][s]]
+                before = [end[r][j] for j in deps[r][i] if j >= 0]
+                if any(t is None for t in before):
+                    continue
+                t0 = max(before, default=0.0)
+                start[r][i], arrive[r][i] = t0, t0 + costs[r][i].compute_s
+                progress = True
+                if keys[r][i] is None:
+                    finish(r, i, arrive[r][i] + costs[r][i].transfer_s + costs[r][i].post_s)
+                    continue
+                key, members = keys[r][i]
+                if r not in members:
+                    raise AssertionError(f"rank {r} is not a member of its own transfer {key}")
+                waiting[r][s] = True
+                got = groups.setdefault(key, {})
+                got[r] = i
+                if len(got) == len(members):
+                    t = max(arrive[m][j] for m, j in got.items()) + max(costs[m][j].transfer_s for m, j in got.items())
+                    for m, j in sorted(got.items()):
+                        finish(m, j, t + costs[m][j].post_s)
+                        if m != r and not queued[m]:
+                            queue.append(m)
+                            queued[m] = True
+                    del groups[key]
+    stuck = [(r, str(ops[r][by_stream[r][s][ptr[r][s]]])) for r in range(n) for s in (0, 1)
+             if ptr[r][s] < len(by_stream[r][s])]
+    if stuck:
+        raise Deadlock(f"plan {describe(plan)}: op lists cannot complete; first blocked ops (rank, op): "
+                       f"{stuck[:8]}; transfers missing members: {sorted(groups)[:4]}")
+    return [OpRecord(r, stream[r][i], ops[r][i], start[r][i], arrive[r][i], end[r][i], costs[r][i])
+            for r in range(n) for i in range(len(ops[r]))]
+
+
+def simulate(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True,
+             check_fit: bool = True, costs: list[list[OpCost]] | None = None) -> Simulation:
+    """One decode step of `plan`; ValueError (with the numbers) when a rank's memory does not fit.
+    `costs`: `all_costs(...)` when the caller has them already."""
+    plan.validate(cfg, plan.world_size)
+    memory = check_memory(plan, cfg, work, hw) if check_fit else \
+        [rank_memory(plan, cfg, r, work, hw) for r in range(plan.world_size)]
+    return Simulation(plan, cfg, work, hw, overlap, _run(plan, cfg, work, hw, overlap, costs), memory,
+                      floor_s(plan, cfg, work, hw), floor_s(plan, cfg, work, hw, achievable=True),
+                      min_step_bytes(cfg, work, hw))
