@@ -64,13 +64,22 @@ def _wait(work, bridge: Bridge, what: str, step: int, layer: int, mb: int) -> No
 
 
 def _wait_named(work, timeout: timedelta, what: str) -> None:
-    """Wait for a transfer inside a replica or a pipeline; `what` says who waits for what."""
+    """Wait for a transfer; `what` says who waits for what and where in the schedule.
+
+    gloo: a host wait bounded by `timeout`. NCCL: a stream wait (the host does not block);
+    passing a timeout there turns it into a host busy-wait that polls in 10 ms sleeps (we
+    measured 10 ms per wait on H200), so the bound is the process group's own timeout, given
+    at group creation, which NCCL's watchdog enforces by aborting the communicator."""
     try:
-        ok = work.wait(timeout=timeout)
+        ok = work.wait() if _stream_waits() else work.wait(timeout=timeout)
     except Exception as err:  # gloo/NCCL raise their own types; re-raise naming the transfer
         raise CommError(f"{what}: {type(err).__name__}: {err}") from err
     if ok is False:
         raise CommError(f"{what}: no answer within {timeout.total_seconds():.0f} s")
+
+
+def _stream_waits() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
