@@ -108,8 +108,10 @@ class Attention(nn.Module):
         self.uniform_groups = self.heads.start % cfg.kv_group == 0 and len(self.heads) % cfg.kv_group == 0
 
     def forward(self, x_BTH: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, attend_len: int | None = None) -> torch.Tensor:
-        """Partial attention output [B, T, H] of the local heads (already through o_proj)."""
+                layer: int = 0, attend_len: int | None = None, rope=None) -> torch.Tensor:
+        """Partial attention output [B, T, H] of the local heads (already through o_proj).
+        `rope`: (cos, sin) of rope_cos_sin(positions_BT, ...) when the caller computed it once
+        for all layers; None computes it here."""
         b, t, _ = x_BTH.shape
         d = self.cfg.head_dim
         n, kv = len(self.heads), len(self.kv_heads)  # explicit: an empty micro-batch has b = 0
@@ -118,7 +120,7 @@ class Attention(nn.Module):
         v = self.v_proj(x_BTH).view(b, t, kv, d).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(positions_BT, d, self.cfg.rope_theta, x_BTH.dtype)
+        cos, sin = rope if rope is not None else rope_cos_sin(positions_BT, d, self.cfg.rope_theta, x_BTH.dtype)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is None:
             keys, values, key_pos = k, v, positions_BT
@@ -289,8 +291,8 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
         self.moe = MoE(cfg, device, dtype)
 
-    def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True):
-        h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len)
+    def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True, rope=None):
+        h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len, rope)
         return h + self.moe(self.moe_norm(h), grouped=grouped)
 
 
@@ -327,8 +329,10 @@ class MoETransformer(nn.Module):
         if positions_BT is None:
             positions_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
         x = self.embed(input_ids_BT)
+        # RoPE tables once per call, not once per layer (a decode step is launch-bound on small ops).
+        rope = rope_cos_sin(positions_BT, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, positions_BT, cache, i, attend_len, grouped)
+            x = block(x, positions_BT, cache, i, attend_len, grouped, rope)
         if logits_at_B is not None:
             x = x[torch.arange(b, device=x.device), logits_at_B]
         return self.lm_head(self.norm(x))

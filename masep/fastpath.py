@@ -1,0 +1,502 @@
+"""The CUDA decode fast path: one decode step of the model captured in a CUDA graph.
+
+`GraphedLocalRuntime` has the interface of `masep.runtime.LocalRuntime` (start / prefill /
+decode / finish). On CUDA its decode step
+
+- runs bf16 (whatever dtype the model has), SDPA over the KV cache (model.Attention),
+- runs the experts as grouped matmuls (F.grouped_mm, or the Triton kernel below where it is
+  faster), with routing counts kept on the device (model.Experts._forward_all_local),
+- optionally (`set_fused`) replaces the small ops around them with Triton kernels: RMSNorm in
+  one kernel, RoPE of q and k plus the KV-cache write in one, the router's softmax/top-k in
+  one, the routing sort/count in one (a decode step is otherwise ~250 tiny kernels),
+- is captured once per (batch, attend_len bucket) in a CUDA graph with static input buffers
+  for tokens and positions, and replayed: no host sync and no per-kernel launch cost.
+
+The attention length is rounded up to a bucket (`bucket_len`) so one graph serves many
+steps; keys past a row's position are masked, so a longer bucket changes only the summation
+order, not the function. Prefill stays eager (its length varies per call).
+
+On CPU (or with graphs=False) decode runs the model eagerly with the exact attend_len, so
+the logits are identical to LocalRuntime's: CPU is the test oracle.
+
+Shape legend as in model.py: B batch, V vocabulary, N rows, K reduction dim, M output dim,
+E experts.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .model import Attention, Experts, KVCache, MoETransformer, RMSNorm, Router
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+EXPERT_IMPLS = ("grouped_mm", "triton")
+
+
+def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
+    """Round attend_len up to a multiple of `step`, capped at max_len (one CUDA graph per bucket)."""
+    if attend_len < 1 or attend_len > max_len:
+        raise ValueError(f"attend_len={attend_len}: must be in [1, max_len={max_len}]")
+    if step < 1:
+        raise ValueError(f"bucket step={step}: must be a positive integer")
+    return min(max_len, -(-attend_len // step) * step)
+
+
+# --- Triton grouped matmul for decode-sized expert batches -----------------------------------
+def block_rows(rows: int, num_groups: int) -> int:
+    """Rows per program: the expected rows per group, as a power of two in [16, 64]
+    (tl.dot needs >= 16; larger blocks re-read each weight tile fewer times)."""
+    per_group = max(1, -(-rows // max(1, num_groups)))
+    return min(64, max(16, 1 << (per_group - 1).bit_length()))
+
+
+def num_row_slots(rows: int, num_groups: int, block_m: int) -> int:
+    """Upper bound of sum_e ceil(count_e / block_m) over any split of `rows` into groups."""
+    return (rows + num_groups * (block_m - 1)) // block_m
+
+
+if triton is not None:
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, M, K, num_slots,
+                           stride_xn, stride_xk, stride_we, stride_wk, stride_wm, stride_on, stride_om,
+                           E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """out[rows of group e] = x[rows of group e] @ w[e]; groups given by cumulative offs [E].
+
+        Program (slot, m-block): slot = the slot-th block of BLOCK_N rows, counting the blocks
+        of every group in order; slots past the last block exit. Slots vary fastest, so the
+        blocks that read the same weight tile run together and share it through L2.
+        """
+        pid = tl.program_id(0)
+        slot = pid % num_slots
+        pid_m = pid // num_slots
+        first_block = 0
+        start = 0
+        group = -1
+        row0 = 0
+        row1 = 0
+        for e in tl.static_range(E):
+            end = tl.load(offs_ptr + e)
+            blocks = (end - start + BLOCK_N - 1) // BLOCK_N
+            hit = (slot >= first_block) & (slot < first_block + blocks)
+            group = tl.where(hit, e, group)
+            row0 = tl.where(hit, start + (slot - first_block) * BLOCK_N, row0)
+            row1 = tl.where(hit, end, row1)
+            first_block += blocks
+            start = end
+        if group >= 0:
+            rows = row0 + tl.arange(0, BLOCK_N)
+            cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            ks = tl.arange(0, BLOCK_K)
+            row_ok = rows < row1
+            col_ok = cols < M
+            x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+            w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+                      + cols[None, :] * stride_wm)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    k_ok = (k0 + ks) < K
+                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+            out_ptrs = out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_om
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    # Decode is memory-bound: few rows, long weight streams. Candidates favour deep pipelines.
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bm, bk, w, s in [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4),
+                                     (32, 256, 4, 4), (64, 128, 4, 6), (128, 256, 8, 3), (32, 128, 4, 6)]]
+    _grouped_mm_tuned = triton.autotune(configs=_CONFIGS, key=["M", "K", "BLOCK_N", "E"])(_grouped_mm_kernel)
+
+
+def triton_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor,
+                      config: dict | None = None) -> torch.Tensor:
+    """Same contract as F.grouped_mm(x, w, offs=offs) for 2-D x and 3-D w: rows of x sorted by
+    group, offs [E] int32 cumulative row ends (offs[-1] == N) -> [N, M] in x's dtype.
+
+    `config` (BLOCK_M, BLOCK_K, num_warps, num_stages) pins the tile instead of autotuning.
+    """
+    if triton is None:
+        raise RuntimeError("triton_grouped_mm needs triton (install a CUDA build of torch)")
+    n, k = x_NK.shape
+    e, k2, m = w_EKM.shape
+    if k != k2 or offs_E.shape != (e,):
+        raise ValueError(f"triton_grouped_mm: x {tuple(x_NK.shape)}, w {tuple(w_EKM.shape)}, offs "
+                         f"{tuple(offs_E.shape)}: need x [N, K], w [E, K, M], offs [E]")
+    out = torch.empty(n, m, dtype=x_NK.dtype, device=x_NK.device)
+    if n == 0:
+        return out
+    block_n = block_rows(n, e)
+    slots = num_row_slots(n, e, block_n)
+    args = (x_NK, w_EKM, out, offs_E, m, k, slots, *x_NK.stride(), *w_EKM.stride(), *out.stride())
+    if config is None:
+        grid = lambda meta: (slots * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+        even = k % 256 == 0  # every candidate BLOCK_K divides 256
+        _grouped_mm_tuned[grid](*args, E=e, BLOCK_N=block_n, EVEN_K=even)
+    else:
+        meta = dict(config)
+        warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
+        grid = (slots * triton.cdiv(m, meta["BLOCK_M"]),)
+        _grouped_mm_kernel[grid](*args, E=e, BLOCK_N=block_n, EVEN_K=k % meta["BLOCK_K"] == 0,
+                                 num_warps=warps, num_stages=stages, **meta)
+    return out
+
+
+# --- fused small ops: a decode step is ~250 tiny kernels besides the weight streams -----------
+if triton is not None:
+    @triton.jit
+    def _round_bf16(x):
+        """float32 -> the nearest bf16 value (ties to even), kept in float32. Bit arithmetic, so
+        the compiler cannot fold it away as it does a .to(bf16).to(fp32) round trip (and the
+        result no longer depends on the cast's rounding mode: Triton's CPU interpreter truncates).
+        torch rounds every bf16 op's result this way; matching it keeps routing identical."""
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_o, BLOCK: tl.constexpr,
+                         ROUND_BF16: tl.constexpr):
+        """One row: float32 mean of squares, rsqrt, cast to x's dtype, times the weight (as RMSNorm)."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        if ROUND_BF16:
+            y = _round_bf16(x * r)
+        else:
+            y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        out = w * y
+        if ROUND_BF16:
+            out = _round_bf16(out)  # exact in bf16 now, whatever rounding the final cast uses
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _topk_softmax_kernel(logits_ptr, w_ptr, id_ptr, X, E: tl.constexpr, E2: tl.constexpr, K: tl.constexpr,
+                             NORM: tl.constexpr, BLOCK_X: tl.constexpr):
+        """Router tail per row: float32 softmax over E logits, top-K by repeated argmax (lowest
+        index on ties), optional renormalisation; weights in w's dtype, ids int64."""
+        rows = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
+        cols = tl.arange(0, E2)
+        row_ok = rows < X
+        logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :],
+                         mask=row_ok[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        total = tl.zeros((BLOCK_X,), dtype=tl.float32)
+        q = p
+        for _ in tl.static_range(K):  # pass 1: the sum of the top-K probabilities
+            best = tl.max(q, axis=1)
+            pick = tl.min(tl.where(q == best[:, None], cols[None, :], E2), axis=1)
+            total += best
+            q = tl.where(cols[None, :] == pick[:, None], -1.0, q)
+        if not NORM:
+            total = tl.full((BLOCK_X,), 1.0, tl.float32)
+        q = p
+        for t in tl.static_range(K):  # pass 2: write them, renormalised
+            best = tl.max(q, axis=1)
+            pick = tl.min(tl.where(q == best[:, None], cols[None, :], E2), axis=1)
+            tl.store(w_ptr + rows * K + t, (best / total).to(w_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(id_ptr + rows * K + t, pick.to(tl.int64), mask=row_ok)
+            q = tl.where(cols[None, :] == pick[:, None], -1.0, q)
+
+    @triton.jit
+    def _route_kernel(ids_ptr, w_ptr, offs_ptr, token_ptr, w_sorted_ptr, n, K: tl.constexpr, E: tl.constexpr,
+                      E2: tl.constexpr, BLOCK: tl.constexpr):
+        """Stable counting sort of n token-expert pairs by expert, in one program: cumulative row
+        ends offs [E] (int32), the token of each sorted row (int64) and its routing weight."""
+        j = tl.arange(0, BLOCK)
+        ok = j < n
+        ids = tl.load(ids_ptr + j, mask=ok, other=-1)
+        experts = tl.arange(0, E2)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, E2]
+        counts = tl.sum(onehot, axis=0)
+        ends = tl.cumsum(counts, axis=0)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1  # earlier pairs with my expert
+        start = tl.sum(onehot * (ends - counts)[None, :], axis=1)
+        dest = start + rank
+        tl.store(offs_ptr + experts, ends, mask=experts < E)
+        tl.store(token_ptr + dest, (j // K).to(tl.int64), mask=ok)
+        tl.store(w_sorted_ptr + dest, tl.load(w_ptr + j, mask=ok), mask=ok)
+
+
+    @triton.jit
+    def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, ck_ptr, cv_ptr, N,
+                           s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_rb, s_ob, s_oh,
+                           s_ckb, s_ckh, s_cks, s_cvb, s_cvh, s_cvs, D: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """Program (b, h): rotate-half RoPE of query head h into q_out, or (h >= N) of KV head
+        h - N into the cache at the row's position, with its value. Rounds like apply_rope:
+        x*cos and rotated*sin each to the storage dtype, then their sum."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, D)
+        partner = (i + D // 2) % D
+        sign = tl.where(i < D // 2, -1.0, 1.0)
+        ty = q_out_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + b * s_rb + i).to(tl.float32)
+        sin = tl.load(sin_ptr + b * s_rb + i).to(tl.float32)
+        if h < N:
+            src = q_ptr + b * s_qb + h * s_qh
+            x, xp = tl.load(src + i).to(tl.float32), tl.load(src + partner).to(tl.float32)
+            if ROUND_BF16:
+                out = _round_bf16(_round_bf16(x * cos) + _round_bf16(sign * xp * sin)).to(ty)
+            else:
+                out = ((x * cos).to(ty).to(tl.float32) + (sign * xp * sin).to(ty).to(tl.float32)).to(ty)
+            tl.store(q_out_ptr + b * s_ob + h * s_oh + i, out)
+        else:
+            kh = h - N
+            pos = tl.load(pos_ptr + b)
+            src = k_ptr + b * s_kb + kh * s_kh
+            x, xp = tl.load(src + i).to(tl.float32), tl.load(src + partner).to(tl.float32)
+            if ROUND_BF16:
+                out = _round_bf16(_round_bf16(x * cos) + _round_bf16(sign * xp * sin)).to(ty)
+            else:
+                out = ((x * cos).to(ty).to(tl.float32) + (sign * xp * sin).to(ty).to(tl.float32)).to(ty)
+            tl.store(ck_ptr + b * s_ckb + kh * s_ckh + pos * s_cks + i, out)
+            tl.store(cv_ptr + b * s_cvb + kh * s_cvh + pos * s_cvs + i, tl.load(v_ptr + b * s_vb + kh * s_vh + i))
+
+
+ROUTE_MAX_PAIRS = 4096  # one program sorts at most this many token-expert pairs (decode sizes)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm.forward in one kernel (float32 statistics; the same rounding steps)."""
+    h = x.shape[-1]
+    x2 = x.reshape(-1, h)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    block = _pow2(h)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, h, eps, x2.stride(0), out.stride(0), BLOCK=block,
+                                     ROUND_BF16=x.dtype == torch.bfloat16, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
+
+
+def fused_topk_softmax(logits_XE: torch.Tensor, top_k: int, norm: bool, dtype: torch.dtype):
+    """Router.forward's tail: weights [X, k] (dtype) and ids [X, k] (int64)."""
+    x, e = logits_XE.shape
+    logits_XE = logits_XE.contiguous()
+    weights = torch.empty(x, top_k, dtype=dtype, device=logits_XE.device)
+    ids = torch.empty(x, top_k, dtype=torch.long, device=logits_XE.device)
+    block_x = 16
+    _topk_softmax_kernel[(triton.cdiv(x, block_x),)](logits_XE, weights, ids, x, E=e, E2=_pow2(e), K=top_k,
+                                                      NORM=norm, BLOCK_X=block_x)
+    return weights, ids
+
+
+def fused_route(local_ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, num_experts: int):
+    """Stable sort of token-expert pairs by local expert: offs [E] int32 (cumulative row ends),
+    token [X*k] int64, sorted weights [X*k]; the same order as argsort(stable=True)."""
+    x, k = local_ids_Xk.shape
+    n = x * k
+    if n > ROUTE_MAX_PAIRS:
+        raise ValueError(f"fused_route: {n} token-expert pairs exceed ROUTE_MAX_PAIRS={ROUTE_MAX_PAIRS}")
+    dev = local_ids_Xk.device
+    offs = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    token = torch.empty(n, dtype=torch.long, device=dev)
+    w_sorted = torch.empty(n, dtype=weights_Xk.dtype, device=dev)
+    block = max(16, _pow2(n))
+    _route_kernel[(1,)](local_ids_Xk.contiguous(), weights_Xk.contiguous(), offs, token, w_sorted, n, K=k,
+                        E=num_experts, E2=max(16, _pow2(num_experts)), BLOCK=block,
+                        num_warps=4 if block <= 1024 else 8)
+    return offs, token, w_sorted
+
+
+def fused_rope_cache_write(q_BND, k_BKD, v_BKD, cos, sin, positions_B, cache_k, cache_v) -> torch.Tensor:
+    """Decode (one token per row): RoPE on q -> [B, N, 1, D]; RoPE on k and v written into the
+    layer's cache [B, K, S, D] at positions_B. Replaces apply_rope x2 and KVCache.write."""
+    b, n, d = q_BND.shape
+    kh = k_BKD.shape[1]
+    q_out = torch.empty(b, n, 1, d, dtype=q_BND.dtype, device=q_BND.device)
+    cos, sin = cos.reshape(b, d), sin.reshape(b, d)
+    positions_B = positions_B.contiguous()
+    _rope_cache_kernel[(b, n + kh)](
+        q_BND, k_BKD, v_BKD, cos, sin, positions_B, q_out, cache_k, cache_v, n,
+        q_BND.stride(0), q_BND.stride(1), k_BKD.stride(0), k_BKD.stride(1), v_BKD.stride(0), v_BKD.stride(1),
+        cos.stride(0), q_out.stride(0), q_out.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), D=d, ROUND_BF16=q_BND.dtype == torch.bfloat16,
+        num_warps=1)
+    return q_out
+
+
+def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_len=None, rope=None):
+    """Attention.forward for a CUDA decode step (one token per row, a cache, RoPE tables given):
+    projections, then one kernel for RoPE + cache write, then the model's own SDPA and o_proj."""
+    b, t, _ = x_BTH.shape
+    if not (x_BTH.is_cuda and cache is not None and t == 1 and b > 0 and rope is not None
+            and x_BTH.dtype == cache.k[layer].dtype and attn.cfg.head_dim % 2 == 0
+            and attn.cfg.head_dim & (attn.cfg.head_dim - 1) == 0):
+        return type(attn).forward(attn, x_BTH, positions_BT, cache, layer, attend_len, rope)
+    d = attn.cfg.head_dim
+    n, kv = len(attn.heads), len(attn.kv_heads)
+    q = attn.q_proj(x_BTH).view(b, n, d)
+    k = attn.k_proj(x_BTH).view(b, kv, d)
+    v = attn.v_proj(x_BTH).view(b, kv, d)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q_BN1D = fused_rope_cache_write(q, k, v, rope[0], rope[1], positions_BT[:, 0], cache.k[layer], cache.v[layer])
+    s = attend_len or cache.max_len
+    key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
+    out = attn._attend(q_BN1D, cache.k[layer][:, :, :s], cache.v[layer][:, :, :s], positions_BT, key_pos)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _norm_forward(norm, x):
+    if not x.is_cuda or x.numel() == 0:
+        return type(norm).forward(norm, x)
+    return fused_rms_norm(x, norm.weight, norm.eps)
+
+
+def _router_forward(router, x_XH):
+    if not x_XH.is_cuda or x_XH.shape[0] == 0:
+        return type(router).forward(router, x_XH)
+    logits = torch.nn.functional.linear(x_XH, router.weight)
+    return fused_topk_softmax(logits, router.cfg.top_k, router.cfg.norm_topk_prob, x_XH.dtype)
+
+
+def _experts_forward(experts, x_XH, weights_Xk, ids_Xk, grouped=True):
+    """Experts.forward for all-local experts with the routing prologue in one kernel."""
+    if not (x_XH.is_cuda and grouped and experts.all_local and 0 < ids_Xk.numel() <= ROUTE_MAX_PAIRS):
+        return type(experts).forward(experts, x_XH, weights_Xk, ids_Xk, grouped)
+    offs, token, w_sorted = fused_route(experts.local_index[ids_Xk], weights_Xk, len(experts.expert_ids))
+    mm = experts.grouped_mm_fn or (lambda a, b, o: torch.nn.functional.grouped_mm(a, b, offs=o))
+    x_NH = x_XH[token]
+    up = mm(x_NH, experts.w_up.transpose(1, 2), offs)
+    gate = mm(x_NH, experts.w_gate.transpose(1, 2), offs) if experts.w_gate is not None else None
+    y = mm(experts._act(gate, up), experts.w_down.transpose(1, 2), offs) * w_sorted[:, None]
+    return torch.zeros_like(x_XH).index_add_(0, token, y.to(x_XH.dtype))
+
+
+def set_fused(model: torch.nn.Module, on: bool) -> None:
+    """Swap RMSNorm, Router and (all-local) Experts forwards for the fused Triton versions on
+    CUDA inputs (CPU inputs keep the model's own code); off restores the model's forwards."""
+    if on and triton is None:
+        raise ValueError("fused kernels need triton, which is not installed")
+    patches = {RMSNorm: _norm_forward, Router: _router_forward, Experts: _experts_forward,
+               Attention: _attention_forward}
+    for module in model.modules():
+        patch = patches.get(type(module))
+        module.__dict__.pop("forward", None)
+        if on and patch is not None:
+            module.forward = functools.partial(patch, module)
+
+
+def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
+    """Use `impl` ("grouped_mm" or "triton") for every Experts module in `model`."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert impl {impl!r}: choose one of {EXPERT_IMPLS}")
+    if impl == "triton" and triton is None:
+        raise ValueError("expert impl 'triton' needs triton, which is not installed: use 'grouped_mm'")
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.grouped_mm_fn = triton_grouped_mm if impl == "triton" else None
+
+
+# --- the runtime --------------------------------------------------------------------------------
+class GraphedLocalRuntime:
+    """LocalRuntime with each decode step replayed from a CUDA graph (see the module docstring).
+
+    graphs: None = on when the model is on CUDA. bucket: attend_len granularity of the graphs.
+    expert_impl: "auto" = the Triton grouped matmul on CUDA where triton is installed (1.4x
+    F.grouped_mm's speed at decode sizes on an H200), else the model's setting; None keeps the
+    model's setting; else see `set_expert_impl`.
+    fused: None keeps the model's setting (off by default); else see `set_fused`.
+    Pass tokens and positions on the model's device: a host tensor costs a blocking copy.
+    """
+
+    def __init__(self, model: MoETransformer, graphs: bool | None = None, bucket: int = 256,
+                 expert_impl: str | None = "auto", fused: bool | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = model.device
+        on_cuda = self.device.type == "cuda"
+        self.graphs = on_cuda if graphs is None else graphs
+        if self.graphs and not on_cuda:
+            raise ValueError(f"graphs=True needs a CUDA model, got device {self.device}")
+        if bucket < 1:
+            raise ValueError(f"bucket={bucket}: must be a positive integer")
+        self.bucket = bucket
+        if expert_impl == "auto":
+            expert_impl = "triton" if on_cuda and triton is not None else None
+        if expert_impl is not None:
+            set_expert_impl(model, expert_impl)
+        if fused is not None:
+            set_fused(model, fused)
+        self.cache: KVCache | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.cache = self.model.new_cache(batch, max_len)
+        self._graphs.clear()
+        self._tokens_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._positions_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids_BT.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        logits = self.model(input_ids_BT.to(self.device), positions, self.cache, attend_len=t,
+                            logits_at_B=lengths_B.to(self.device) - 1)
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int) -> torch.Tensor:
+        if self.cache is None:
+            raise ValueError("decode before start(): call start(batch, max_len) first")
+        if tokens_B.shape != (self._tokens_B1.shape[0],):
+            raise ValueError(f"tokens_B shape {tuple(tokens_B.shape)}: this runtime was started for "
+                             f"batch {self._tokens_B1.shape[0]}")
+        self._tokens_B1.copy_(tokens_B[:, None], non_blocking=True)
+        self._positions_B1.copy_(positions_B[:, None], non_blocking=True)
+        if not self.graphs:
+            return self._step(attend_len)
+        s = bucket_len(attend_len, self.cache.max_len, self.bucket)
+        if s not in self._graphs:
+            self._graphs[s] = self._capture(s)
+        graph, out = self._graphs[s]
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+    def _step(self, attend_len: int) -> torch.Tensor:
+        logits = self.model(self._tokens_B1, self._positions_B1, self.cache, attend_len=attend_len)
+        return logits[:, 0].float()
+
+    def _capture(self, attend_len: int):
+        # Warm up on a side stream (autotuning, cuBLAS handles, lazy inits happen outside the
+        # capture). The warm-up steps write this step's K/V into the cache; so does the replay,
+        # with the same values.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(attend_len)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._step(attend_len)
+        self._pool = graph.pool()
+        return graph, out
+
+    def finish(self) -> None:
+        self.cache = None
+        self._graphs.clear()
+        self._pool = None

@@ -1,0 +1,1 @@
+"""Performance: hardware profiles, cost model, simulator, planner, benchmarks."""
