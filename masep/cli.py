@@ -126,9 +126,10 @@ def print_report(report: dict, file=None) -> None:
         print_distributed(r, file)
     if "check" in r:
         c = r["check"]
-        verdict = ("identical to the single-device model" if c["match"] else
-                   f"DIFFER from the single-device model in requests {c['mismatched_requests']}")
-        print(f"check: generated tokens of all {len(r['tokens'])} requests are {verdict}", file=file)
+        verdict = (f"generated tokens of all {len(r['tokens'])} requests are identical to the single-device model"
+                   if c["match"] else f"generated tokens DIFFER from the single-device model in requests "
+                   f"{c['mismatched_requests']}")
+        print(f"check: {verdict}", file=file)
     if r["tokens"]:
         print(f"request 0: prompt {r['prompts'][0][:8]}... -> tokens {r['tokens'][0][:16]}", file=file)
 
@@ -154,8 +155,14 @@ def print_distributed(r: dict, file) -> None:
 
 # --- strategies ----------------------------------------------------------------------------
 def run_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict:
-    """The whole model on one device."""
-    runtime = LocalRuntime(source.build(cfg, args.device))
+    """The whole model on one device; on CUDA each decode step replays a CUDA graph and the
+    experts use the Triton grouped matmul (masep/fastpath.py) unless --eager."""
+    model = source.build(cfg, args.device)
+    if args.device == "cuda" and not args.eager:
+        from .fastpath import GraphedLocalRuntime
+        runtime = GraphedLocalRuntime(model, fused=args.fused)
+    else:
+        runtime = LocalRuntime(model)
     requests = make_requests(args, cfg)
     for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
         generate(runtime, requests)
@@ -238,6 +245,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--eager", action="store_true", help="CUDA: no CUDA graphs or Triton kernels (plain PyTorch)")
+    p.add_argument("--fused", action="store_true", help="CUDA, single: fused Triton norm/RoPE/router kernels")
     p.add_argument("--check", action="store_true",
                    help="also run the single-device model on the same requests and compare the tokens")
     add_distributed_args(p)
@@ -287,6 +296,8 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
             parser.error(str(err))
         if args.timeout <= 0:
             parser.error(f"--timeout={args.timeout}: must be > 0 seconds")
+    if args.fused and (args.device != "cuda" or args.strategy != "single" or args.eager):
+        parser.error("--fused: the fused Triton kernels run with --strategy single --device cuda (without --eager)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")

@@ -54,7 +54,9 @@ def load_model(spec: RunSpec, device: torch.device):
         from ..checkpoint import from_pretrained
         return from_pretrained(spec.model_dir, dtype=dtype, device="cpu").to(device)
     cfg = spec.config if spec.config is not None else preset(spec.preset)
-    return build_model(cfg, seed=spec.seed, dtype=dtype).to(device)
+    # Drawn on the rank's own device, as ModelSource.build does: CPU and CUDA generators give
+    # different streams for one seed, so the oracle and the ranks must draw on the same kind.
+    return build_model(cfg, seed=spec.seed, dtype=dtype, device=device)
 
 
 def run_rank(spec: RunSpec) -> dict | None:
