@@ -328,8 +328,9 @@ def add_replan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_perf_parsers(subparsers) -> None:
-    """All four subcommands at once."""
-    for add in (add_plan_parser, add_simulate_parser, add_sweep_parser, add_replan_parser):
+    """All perf subcommands at once."""
+    from .calcheck import add_calcheck_parser
+    for add in (add_plan_parser, add_simulate_parser, add_sweep_parser, add_replan_parser, add_calcheck_parser):
         add(subparsers)
 
 

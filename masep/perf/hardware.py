@@ -159,9 +159,6 @@ def get_profile(name_or_path: str) -> Hardware:
     return profile_from_dict(_read_table(path), source=str(path))
 
 
-get_hardware = get_profile  # the name benchmarks/multi_gpu.py uses
-
-
 # --- calibration (written by masep.perf.bench.calibrate) ---------------------------------------------
 def fit_op(points: list[tuple[float, float]], default_latency: float) -> tuple[float, float]:
     """Least-squares fit of `measured = latency + roofline / efficiency` over (roofline_s, measured_s)
