@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DTYPES, ModelConfig, from_hf_config, to_hf_dict
-from .model import Attention, Experts, MoETransformer, kv_heads_for
+from .model import MoETransformer, kv_heads_for
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -28,7 +28,8 @@ import functools
 
 import torch
 
-from .model import Attention, Experts, KVCache, MoETransformer, RMSNorm, Router
+from .model import Attention, Experts, MoETransformer, RMSNorm, Router
+from .runtime import LocalRuntime
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none.
     import triton
@@ -411,7 +412,7 @@ def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
 
 
 # --- the runtime --------------------------------------------------------------------------------
-class GraphedLocalRuntime:
+class GraphedLocalRuntime(LocalRuntime):
     """LocalRuntime with each decode step replayed from a CUDA graph (see the module docstring).
 
     graphs: None = on when the model is on CUDA. bucket: attend_len granularity of the graphs.
@@ -424,9 +425,7 @@ class GraphedLocalRuntime:
 
     def __init__(self, model: MoETransformer, graphs: bool | None = None, bucket: int = 256,
                  expert_impl: str | None = "auto", fused: bool | None = None):
-        self.model = model
-        self.cfg = model.cfg
-        self.device = model.device
+        super().__init__(model)
         on_cuda = self.device.type == "cuda"
         self.graphs = on_cuda if graphs is None else graphs
         if self.graphs and not on_cuda:
@@ -440,23 +439,14 @@ class GraphedLocalRuntime:
             set_expert_impl(model, expert_impl)
         if fused is not None:
             set_fused(model, fused)
-        self.cache: KVCache | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
     def start(self, batch: int, max_len: int) -> None:
-        self.cache = self.model.new_cache(batch, max_len)
+        super().start(batch, max_len)
         self._graphs.clear()
         self._tokens_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._positions_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-
-    @torch.inference_mode()
-    def prefill(self, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        b, t = input_ids_BT.shape
-        positions = torch.arange(t, device=self.device).expand(b, t)
-        logits = self.model(input_ids_BT.to(self.device), positions, self.cache, attend_len=t,
-                            logits_at_B=lengths_B.to(self.device) - 1)
-        return logits.float()
 
     @torch.inference_mode()
     def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int) -> torch.Tensor:
