@@ -74,3 +74,17 @@ def test_bench_dist_reports_one_row_per_plan(flags):
         assert key in row, key
     assert row["batch"] == 5 and row["context"] == 16 and row["strategy"] == flags[1]
     assert row["tpot_ms_p99"] >= row["tpot_ms_median"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_the_same_entry_point_runs_under_torchrun():
+    """torchrun sets RANK/WORLD_SIZE/MASTER_*: `masep run` joins that world instead of spawning,
+    rank 0 prints, and a plan that does not match the launch is refused before any work."""
+    args = [*COMMON, "--strategy", "separated", "--attn-tp", "2", "--expert-ranks", "1"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--standalone", "-m", "masep"]
+    out = subprocess.run([*run, *args], capture_output=True, text=True, timeout=200, check=True)
+    rep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    single = json.loads(_masep(*COMMON, "--strategy", "single").stdout)
+    assert rep["tokens"] == single["tokens"]
+    bad = subprocess.run([*run[:4], "2", *run[5:], *args], capture_output=True, text=True, timeout=200)
+    assert bad.returncode != 0 and "plan.world_size=2: the launch has 2 ranks but the plan needs 3" in bad.stderr
