@@ -74,7 +74,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device) -> list[float]:
+def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer) -> list[float]:
     cfg = runtime.cfg
     runtime.start(rows, spec.context + spec.warmup + spec.steps + 1)
     gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
@@ -85,6 +85,8 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device) -> list[float
     positions = torch.full((rows,), spec.context - 1, device=device)
     times = []
     for i in range(spec.warmup + spec.steps):
+        if i == spec.warmup:  # busy times of the timed steps only (warm-up builds NCCL communicators)
+            timer.busy_s.clear()
         _sync(device)
         start = time.perf_counter()
         logits = runtime.decode(tokens, positions, spec.context + i)
@@ -114,10 +116,10 @@ def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
     part, rows = _attention_runtime(spec, model, plan, env, timer)
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
-        serve_experts(model, plan, part, env, timer)
+        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup)
         times = None
     else:
-        times = _decode_steps(part, rows, spec, env.device)
+        times = _decode_steps(part, rows, spec, env.device, timer)
     mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
     report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem)
     gathered = gather_reports(env, dict(report))
@@ -130,7 +132,6 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
     ordered = sorted(per_step)
     median = ordered[len(ordered) // 2]
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    steps = spec.warmup + spec.steps
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     return dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                 backend=env.backend, world_size=env.world_size, strategy=plan.strategy,
@@ -138,7 +139,8 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
                 context=spec.context, steps=spec.steps, tpot_ms_median=median * 1e3, tpot_ms_p99=p99 * 1e3,
                 tps=spec.batch / median,
-                busy_ms_per_step={r["rank"]: {k: v * 1e3 / steps for k, v in r["busy_s"].items()} for r in reports},
+                busy_ms_per_step={r["rank"]: {k: v * 1e3 / spec.steps for k, v in r["busy_s"].items()}
+                                  for r in reports},
                 max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports})
 
 

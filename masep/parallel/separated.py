@@ -162,8 +162,10 @@ class ExpertStats:
 
 
 def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                  timer: OpTimer | None = None) -> ExpertStats:
-    """Answer every replica's bridge, step after step, until each has sent stop."""
+                  timer: OpTimer | None = None, untimed_steps: int = 0) -> ExpertStats:
+    """Answer every replica's bridge, step after step, until each has sent stop. The timer
+    restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
+    communicators on first use)."""
     cfg = model.cfg
     timer = timer or OpTimer()
     my_experts = plan.expert_placement(cfg)[groups.role.index]
@@ -173,6 +175,8 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     live = list(groups.bridges)
     ops = separated_schedule("expert", cfg.num_layers, plan.microbatches)
     while live:
+        if stats.steps == untimed_steps:
+            timer.busy_s.clear()
         batches: dict[tuple[int, int, int], comm.ExpertBatch] = {}
         outputs: dict[tuple[int, int, int], torch.Tensor] = {}
         pending, stopped = [], set()
