@@ -7,7 +7,7 @@ and the expert-load histogram.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,6 @@ class RunSpec:
     trace_dir: str | None = None
     quiet: bool = False
     warmup: int = 0  # untimed rounds of the same requests before the timed one
-    extra: dict = field(default_factory=dict)
 
 
 def load_model(spec: RunSpec, device: torch.device):
