@@ -294,6 +294,11 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
                 plan.validate(cfg, int(os.environ["WORLD_SIZE"]))
         except ValueError as err:
             parser.error(str(err))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (args.device == "cuda" and args.backend != "gloo" and not launched_by_torchrun()
+                and plan.world_size > gpus):
+            parser.error(f"--device cuda: the plan needs {plan.world_size} ranks, one GPU each for NCCL, but "
+                         f"{gpus} GPU(s) are visible; use a smaller plan, or --backend gloo to share GPUs")
         if args.timeout <= 0:
             parser.error(f"--timeout={args.timeout}: must be > 0 seconds")
     if args.fused and (args.device != "cuda" or args.strategy != "single" or args.eager):
