@@ -83,7 +83,7 @@ def test_separated_matches_single_device(layout):
 @pytest.mark.timeout(300)
 def test_twelve_uneven_head_ranks_and_four_expert_ranks():
     # 32 heads over 12 ranks: 8 ranks hold 3 heads, 4 hold 2; GQA groups of 4 straddle ranks.
-    spawn(16, _check_rank, ((1, 12, 4), (2,), False), timeout_s=280)
+    spawn(16, _check_rank, ((1, 12, 4), (1, 2, 3), False), timeout_s=280)
 
 
 @pytest.mark.timeout(240)
