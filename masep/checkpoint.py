@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DTYPES, ModelConfig, from_hf_config, to_hf_dict
-from .model import MoETransformer, kv_heads_for
+from .model import BlockParts, MoETransformer, kv_heads_for
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -255,12 +255,24 @@ def load_attention(ckpt: CheckpointReader | str | Path, layer: int,
     return out
 
 
-def load_block(ckpt: CheckpointReader | str | Path, layer: int) -> dict[str, torch.Tensor]:
-    """All weights of layer `layer`, named as in `Block`'s state dict."""
+def load_block(ckpt: CheckpointReader | str | Path, layer: int, parts: BlockParts | None = None
+               ) -> dict[str, torch.Tensor]:
+    """The weights of layer `layer` that `parts` holds (all by default), named as in the state
+    dict of `Block(cfg, parts=parts)`; only those bytes are read."""
     r = _reader(ckpt)
+    parts = parts or BlockParts.everything(r.cfg)
+    if not parts.active:
+        return {}
     p, moe = f"model.layers.{layer}.", r.moe_prefix[layer]
-    out = {f"attn.{k}": v for k, v in load_attention(r, layer).items()}
-    out |= {f"moe.experts.{k}": v for k, v in load_experts(r, layer).items()}
+    out = {}
+    if parts.heads is not None:
+        out |= {f"attn.{k}": v for k, v in load_attention(r, layer, parts.heads).items()}
+    if parts.experts is not None:
+        experts = load_experts(r, layer, parts.experts)
+        if parts.hidden_cols is not None:  # gate/up rows and down columns of those hidden units
+            c = slice(parts.hidden_cols.start, parts.hidden_cols.stop)
+            experts = {k: (v[:, :, c] if k == "w_down" else v[:, c]) for k, v in experts.items()}
+        out |= {f"moe.experts.{k}": v for k, v in experts.items()}
     out["attn_norm.weight"] = r.read(f"{p}input_layernorm.weight")
     out["moe_norm.weight"] = r.read(f"{p}post_attention_layernorm.weight")
     out["moe.router.weight"] = r.read(f"{moe}gate.weight")
@@ -291,15 +303,18 @@ def _dtype_name(dtype: torch.dtype | str | None, default: str) -> str:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device="cpu",
-                    max_seq_len: int | None = None) -> MoETransformer:
+                    max_seq_len: int | None = None, parts: list[BlockParts] | None = None) -> MoETransformer:
     """Load an HF Mixtral / Qwen2-MoE / Qwen3-MoE safetensors directory into a MoETransformer.
 
     dtype: None keeps config.json's dtype; stored floating tensors are cast to it.
     max_seq_len: override max_position_embeddings (the default KV cache length).
+    parts: one BlockParts per layer (parallel/parts.py `rank_parts`): build and read only those
+    heads, experts and hidden columns, as a rank of a parallel plan needs them.
     """
     with CheckpointReader(path, max_seq_len=max_seq_len) as r:
         cfg = r.cfg.replace(dtype=_dtype_name(dtype, r.cfg.dtype))
-        model = MoETransformer(cfg, device=device)
+        parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+        model = MoETransformer(cfg, device=device, parts=parts)
         top = {"embed.weight": r.read("model.embed_tokens.weight"), "norm.weight": r.read("model.norm.weight")}
         if not cfg.tie_embeddings:
             top["lm_head.weight"] = r.read("lm_head.weight")
@@ -307,7 +322,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
             for name, tensor in top.items():
                 model.get_parameter(name).copy_(tensor)
         for layer, block in enumerate(model.layers):
-            copy_into_(block, load_block(r, layer))
+            copy_into_(block, load_block(r, layer, parts[layer]))
     return model.eval()
 
 

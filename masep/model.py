@@ -179,8 +179,13 @@ class Experts(nn.Module):
     w_gate/w_up [E, I, H] and w_down [E, H, I], in nn.Linear's (out, in) orientation.
     """
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None, device=None, dtype=None,
+                 hidden_cols: range | None = None):
         super().__init__()
+        # hidden_cols: only these columns of each expert's hidden dimension (tensor parallelism);
+        # the activation is elementwise over it, so the slices' outputs sum to the full output.
+        self.hidden_cols = hidden_cols
+        cfg = cfg if hidden_cols is None else cfg.replace(expert_hidden=len(hidden_cols))
         self.cfg = cfg
         self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(cfg.num_experts))
         e, i, h = len(self.expert_ids), cfg.expert_hidden, cfg.hidden_size
@@ -267,11 +272,31 @@ class SharedExpert(nn.Module):
         return torch.sigmoid(self.gate(x)) * y
 
 
+@dataclass(frozen=True)
+class BlockParts:
+    """Which slices of one block a module holds; a parallel plan decides (parallel/parts.py).
+
+    heads: query heads of the attention (None: no attention). experts: global ids of the experts
+    held (None: none). hidden_cols: each held expert's hidden columns (None: all). active: False
+    when the whole layer lives elsewhere (another pipeline stage): nothing is held."""
+
+    heads: range | None
+    experts: tuple[int, ...] | None
+    hidden_cols: range | None = None
+    active: bool = True
+
+    @classmethod
+    def everything(cls, cfg: ModelConfig) -> "BlockParts":
+        return cls(range(cfg.num_heads), tuple(range(cfg.num_experts)))
+
+
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
         super().__init__()
+        parts = parts or BlockParts.everything(cfg)
         self.router = Router(cfg, device, dtype)
-        self.experts = Experts(cfg, device=device, dtype=dtype)
+        self.experts = (Experts(cfg, parts.experts, device, dtype, parts.hidden_cols)
+                        if parts.experts is not None else None)
         self.shared = SharedExpert(cfg, device, dtype) if cfg.shared_expert_hidden else None
 
     def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
@@ -284,12 +309,16 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
         super().__init__()
+        parts = parts or BlockParts.everything(cfg)
+        if not parts.active:
+            self.attn_norm = self.attn = self.moe_norm = self.moe = None
+            return
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.attn = Attention(cfg, device=device, dtype=dtype)
+        self.attn = Attention(cfg, parts.heads, device, dtype) if parts.heads is not None else None
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.moe = MoE(cfg, device, dtype)
+        self.moe = MoE(cfg, device, dtype, parts)
 
     def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True, rope=None):
         h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len, rope)
@@ -297,12 +326,19 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    """The whole model; with `parts` (one BlockParts per layer) only those slices of each block,
+    as a rank of a parallel plan holds them (such a model is driven by a parallel runtime, not
+    by forward())."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: Sequence[BlockParts] | None = None):
         super().__init__()
         self.cfg = cfg
         dtype = dtype or cfg.torch_dtype
+        parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+        if len(parts) != cfg.num_layers:
+            raise ValueError(f"parts: {len(parts)} entries for {cfg.num_layers} layers")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, device, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, device, dtype, p) for p in parts)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         if cfg.tie_embeddings:

@@ -101,7 +101,7 @@ def bench_rank(spec: DistBenchSpec) -> dict | None:
     run = spec.run
     env = init_distributed(run.device, run.timeout_s, run.backend)
     try:
-        return bench_on(env, spec, load_model(run, env.device))
+        return bench_on(env, spec, load_model(run, env.device, env.rank))
     finally:
         dist.destroy_process_group()
 

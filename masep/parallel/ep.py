@@ -17,7 +17,7 @@ from ..plan import EpPlan
 from . import comm
 from .groups import DistEnv, EpGroups
 from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, Op, ep_schedule
-from .separated import shard_experts
+from .parts import shard_experts
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
@@ -27,13 +27,6 @@ def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
     member = [plan.holder(cfg, e, rank) for e in range(cfg.num_experts)]
     local = [placement[m].index(e) for e, m in enumerate(member)]
     return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
-
-
-def parallelize_ep(model: MoETransformer, plan: EpPlan, rank: int) -> MoETransformer:
-    """In place: every block keeps full attention and only this rank's experts."""
-    for block in model.layers:
-        block.moe.experts = shard_experts(block.moe.experts, model.cfg, plan.expert_placement(model.cfg)[rank])
-    return model
 
 
 class EpRuntime(MicroBatchRuntime):

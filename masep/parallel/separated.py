@@ -17,50 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..model import Attention, Experts, MoETransformer
+from ..model import MoETransformer
 from ..plan import SeparatedPlan, split_evenly
 from . import comm
 from .groups import DistEnv, SeparatedGroups
+from .parts import shard_attention, shard_experts
 from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, SEND, Op, execute,
                        separated_schedule)
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
-
-
-def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attention:
-    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read
-    (`full` itself when it already is that slice)."""
-    if full.heads == heads:
-        return full
-    part = Attention(cfg, heads, device=full.q_proj.weight.device, dtype=full.q_proj.weight.dtype)
-    d = cfg.head_dim
-    q_rows = slice(heads.start * d, heads.stop * d)
-    kv_rows = slice(part.kv_heads.start * d, part.kv_heads.stop * d)
-    with torch.no_grad():
-        part.q_proj.weight.copy_(full.q_proj.weight[q_rows])
-        part.k_proj.weight.copy_(full.k_proj.weight[kv_rows])
-        part.v_proj.weight.copy_(full.v_proj.weight[kv_rows])
-        part.o_proj.weight.copy_(full.o_proj.weight[:, q_rows])
-        if cfg.qkv_bias:
-            part.q_proj.bias.copy_(full.q_proj.bias[q_rows])
-            part.k_proj.bias.copy_(full.k_proj.bias[kv_rows])
-            part.v_proj.bias.copy_(full.v_proj.bias[kv_rows])
-        if cfg.qk_norm:
-            part.q_norm.weight.copy_(full.q_norm.weight)
-            part.k_norm.weight.copy_(full.k_norm.weight)
-    return part
-
-
-def shard_experts(full: Experts, cfg: ModelConfig, expert_ids) -> Experts:
-    """The experts `expert_ids` of `full` (`full` itself when it holds exactly those)."""
-    if full.expert_ids == list(expert_ids) and full.cfg.expert_hidden == cfg.expert_hidden:
-        return full
-    part = Experts(cfg, expert_ids, device=full.w_up.device, dtype=full.w_up.dtype)
-    idx = torch.tensor(list(expert_ids), device=full.w_up.device)
-    with torch.no_grad():
-        for name in ("w_gate", "w_up", "w_down"):
-            if getattr(full, name) is not None:
-                getattr(part, name).copy_(getattr(full, name)[idx])
-    return part
 
 
 def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) -> comm.ExpertRoute:
@@ -71,20 +35,6 @@ def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) ->
         member.append(plan.attn_tp + holder)
         local.append(placement[holder].index(e))
     return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
-
-
-def parallelize_separated(model: MoETransformer, plan: SeparatedPlan, rank: int) -> MoETransformer:
-    """Apply the plan to `model` in place for `rank`: keep its slice of heads or its experts and
-    drop the rest, so a rank holds only what it serves (torchtitan's parallelize_* recipe)."""
-    cfg, role = model.cfg, plan.role(rank)
-    for block in model.layers:
-        if role.kind == "attention":
-            block.attn = shard_attention(block.attn, cfg, plan.head_split(cfg)[role.index])
-            block.moe.experts = None  # served by the expert ranks
-        else:
-            block.attn = None
-            block.moe.experts = shard_experts(block.moe.experts, cfg, plan.expert_placement(cfg)[role.index])
-    return model
 
 
 class SeparatedAttentionRuntime(MicroBatchRuntime):

@@ -11,44 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
-from ..model import Experts, MoETransformer
+from ..model import MoETransformer
 from ..plan import TpPpPlan
 from . import comm
 from .groups import DistEnv, TpPpGroups
 from .schedule import ALLREDUCE, ATTENTION, EXPERTS, HEAD, RECV_ACT, SEND_ACT, Op, tp_pp_schedule
-from .separated import shard_attention
+from .parts import shard_attention, shard_experts
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
-
-
-def shard_expert_hidden(full: Experts, cfg: ModelConfig, cols: range) -> Experts:
-    """Every expert, with only hidden columns `cols`: outputs of the T slices sum to the full output
-    because the activation is elementwise over the hidden dimension."""
-    if getattr(full, "hidden_cols", None) == cols:
-        return full
-    part = Experts(cfg.replace(expert_hidden=len(cols)), device=full.w_up.device, dtype=full.w_up.dtype)
-    part.hidden_cols = cols
-    c = slice(cols.start, cols.stop)
-    with torch.no_grad():
-        if full.w_gate is not None:
-            part.w_gate.copy_(full.w_gate[:, c])
-        part.w_up.copy_(full.w_up[:, c])
-        part.w_down.copy_(full.w_down[:, :, c])
-    return part
-
-
-def parallelize_tp_pp(model: MoETransformer, plan: TpPpPlan, rank: int) -> MoETransformer:
-    """In place: this stage's layers keep their head slice and hidden-column slice of every
-    expert; other stages' layers are emptied."""
-    cfg, role = model.cfg, plan.role(rank)
-    mine = plan.stage_layers(cfg)[role.replica]
-    for i, block in enumerate(model.layers):
-        if i in mine:
-            block.attn = shard_attention(block.attn, cfg, plan.head_split(cfg)[role.index])
-            block.moe.experts = shard_expert_hidden(block.moe.experts, cfg, plan.hidden_split(cfg)[role.index])
-        else:
-            block.attn = block.moe = None
-    return model
 
 
 class TpPpRuntime(MicroBatchRuntime):
@@ -63,7 +32,8 @@ class TpPpRuntime(MicroBatchRuntime):
         cols = plan.hidden_split(cfg)[self.tp_index]
         self.blocks = {i: model.layers[i] for i in self.layers}  # norms, router: whole
         self.attn = {i: shard_attention(model.layers[i].attn, cfg, heads) for i in self.layers}
-        self.experts = {i: shard_expert_hidden(model.layers[i].moe.experts, cfg, cols) for i in self.layers}
+        self.experts = {i: shard_experts(model.layers[i].moe.experts, cfg, range(cfg.num_experts), cols)
+                        for i in self.layers}
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
         self.dtype = model.embed.weight.dtype

@@ -15,14 +15,13 @@ import torch.distributed as dist
 from ..engine import Request, generate
 from ..metrics import compute_metrics
 from ..plan import split_evenly
-from .ep import EpRuntime, parallelize_ep
+from .ep import EpRuntime
 from .launch import launched_by_torchrun, spawn
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
-from .separated import SeparatedAttentionRuntime, parallelize_separated, serve_experts
+from .parts import apply_parts, rank_parts
+from .separated import SeparatedAttentionRuntime, serve_experts
 from .stepper import OpTimer
-from .tp_pp import TpPpRuntime, parallelize_tp_pp
-
-PARALLELIZE = {"separated": parallelize_separated, "ep": parallelize_ep, "tp_pp": parallelize_tp_pp}
+from .tp_pp import TpPpRuntime
 
 
 @dataclass
@@ -44,14 +43,20 @@ class RunSpec:
     warmup: int = 0  # untimed rounds of the same requests before the timed one
 
 
-def load_model(spec: RunSpec, device: torch.device):
-    """Every rank builds the same weights (a seed or a checkpoint) and keeps only its part."""
-    from ..config import DTYPES, preset
+def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
+    """This rank's weights. A checkpoint: only the slices the rank holds under the plan are read
+    (when `rank` is given). A preset: the whole model drawn from the seed, sliced later by
+    apply_plan (every rank must draw the same numbers, which needs the whole draw)."""
+    from ..config import DTYPES, from_hf_config, preset
     from ..model import build_model
     dtype = DTYPES[spec.dtype]
     if spec.model_dir:
         from ..checkpoint import from_pretrained
-        return from_pretrained(spec.model_dir, dtype=dtype, device="cpu").to(device)
+        parts = None
+        if rank is not None:
+            cfg = from_hf_config(spec.model_dir)
+            parts = rank_parts(spec.plan.validate(cfg, None), cfg, rank)
+        return from_pretrained(spec.model_dir, dtype=dtype, device=device, parts=parts)
     cfg = spec.config if spec.config is not None else preset(spec.preset)
     # Drawn on the rank's own device, as ModelSource.build does: CPU and CUDA generators give
     # different streams for one seed, so the oracle and the ranks must draw on the same kind.
@@ -61,7 +66,7 @@ def load_model(spec: RunSpec, device: torch.device):
 def run_rank(spec: RunSpec) -> dict | None:
     env = init_distributed(spec.device, spec.timeout_s, spec.backend)
     try:
-        return run_on(env, spec, load_model(spec, env.device))
+        return run_on(env, spec, load_model(spec, env.device, env.rank))
     finally:
         dist.destroy_process_group()
 
@@ -85,7 +90,7 @@ def run_on(env, spec: RunSpec, model) -> dict | None:
 def apply_plan(env, plan, model):
     """Validate against the launch, then keep on this rank only the weights it serves."""
     plan = plan.validate(model.cfg, env.world_size)
-    PARALLELIZE[plan.strategy](model, plan, env.rank)
+    apply_parts(model, rank_parts(plan, model.cfg, env.rank))
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
     return plan

@@ -1,0 +1,83 @@
+"""Which part of the model each rank holds, and how a rank gets it.
+
+`rank_parts(plan, cfg, rank)` says it per layer as `BlockParts` (heads, experts, expert hidden
+columns); the same answer serves both ways of materialising a rank's model: slicing a model
+already in memory (`apply_parts`, for weights drawn from a seed) and reading only those slices
+from a checkpoint (`checkpoint.from_pretrained(..., parts=...)`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Attention, BlockParts, Experts, MoETransformer
+
+
+def rank_parts(plan, cfg: ModelConfig, rank: int) -> list[BlockParts]:
+    role = plan.role(rank)
+    if plan.strategy == "separated":
+        if role.kind == "attention":
+            return [BlockParts(plan.head_split(cfg)[role.index], None)] * cfg.num_layers
+        return [BlockParts(None, tuple(plan.expert_placement(cfg)[role.index]))] * cfg.num_layers
+    if plan.strategy == "ep":
+        return [BlockParts(range(cfg.num_heads), tuple(plan.expert_placement(cfg)[rank]))] * cfg.num_layers
+    if plan.strategy == "tp_pp":
+        mine = plan.stage_layers(cfg)[role.replica]
+        held = BlockParts(plan.head_split(cfg)[role.index], tuple(range(cfg.num_experts)),
+                          plan.hidden_split(cfg)[role.index])
+        return [held if layer in mine else BlockParts(None, None, active=False) for layer in range(cfg.num_layers)]
+    return [BlockParts.everything(cfg)] * cfg.num_layers
+
+
+def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attention:
+    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read
+    (`full` itself when it already is that slice)."""
+    if full.heads == heads:
+        return full
+    part = Attention(cfg, heads, device=full.q_proj.weight.device, dtype=full.q_proj.weight.dtype)
+    d = cfg.head_dim
+    q_rows = slice(heads.start * d, heads.stop * d)
+    kv_rows = slice(part.kv_heads.start * d, part.kv_heads.stop * d)
+    with torch.no_grad():
+        part.q_proj.weight.copy_(full.q_proj.weight[q_rows])
+        part.k_proj.weight.copy_(full.k_proj.weight[kv_rows])
+        part.v_proj.weight.copy_(full.v_proj.weight[kv_rows])
+        part.o_proj.weight.copy_(full.o_proj.weight[:, q_rows])
+        if cfg.qkv_bias:
+            part.q_proj.bias.copy_(full.q_proj.bias[q_rows])
+            part.k_proj.bias.copy_(full.k_proj.bias[kv_rows])
+            part.v_proj.bias.copy_(full.v_proj.bias[kv_rows])
+        if cfg.qk_norm:
+            part.q_norm.weight.copy_(full.q_norm.weight)
+            part.k_norm.weight.copy_(full.k_norm.weight)
+    return part
+
+
+def shard_experts(full: Experts, cfg: ModelConfig, expert_ids, hidden_cols: range | None = None) -> Experts:
+    """Experts `expert_ids` of `full`, optionally only `hidden_cols` of each one's hidden
+    dimension (`full` itself when it already is exactly that)."""
+    if full.expert_ids == list(expert_ids) and full.hidden_cols == hidden_cols:
+        return full
+    assert full.hidden_cols is None, "slicing needs the experts' full hidden dimension"
+    part = Experts(cfg, expert_ids, device=full.w_up.device, dtype=full.w_up.dtype, hidden_cols=hidden_cols)
+    idx = torch.tensor(list(expert_ids), device=full.w_up.device)
+    cols = slice(None) if hidden_cols is None else slice(hidden_cols.start, hidden_cols.stop)
+    with torch.no_grad():
+        if full.w_gate is not None:
+            part.w_gate.copy_(full.w_gate[idx][:, cols])
+        part.w_up.copy_(full.w_up[idx][:, cols])
+        part.w_down.copy_(full.w_down[idx][:, :, cols])
+    return part
+
+
+def apply_parts(model: MoETransformer, parts: list[BlockParts]) -> MoETransformer:
+    """In place: keep in each block only its parts, dropping the rest (torchtitan's parallelize_*)."""
+    cfg = model.cfg
+    for block, p in zip(model.layers, parts):
+        if not p.active:
+            block.attn_norm = block.attn = block.moe_norm = block.moe = None
+            continue
+        block.attn = shard_attention(block.attn, cfg, p.heads) if p.heads is not None else None
+        block.moe.experts = (shard_experts(block.moe.experts, cfg, p.experts, p.hidden_cols)
+                             if p.experts is not None else None)
+    return model
