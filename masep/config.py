@@ -6,11 +6,12 @@ field, the value and the rule.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .files import read_json
 
 EXPERT_ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,10 +211,7 @@ def from_hf_config(path: str | Path, max_seq_len: int | None = None) -> ModelCon
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise ValueError(f"{file}: no config.json found")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    raw = read_json(file, "config")
     return from_hf_dict(raw, source=str(file), max_seq_len=max_seq_len)
 
 

@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 from ..plan import split_evenly
 from .ep import EpRuntime
-from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
+from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
 from .separated import SeparatedAttentionRuntime, serve_experts
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
-from .worker import RunSpec, apply_plan, gather_reports, load_model
+from .worker import RunSpec, apply_plan, gather_reports, in_world
 
 
 @dataclass
@@ -98,12 +98,7 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
 
 
 def bench_rank(spec: DistBenchSpec) -> dict | None:
-    run = spec.run
-    env = init_distributed(run.device, run.timeout_s, run.backend)
-    try:
-        return bench_on(env, spec, load_model(run, env.device, env.rank))
-    finally:
-        dist.destroy_process_group()
+    return in_world(spec.run, lambda env, model: bench_on(env, spec, model))
 
 
 def bench_on(env, spec: DistBenchSpec, model) -> dict | None:

@@ -63,12 +63,17 @@ def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
     return build_model(cfg, seed=spec.seed, dtype=dtype, device=device)
 
 
-def run_rank(spec: RunSpec) -> dict | None:
-    env = init_distributed(spec.device, spec.timeout_s, spec.backend)
+def in_world(run: RunSpec, body):
+    """Join the launch's world, load this rank's weights, run `body(env, model)`, leave."""
+    env = init_distributed(run.device, run.timeout_s, run.backend)
     try:
-        return run_on(env, spec, load_model(spec, env.device, env.rank))
+        return body(env, load_model(run, env.device, env.rank))
     finally:
         dist.destroy_process_group()
+
+
+def run_rank(spec: RunSpec) -> dict | None:
+    return in_world(spec, lambda env, model: run_on(env, spec, model))
 
 
 def run_on(env, spec: RunSpec, model) -> dict | None:

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..files import read_json
 from .costmodel import roofline_s
 from .hardware import COMPUTE_KINDS, apply_calibration, get_profile
 
@@ -65,13 +66,11 @@ def add_calcheck_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_calcheck(args) -> int:
     path = Path(args.calibration)
-    if not path.exists():
-        raise SystemExit(f"masep calcheck: error: {path}: no such file")
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path, "calibration")
         rows = compare(doc, args.hardware)
-    except (json.JSONDecodeError, ValueError, KeyError) as err:
-        raise SystemExit(f"masep calcheck: error: {path}: {err}")
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"masep calcheck: error: {err}")
     if args.json:
         print(json.dumps(dict(rows=rows, summary=summary(rows))))
     else:

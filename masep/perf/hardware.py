@@ -24,6 +24,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import read_json
+
 GiB = 1 << 30
 
 # Compute op kinds the cost model times from bytes/FLOPs (schedule.py's names).
@@ -206,14 +208,8 @@ def apply_calibration(hw: Hardware, doc: dict, source: str = "calibration") -> H
 def load_hardware(name_or_path: str, calibration: str | None = None, gpus_per_node: int | None = None) -> Hardware:
     hw = get_profile(name_or_path)
     if calibration:
-        path = Path(calibration)
-        if not path.exists():
-            raise ValueError(f"--calibration {calibration}: no such file")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        hw = apply_calibration(hw, doc, source=str(path))
+        doc = read_json(calibration, "--calibration")
+        hw = apply_calibration(hw, doc, source=str(calibration))
     if gpus_per_node is not None:
         hw = hw.replace(gpus_per_node=gpus_per_node)
     return hw

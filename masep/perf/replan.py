@@ -21,11 +21,11 @@ which says nothing about the link.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig, preset
+from ..files import read_json
 from .costmodel import Workload, describe, plan_from_dict, plan_to_dict
 from .hardware import COMPUTE_KINDS, Hardware
 from .planner import search
@@ -108,14 +108,7 @@ def parse_measured(doc: dict, source: str = "measured") -> Measured:
 
 
 def load_measured(path: str | Path) -> Measured:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"--measured {path}: no such file")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    return parse_measured(doc, str(path))
+    return parse_measured(read_json(path, "--measured"), str(path))
 
 
 def _predicted(m: Measured, hw: Hardware) -> dict[tuple[int, str], tuple[float, int]]:
