@@ -184,6 +184,12 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _emit(args, payload, lines: list[str], files=()) -> int:
+    """--json: the payload as one JSON document; else the text lines, then the files written."""
+    print(json.dumps(payload) if args.json else "\n".join([*lines, *(f"wrote {f}" for f in files)]))
+    return 0
+
+
 # --- simulate ------------------------------------------------------------------------------------------------
 def cmd_simulate(args) -> int:
     from .planner import explain_text, seeds_table
@@ -203,18 +209,8 @@ def cmd_simulate(args) -> int:
         for i, sim in enumerate(sims):
             slug = f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", describe(sim.plan).lower()).strip("_")
             files += [str(write_trace(sim, out / f"{slug}.trace.json")), str(gantt_png(sim, out / f"{slug}.gantt.png"))]
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    print(_header(cfg, hw, args.gpus, work, args.serial))
-    print(table(rows))
-    print(FOOTNOTES)
-    best = sims[-1] if sims else None
-    if best is not None:
-        print(explain_text(best))
-    for f in files:
-        print(f"wrote {f}")
-    return 0
+    best = [explain_text(sims[-1])] if sims else []
+    return _emit(args, rows, [_header(cfg, hw, args.gpus, work, args.serial), table(rows), FOOTNOTES, *best], files)
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -257,16 +253,9 @@ def cmd_sweep(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     files = write_sweep(doc, args.out)
-    if args.json:
-        print(json.dumps(doc))
-        return 0
-    print(_header(cfg, hw, args.gpus, work, args.serial))
-    print("\n".join(summary_lines(doc)))
-    print("speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation wins; "
-          "split = its attention:expert GPUs")
-    for f in files:
-        print(f"wrote {f}")
-    return 0
+    return _emit(args, doc, [_header(cfg, hw, args.gpus, work, args.serial), *summary_lines(doc),
+                             "speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation "
+                             "wins; split = its attention:expert GPUs"], files)
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
