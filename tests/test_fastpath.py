@@ -131,6 +131,15 @@ def test_set_expert_impl_validates():
     assert all(b.moe.experts.grouped_mm_fn is None for b in model.layers)
 
 
+def _run_in_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh process with Triton's CPU interpreter; it must print "ok"."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    if "only 0-dimensional arrays can be converted" in result.stderr:
+        pytest.skip("this triton's interpreter does not run under this numpy (>= 2.4)")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -158,11 +167,7 @@ def test_triton_grouped_mm_matches_grouped_mm_in_interpreter():
             assert err < 1e-5, (n, e, k, m, err)
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
-    if "only 0-dimensional arrays can be converted" in result.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy (>= 2.4)")
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    _run_in_triton_interpreter(code)
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton not installed (CPU-only torch)")
@@ -222,11 +227,7 @@ def test_fused_small_op_kernels_match_torch_in_interpreter():
         assert (fp.fused_rms_norm(x, norm.weight, norm.eps) != norm(x)).float().mean() < 1e-3
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
-    if "only 0-dimensional arrays can be converted" in result.stderr:
-        pytest.skip("this triton's interpreter does not run under this numpy (>= 2.4)")
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    _run_in_triton_interpreter(code)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

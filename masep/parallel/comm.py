@@ -109,6 +109,14 @@ class ExpertRoute:
     member_E: torch.Tensor  # [num_experts] int64
     local_E: torch.Tensor  # [num_experts] int64
 
+    @classmethod
+    def build(cls, placement, holder_E: list[int], first_member: int, device) -> "ExpertRoute":
+        """holder_E[e]: the expert-group index serving expert e; expert-group index g is bridge
+        member first_member + g, and e is entry placement[g].index(e) of its experts."""
+        local = [placement[g].index(e) for e, g in enumerate(holder_E)]
+        return cls(torch.tensor([first_member + g for g in holder_E], device=device),
+                   torch.tensor(local, device=device))
+
 
 @dataclass
 class DispatchHandle:

@@ -23,10 +23,8 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
     """Serve an expert locally when this rank holds it, else from a holder chosen by rank."""
-    placement = plan.expert_placement(cfg)
-    member = [plan.holder(cfg, e, rank) for e in range(cfg.num_experts)]
-    local = [placement[m].index(e) for e, m in enumerate(member)]
-    return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
+    holders = [plan.holder(cfg, e, rank) for e in range(cfg.num_experts)]
+    return comm.ExpertRoute.build(plan.expert_placement(cfg), holders, 0, device)
 
 
 class EpRuntime(MicroBatchRuntime):

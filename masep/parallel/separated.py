@@ -28,13 +28,9 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
 def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) -> comm.ExpertRoute:
-    placement = plan.expert_placement(cfg)
-    member, local = [], []
-    for e in range(cfg.num_experts):
-        holder = plan.holder(cfg, e, replica)
-        member.append(plan.attn_tp + holder)
-        local.append(placement[holder].index(e))
-    return comm.ExpertRoute(torch.tensor(member, device=device), torch.tensor(local, device=device))
+    """Bridge member and local index serving each expert for `replica` (attention ranks come first)."""
+    holders = [plan.holder(cfg, e, replica) for e in range(cfg.num_experts)]
+    return comm.ExpertRoute.build(plan.expert_placement(cfg), holders, plan.attn_tp, device)
 
 
 class SeparatedAttentionRuntime(MicroBatchRuntime):
