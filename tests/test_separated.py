@@ -96,40 +96,77 @@ def _round_trip_rank(arg) -> dict:
     """Inputs encode their sender and token; experts check every row they get, then echo it.
 
     Layer 0 sends each token to one expert (column 2 names it, so the expert can check);
-    layer 1 sends it to its top-2 with weights summing to 1, so the echo must come back whole."""
-    plan = SeparatedPlan(*arg).validate(CFG, None)
+    layer 1 sends it to its top-2 with weights summing to 1, so the echo must come back whole.
+    Both transfer modes: exact (counts read on the host) and padded (fixed-size blocks)."""
+    *plan_args, padded = arg
+    plan = SeparatedPlan(*plan_args).validate(CFG, None)
     env = init_distributed("cpu", timeout_s=60)
     groups = build_separated_groups(plan, CFG, env)
+    h, f32 = CFG.hidden_size, torch.float32
     if groups.role.kind == "expert":
         mine = plan.expert_placement(CFG)[groups.role.index]
+        layouts = [comm.expert_begin_step(b, 0, 1, h, f32) for b in groups.bridges]
+        assert all(lay.padded == padded for lay in layouts)
         for layer in (0, 1):
-            for bridge in groups.bridges:
-                got = comm.expert_receive(bridge, len(mine), CFG.hidden_size, torch.float32, 0, layer, 0)
+            for bridge, layout in zip(groups.bridges, layouts):
+                got = comm.expert_receive(bridge, layout, len(mine), h, f32, layer, 0)
+                valid = got.x_NH[: int(got.counts_L.sum())]  # padded steps add padding rows last
                 if layer == 0:  # rows arrive sorted by local expert
-                    expected = torch.repeat_interleave(torch.tensor(mine, dtype=torch.float32), got.counts_L)
-                    assert torch.equal(got.x_NH[:, 2], expected), f"misrouted rows on rank {env.rank}"
-                comm.wait_sent(comm.expert_send(got.x_NH, got, bridge, 0, layer, 0))
+                    expected = torch.repeat_interleave(torch.tensor(mine, dtype=f32), got.counts_L)
+                    assert torch.equal(valid[:, 2], expected), f"misrouted rows on rank {env.rank}"
+                comm.wait_sent(comm.expert_send(got.x_NH, got, bridge, layout, layer, 0))
+        for bridge, layout in zip(groups.bridges, layouts):
+            comm.end_step(layout, bridge)
         return {}
     bridge, route = groups.bridges[0], expert_route(plan, CFG, groups.role.replica, "cpu")
     n = 7
+    layout = comm.attention_begin_step(bridge, 0, [n], padded, h, f32)
     gen = torch.Generator().manual_seed(env.rank)
     ids = torch.stack([torch.randperm(CFG.num_experts, generator=gen)[:CFG.top_k] for _ in range(n)])
     weights = torch.softmax(torch.randn(n, CFG.top_k, generator=gen), -1)
-    x = torch.randn(n, CFG.hidden_size, generator=gen)
+    x = torch.randn(n, h, generator=gen)
     x[:, 0], x[:, 1], x[:, 2] = env.rank, torch.arange(n), ids[:, 0].float()
-    back = comm.combine(comm.dispatch(x, ids[:, :1], torch.ones(n, 1), route, bridge, 0, 0, 0),
-                        CFG.hidden_size, torch.float32)
+    back = comm.combine(comm.dispatch(x, ids[:, :1], torch.ones(n, 1), route, bridge, layout, 0, 0), h, f32)
     assert torch.equal(back, x), "dispatch -> combine did not restore its input"
-    back = comm.combine(comm.dispatch(x, ids, weights, route, bridge, 0, 1, 0), CFG.hidden_size, torch.float32)
+    back = comm.combine(comm.dispatch(x, ids, weights, route, bridge, layout, 1, 0), h, f32)
     torch.testing.assert_close(back, x, atol=ATOL, rtol=RTOL)  # sum_k w_k * x with sum_k w_k = 1
     return {}
 
 
 @pytest.mark.timeout(120)
-def test_dispatch_combine_round_trip_exposes_misrouting():
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_dispatch_combine_round_trip_exposes_misrouting(padded):
     # 2 replicas x 2 head-parallel ranks + 2 expert ranks with an uneven, replicated placement.
     placement = ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (8, 9, 10, 11, 12, 13, 14, 15))
-    spawn(6, _round_trip_rank, (2, 2, 2, 1, placement), timeout_s=100)
+    spawn(6, _round_trip_rank, (2, 2, 2, 1, placement, padded), timeout_s=100)
+
+
+def _diverged_rank(arg) -> str:
+    """The attention rank sends layer 1's block where layer 0's is due: the expert must raise
+    a CommError naming the transfer once the padded step is over (nothing hangs)."""
+    plan = SeparatedPlan(1, 1, 1, 1).validate(CFG, None)
+    env = init_distributed("cpu", timeout_s=20)
+    groups = build_separated_groups(plan, CFG, env)
+    h, f32, bridge = CFG.hidden_size, torch.float32, groups.bridges[0]
+    if groups.role.kind == "expert":
+        layout = comm.expert_begin_step(bridge, 0, 1, h, f32)
+        got = comm.expert_receive(bridge, layout, CFG.num_experts, h, f32, 0, 0)
+        assert int(got.counts_L.sum()) == 0, "rows of a wrong header must be dropped, not served"
+        comm.wait_sent(comm.expert_send(got.x_NH, got, bridge, layout, 0, 0))
+        with pytest.raises(comm.CommError, match=r"block header check.*step 0, layer 0, micro-batch 0.*ranks \[0\]"):
+            comm.end_step(layout, bridge)
+        return ""
+    route = expert_route(plan, CFG, 0, "cpu")
+    layout = comm.attention_begin_step(bridge, 0, [3], True, h, f32)
+    x, ids = torch.randn(3, h), torch.zeros(3, CFG.top_k, dtype=torch.long)
+    ids[:, 1] = 1
+    comm.combine(comm.dispatch(x, ids, torch.ones(3, 2), route, bridge, layout, 1, 0), h, f32)
+    return ""
+
+
+@pytest.mark.timeout(60)
+def test_a_padded_block_for_the_wrong_layer_is_dropped_and_reported():
+    spawn(2, _diverged_rank, None, timeout_s=50)  # the expert rank asserts the error's wording
 
 
 def test_invalid_plans_name_the_field():
@@ -176,4 +213,4 @@ def _stuck_expert_rank(arg) -> str:
 @pytest.mark.timeout(60)
 def test_a_stuck_peer_is_an_error_naming_the_bridge_layer_and_step():
     message = spawn(2, _stuck_expert_rank, None, timeout_s=40)
-    assert "ranks [0, 1]" in message and "step 0, layer 0, micro-batch 0" in message, message
+    assert "ranks [0, 1]" in message and "step handshake" in message and "step 0" in message, message

@@ -3,20 +3,31 @@
 Attention -> expert traffic runs on a *bridge* group (one attention replica + all expert
 ranks) as `all_to_all_single`, which gloo and NCCL both support with uneven splits.
 
-Protocol for one (layer, micro-batch) on a bridge:
-  1. counts: every member sends every member an int64 row [flag, step, layer, mb, c_0..c_{L-1}]
-     (c_j = rows for the receiver's local expert j). Receivers check the header and the counts
-     before any payload moves: gloo aborts the process on inconsistent split sizes.
-  2. dispatch payload: attention ranks send their token rows, sorted by (expert rank, local expert).
-  3. combine payload: expert ranks send each row's expert output back in the order received.
-Every wait has a timeout; a CommError names the peers, the layer, the micro-batch and the step.
+Every step opens with a handshake (`attention_begin_step`, `expert_begin_step`,
+`ep_begin_step`): each sender tells the bridge its flag (work, stop, idle), whether the step
+is *padded*, and how many token rows it has per micro-batch. That is the one message the
+receivers read on the host, at the step boundary, where the engine has just read the previous
+step's tokens anyway. Then, per (layer, micro-batch):
+
+- padded steps (decode): fixed-size blocks (`routing.py`): header rows with the counts, then
+  the rows padded to a capacity agreed in the handshake. One collective each way, split sizes
+  known on both sides without reading anything on the host, so the whole step runs ahead of
+  the GPU (and its compute between transfers can be replayed from CUDA graphs). Headers are
+  checked on the device; `end_step` reads the verdicts once the step is over.
+- exact steps (prefill, where padding to the worst case would move k*P times the bytes):
+  the counts go first as int64 rows [flag, step, layer, mb, c_0..c_{L-1}] and are read and
+  checked on the host before the payload (gloo aborts the process on inconsistent split
+  sizes), then the payload with exact splits.
 
 Launch and wait are separate calls (`dispatch` launches, `combine` waits; `expert_send`
 launches, `wait_sent` waits). On CUDA with NCCL every collective is issued with
 async_op=True, so it runs on the process group's own stream, ordered after the producing
 kernels by a CUDA event; `wait` makes the compute stream wait on the completion event
-without blocking the host. The one host synchronisation per transfer is reading the
-exchanged counts, which sizes the payload buffers.
+without blocking the host. Every wait has a timeout; a CommError names the peers, the layer,
+the micro-batch and the step.
+
+Shapes: X tokens, k top-k, H hidden, P bridge members, A attention members, E expert
+members, L local experts, C capacity rows, R header rows (routing.py).
 """
 from __future__ import annotations
 
@@ -26,8 +37,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-HEADER = 4  # flag, step, layer, mb
-FLAG_WORK, FLAG_STOP = 1, 2
+from . import routing
+from .routing import FLAG_WORK, HEADER
+
+FLAG_STOP, FLAG_IDLE = 2, 3  # stop: this replica is done; idle: an EP rank with no sequences
 
 
 class CommError(RuntimeError):
@@ -46,6 +59,7 @@ class Bridge:
     max_local_experts: int
     timeout: timedelta
     device: torch.device
+    top_k: int = 1
 
     @property
     def size(self) -> int:
@@ -94,11 +108,100 @@ def exchange_counts(bridge: Bridge, send_PC: torch.Tensor, step: int, layer: int
     return recv
 
 
-def _header(bridge: Bridge, flag: int, step: int, layer: int, mb: int) -> torch.Tensor:
-    """Count rows that carry only a header (to the expert members): a stop request."""
-    counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
-    counts[bridge.expert_members(), :HEADER] = torch.tensor([flag, step, layer, mb], device=bridge.device)
-    return counts
+# --- the step handshake ---------------------------------------------------------------------------
+@dataclass
+class StepLayout:
+    """What a bridge agreed at the start of a step."""
+
+    step: int
+    flags: list[int]  # per member (attention side of separation: not read, all FLAG_WORK)
+    padded: bool
+    caps: list[int]  # per micro-batch: payload rows of one (sender, receiver) block
+    header_rows: int
+    checks: list = field(default_factory=list)  # (layer, mb, first sender member, bad_S [S] bool)
+
+
+def _handshake_rows(bridge: Bridge, flag: int, step: int, padded: bool, rows_M: list[int]) -> torch.Tensor:
+    row = torch.tensor([flag, step, int(padded), len(rows_M), *rows_M], dtype=torch.int64)
+    return row.expand(bridge.size, -1).contiguous().to(bridge.device)
+
+
+def _layout(bridge: Bridge, step: int, flags: list[int], padded: bool, rows_SM: list[list[int]], hidden: int,
+            dtype: torch.dtype) -> StepLayout:
+    """Capacities from every sender's rows per micro-batch (the largest sender sets the block)."""
+    caps = [routing.capacity(max(col, default=0), bridge.top_k, bridge.max_local_experts) for col in zip(*rows_SM)]
+    hdr = routing.header_rows(bridge.max_local_experts, hidden, dtype) if padded else 0
+    return StepLayout(step, flags, padded, caps, hdr)
+
+
+def attention_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int,
+                         dtype: torch.dtype, flag: int = FLAG_WORK) -> StepLayout:
+    """Separated attention rank: announce this step (rows_M = the largest token slice of the
+    replica per micro-batch, the same on every rank of the replica). Nothing is read back, so
+    the host does not wait here on NCCL."""
+    send = _handshake_rows(bridge, flag, step, padded, rows_M)
+    recv = torch.empty_like(send)
+    _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
+    return _layout(bridge, step, [flag] * bridge.num_attention, padded, [rows_M], hidden, dtype)
+
+
+def expert_begin_step(bridge: Bridge, step: int, microbatches: int, hidden: int, dtype: torch.dtype) -> StepLayout:
+    """Expert rank: read one replica's announcement (blocks until the replica starts its step).
+    flags == [FLAG_STOP, ...] means the replica is done."""
+    send = torch.zeros(bridge.size, HEADER + microbatches, dtype=torch.int64, device=bridge.device)
+    recv = torch.empty_like(send)
+    _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
+    rows = recv[: bridge.num_attention].tolist()
+    where = bridge.where("step handshake", step, 0, 0)
+    flags = sorted({r[0] for r in rows})
+    if flags == [FLAG_STOP]:
+        return StepLayout(step, [FLAG_STOP] * bridge.num_attention, False, [], 0)
+    _check_handshake(rows, bridge, step, microbatches, where)
+    return _layout(bridge, step, [FLAG_WORK] * bridge.num_attention, bool(rows[0][2]),
+                   [r[HEADER:] for r in rows], hidden, dtype)
+
+
+def ep_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int, dtype: torch.dtype,
+                  idle: bool) -> StepLayout:
+    """EP rank: every rank announces and reads every other's (all ranks send and receive)."""
+    flag = FLAG_IDLE if idle else FLAG_WORK
+    send = _handshake_rows(bridge, flag, step, padded, rows_M)
+    recv = torch.empty_like(send)
+    _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
+    rows = recv.tolist()
+    busy = [r for r in rows if r[0] != FLAG_IDLE]
+    if busy:  # idle ranks know nothing of the step's shape; the busy ones must agree
+        _check_handshake(busy, bridge, step, len(rows_M), bridge.where("step handshake", step, 0, 0))
+        padded = bool(busy[0][2])
+    return _layout(bridge, step, [r[0] for r in rows], padded, [r[HEADER:] for r in rows], hidden, dtype)
+
+
+def _check_handshake(rows: list[list[int]], bridge: Bridge, step: int, microbatches: int, where: str) -> None:
+    for p, r in enumerate(rows):
+        if r[0] not in (FLAG_WORK, FLAG_IDLE) or r[1] != step or r[3] != microbatches or r[2] != rows[0][2]:
+            raise CommError(f"{where}: rank {bridge.ranks[p]} announced [flag, step, padded, micro-batches] = "
+                            f"{r[:HEADER]}, expected [{FLAG_WORK}, {step}, {rows[0][2]}, {microbatches}]: "
+                            "the ranks' schedules or plans diverged")
+
+
+def end_step(layout: StepLayout, bridge: Bridge) -> None:
+    """Read the device-side header checks of a padded step (one host read, after the step)."""
+    if not layout.checks:
+        return
+    bad = torch.stack([c[3].any() for c in layout.checks]).tolist()
+    for (layer, mb, first, bad_S), is_bad in zip(layout.checks, bad):
+        if is_bad:
+            senders = [bridge.ranks[first + s] for s in torch.nonzero(bad_S).flatten().tolist()]
+            layout.checks.clear()
+            raise CommError(f"{bridge.where('block header check', layout.step, layer, mb)}: ranks {senders} sent "
+                            "a header for another (step, layer, micro-batch) or counts beyond the capacity: the "
+                            "schedules diverged (their rows were dropped)")
+    layout.checks.clear()
+
+
+def send_stop(bridge: Bridge, step: int, hidden: int, dtype: torch.dtype, microbatches: int) -> None:
+    """Tell the expert ranks this replica has no more work (in place of a step handshake)."""
+    attention_begin_step(bridge, step, [0] * microbatches, False, hidden, dtype, flag=FLAG_STOP)
 
 
 # --- attention side ---------------------------------------------------------------------------
@@ -127,26 +230,27 @@ class DispatchHandle:
     layer: int
     mb: int
     num_tokens: int
-    token_R: torch.Tensor  # [rows] token index of each sent row
-    weight_R: torch.Tensor  # [rows] routing weight of each sent row
-    splits: list[int]  # rows sent to each member
+    rows: routing.SortedRows
+    splits: list[int]  # exact: rows sent to each member; padded: payload rows per member block
     work: object = None
     keep: list = field(default_factory=list)  # buffers alive until the transfer completes
+    pos_R: torch.Tensor | None = None  # padded: slot of each sorted row in the returned blocks
 
 
-def _route_rows(ids_Xk: torch.Tensor, route: ExpertRoute, bridge: Bridge, flag: int, step: int, layer: int,
-                mb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order of the X*k (token, expert) rows sorted by (member, local expert), the token of each
-    sorted row, and the count rows to send: [P, HEADER + L] with this step's header."""
-    k = ids_Xk.shape[1]
-    member = route.member_E[ids_Xk].flatten()
-    key = member * bridge.max_local_experts + route.local_E[ids_Xk].flatten()
-    order = torch.argsort(key, stable=True)
+def _sorted_rows(ids_Xk, weights_Xk, route: ExpertRoute, bridge: Bridge) -> routing.SortedRows:
+    return routing.sort_rows(ids_Xk, weights_Xk, route.member_E, route.local_E, bridge.size,
+                             bridge.max_local_experts)
+
+
+def _head(step: int, layer: int, mb: int, device) -> torch.Tensor:
+    return torch.tensor([FLAG_WORK, step, layer, mb], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _exact_counts(rows: routing.SortedRows, bridge: Bridge, step: int, layer: int, mb: int) -> torch.Tensor:
     counts = torch.zeros(bridge.size, HEADER + bridge.max_local_experts, dtype=torch.int64, device=bridge.device)
-    counts[:, :HEADER] = torch.tensor([flag, step, layer, mb], device=bridge.device)
-    counts[:, HEADER:] = torch.bincount(key, minlength=bridge.size * bridge.max_local_experts).view(bridge.size, -1)
-    token = torch.arange(ids_Xk.shape[0], device=ids_Xk.device).repeat_interleave(k)[order]
-    return order, token, counts
+    counts[:, :HEADER] = torch.tensor([FLAG_WORK, step, layer, mb], device=bridge.device)
+    counts[:, HEADER:] = rows.counts_PL
+    return counts
 
 
 def _expert_sorted_order(counts_PL: torch.Tensor) -> torch.Tensor:
@@ -159,19 +263,26 @@ def _expert_sorted_order(counts_PL: torch.Tensor) -> torch.Tensor:
 
 
 def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
-             bridge: Bridge, step: int, layer: int, mb: int) -> DispatchHandle:
+             bridge: Bridge, layout: StepLayout, layer: int, mb: int) -> DispatchHandle:
     """Launch the send of each token's hidden state to the ranks holding its top-k experts.
 
-    x [X, H] (model dtype), ids/weights [X, k]. Returns once counts are agreed and the payload
-    is in flight; combine(handle) waits for it.
-    """
-    order, token, counts = _route_rows(ids_Xk, route, bridge, FLAG_WORK, step, layer, mb)
+    x [X, H] (model dtype), ids/weights [X, k]. Returns once the payload is in flight;
+    combine(handle) waits for it. Padded steps read nothing on the host."""
+    step, a, e = layout.step, bridge.num_attention, len(bridge.expert_members())
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    if layout.padded:
+        cap, hdr = layout.caps[mb], layout.header_rows
+        blocks, pos = routing.pack(x_XH, rows, a, e, cap, hdr, _head(step, layer, mb, x_XH.device))
+        send = blocks.view(-1, x_XH.shape[1])
+        work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * bridge.size, [0] * a + [hdr + cap] * e,
+                           bridge)
+        return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, [0] * a + [cap] * e, work, [send], pos)
+    counts = _exact_counts(rows, bridge, step, layer, mb)
     exchange_counts(bridge, counts, step, layer, mb)
     splits = counts[:, HEADER:].sum(1).tolist()
-    rows = x_XH[token].contiguous()
-    work = _all_to_all(x_XH.new_empty(0, x_XH.shape[1]), rows, [0] * bridge.size, splits, bridge)
-    return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
-                          splits, work, [rows])
+    send = x_XH[rows.token_R].contiguous()
+    work = _all_to_all(x_XH.new_empty(0, x_XH.shape[1]), send, [0] * bridge.size, splits, bridge)
+    return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, splits, work, [send])
 
 
 def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
@@ -181,13 +292,10 @@ def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Te
     out = torch.empty(sum(handle.splits), hidden, dtype=dtype, device=b.device)
     work = _all_to_all(out, out.new_empty(0, hidden), handle.splits, [0] * b.size, b)
     _wait(work, b, "combine payload", handle.step, handle.layer, handle.mb)
-    y = torch.zeros(handle.num_tokens, hidden, dtype=dtype, device=b.device)
-    return y.index_add_(0, handle.token_R, out * handle.weight_R[:, None].to(dtype))
-
-
-def send_stop(bridge: Bridge, step: int) -> None:
-    """Tell the expert ranks this replica has no more work (sent where dispatch(l0, mb0) would be)."""
-    exchange_counts(bridge, _header(bridge, FLAG_STOP, step, 0, 0), step, 0, 0)
+    if handle.pos_R is not None:
+        return routing.gather(out.view(len(b.expert_members()), -1, hidden), handle.pos_R, handle.rows,
+                              handle.num_tokens)
+    return routing.gather(out[None], torch.arange(out.shape[0], device=out.device), handle.rows, handle.num_tokens)
 
 
 # --- expert side ------------------------------------------------------------------------------
@@ -197,38 +305,50 @@ class ExpertBatch:
 
     x_NH: torch.Tensor
     counts_L: torch.Tensor  # [local experts] rows per local expert
-    perm_N: torch.Tensor  # arrival order -> expert-sorted order
-    source_splits: list[int]  # rows received from each member
-    stop: bool = False
+    perm_N: torch.Tensor  # exact: arrival order -> expert-sorted order; padded: slot of each sorted row
+    source_splits: list[int]  # rows received from each member (padded: per block, payload only)
+    senders: int = 0  # padded: number of sending blocks
 
 
-def _check_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb: int, num_local: int) -> bool:
-    """Validate headers and counts from every member; returns True on a stop request."""
-    attn = recv[: bridge.num_attention]
-    flags = set(attn[:, 0].tolist())
+def _check_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb: int, num_local: int,
+                  senders: range) -> None:
+    """Validate exact-step headers and counts from the senders (host read)."""
     where = bridge.where("token-count check", step, layer, mb)
-    if flags == {FLAG_STOP}:
-        return True
-    if flags != {FLAG_WORK}:
-        raise CommError(f"{where}: attention ranks sent flags {sorted(flags)}, expected all {FLAG_WORK} "
-                        f"(work) or all {FLAG_STOP} (stop)")
-    for p in range(bridge.num_attention):
-        got = tuple(recv[p, 1:HEADER].tolist())
-        if got != (step, layer, mb):
-            raise CommError(f"{where}: rank {bridge.ranks[p]} is at (step, layer, mb)={got}: the schedules diverged")
+    for p in senders:
+        got = tuple(recv[p, :HEADER].tolist())
+        if got != (FLAG_WORK, step, layer, mb):
+            raise CommError(f"{where}: rank {bridge.ranks[p]} sent header (flag, step, layer, mb)={got}: "
+                            "the schedules diverged")
     counts = recv[:, HEADER:]
-    if (counts < 0).any() or counts[:, num_local:].any() or counts[bridge.num_attention:].any():
+    outside = [p for p in range(bridge.size) if p not in senders]
+    if (counts < 0).any() or counts[:, num_local:].any() or counts[outside].any():
         raise CommError(f"{where}: invalid token counts {counts.tolist()} for {num_local} local experts")
-    return False
 
 
-def expert_receive(bridge: Bridge, num_local: int, hidden: int, dtype: torch.dtype,
-                   step: int, layer: int, mb: int) -> ExpertBatch:
-    """Receive this (layer, mb)'s rows from the replica's attention ranks (blocking, with timeout)."""
+def _receive_padded(bridge: Bridge, layout: StepLayout, senders: range, num_local: int, recv: torch.Tensor,
+                    layer: int, mb: int) -> ExpertBatch:
+    """recv [S*(R+C), H] as it arrived -> ExpertBatch, recording the header check for end_step."""
+    hdr, cap = layout.header_rows, layout.caps[mb]
+    got = routing.unpack(recv.view(len(senders), hdr + cap, -1), hdr, bridge.max_local_experts, num_local,
+                         _head(layout.step, layer, mb, recv.device))
+    layout.checks.append((layer, mb, senders.start, got.bad_S))
+    return ExpertBatch(got.x_NH, got.counts_L, got.slot_N, [cap] * len(senders), len(senders))
+
+
+def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: int, dtype: torch.dtype,
+                   layer: int, mb: int) -> ExpertBatch:
+    """Receive this (layer, mb)'s rows from the replica's attention ranks."""
+    a, step = bridge.num_attention, layout.step
+    if layout.padded:
+        width = layout.header_rows + layout.caps[mb]
+        x = torch.empty(a * width, hidden, dtype=dtype, device=bridge.device)
+        work = _all_to_all(x, x.new_empty(0, hidden), [width] * a + [0] * (bridge.size - a), [0] * bridge.size,
+                           bridge)
+        _wait(work, bridge, "dispatch payload", step, layer, mb)
+        return _receive_padded(bridge, layout, range(a), num_local, x, layer, mb)
     recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
                                                dtype=torch.int64, device=bridge.device), step, layer, mb)
-    if _check_counts(bridge, recv, step, layer, mb, num_local):
-        return ExpertBatch(torch.empty(0, hidden), torch.zeros(num_local), torch.empty(0), [], stop=True)
+    _check_counts(bridge, recv, step, layer, mb, num_local, range(a))
     counts_PL = recv[:, HEADER:HEADER + num_local]
     splits = counts_PL.sum(1).tolist()
     x = torch.empty(sum(splits), hidden, dtype=dtype, device=bridge.device)
@@ -238,13 +358,22 @@ def expert_receive(bridge: Bridge, num_local: int, hidden: int, dtype: torch.dty
     return ExpertBatch(x[perm], counts_PL.sum(0), perm, splits)
 
 
-def expert_send(y_NH: torch.Tensor, batch: ExpertBatch, bridge: Bridge, step: int, layer: int, mb: int):
-    """Launch the return of expert outputs (expert-sorted rows [N, H]) to their senders.
-    Returns a handle for `wait_sent`."""
+def _back_rows(y_NH: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
+    """Expert outputs in the order the rows arrived: [sum(source_splits), H]."""
+    if batch.senders:
+        return routing.unsort(y_NH, batch.perm_N, batch.senders).reshape(-1, y_NH.shape[1])
     back = torch.empty_like(y_NH)
     back[batch.perm_N] = y_NH
-    work = _all_to_all(back.new_empty(0, y_NH.shape[1]), back, [0] * bridge.size, batch.source_splits, bridge)
-    return (work, back, bridge, step, layer, mb)
+    return back
+
+
+def expert_send(y_NH: torch.Tensor, batch: ExpertBatch, bridge: Bridge, layout: StepLayout, layer: int, mb: int):
+    """Launch the return of expert outputs (expert-sorted rows [N, H]) to their senders.
+    Returns a handle for `wait_sent`."""
+    back = _back_rows(y_NH, batch)
+    splits = batch.source_splits + [0] * (bridge.size - len(batch.source_splits))
+    work = _all_to_all(back.new_empty(0, y_NH.shape[1]), back, [0] * bridge.size, splits, bridge)
+    return (work, back, bridge, layout.step, layer, mb)
 
 
 def wait_sent(pending) -> None:
@@ -272,69 +401,62 @@ def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, tim
 
 
 # --- colocated expert parallelism: every member sends and receives ------------------------------
-FLAG_IDLE = 3  # an EP rank with no sequences left still serves its experts
-
-
 @dataclass
 class ExchangeHandle:
     """Both halves of a symmetric EP exchange: what this rank sent (for combine) and what it got."""
 
     sent: DispatchHandle
+    layout: StepLayout
+    num_local: int
     got: ExpertBatch | None = None
+    recv: torch.Tensor | None = None  # padded: blocks as they arrived [P*(R+C), H]
     work: object = None
     back: torch.Tensor | None = None  # expert outputs on their way back to their senders
 
 
 def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
-                bridge: Bridge, num_local: int, step: int, layer: int, mb: int, idle: bool = False
-                ) -> tuple[ExchangeHandle, bool]:
-    """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k]).
-
-    Returns the handle and whether every rank is idle (then nothing was sent and the caller stops)."""
-    order, token, counts = _route_rows(ids_Xk, route, bridge, FLAG_IDLE if idle else FLAG_WORK, step, layer, mb)
-    recv = exchange_counts(bridge, counts, step, layer, mb)
-    flags = set(recv[:, 0].tolist())
-    if flags == {FLAG_IDLE}:
-        return ExchangeHandle(DispatchHandle(bridge, step, layer, mb, 0, order, order, [])), True
-    _check_symmetric_counts(bridge, recv, step, layer, mb, num_local)
+                bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int) -> ExchangeHandle:
+    """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k])."""
+    step, p, hidden = layout.step, bridge.size, x_XH.shape[1]
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    if layout.padded:
+        cap, hdr = layout.caps[mb], layout.header_rows
+        blocks, pos = routing.pack(x_XH, rows, 0, p, cap, hdr, _head(step, layer, mb, x_XH.device))
+        send = blocks.view(-1, hidden)
+        recv = torch.empty_like(send)
+        work = _all_to_all(recv, send, None, None, bridge)
+        sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, [cap] * p, work, [send], pos)
+        return ExchangeHandle(sent, layout, num_local, recv=recv)
+    counts = _exact_counts(rows, bridge, step, layer, mb)
+    recv_counts = exchange_counts(bridge, counts, step, layer, mb)
+    _check_counts(bridge, recv_counts, step, layer, mb, num_local, range(p))
     send_splits = counts[:, HEADER:].sum(1).tolist()
-    counts_PL = recv[:, HEADER:HEADER + num_local]
+    counts_PL = recv_counts[:, HEADER:HEADER + num_local]
     recv_splits = counts_PL.sum(1).tolist()
-    rows = x_XH[token].contiguous()
-    x_in = torch.empty(sum(recv_splits), x_XH.shape[1], dtype=x_XH.dtype, device=x_XH.device)
-    work = _all_to_all(x_in, rows, recv_splits, send_splits, bridge)
-    perm = _expert_sorted_order(counts_PL)
-    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], token, weights_Xk.flatten()[order],
-                          send_splits, work, [rows, x_in])
-    return ExchangeHandle(sent, ExpertBatch(x_in, counts_PL.sum(0), perm, recv_splits)), False
-
-
-def _check_symmetric_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb: int,
-                            num_local: int) -> None:
-    where = bridge.where("token-count check", step, layer, mb)
-    for p in range(bridge.size):
-        got = tuple(recv[p, 1:HEADER].tolist())
-        if got != (step, layer, mb):
-            raise CommError(f"{where}: rank {bridge.ranks[p]} is at (step, layer, mb)={got}: the schedules diverged")
-    counts = recv[:, HEADER:]
-    if (counts < 0).any() or counts[:, num_local:].any():
-        raise CommError(f"{where}: invalid token counts {counts.tolist()} for {num_local} local experts")
+    send = x_XH[rows.token_R].contiguous()
+    x_in = torch.empty(sum(recv_splits), hidden, dtype=x_XH.dtype, device=x_XH.device)
+    work = _all_to_all(x_in, send, recv_splits, send_splits, bridge)
+    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in])
+    got = ExpertBatch(x_in, counts_PL.sum(0), _expert_sorted_order(counts_PL), recv_splits)
+    return ExchangeHandle(sent, layout, num_local, got=got)
 
 
 def ep_received(handle: ExchangeHandle) -> ExpertBatch:
     """Wait for this rank's incoming rows; returns them sorted by local expert."""
     s = handle.sent
     _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
-    got = handle.got
-    got.x_NH = got.x_NH[got.perm_N]
-    return got
+    if handle.recv is not None:
+        handle.got = _receive_padded(s.bridge, handle.layout, range(s.bridge.size), handle.num_local, handle.recv,
+                                     s.layer, s.mb)
+    else:
+        handle.got.x_NH = handle.got.x_NH[handle.got.perm_N]
+    return handle.got
 
 
 def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
     """Send expert outputs (expert-sorted rows) back to their senders; receive our own rows'."""
     s, got = handle.sent, handle.got
-    back = torch.empty_like(y_NH)
-    back[got.perm_N] = y_NH
+    back = _back_rows(y_NH, got)
     handle.back = torch.empty(sum(s.splits), y_NH.shape[1], dtype=y_NH.dtype, device=y_NH.device)
     handle.work = _all_to_all(handle.back, back, s.splits, got.source_splits, s.bridge)
     s.keep.append(back)
@@ -344,8 +466,10 @@ def ep_combine_wait(handle: ExchangeHandle, hidden: int, dtype: torch.dtype) -> 
     """sum_k weight_k * expert_k(x) per token [X, H] once the outputs are back."""
     s = handle.sent
     _wait(handle.work, s.bridge, "combine payload", s.step, s.layer, s.mb)
-    y = torch.zeros(s.num_tokens, hidden, dtype=dtype, device=s.bridge.device)
-    return y.index_add_(0, s.token_R, handle.back * s.weight_R[:, None].to(dtype))
+    if s.pos_R is not None:
+        return routing.gather(handle.back.view(s.bridge.size, -1, hidden), s.pos_R, s.rows, s.num_tokens)
+    return routing.gather(handle.back[None], torch.arange(handle.back.shape[0], device=handle.back.device), s.rows,
+                          s.num_tokens)
 
 
 # --- tensor and pipeline parallelism ------------------------------------------------------------

@@ -43,7 +43,9 @@ class EpRuntime(MicroBatchRuntime):
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
         self.all_idle = False
         self.stopped = False
-        self.load_LE = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
+        # rows served per (layer, local expert), kept on the device during the run
+        self.load_dev = torch.zeros(cfg.num_layers, len(self.my_experts), dtype=torch.long, device=env.device)
+        self.layout: comm.StepLayout | None = None
 
     def finish(self) -> None:
         """Serve the other ranks' experts with empty micro-batches until every rank is idle."""
@@ -54,8 +56,25 @@ class EpRuntime(MicroBatchRuntime):
             self.decode(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1)
         self.stopped = True
 
+    @property
+    def load_LE(self) -> torch.Tensor:
+        """Rows served per (layer, global expert) [layers, num_experts] (a host read)."""
+        load = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
+        load[:, list(self.my_experts)] = self.load_dev.cpu()
+        return load
+
     def _schedule(self, microbatches: int) -> list[Op]:
         return ep_schedule(self.cfg.num_layers, microbatches)
+
+    def _begin_step(self, mbs: list[MicroBatch]) -> None:
+        """Agree on the step with every EP rank (the one host read per step), after reading the
+        previous step's device-side header checks (complete by now: its logits were read)."""
+        if self.layout is not None:
+            comm.end_step(self.layout, self.bridge)
+        padded = all(mb.ids.shape[1] == 1 for mb in mbs)
+        self.layout = comm.ep_begin_step(self.bridge, self.step, [mb.ids.numel() for mb in mbs], padded,
+                                         self.cfg.hidden_size, self._cache_shape[2], self.idle)
+        self.all_idle = all(f == comm.FLAG_IDLE for f in self.layout.flags)
 
     def _handlers(self, mbs: list[MicroBatch]):
         def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere
@@ -94,12 +113,12 @@ class EpRuntime(MicroBatchRuntime):
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         w = mb.work
         weights, ids = self.blocks[layer].moe.router(w["z"])
-        w["exchange"], self.all_idle = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge,
-                                                        len(self.my_experts), self.step, layer, i, self.idle)
+        w["exchange"] = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout,
+                                         len(self.my_experts), layer, i)
 
     def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
         got = comm.ep_received(mb.work["exchange"])
-        self.load_LE[layer, list(self.my_experts)] += got.counts_L.cpu()
+        self.load_dev[layer] += got.counts_L
         mb.work["y"] = self.experts[layer].forward_sorted(got.x_NH, got.counts_L)
 
     def _combine_launch(self, mb: MicroBatch, layer: int, i: int) -> None:

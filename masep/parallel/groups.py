@@ -85,7 +85,7 @@ def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) 
         group = dist.new_group(members, timeout=env.timeout)
         if env.rank in members:
             bridges.append(Bridge(group, members, members.index(env.rank), plan.attn_tp, r, max_local,
-                                  env.timeout, env.device))
+                                  env.timeout, env.device, cfg.top_k))
     expert_group = dist.new_group(experts, timeout=env.timeout)
     return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None)
 
@@ -102,7 +102,8 @@ def build_ep_groups(plan, cfg: ModelConfig, env: DistEnv) -> EpGroups:
     ranks = list(range(plan.world_size))
     group = dist.new_group(ranks, timeout=env.timeout)
     max_local = max(len(p) for p in plan.expert_placement(cfg))
-    bridge = Bridge(group, ranks, env.rank, plan.world_size, env.rank, max_local, env.timeout, env.device)
+    bridge = Bridge(group, ranks, env.rank, plan.world_size, env.rank, max_local, env.timeout, env.device,
+                    cfg.top_k)
     return EpGroups(plan.role(env.rank), bridge)
 
 

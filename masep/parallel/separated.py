@@ -56,11 +56,19 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
         if not self.stopped and not self.in_step:  # mid-step (an error): peers see this rank exit
             self.stopped = True
-            comm.send_stop(self.bridge, self.step)
+            comm.send_stop(self.bridge, self.step, self.cfg.hidden_size, self._cache_shape[2], self.plan.microbatches)
         self.cache = None
 
     def _schedule(self, microbatches: int) -> list[Op]:
         return separated_schedule("attention", self.cfg.num_layers, microbatches)
+
+    def _begin_step(self, mbs: list[MicroBatch]) -> None:
+        """Announce the step: decode steps are padded (no host reads); each micro-batch's
+        capacity follows from the replica's largest token slice."""
+        padded = all(mb.ids.shape[1] == 1 for mb in mbs)
+        rows = [-(-mb.ids.numel() // self.plan.attn_tp) for mb in mbs]
+        self.layout = comm.attention_begin_step(self.bridge, self.step, rows, padded, self.cfg.hidden_size,
+                                                self._cache_shape[2])
 
     def _handlers(self, mbs: list[MicroBatch]):
         return {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
@@ -81,7 +89,8 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         weights, ids = self.blocks[layer].moe.router(mb.work["z"])
-        mb.work["handle"] = comm.dispatch(mb.work["z"], ids, weights, self.route, self.bridge, self.step, layer, i)
+        mb.work["handle"] = comm.dispatch(mb.work["z"], ids, weights, self.route, self.bridge, self.layout, layer,
+                                          i)
 
     def _combine(self, mb: MicroBatch, layer: int, i: int) -> None:
         w = mb.work
@@ -111,7 +120,11 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
                   timer: OpTimer | None = None, untimed_steps: int = 0) -> ExpertStats:
     """Answer every replica's bridge, step after step, until each has sent stop. The timer
     restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
-    communicators on first use)."""
+    communicators on first use).
+
+    Each step starts by reading every live replica's handshake (the one host read per step);
+    the op list then runs without reading anything on the host, and the device-side header
+    checks are read after it."""
     cfg = model.cfg
     timer = timer or OpTimer()
     my_experts = plan.expert_placement(cfg)[groups.role.index]
@@ -123,43 +136,45 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     while live:
         if stats.steps == untimed_steps:
             timer.busy_s.clear()
-        batches: dict[tuple[int, int, int], comm.ExpertBatch] = {}
-        outputs: dict[tuple[int, int, int], torch.Tensor] = {}
-        pending, stopped = [], set()
-
-        def recv(op: Op) -> None:
-            for bi, bridge in enumerate(live):
-                if bi in stopped:
-                    continue
-                got = comm.expert_receive(bridge, len(my_experts), cfg.hidden_size, dtype, stats.steps,
-                                          op.layer, op.mb)
-                if got.stop:
-                    if (op.layer, op.mb) != (0, 0):
-                        raise comm.CommError(bridge.where("stop request", stats.steps, op.layer, op.mb)
-                                             + ": a replica may only stop between steps")
-                    stopped.add(bi)
-                    continue
-                batches[bi, op.layer, op.mb] = got
-                stats.load_LE[op.layer, my_experts] += got.counts_L.cpu()
-
-        def run_experts(op: Op) -> None:
-            for bi in range(len(live)):
-                if (bi, op.layer, op.mb) in batches:
-                    b = batches[bi, op.layer, op.mb]
-                    outputs[bi, op.layer, op.mb] = experts[op.layer].forward_sorted(b.x_NH, b.counts_L)
-
-        def send(op: Op) -> None:
-            for bi, bridge in enumerate(live):
-                if (bi, op.layer, op.mb) in batches:
-                    b = batches.pop((bi, op.layer, op.mb))
-                    y = outputs.pop((bi, op.layer, op.mb))
-                    pending.append(comm.expert_send(y, b, bridge, stats.steps, op.layer, op.mb))
-
+        layouts = [comm.expert_begin_step(b, stats.steps, plan.microbatches, cfg.hidden_size, dtype) for b in live]
+        working = [(b, lay) for b, lay in zip(live, layouts) if lay.flags[0] != comm.FLAG_STOP]
+        live = [b for b, _ in working]
+        if not live:
+            break
         with torch.inference_mode():
-            execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
-        for p in pending:
-            comm.wait_sent(p)
-        live = [b for bi, b in enumerate(live) if bi not in stopped]
-        if len(stopped) < len(groups.bridges):
-            stats.steps += 1
+            loads = _serve_step(ops, working, experts, len(my_experts), cfg, dtype, timer)
+        for bridge, layout in working:
+            comm.end_step(layout, bridge)
+        stats.load_LE[:, list(my_experts)] += loads.cpu()
+        stats.steps += 1
     return stats
+
+
+def _serve_step(ops: list[Op], working, experts, num_local: int, cfg: ModelConfig, dtype, timer: OpTimer):
+    """One step's op list on an expert rank for the working bridges; rows served per
+    (layer, local expert) [layers, L], left on the device."""
+    batches: dict[tuple[int, int, int], comm.ExpertBatch] = {}
+    outputs: dict[tuple[int, int, int], torch.Tensor] = {}
+    pending = []
+    loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=experts[0].w_up.device)
+
+    def recv(op: Op) -> None:
+        for bi, (bridge, layout) in enumerate(working):
+            got = comm.expert_receive(bridge, layout, num_local, cfg.hidden_size, dtype, op.layer, op.mb)
+            batches[bi, op.layer, op.mb] = got
+            loads[op.layer] += got.counts_L
+
+    def run_experts(op: Op) -> None:
+        for bi in range(len(working)):
+            b = batches[bi, op.layer, op.mb]
+            outputs[bi, op.layer, op.mb] = experts[op.layer].forward_sorted(b.x_NH, b.counts_L)
+
+    def send(op: Op) -> None:
+        for bi, (bridge, layout) in enumerate(working):
+            b, y = batches.pop((bi, op.layer, op.mb)), outputs.pop((bi, op.layer, op.mb))
+            pending.append(comm.expert_send(y, b, bridge, layout, op.layer, op.mb))
+
+    execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
+    for p in pending:
+        comm.wait_sent(p)
+    return loads

@@ -109,7 +109,9 @@ class MicroBatchRuntime:
         where this rank produces one, else None."""
         ops = self._schedule(len(mbs))
         self.in_step = True
+        self._begin_step(mbs)
         execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
+        self._end_step()
         self.in_step = False
         self.step += 1
         outs = [mb.out for mb in mbs]
@@ -124,6 +126,12 @@ class MicroBatchRuntime:
         return self.lm_head(out_BTH[rows, index_B]).float()
 
     # --- for subclasses -----------------------------------------------------------------------
+    def _begin_step(self, mbs: list[MicroBatch]) -> None:
+        """Before the op list (the routed strategies agree on the step's layout here)."""
+
+    def _end_step(self) -> None:
+        """After the op list (the routed strategies read their device-side checks here)."""
+
     def _embed(self, ids_bt: torch.Tensor) -> torch.Tensor | None:
         return self.embed(ids_bt)
 
