@@ -12,8 +12,12 @@ and parallelized for each plan), so process start-up is paid once:
    ratios (up to 3), `tp_pp` with TP=N and with TP=N/2 x PP=2, and `ep` with EP=N. Each row
    holds the measurement, the simulator's prediction for the same plan and workload, and the
    hardware it ran on. A point that runs out of memory becomes a row with an `error`.
-3. per-rank Chrome traces of one decode step set per strategy (batch 24, context 2048), packed
-   into traces.tar.gz.
+3. per-rank Chrome traces of one decode step set per strategy and implementation (batch 24,
+   context 2048), packed into traces.tar.gz.
+
+Every point runs twice (--impls): `fast` (the CUDA fast path: compute between transfers
+replayed from CUDA graphs, Triton grouped matmul experts, padded transfers) and `eager`
+(plain PyTorch ops, same transfers), so the rows show what the fast path buys per strategy.
 
 Rows are appended to DIR/multi_gpu.jsonl as they finish, so a cut-off run keeps what it did.
 Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -85,7 +89,7 @@ def best_separated(cfg, gpus: int, batch: int, context: int, hardware: str):
 def write_row(out: Path, row: dict) -> None:
     with open(out / "multi_gpu.jsonl", "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
-    print(json.dumps({k: row.get(k) for k in ("kind", "strategy", "plan_text", "preset", "batch", "context",
+    print(json.dumps({k: row.get(k) for k in ("kind", "impl", "strategy", "plan_text", "preset", "batch", "context",
                                               "tpot_ms_median", "predicted_tpot_ms", "match", "error")},
                      default=str), flush=True)
 
@@ -100,11 +104,11 @@ def free(env) -> None:
 def check_tokens(env, out: Path, plans, args) -> None:
     cfg = preset(args.check_preset).replace(dtype="float32", max_seq_len=64)
     reqs = [Request(p, 4, seed=i) for i, p in enumerate(random_prompts(4, 12, cfg.vocab_size, seed=1))]
-    for plan in plans:
+    for plan, impl in [(p, i) for p in plans for i in args.impls]:
         model = build_model(cfg, seed=0, device=env.device)
         reference = generate(LocalRuntime(model), reqs).tokens if env.rank == 0 else None
         spec = RunSpec(plan=plan, requests=reqs, dtype="float32", device=args.device, timeout_s=args.timeout,
-                       quiet=True)
+                       quiet=True, eager=impl == "eager")
         try:
             result = run_on(env, spec, model)
             error = None
@@ -112,7 +116,8 @@ def check_tokens(env, out: Path, plans, args) -> None:
             result, error = None, f"{type(err).__name__}: {err}"
         if env.rank == 0:
             tokens = [o.tokens for o in result["outputs"]] if result else None
-            write_row(out, dict(kind="check", strategy=plan.strategy, plan_text=plan.describe(), preset=cfg.name,
+            write_row(out, dict(kind="check", impl=impl, strategy=plan.strategy, plan_text=plan.describe(),
+                                preset=cfg.name,
                                 dtype="float32", batch=len(reqs), match=tokens == reference, tokens=tokens,
                                 reference=reference, error=error))
         del model
@@ -121,7 +126,7 @@ def check_tokens(env, out: Path, plans, args) -> None:
 
 def bench_points(env, out: Path, args) -> None:
     gpus = env.world_size
-    batches = (24,) if args.quick else (24, 128, 512)
+    batches = args.batches or ((24,) if args.quick else (24, 128, 512))
     contexts = (2048,) if args.quick else (2048, 8192)
     presets = args.presets
     traced = set()
@@ -134,26 +139,28 @@ def bench_points(env, out: Path, args) -> None:
                 if best is not None and best not in plans:
                     plans.insert(0, best)
                 for plan in plans:
-                    bench_one(env, out, args, cfg, plan, batch, context, best, traced)
+                    for impl in args.impls:
+                        bench_one(env, out, args, cfg, plan, impl, batch, context, best, traced)
 
 
-def bench_one(env, out: Path, args, cfg, plan, batch: int, context: int, best, traced: set) -> None:
-    trace = args.trace and batch == 24 and plan.strategy not in traced
-    spec = DistBenchSpec(RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout),
-                         batch=batch, context=context, warmup=3, steps=args.steps)
+def bench_one(env, out: Path, args, cfg, plan, impl: str, batch: int, context: int, best, traced: set) -> None:
+    trace = args.trace and batch == 24 and (plan.strategy, impl) not in traced
+    run = RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout,
+                  eager=impl == "eager")
+    spec = DistBenchSpec(run, batch=batch, context=context, warmup=3, steps=args.steps)
     model = build_model(cfg, seed=0, device=env.device)
     try:
-        with _profile(out / "traces" / f"{plan.strategy}", env.rank, trace):
+        with _profile(out / "traces" / f"{plan.strategy}_{impl}", env.rank, trace):
             row = bench_on(env, spec, model)
         error = None
     except Exception as err:  # e.g. out of memory: every rank fails the same point
         row, error = None, f"{type(err).__name__}: {str(err)[:300]}"
     if trace:
-        traced.add(plan.strategy)
+        traced.add((plan.strategy, impl))
     if env.rank == 0:
         row = row or dict(strategy=plan.strategy, preset=cfg.name, batch=batch, context=context,
                           plan_text=plan.describe())
-        row.update(kind="decode", error=error, planner_best=best == plan, gpus=env.world_size,
+        row.update(kind="decode", impl=impl, error=error, planner_best=best == plan, gpus=env.world_size,
                    nccl=".".join(map(str, torch.cuda.nccl.version())) if env.backend == "nccl" else None,
                    **predicted(plan, cfg, batch, context, args.hardware))
         write_row(out, row)
@@ -189,6 +196,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["paper", "paper-swiglu"])
     parser.add_argument("--check-preset", default="paper", help="model of the fp32 token check")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo dry run")
+    parser.add_argument("--impls", nargs="+", choices=("fast", "eager"), default=["fast", "eager"],
+                        help="fast: CUDA graphs per compute segment + Triton experts; eager: plain PyTorch")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--no-trace", dest="trace", action="store_false")
     args = parser.parse_args()

@@ -400,6 +400,15 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
             module.forward = functools.partial(patch, module)
 
 
+def auto_expert_impl(model: torch.nn.Module) -> str | None:
+    """"triton" for a 16-bit model on CUDA where triton is installed, else None (keep the
+    model's F.grouped_mm). fp32 stays on F.grouped_mm: tl.dot would round fp32 inputs through
+    TF32, and fp32 is the dtype we check against the oracle."""
+    param = next(model.parameters())
+    ok = param.is_cuda and triton is not None and param.dtype in (torch.bfloat16, torch.float16)
+    return "triton" if ok else None
+
+
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
     """Use `impl` ("grouped_mm" or "triton") for every Experts module in `model`."""
     if impl not in EXPERT_IMPLS:
@@ -416,8 +425,9 @@ class GraphedLocalRuntime(LocalRuntime):
     """LocalRuntime with each decode step replayed from a CUDA graph (see the module docstring).
 
     graphs: None = on when the model is on CUDA. bucket: attend_len granularity of the graphs.
-    expert_impl: "auto" = the Triton grouped matmul on CUDA where triton is installed (1.4x
-    F.grouped_mm's speed at decode sizes on an H200), else the model's setting; None keeps the
+    expert_impl: "auto" = the Triton grouped matmul for a bf16/fp16 model on CUDA where triton is
+    installed (1.4x F.grouped_mm's speed at decode sizes on an H200; see auto_expert_impl), else
+    the model's setting; None keeps the
     model's setting; else see `set_expert_impl`.
     fused: None keeps the model's setting (off by default); else see `set_fused`.
     Pass tokens and positions on the model's device: a host tensor costs a blocking copy.
@@ -434,7 +444,7 @@ class GraphedLocalRuntime(LocalRuntime):
             raise ValueError(f"bucket={bucket}: must be a positive integer")
         self.bucket = bucket
         if expert_impl == "auto":
-            expert_impl = "triton" if on_cuda and triton is not None else None
+            expert_impl = auto_expert_impl(model)
         if expert_impl is not None:
             set_expert_impl(model, expert_impl)
         if fused is not None:

@@ -22,7 +22,7 @@ from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
 from .separated import SeparatedAttentionRuntime, serve_experts
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
-from .worker import RunSpec, apply_plan, gather_reports, in_world
+from .worker import RunSpec, apply_plan, gather_reports, in_world, use_fast_path
 
 
 @dataclass
@@ -34,18 +34,18 @@ class DistBenchSpec:
     steps: int = 20
 
 
-def _attention_runtime(spec: DistBenchSpec, model, plan, env, timer):
+def _attention_runtime(spec: DistBenchSpec, model, plan, env, timer, graphs: bool):
     """(runtime, rows this rank decodes), or (groups, 0) on an expert rank (it serves instead)."""
     if plan.strategy == "separated":
         groups = build_separated_groups(plan, model.cfg, env)
         if groups.role.kind == "expert":
             return groups, 0
         rows = len(split_evenly(spec.batch, plan.attn_replicas)[groups.role.replica])
-        return SeparatedAttentionRuntime(model, plan, groups, env, timer), rows
+        return SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs), rows
     if plan.strategy == "ep":
         rows = len(split_evenly(spec.batch, plan.ep)[env.rank])
-        return EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer), rows
-    return TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer), spec.batch
+        return EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer, graphs), rows
+    return TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer, graphs), spec.batch
 
 
 class CacheDoesNotFit(RuntimeError):
@@ -108,10 +108,11 @@ def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     timer = OpTimer()
-    part, rows = _attention_runtime(spec, model, plan, env, timer)
+    graphs = use_fast_path(spec.run, model, env.device)
+    part, rows = _attention_runtime(spec, model, plan, env, timer, graphs)
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
-        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup)
+        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs)
         times = None
     else:
         times = _decode_steps(part, rows, spec, env.device, timer)

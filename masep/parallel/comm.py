@@ -121,6 +121,22 @@ class StepLayout:
     checks: list = field(default_factory=list)  # (layer, mb, first sender member, bad_S [S] bool)
 
 
+class StepHeads:
+    """The header every padded transfer of a step carries, int64 [layers, m, 4] = flag, step,
+    layer, mb, on the device. One buffer, updated in place per step: CUDA graphs that pack or
+    check headers read it at a fixed address."""
+
+    def __init__(self, num_layers: int, microbatches: int, device):
+        layer, mb = torch.meshgrid(torch.arange(num_layers), torch.arange(microbatches), indexing="ij")
+        self.buf = torch.stack([torch.full_like(layer, FLAG_WORK), torch.zeros_like(layer), layer, mb], -1).to(device)
+
+    def set_step(self, step: int) -> None:
+        self.buf[..., 1].fill_(step)
+
+    def get(self, layer: int, mb: int) -> torch.Tensor:
+        return self.buf[layer, mb]
+
+
 def _handshake_rows(bridge: Bridge, flag: int, step: int, padded: bool, rows_M: list[int]) -> torch.Tensor:
     row = torch.tensor([flag, step, int(padded), len(rows_M), *rows_M], dtype=torch.int64)
     return row.expand(bridge.size, -1).contiguous().to(bridge.device)
@@ -262,40 +278,63 @@ def _expert_sorted_order(counts_PL: torch.Tensor) -> torch.Tensor:
     return torch.argsort(local_of_row, stable=True)
 
 
+def pack_for_experts(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
+                     bridge: Bridge, layout: StepLayout, mb: int, head_4: torch.Tensor) -> routing.Packed:
+    """Padded step: the blocks for the expert members (device work only, no host read, no
+    transfer: a CUDA graph can hold it). head_4 int64 [4] = flag, step, layer, mb."""
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    return routing.pack(x_XH, rows, bridge.num_attention, len(bridge.expert_members()), layout.caps[mb],
+                        layout.header_rows, head_4)
+
+
+def send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, layer: int, mb: int) -> DispatchHandle:
+    """Launch the blocks [E, R+C, H] to the expert members."""
+    a, e, cap = bridge.num_attention, len(bridge.expert_members()), layout.caps[mb]
+    send = packed.blocks.view(-1, packed.blocks.shape[-1])
+    work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * bridge.size,
+                       [0] * a + [layout.header_rows + cap] * e, bridge)
+    return DispatchHandle(bridge, layout.step, layer, mb, -1, packed.rows, [0] * a + [cap] * e, work, [send],
+                          packed.pos_R)
+
+
 def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
              bridge: Bridge, layout: StepLayout, layer: int, mb: int) -> DispatchHandle:
     """Launch the send of each token's hidden state to the ranks holding its top-k experts.
 
     x [X, H] (model dtype), ids/weights [X, k]. Returns once the payload is in flight;
     combine(handle) waits for it. Padded steps read nothing on the host."""
-    step, a, e = layout.step, bridge.num_attention, len(bridge.expert_members())
-    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    step = layout.step
     if layout.padded:
-        cap, hdr = layout.caps[mb], layout.header_rows
-        blocks, pos = routing.pack(x_XH, rows, a, e, cap, hdr, _head(step, layer, mb, x_XH.device))
-        send = blocks.view(-1, x_XH.shape[1])
-        work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * bridge.size, [0] * a + [hdr + cap] * e,
-                           bridge)
-        return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, [0] * a + [cap] * e, work, [send], pos)
+        packed = pack_for_experts(x_XH, ids_Xk, weights_Xk, route, bridge, layout, mb,
+                                  _head(step, layer, mb, x_XH.device))
+        handle = send_packed(packed, bridge, layout, layer, mb)
+        handle.num_tokens = x_XH.shape[0]
+        return handle
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
     counts = _exact_counts(rows, bridge, step, layer, mb)
     exchange_counts(bridge, counts, step, layer, mb)
     splits = counts[:, HEADER:].sum(1).tolist()
     send = x_XH[rows.token_R].contiguous()
     work = _all_to_all(x_XH.new_empty(0, x_XH.shape[1]), send, [0] * bridge.size, splits, bridge)
-    return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, splits, work, [send])
+    pos = torch.arange(send.shape[0], device=send.device)
+    return DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, splits, work, [send], pos)
 
 
-def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """Wait for the experts' outputs and return sum_k weight_k * expert_k(x) per token [X, H]."""
+def receive_outputs(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Wait for the dispatch, then for the experts' outputs: [rows, H], where handle.pos_R
+    finds each sorted pair's output row."""
     b = handle.bridge
     _wait(handle.work, b, "dispatch payload", handle.step, handle.layer, handle.mb)
     out = torch.empty(sum(handle.splits), hidden, dtype=dtype, device=b.device)
     work = _all_to_all(out, out.new_empty(0, hidden), handle.splits, [0] * b.size, b)
     _wait(work, b, "combine payload", handle.step, handle.layer, handle.mb)
-    if handle.pos_R is not None:
-        return routing.gather(out.view(len(b.expert_members()), -1, hidden), handle.pos_R, handle.rows,
-                              handle.num_tokens)
-    return routing.gather(out[None], torch.arange(out.shape[0], device=out.device), handle.rows, handle.num_tokens)
+    return out
+
+
+def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Wait for the experts' outputs and return sum_k weight_k * expert_k(x) per token [X, H]."""
+    out = receive_outputs(handle, hidden, dtype)
+    return routing.gather(out, handle.pos_R, handle.rows.token_R, handle.rows.weight_R, handle.num_tokens)
 
 
 # --- expert side ------------------------------------------------------------------------------
@@ -340,12 +379,8 @@ def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: i
     """Receive this (layer, mb)'s rows from the replica's attention ranks."""
     a, step = bridge.num_attention, layout.step
     if layout.padded:
-        width = layout.header_rows + layout.caps[mb]
-        x = torch.empty(a * width, hidden, dtype=dtype, device=bridge.device)
-        work = _all_to_all(x, x.new_empty(0, hidden), [width] * a + [0] * (bridge.size - a), [0] * bridge.size,
-                           bridge)
-        _wait(work, bridge, "dispatch payload", step, layer, mb)
-        return _receive_padded(bridge, layout, range(a), num_local, x, layer, mb)
+        x = expert_receive_blocks(bridge, layout, hidden, dtype, layer, mb)
+        return _receive_padded(bridge, layout, range(a), num_local, x.view(-1, hidden), layer, mb)
     recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
                                                dtype=torch.int64, device=bridge.device), step, layer, mb)
     _check_counts(bridge, recv, step, layer, mb, num_local, range(a))
@@ -356,6 +391,25 @@ def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: i
     _wait(work, bridge, "dispatch payload", step, layer, mb)
     perm = _expert_sorted_order(counts_PL)
     return ExpertBatch(x[perm], counts_PL.sum(0), perm, splits)
+
+
+def expert_receive_blocks(bridge: Bridge, layout: StepLayout, hidden: int, dtype: torch.dtype, layer: int,
+                          mb: int) -> torch.Tensor:
+    """Padded step: the blocks from the replica's attention members [A, R+C, H] (waited for)."""
+    a, width = bridge.num_attention, layout.header_rows + layout.caps[mb]
+    x = torch.empty(a * width, hidden, dtype=dtype, device=bridge.device)
+    work = _all_to_all(x, x.new_empty(0, hidden), [width] * a + [0] * (bridge.size - a), [0] * bridge.size, bridge)
+    _wait(work, bridge, "dispatch payload", layout.step, layer, mb)
+    return x.view(a, width, hidden)
+
+
+def expert_send_back(back_SCH: torch.Tensor, bridge: Bridge, layout: StepLayout, layer: int, mb: int):
+    """Padded step: launch the outputs [A, C, H] back to the attention members (see wait_sent)."""
+    a, cap = back_SCH.shape[0], back_SCH.shape[1]
+    back = back_SCH.view(-1, back_SCH.shape[-1])
+    work = _all_to_all(back.new_empty(0, back.shape[1]), back, [0] * bridge.size, [cap] * a + [0] * (bridge.size - a),
+                       bridge)
+    return (work, back, bridge, layout.step, layer, mb)
 
 
 def _back_rows(y_NH: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
@@ -414,19 +468,54 @@ class ExchangeHandle:
     back: torch.Tensor | None = None  # expert outputs on their way back to their senders
 
 
+def ep_pack(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
+            bridge: Bridge, layout: StepLayout, mb: int, head_4: torch.Tensor) -> routing.Packed:
+    """Padded EP step: the blocks for every member, this rank included [P, R+C, H] (device work only)."""
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    return routing.pack(x_XH, rows, 0, bridge.size, layout.caps[mb], layout.header_rows, head_4)
+
+
+def ep_send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int,
+                   num_tokens: int) -> ExchangeHandle:
+    """Launch the symmetric exchange of equal blocks (no split sizes to agree on)."""
+    send = packed.blocks.view(-1, packed.blocks.shape[-1])
+    recv = torch.empty_like(send)
+    work = _all_to_all(recv, send, None, None, bridge)
+    sent = DispatchHandle(bridge, layout.step, layer, mb, num_tokens, packed.rows, [layout.caps[mb]] * bridge.size,
+                          work, [send], packed.pos_R)
+    return ExchangeHandle(sent, layout, num_local, recv=recv)
+
+
+def ep_receive_blocks(handle: ExchangeHandle) -> torch.Tensor:
+    """Padded EP step: wait for the blocks every member sent this rank [P, R+C, H]."""
+    s = handle.sent
+    _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
+    return handle.recv.view(s.bridge.size, handle.layout.header_rows + handle.layout.caps[s.mb], -1)
+
+
+def ep_send_back(handle: ExchangeHandle, back_PCH: torch.Tensor) -> None:
+    """Padded EP step: launch the expert outputs [P, C, H] back; this rank's own come back too."""
+    send = back_PCH.reshape(-1, back_PCH.shape[-1])
+    handle.back = torch.empty_like(send)
+    handle.work = _all_to_all(handle.back, send, None, None, handle.sent.bridge)
+    handle.sent.keep.append(send)
+
+
+def ep_receive_back(handle: ExchangeHandle) -> torch.Tensor:
+    """Wait for this rank's rows' expert outputs; handle.sent.pos_R locates each pair's row."""
+    s = handle.sent
+    _wait(handle.work, s.bridge, "combine payload", s.step, s.layer, s.mb)
+    return handle.back
+
+
 def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
                 bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int) -> ExchangeHandle:
     """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k])."""
     step, p, hidden = layout.step, bridge.size, x_XH.shape[1]
-    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
     if layout.padded:
-        cap, hdr = layout.caps[mb], layout.header_rows
-        blocks, pos = routing.pack(x_XH, rows, 0, p, cap, hdr, _head(step, layer, mb, x_XH.device))
-        send = blocks.view(-1, hidden)
-        recv = torch.empty_like(send)
-        work = _all_to_all(recv, send, None, None, bridge)
-        sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, [cap] * p, work, [send], pos)
-        return ExchangeHandle(sent, layout, num_local, recv=recv)
+        packed = ep_pack(x_XH, ids_Xk, weights_Xk, route, bridge, layout, mb, _head(step, layer, mb, x_XH.device))
+        return ep_send_packed(packed, bridge, layout, num_local, layer, mb, x_XH.shape[0])
+    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
     counts = _exact_counts(rows, bridge, step, layer, mb)
     recv_counts = exchange_counts(bridge, counts, step, layer, mb)
     _check_counts(bridge, recv_counts, step, layer, mb, num_local, range(p))
@@ -436,7 +525,8 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
     send = x_XH[rows.token_R].contiguous()
     x_in = torch.empty(sum(recv_splits), hidden, dtype=x_XH.dtype, device=x_XH.device)
     work = _all_to_all(x_in, send, recv_splits, send_splits, bridge)
-    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in])
+    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in],
+                          torch.arange(send.shape[0], device=send.device))
     got = ExpertBatch(x_in, counts_PL.sum(0), _expert_sorted_order(counts_PL), recv_splits)
     return ExchangeHandle(sent, layout, num_local, got=got)
 
@@ -444,11 +534,12 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
 def ep_received(handle: ExchangeHandle) -> ExpertBatch:
     """Wait for this rank's incoming rows; returns them sorted by local expert."""
     s = handle.sent
-    _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
     if handle.recv is not None:
-        handle.got = _receive_padded(s.bridge, handle.layout, range(s.bridge.size), handle.num_local, handle.recv,
-                                     s.layer, s.mb)
+        blocks = ep_receive_blocks(handle)
+        handle.got = _receive_padded(s.bridge, handle.layout, range(s.bridge.size), handle.num_local,
+                                     blocks.reshape(-1, blocks.shape[-1]), s.layer, s.mb)
     else:
+        _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
         handle.got.x_NH = handle.got.x_NH[handle.got.perm_N]
     return handle.got
 
@@ -457,6 +548,8 @@ def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
     """Send expert outputs (expert-sorted rows) back to their senders; receive our own rows'."""
     s, got = handle.sent, handle.got
     back = _back_rows(y_NH, got)
+    if handle.recv is not None:
+        return ep_send_back(handle, back)
     handle.back = torch.empty(sum(s.splits), y_NH.shape[1], dtype=y_NH.dtype, device=y_NH.device)
     handle.work = _all_to_all(handle.back, back, s.splits, got.source_splits, s.bridge)
     s.keep.append(back)
@@ -465,11 +558,8 @@ def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
 def ep_combine_wait(handle: ExchangeHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
     """sum_k weight_k * expert_k(x) per token [X, H] once the outputs are back."""
     s = handle.sent
-    _wait(handle.work, s.bridge, "combine payload", s.step, s.layer, s.mb)
-    if s.pos_R is not None:
-        return routing.gather(handle.back.view(s.bridge.size, -1, hidden), s.pos_R, s.rows, s.num_tokens)
-    return routing.gather(handle.back[None], torch.arange(handle.back.shape[0], device=handle.back.device), s.rows,
-                          s.num_tokens)
+    back = ep_receive_back(handle)
+    return routing.gather(back, s.pos_R, s.rows.token_R, s.rows.weight_R, s.num_tokens)
 
 
 # --- tensor and pipeline parallelism ------------------------------------------------------------

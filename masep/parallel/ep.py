@@ -14,7 +14,7 @@ import torch
 
 from ..model import MoETransformer
 from ..plan import EpPlan
-from . import comm
+from . import comm, routing
 from .groups import DistEnv, EpGroups
 from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, Op, ep_schedule
 from .parts import shard_experts
@@ -29,7 +29,7 @@ def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
 
 class EpRuntime(MicroBatchRuntime):
     def __init__(self, model: MoETransformer, plan: EpPlan, groups: EpGroups, env: DistEnv,
-                 timer: OpTimer | None = None):
+                 timer: OpTimer | None = None, graphs: bool = False):
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.device = plan, env, env.device
         self.bridge = groups.bridge
@@ -39,7 +39,8 @@ class EpRuntime(MicroBatchRuntime):
         self.my_experts = plan.expert_placement(cfg)[env.rank]
         self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
         self.route = ep_route(plan, cfg, env.rank, env.device)
-        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype)
+        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype, graphs)
+        self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
         self.all_idle = False
         self.stopped = False
@@ -75,6 +76,10 @@ class EpRuntime(MicroBatchRuntime):
         self.layout = comm.ep_begin_step(self.bridge, self.step, [mb.ids.numel() for mb in mbs], padded,
                                          self.cfg.hidden_size, self._cache_shape[2], self.idle)
         self.all_idle = all(f == comm.FLAG_IDLE for f in self.layout.flags)
+        if padded:
+            self.heads.set_step(self.step)
+        # an empty micro-batch (idle rank, batch < m) runs eagerly: nothing to gain, no shapes to capture
+        self.graphable = self.graphable and all(mb.ids.shape[0] > 0 for mb in mbs)
 
     def _handlers(self, mbs: list[MicroBatch]):
         def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere
@@ -88,42 +93,79 @@ class EpRuntime(MicroBatchRuntime):
             return torch.zeros(0, self.cfg.vocab_size, device=self.device)
         return super()._logits(out, index_B, batch)
 
-    def _settle(self, mb: MicroBatch, layer: int) -> None:
-        """Finish the previous layer's MoE for this micro-batch: residual + experts (+ shared)."""
+    def _settle(self, mb: MicroBatch, layer: int):
+        """(fn, inputs) that finish the previous layer's MoE for this micro-batch: residual +
+        weighted expert outputs (+ shared expert) -> the residual stream [X, H]; nothing to
+        finish at layer 0."""
         w = mb.work
         if "exchange" not in w:
-            return
-        y = comm.ep_combine_wait(w.pop("exchange"), self.cfg.hidden_size, mb.x.dtype)
-        shared = self.blocks[layer].moe.shared
-        if shared is not None and y.shape[0]:
-            y = y + shared(w["z"])
-        mb.x = (w["h"] + y).view_as(mb.x)
+            return (lambda x: x.reshape(-1, self.cfg.hidden_size)), (mb.x,)
+        handle = w.pop("exchange")
+        back, sent = comm.ep_receive_back(handle), handle.sent
+        shared, n = self.blocks[layer].moe.shared, mb.x.shape[0] * mb.x.shape[1]
+
+        def settle(back, pos, token, weight, h, z):
+            y = routing.gather(back, pos, token, weight, n)
+            return h + (y + shared(z) if shared is not None and n else y)
+
+        return settle, (back, sent.pos_R, sent.rows.token_R, sent.rows.weight_R, w["h"], w["z"])
 
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
-        if layer > 0:
-            self._settle(mb, layer - 1)
-        block, w = self.blocks[layer], mb.work
-        if mb.x.shape[0]:
-            h = mb.x + block.attn(block.attn_norm(mb.x), mb.positions, mb.cache, layer, mb.attend_len)
-        else:
-            h = mb.x
-        w["h"] = h.reshape(-1, self.cfg.hidden_size)
-        w["z"] = block.moe_norm(w["h"])
+        """The previous layer's combine, attention over this rank's sequences, the MoE norm and
+        the router; in a padded step also the blocks for every rank."""
+        block, w, shape = self.blocks[layer], mb.work, mb.x.shape
+        settle, settle_in = self._settle(mb, layer - 1) if layer > 0 else self._settle(mb, -1)
+        attend, cache, padded = self._attend_len(mb), mb.cache, self.layout.padded
+        cap = self.layout.caps[i] if padded else 0
+
+        def run(positions, head_4, *prev):
+            x = settle(*prev).view(shape)
+            h = x + block.attn(block.attn_norm(x), positions, cache, layer, attend) if shape[0] else x
+            h = h.reshape(-1, self.cfg.hidden_size)
+            z = block.moe_norm(h)
+            weights, ids = block.moe.router(z)
+            if not padded:
+                return h, z, (weights, ids)
+            return h, z, comm.ep_pack(z, ids, weights, self.route, self.bridge, self.layout, i, head_4)
+
+        w["h"], w["z"], w["routed"] = self._segment(("attention", layer, i, attend, cap), run, mb.positions,
+                                                    self.heads.get(layer, i), *settle_in)
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        w = mb.work
-        weights, ids = self.blocks[layer].moe.router(w["z"])
-        w["exchange"] = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout,
-                                         len(self.my_experts), layer, i)
+        w, num_local = mb.work, len(self.my_experts)
+        if self.layout.padded:
+            w["exchange"] = comm.ep_send_packed(w.pop("routed"), self.bridge, self.layout, num_local, layer, i,
+                                                w["h"].shape[0])
+        else:
+            weights, ids = w.pop("routed")
+            w["exchange"] = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout, num_local,
+                                             layer, i)
 
     def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
-        got = comm.ep_received(mb.work["exchange"])
-        self.load_dev[layer] += got.counts_L
-        mb.work["y"] = self.experts[layer].forward_sorted(got.x_NH, got.counts_L)
+        handle, experts = mb.work["exchange"], self.experts[layer]
+        if not self.layout.padded:
+            got = comm.ep_received(handle)
+            self.load_dev[layer] += got.counts_L
+            mb.work["y"] = experts.forward_sorted(got.x_NH, got.counts_L)
+            return
+        hdr, maxl, num_local = self.layout.header_rows, self.bridge.max_local_experts, len(self.my_experts)
+
+        def serve(blocks, head_4):
+            return routing.serve_blocks(blocks, experts.forward_sorted, hdr, maxl, num_local, head_4)
+
+        back, counts, bad = self._segment(("experts", layer, i, hdr), serve, comm.ep_receive_blocks(handle),
+                                          self.heads.get(layer, i))
+        self.layout.checks.append((layer, i, 0, bad))
+        self.load_dev[layer] += counts
+        mb.work["y"] = back
 
     def _combine_launch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        comm.ep_combine_launch(mb.work["exchange"], mb.work.pop("y"))
+        handle, y = mb.work["exchange"], mb.work.pop("y")
+        if self.layout.padded:
+            comm.ep_send_back(handle, y)
+        else:
+            comm.ep_combine_launch(handle, y)
 
     def _head(self, mb: MicroBatch, i: int) -> None:
-        self._settle(mb, self.cfg.num_layers - 1)
-        mb.out = self.norm(mb.x)
+        settle, settle_in = self._settle(mb, self.cfg.num_layers - 1)
+        mb.out = self._segment(("head", i), lambda *prev: self.norm(settle(*prev).view(mb.x.shape)), *settle_in)

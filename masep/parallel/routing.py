@@ -80,10 +80,16 @@ def sort_rows(ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, member_E: torch.Te
     return SortedRows(token, weights_Xk.flatten()[order], member[order], counts.view(members, max_local))
 
 
+@dataclass
+class Packed:
+    blocks: torch.Tensor  # [D, R + C, H] header rows, then payload rows (zero padded)
+    pos_R: torch.Tensor  # [X*k] row of each sorted pair in the [D * C, H] outputs that come back
+    rows: SortedRows
+
+
 def pack(x_XH: torch.Tensor, rows: SortedRows, first_dest: int, num_dest: int, cap: int, hdr: int,
-         head_4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks for members first_dest .. first_dest+num_dest-1: [D, hdr + cap, H], and where each
-    sorted pair's row sits in the [D * cap, H] payload that comes back (pos_R).
+         head_4: torch.Tensor) -> Packed:
+    """Blocks for members first_dest .. first_dest+num_dest-1 (see Packed).
 
     head_4: int64 [4] = flag, step, layer, mb for this transfer."""
     d_counts_DL = rows.counts_PL[first_dest:first_dest + num_dest]
@@ -97,7 +103,7 @@ def pack(x_XH: torch.Tensor, rows: SortedRows, first_dest: int, num_dest: int, c
     out = torch.zeros(num_dest, hdr + cap, hidden, dtype=x_XH.dtype, device=x_XH.device)
     out[:, :hdr] = encode_header(ints, hdr, hidden, x_XH.dtype)
     out.view(-1, hidden)[dest_R * (hdr + cap) + hdr + rank_R] = x_XH[rows.token_R]
-    return out, pos_R
+    return Packed(out, pos_R, rows)
 
 
 @dataclass
@@ -136,9 +142,22 @@ def unsort(y_NH: torch.Tensor, slot_N: torch.Tensor, senders: int) -> torch.Tens
     return back.view(senders, -1, y_NH.shape[1])
 
 
-def gather(back_DCH: torch.Tensor, pos_R: torch.Tensor, rows: SortedRows, num_tokens: int) -> torch.Tensor:
-    """sum_k weight_k * expert_k(x) per token [X, H] from the returned blocks [D, C, H]."""
-    hidden = back_DCH.shape[-1]
-    out = back_DCH.reshape(-1, hidden)[pos_R] * rows.weight_R[:, None].to(back_DCH.dtype)
-    y = torch.zeros(num_tokens, hidden, dtype=back_DCH.dtype, device=back_DCH.device)
-    return y.index_add_(0, rows.token_R, out)
+def gather(back_NH: torch.Tensor, pos_R: torch.Tensor, token_R: torch.Tensor, weight_R: torch.Tensor,
+           num_tokens: int) -> torch.Tensor:
+    """sum_k weight_k * expert_k(x) per token [X, H] from the returned rows [N, H] (padded
+    blocks flattened, or exact rows); pos_R locates each sorted pair's output, token_R and
+    weight_R (SortedRows) say whose it is and how much it counts."""
+    hidden = back_NH.shape[-1]
+    out = back_NH.reshape(-1, hidden)[pos_R] * weight_R[:, None].to(back_NH.dtype)
+    y = torch.zeros(num_tokens, hidden, dtype=back_NH.dtype, device=back_NH.device)
+    return y.index_add_(0, token_R, out)
+
+
+def serve_blocks(blocks_SBH: torch.Tensor, expert_fn, hdr: int, max_local: int, num_local: int,
+                 head_4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An expert rank's whole compute for one padded transfer (device work only, so a CUDA
+    graph can hold it): blocks [S, R+C, H] -> outputs [S, C, H] in the slots they arrived in,
+    rows per local expert [L], bad senders [S]. expert_fn(x_NH, counts_L) is Experts.forward_sorted."""
+    got = unpack(blocks_SBH, hdr, max_local, num_local, head_4)
+    y = expert_fn(got.x_NH, got.counts_L)
+    return unsort(y, got.slot_N, blocks_SBH.shape[0]), got.counts_L, got.bad_S

@@ -19,9 +19,10 @@ import torch
 from ..config import ModelConfig
 from ..model import MoETransformer
 from ..plan import SeparatedPlan, split_evenly
-from . import comm
+from . import comm, routing
 from .groups import DistEnv, SeparatedGroups
 from .parts import shard_attention, shard_experts
+from .graphs import SegmentGraphs
 from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, SEND, Op, execute,
                        separated_schedule)
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
@@ -37,7 +38,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
     """The attention side of MA separation as an engine `Runtime` for one replica's sequences."""
 
     def __init__(self, model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                 timer: OpTimer | None = None):
+                 timer: OpTimer | None = None, graphs: bool = False):
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.role = plan, env, groups.role
         self.device = env.device
@@ -49,7 +50,8 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.attn = [shard_attention(b.attn, cfg, heads) for b in model.layers]
         self.blocks = list(model.layers)  # norms, router and shared expert are used whole
         self.route = expert_route(plan, cfg, self.role.replica, env.device)
-        self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.embed.weight.dtype)
+        self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.embed.weight.dtype, graphs)
+        self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.stopped = False
 
     def finish(self) -> None:
@@ -69,44 +71,74 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         rows = [-(-mb.ids.numel() // self.plan.attn_tp) for mb in mbs]
         self.layout = comm.attention_begin_step(self.bridge, self.step, rows, padded, self.cfg.hidden_size,
                                                 self._cache_shape[2])
+        if padded:
+            self.heads.set_step(self.step)
 
     def _handlers(self, mbs: list[MicroBatch]):
         return {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
                 DISPATCH: lambda op: self._dispatch(mbs[op.mb], op.layer, op.mb),
                 COMBINE: lambda op: self._combine(mbs[op.mb], op.layer, op.mb),
-                HEAD: lambda op: self._head(mbs[op.mb])}
+                HEAD: lambda op: self._head(mbs[op.mb], op.mb)}
 
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
-        block, w = self.blocks[layer], mb.work
-        part = self.attn[layer](block.attn_norm(mb.x), mb.positions, mb.cache, layer, mb.attend_len)
-        if self.plan.attn_tp > 1:
-            comm.replica_all_reduce(part, self.replica_group, self.env.timeout, self._where(layer, i))
-        h = (mb.x + part).reshape(-1, self.cfg.hidden_size)
-        w["slices"] = [len(r) for r in split_evenly(h.shape[0], self.plan.attn_tp)]
-        start = sum(w["slices"][: self.role.index])
-        w["h"] = h[start:start + w["slices"][self.role.index]]  # my token slice [n, H]
-        w["z"] = block.moe_norm(w["h"])
+        """Attention, the replica's all-reduce, then this rank's token slice through the MoE
+        norm and the router; in a padded step also the blocks for the expert ranks."""
+        block, attn, w, t = self.blocks[layer], self.attn[layer], mb.work, self.plan.attn_tp
+        attend, cache = self._attend_len(mb), mb.cache
+        w["slices"] = [len(r) for r in split_evenly(mb.ids.numel(), t)]
+        start, n = sum(w["slices"][: self.role.index]), w["slices"][self.role.index]
+        padded, cap = self.layout.padded, (self.layout.caps[i] if self.layout.padded else 0)
+
+        def attention(x, positions):
+            return attn(block.attn_norm(x), positions, cache, layer, attend)
+
+        def route(x, part, head_4):
+            h = (x + part).reshape(-1, self.cfg.hidden_size)[start:start + n]
+            z = block.moe_norm(h)
+            weights, ids = block.moe.router(z)
+            if not padded:
+                return h, z, (weights, ids)
+            return h, z, comm.pack_for_experts(z, ids, weights, self.route, self.bridge, self.layout, i, head_4)
+
+        head_4 = self.heads.get(layer, i)
+        if t == 1:  # nothing to sum: attention and routing are one segment
+            w["h"], w["z"], w["routed"] = self._segment(
+                ("attention+route", layer, i, attend, cap),
+                lambda x, positions, head: route(x, attention(x, positions), head), mb.x, mb.positions, head_4)
+            return
+        part = self._segment(("attention", layer, i, attend), attention, mb.x, mb.positions)
+        comm.replica_all_reduce(part, self.replica_group, self.env.timeout, self._where(layer, i))
+        w["h"], w["z"], w["routed"] = self._segment(("route", layer, i, cap), route, mb.x, part, head_4)
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        weights, ids = self.blocks[layer].moe.router(mb.work["z"])
-        mb.work["handle"] = comm.dispatch(mb.work["z"], ids, weights, self.route, self.bridge, self.layout, layer,
-                                          i)
+        w = mb.work
+        if self.layout.padded:
+            w["handle"] = comm.send_packed(w["routed"], self.bridge, self.layout, layer, i)
+        else:
+            weights, ids = w["routed"]
+            w["handle"] = comm.dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout, layer, i)
 
     def _combine(self, mb: MicroBatch, layer: int, i: int) -> None:
-        w = mb.work
-        y = comm.combine(w["handle"], self.cfg.hidden_size, w["h"].dtype)
-        shared = self.blocks[layer].moe.shared
-        if shared is not None:
-            y = y + shared(w["z"])
-        x_slice = w["h"] + y
+        """Expert outputs back, weighted per token, plus the shared expert and the residual; the
+        replica's slices gathered into the whole micro-batch."""
+        w, handle = mb.work, mb.work["handle"]
+        shared, n = self.blocks[layer].moe.shared, w["h"].shape[0]
+        out = comm.receive_outputs(handle, self.cfg.hidden_size, w["h"].dtype)
+
+        def settle(out, pos, token, weight, h, z):
+            y = routing.gather(out, pos, token, weight, n)
+            return h + (y + shared(z) if shared is not None else y)
+
+        x_slice = self._segment(("combine", layer, i), settle, out, handle.pos_R, handle.rows.token_R,
+                                handle.rows.weight_R, w["h"], w["z"])
         if self.plan.attn_tp > 1:
             x_slice = comm.replica_all_gather_rows(x_slice, w["slices"], self.replica_group, self.env.timeout,
                                                    self._where(layer, i))
         mb.x = x_slice.view_as(mb.x)
         w.clear()
 
-    def _head(self, mb: MicroBatch) -> None:
-        mb.out = self.norm(mb.x)
+    def _head(self, mb: MicroBatch, i: int) -> None:
+        mb.out = self._segment(("head", i), self.norm, mb.x)
 
 
 # --- expert ranks -----------------------------------------------------------------------------
@@ -117,64 +149,101 @@ class ExpertStats:
 
 
 def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                  timer: OpTimer | None = None, untimed_steps: int = 0) -> ExpertStats:
+                  timer: OpTimer | None = None, untimed_steps: int = 0, graphs: bool = False) -> ExpertStats:
     """Answer every replica's bridge, step after step, until each has sent stop. The timer
     restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
     communicators on first use).
 
     Each step starts by reading every live replica's handshake (the one host read per step);
-    the op list then runs without reading anything on the host, and the device-side header
+    the op list then runs without reading anything on the host (padded steps; with `graphs`
+    each transfer's expert compute is replayed from a CUDA graph), and the device-side header
     checks are read after it."""
     cfg = model.cfg
     timer = timer or OpTimer()
-    my_experts = plan.expert_placement(cfg)[groups.role.index]
-    experts = [shard_experts(b.moe.experts, cfg, my_experts) for b in model.layers]
-    dtype = model.embed.weight.dtype
+    server = _ExpertServer(model, plan, groups, env, graphs)
     stats = ExpertStats(load_LE=torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long))
     live = list(groups.bridges)
     ops = separated_schedule("expert", cfg.num_layers, plan.microbatches)
     while live:
         if stats.steps == untimed_steps:
             timer.busy_s.clear()
-        layouts = [comm.expert_begin_step(b, stats.steps, plan.microbatches, cfg.hidden_size, dtype) for b in live]
+        layouts = [comm.expert_begin_step(b, stats.steps, plan.microbatches, cfg.hidden_size, server.dtype)
+                   for b in live]
         working = [(b, lay) for b, lay in zip(live, layouts) if lay.flags[0] != comm.FLAG_STOP]
         live = [b for b, _ in working]
         if not live:
             break
         with torch.inference_mode():
-            loads = _serve_step(ops, working, experts, len(my_experts), cfg, dtype, timer)
+            loads = server.step(ops, working, stats.steps, timer)
         for bridge, layout in working:
             comm.end_step(layout, bridge)
-        stats.load_LE[:, list(my_experts)] += loads.cpu()
+        stats.load_LE[:, list(server.my_experts)] += loads.cpu()
         stats.steps += 1
     return stats
 
 
-def _serve_step(ops: list[Op], working, experts, num_local: int, cfg: ModelConfig, dtype, timer: OpTimer):
-    """One step's op list on an expert rank for the working bridges; rows served per
-    (layer, local expert) [layers, L], left on the device."""
-    batches: dict[tuple[int, int, int], comm.ExpertBatch] = {}
-    outputs: dict[tuple[int, int, int], torch.Tensor] = {}
-    pending = []
-    loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=experts[0].w_up.device)
+class _ExpertServer:
+    """An expert rank's state across steps: its experts, the step headers, the CUDA graphs."""
 
-    def recv(op: Op) -> None:
-        for bi, (bridge, layout) in enumerate(working):
-            got = comm.expert_receive(bridge, layout, num_local, cfg.hidden_size, dtype, op.layer, op.mb)
-            batches[bi, op.layer, op.mb] = got
-            loads[op.layer] += got.counts_L
+    def __init__(self, model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
+                 graphs: bool):
+        self.cfg = cfg = model.cfg
+        self.my_experts = plan.expert_placement(cfg)[groups.role.index]
+        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
+        self.dtype = model.embed.weight.dtype
+        self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
+        self.graphs = SegmentGraphs(graphs, env.device)
 
-    def run_experts(op: Op) -> None:
-        for bi in range(len(working)):
-            b = batches[bi, op.layer, op.mb]
-            outputs[bi, op.layer, op.mb] = experts[op.layer].forward_sorted(b.x_NH, b.counts_L)
+    def step(self, ops: list[Op], working, step: int, timer: OpTimer) -> torch.Tensor:
+        """One step's op list for the working bridges; rows served per (layer, local expert)
+        [layers, L], left on the device."""
+        cfg, num_local = self.cfg, len(self.my_experts)
+        batches: dict[tuple[int, int, int], object] = {}
+        outputs: dict[tuple[int, int, int], object] = {}
+        pending = []
+        loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=self.heads.buf.device)
+        self.heads.set_step(step)
 
-    def send(op: Op) -> None:
-        for bi, (bridge, layout) in enumerate(working):
-            b, y = batches.pop((bi, op.layer, op.mb)), outputs.pop((bi, op.layer, op.mb))
-            pending.append(comm.expert_send(y, b, bridge, layout, op.layer, op.mb))
+        def recv(op: Op) -> None:
+            for bi, (bridge, layout) in enumerate(working):
+                if layout.padded:
+                    got = comm.expert_receive_blocks(bridge, layout, cfg.hidden_size, self.dtype, op.layer, op.mb)
+                else:
+                    got = comm.expert_receive(bridge, layout, num_local, cfg.hidden_size, self.dtype, op.layer, op.mb)
+                    loads[op.layer] += got.counts_L
+                batches[bi, op.layer, op.mb] = got
 
-    execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
-    for p in pending:
-        comm.wait_sent(p)
-    return loads
+        def run_experts(op: Op) -> None:
+            for bi, (bridge, layout) in enumerate(working):
+                got = batches[bi, op.layer, op.mb]
+                if layout.padded:
+                    back, counts, bad = self._serve(bi, bridge, layout, got, op.layer, op.mb)
+                    layout.checks.append((op.layer, op.mb, 0, bad))
+                    loads[op.layer] += counts
+                    outputs[bi, op.layer, op.mb] = back
+                else:
+                    outputs[bi, op.layer, op.mb] = self.experts[op.layer].forward_sorted(got.x_NH, got.counts_L)
+
+        def send(op: Op) -> None:
+            for bi, (bridge, layout) in enumerate(working):
+                got, y = batches.pop((bi, op.layer, op.mb)), outputs.pop((bi, op.layer, op.mb))
+                if layout.padded:
+                    pending.append(comm.expert_send_back(y, bridge, layout, op.layer, op.mb))
+                else:
+                    pending.append(comm.expert_send(y, got, bridge, layout, op.layer, op.mb))
+
+        execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
+        for p in pending:
+            comm.wait_sent(p)
+        return loads
+
+    def _serve(self, bi: int, bridge, layout, blocks_SBH: torch.Tensor, layer: int, mb: int):
+        """(outputs [A, C, H], rows per local expert, bad senders) for one padded transfer."""
+        experts, hdr = self.experts[layer], layout.header_rows
+
+        def serve(blocks, head_4):
+            return routing.serve_blocks(blocks, experts.forward_sorted, hdr, bridge.max_local_experts,
+                                        len(self.my_experts), head_4)
+
+        key = ("experts", bi, layer, mb, hdr, tuple(blocks_SBH.shape))
+        return self.graphs.run(key, serve, blocks_SBH, self.heads.get(layer, mb))

@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig
+from ..fastpath import bucket_len
 from ..model import KVCache
 from ..plan import split_evenly
+from .graphs import SegmentGraphs
 from .schedule import Op, execute
 
 
@@ -60,15 +62,19 @@ class MicroBatchRuntime:
 
     cfg: ModelConfig
 
-    def _init_steps(self, num_cache_layers: int, num_kv_heads: int, dtype: torch.dtype) -> None:
+    def _init_steps(self, num_cache_layers: int, num_kv_heads: int, dtype: torch.dtype, graphs: bool = False) -> None:
+        """graphs: replay each decode step's compute segments from CUDA graphs (graphs.py)."""
         self._cache_shape = (num_cache_layers, num_kv_heads, dtype)
         self.cache: KVCache | None = None
         self.step = 0
         self.in_step = False
+        self.graphs = SegmentGraphs(graphs, self.device)
+        self.graphable = False  # this step's segments are replayed from graphs
 
     # --- Runtime interface ------------------------------------------------------------------
     def start(self, batch: int, max_len: int) -> None:
         layers, kv, dtype = self._cache_shape
+        self.graphs.clear()  # they hold the old cache's addresses
         self.cache = KVCache.empty(layers, batch, kv, max_len, self.cfg.head_dim, dtype, self.device)
 
     @torch.inference_mode()
@@ -109,6 +115,7 @@ class MicroBatchRuntime:
         where this rank produces one, else None."""
         ops = self._schedule(len(mbs))
         self.in_step = True
+        self.graphable = self.graphs.enabled and all(mb.ids.shape[1] == 1 for mb in mbs)
         self._begin_step(mbs)
         execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
         self._end_step()
@@ -124,6 +131,21 @@ class MicroBatchRuntime:
         """Logits [B, V] (float32) at token index_B of each row."""
         rows = torch.arange(batch, device=self.device)
         return self.lm_head(out_BTH[rows, index_B]).float()
+
+    def _segment(self, key: tuple, fn, *inputs: torch.Tensor):
+        """Run the compute between two transfers: replayed from a CUDA graph in a graphable
+        (decode) step, else called. `key` names the op, layer, micro-batch and every non-tensor
+        value `fn` bakes in; the input shapes are added here."""
+        if not self.graphable:
+            return fn(*inputs)
+        return self.graphs.run(key + tuple(tuple(t.shape) for t in inputs), fn, *inputs)
+
+    def _attend_len(self, mb: MicroBatch) -> int:
+        """Keys a micro-batch attends over: rounded up to a bucket when replaying graphs, so one
+        graph serves many steps (keys past a row's position are masked either way)."""
+        if not self.graphable or self.cache is None:
+            return mb.attend_len
+        return bucket_len(mb.attend_len, self.cache.max_len)
 
     # --- for subclasses -----------------------------------------------------------------------
     def _begin_step(self, mbs: list[MicroBatch]) -> None:

@@ -22,7 +22,7 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 class TpPpRuntime(MicroBatchRuntime):
     def __init__(self, model: MoETransformer, plan: TpPpPlan, groups: TpPpGroups, env: DistEnv,
-                 timer: OpTimer | None = None):
+                 timer: OpTimer | None = None, graphs: bool = False):
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.device, self.groups = plan, env, env.device, groups
         self.timer = timer or OpTimer()
@@ -37,7 +37,7 @@ class TpPpRuntime(MicroBatchRuntime):
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
         self.dtype = model.embed.weight.dtype
-        self._init_steps(len(self.layers), len(self.attn[self.layers.start].kv_heads), self.dtype)
+        self._init_steps(len(self.layers), len(self.attn[self.layers.start].kv_heads), self.dtype, graphs)
         self.sends: list = []
 
     def finish(self) -> None:
@@ -51,11 +51,11 @@ class TpPpRuntime(MicroBatchRuntime):
 
     def _handlers(self, mbs: list[MicroBatch]):
         return {RECV_ACT: lambda op: self._recv(mbs[op.mb], op.mb),
-                ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer),
+                ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
                 ALLREDUCE: lambda op: self._all_reduce(mbs[op.mb], op.layer, op.mb),
-                EXPERTS: lambda op: self._experts(mbs[op.mb], op.layer),
+                EXPERTS: lambda op: self._experts(mbs[op.mb], op.layer, op.mb),
                 SEND_ACT: lambda op: self._send(mbs[op.mb], op.mb),
-                HEAD: lambda op: self._head(mbs[op.mb])}
+                HEAD: lambda op: self._head(mbs[op.mb], op.mb)}
 
     def _step(self, mbs, dim):
         out = super()._step(mbs, dim)
@@ -72,32 +72,50 @@ class TpPpRuntime(MicroBatchRuntime):
 
     def _send(self, mb: MicroBatch, i: int) -> None:
         dst = (self.stage + 1) * self.plan.tp + self.tp_index
+        mb.x = _add_pending(mb.x, mb.work.pop("pending", None))
         self.sends.append(comm.send_activation(mb.x, dst, self.groups.next_group, self.env.timeout,
                                                self._where(self.layers.stop - 1, i)))
 
-    def _attention(self, mb: MicroBatch, layer: int) -> None:
-        block = self.blocks[layer]
+    # Each compute op first adds the all-reduced partial sum of the op before it to the residual
+    # (mb.work["pending"]), so the compute between two all-reduces is one segment.
+    def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
+        block, attn, attend, cache = self.blocks[layer], self.attn[layer], self._attend_len(mb), mb.cache
         local = layer - self.layers.start
-        mb.work["partial"] = self.attn[layer](block.attn_norm(mb.x), mb.positions, mb.cache, local, mb.attend_len)
-        mb.work["phase"] = "attention"
 
-    def _experts(self, mb: MicroBatch, layer: int) -> None:
-        moe = self.blocks[layer].moe
-        z = moe_in = self.blocks[layer].moe_norm(mb.x).reshape(-1, self.cfg.hidden_size)
-        weights, ids = moe.router(moe_in)
-        y = self.experts[layer](z, weights, ids)
-        if moe.shared is not None and self.tp_index == 0:  # added once, before the all-reduce
-            y = y + moe.shared(z)
-        mb.work["partial"], mb.work["phase"] = y.view_as(mb.x), "experts"
+        def run(positions, x, *pending):
+            x = _add_pending(x, *pending)
+            return x, attn(block.attn_norm(x), positions, cache, local, attend)
+
+        pending = _pending_inputs(mb)
+        mb.x, mb.work["partial"] = self._segment(("attention", layer, i, attend, len(pending)), run, mb.positions,
+                                                 mb.x, *pending)
+
+    def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
+        moe, norm, experts = self.blocks[layer].moe, self.blocks[layer].moe_norm, self.experts[layer]
+        add_shared = moe.shared is not None and self.tp_index == 0  # added once, before the all-reduce
+
+        def run(x, *pending):
+            x = _add_pending(x, *pending)
+            z = norm(x).reshape(-1, self.cfg.hidden_size)
+            weights, ids = moe.router(z)
+            y = experts(z, weights, ids)
+            return x, (y + moe.shared(z) if add_shared else y).view_as(x)
+
+        pending = _pending_inputs(mb)
+        mb.x, mb.work["partial"] = self._segment(("experts", layer, i, len(pending)), run, mb.x, *pending)
 
     def _all_reduce(self, mb: MicroBatch, layer: int, i: int) -> None:
         partial = mb.work.pop("partial")
         if self.plan.tp > 1:
             comm.group_all_reduce(partial, self.groups.tp_group, self.env.timeout, self._where(layer, i))
-        mb.x = mb.x + partial
+        mb.work["pending"] = partial
 
-    def _head(self, mb: MicroBatch) -> None:
-        mb.out = self.norm(mb.x)
+    def _head(self, mb: MicroBatch, i: int) -> None:
+        def run(x, *pending):
+            return self.norm(_add_pending(x, *pending))
+
+        pending = _pending_inputs(mb)
+        mb.out = self._segment(("head", i, len(pending)), run, mb.x, *pending)
 
     def _logits(self, out, index_B, batch):
         """The last stage's tp rank 0 computes logits [B, V]; every rank receives them."""
@@ -108,3 +126,12 @@ class TpPpRuntime(MicroBatchRuntime):
         if self.plan.world_size > 1:
             comm.broadcast(logits, src, self.groups.model_group, self.env.timeout, f"rank {self.env.rank}: logits")
         return logits
+
+
+def _pending_inputs(mb: MicroBatch) -> tuple:
+    pending = mb.work.pop("pending", None)
+    return () if pending is None else (pending,)
+
+
+def _add_pending(x: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
+    return x if pending is None else x + pending

@@ -41,6 +41,8 @@ class RunSpec:
     trace_dir: str | None = None
     quiet: bool = False
     warmup: int = 0  # untimed rounds of the same requests before the timed one
+    eager: bool = False  # CUDA: plain PyTorch (no CUDA graphs, no Triton kernels)
+    fused: bool = False  # CUDA: also the fused Triton norm/router kernels (masep/fastpath.py)
 
 
 def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
@@ -81,12 +83,13 @@ def run_on(env, spec: RunSpec, model) -> dict | None:
     is parallelized in place. Rank 0 returns the assembled result."""
     cfg = model.cfg
     plan = apply_plan(env, spec.plan, model)
+    graphs = use_fast_path(spec, model, env.device)
     if env.rank == 0 and not spec.quiet:
         print(plan.describe(cfg), flush=True)
     timer = OpTimer(label_ops=spec.trace_dir is not None)
     run = {"separated": _run_separated, "ep": _run_ep, "tp_pp": _run_tp_pp}[plan.strategy]
     with _maybe_profile(spec.trace_dir, env.rank):
-        report = run(spec, model, plan, env, timer)
+        report = run(spec, model, plan, env, timer, graphs)
     report.update(rank=env.rank, busy_s=dict(timer.busy_s))
     gathered = gather_reports(env, report)
     return assemble(spec, plan, cfg, gathered) if env.rank == 0 else None
@@ -99,6 +102,22 @@ def apply_plan(env, plan, model):
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
     return plan
+
+
+def use_fast_path(spec: RunSpec, model, device: torch.device) -> bool:
+    """The CUDA fast path on this rank's part of the model (after apply_plan): the Triton
+    grouped matmul for 16-bit experts where triton is installed, the fused small-op kernels if
+    asked. Returns whether the runtimes should replay their decode segments from CUDA graphs
+    (every strategy does, unless --eager). CPU: nothing changes, the model stays the oracle."""
+    if device.type != "cuda" or spec.eager:
+        return False
+    from ..fastpath import auto_expert_impl, set_expert_impl, set_fused
+    impl = auto_expert_impl(model)
+    if impl is not None:
+        set_expert_impl(model, impl)
+    if spec.fused:
+        set_fused(model, True)
+    return True
 
 
 def gather_reports(env, report: dict) -> list[dict] | None:
@@ -121,26 +140,26 @@ def _generate_share(make_runtime, spec: RunSpec, indices, keep: bool, **extra) -
                 duration_s=result.metrics.duration_s, **extra)
 
 
-def _run_separated(spec, model, plan, env, timer) -> dict:
+def _run_separated(spec, model, plan, env, timer, graphs: bool) -> dict:
     groups = build_separated_groups(plan, model.cfg, env)
     role = groups.role
     if role.kind == "expert":
         for _ in range(spec.warmup + 1):
             timer.busy_s.clear()  # report the timed round only
-            stats = serve_experts(model, plan, groups, env, timer)
+            stats = serve_experts(model, plan, groups, env, timer, graphs=graphs)
         return dict(role="expert", steps=stats.steps, load=stats.load_LE.tolist())
     shares = split_evenly(len(spec.requests), plan.attn_replicas)[role.replica]
-    return _generate_share(lambda: _fresh(timer, SeparatedAttentionRuntime(model, plan, groups, env, timer)),
+    return _generate_share(lambda: _fresh(timer, SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs)),
                            spec, shares, keep=role.index == 0)
 
 
-def _run_ep(spec, model, plan, env, timer) -> dict:
+def _run_ep(spec, model, plan, env, timer, graphs: bool) -> dict:
     groups = build_ep_groups(plan, model.cfg, env)
     shares = split_evenly(len(spec.requests), plan.ep)[env.rank]
     made: list[EpRuntime] = []
 
     def make() -> EpRuntime:
-        made.append(_fresh(timer, EpRuntime(model, plan, groups, env, timer)))
+        made.append(_fresh(timer, EpRuntime(model, plan, groups, env, timer, graphs)))
         return made[-1]
 
     report = _generate_share(make, spec, shares, keep=True)
@@ -148,9 +167,9 @@ def _run_ep(spec, model, plan, env, timer) -> dict:
     return report
 
 
-def _run_tp_pp(spec, model, plan, env, timer) -> dict:
+def _run_tp_pp(spec, model, plan, env, timer, graphs: bool) -> dict:
     groups = build_tp_pp_groups(plan, env)
-    return _generate_share(lambda: _fresh(timer, TpPpRuntime(model, plan, groups, env, timer)),
+    return _generate_share(lambda: _fresh(timer, TpPpRuntime(model, plan, groups, env, timer, graphs)),
                            spec, range(len(spec.requests)), keep=env.rank == 0)
 
 

@@ -1,0 +1,80 @@
+"""CUDA graphs for the compute between two transfers of a distributed step.
+
+A decode step on a distributed rank is a chain: compute, transfer, compute, transfer, ...
+The transfers stay eager (NCCL on its own stream, ordered by events); each compute segment
+in between is captured once per key (op, layer, micro-batch, shapes, attention bucket) and
+replayed afterwards, so a segment of dozens of small kernels costs one launch.
+
+Contract of a segment `fn(*inputs) -> tensor or tuple of tensors`:
+- it reads only its inputs and tensors with fixed addresses (weights, the KV cache, buffers
+  the runtime keeps), launches no collective and reads nothing on the host;
+- its side effects are idempotent (the KV-cache write): the first call runs it eagerly once
+  (Triton autotuning and lazy initialisation happen outside the capture), then captures it;
+- its outputs are valid until the same key replays again (the next step), so callers use them
+  within the step, or clone.
+
+An input whose address differs from the one captured is copied into the captured buffer
+(a device copy, no host sync); inputs produced by another segment's graph keep their address
+from step to step, so most are not copied at all.
+
+With `enabled=False` (CPU, or --eager) `run` just calls `fn`: the CPU tests exercise the same
+segment code the GPU replays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+
+@dataclass
+class _Captured:
+    graph: object
+    inputs: tuple[torch.Tensor, ...]
+    outputs: object
+
+
+class SegmentGraphs:
+    def __init__(self, enabled: bool, device: torch.device):
+        if enabled and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.enabled = enabled
+        self.device = device
+        self._graphs: dict[Hashable, _Captured] = {}
+        self.captures = 0
+
+    def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor):
+        if not self.enabled:
+            return fn(*inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(fn, inputs)
+            self.captures += 1
+        else:
+            self._load(key, entry, inputs)
+        entry.graph.replay()
+        return entry.outputs
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def _load(self, key, entry: _Captured, inputs) -> None:
+        for i, (static, given) in enumerate(zip(entry.inputs, inputs)):
+            if given.data_ptr() == static.data_ptr() and given.stride() == static.stride():
+                continue
+            if given.shape != static.shape or given.dtype != static.dtype:
+                raise ValueError(f"CUDA graph {key}: input {i} is {tuple(given.shape)} {given.dtype}, captured "
+                                 f"{tuple(static.shape)} {static.dtype} (the key must name every shape)")
+            static.copy_(given)
+
+    def _capture(self, fn: Callable, inputs) -> _Captured:
+        # Keep the given tensors as the graph's inputs: most are outputs of an earlier segment's
+        # graph, whose address never changes, so later replays need no copy.
+        fn(*inputs)  # warm-up: autotuning, cuBLAS workspaces, lazy allocations
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the NCCL watchdog thread polls events while we capture; under the
+        # default "global" mode that would invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
+        return _Captured(graph, tuple(inputs), outputs)
