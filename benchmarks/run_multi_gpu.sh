@@ -15,7 +15,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())" | tee -a "$out/gpus.txt"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_dist.py -x 2>&1 \
-  | tail -40 | tee "$out/gpu_tests.txt"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_dist.py 2>&1 \
+  | grep -v "^\[rank\|^E  \+File\|^E  \+\^" | tail -150 | tee "$out/gpu_tests.txt"
 timeout "${MG_TIMEOUT:-420}" torchrun --nproc-per-node "$gpus" benchmarks/multi_gpu.py --out "$out/mg" "$@" 2>&1 \
   | grep -v "^W1\|Warning\|warn(" | tail -80 | tee "$out/mg/log.txt"

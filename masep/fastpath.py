@@ -67,7 +67,7 @@ if triton is not None:
     def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, M, K, num_slots,
                            stride_xn, stride_xk, stride_we, stride_wk, stride_wm, stride_on, stride_om,
                            E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         """out[rows of group e] = x[rows of group e] @ w[e]; groups given by cumulative offs [E].
 
         Program (slot, m-block): slot = the slot-th block of BLOCK_N rows, counting the blocks
@@ -109,7 +109,7 @@ if triton is not None:
                     k_ok = (k0 + ks) < K
                     a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
             out_ptrs = out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_om
@@ -139,19 +139,22 @@ def triton_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Ten
     out = torch.empty(n, m, dtype=x_NK.dtype, device=x_NK.device)
     if n == 0:
         return out
+    # fp32 in full precision (tl.dot's default would round the inputs through TF32); 16-bit
+    # inputs ignore the setting
+    precision = "ieee" if x_NK.dtype == torch.float32 else "tf32"
     block_n = block_rows(n, e)
     slots = num_row_slots(n, e, block_n)
     args = (x_NK, w_EKM, out, offs_E, m, k, slots, *x_NK.stride(), *w_EKM.stride(), *out.stride())
     if config is None:
         grid = lambda meta: (slots * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
         even = k % 256 == 0  # every candidate BLOCK_K divides 256
-        _grouped_mm_tuned[grid](*args, E=e, BLOCK_N=block_n, EVEN_K=even)
+        _grouped_mm_tuned[grid](*args, E=e, BLOCK_N=block_n, EVEN_K=even, PRECISION=precision)
     else:
         meta = dict(config)
         warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
         grid = (slots * triton.cdiv(m, meta["BLOCK_M"]),)
         _grouped_mm_kernel[grid](*args, E=e, BLOCK_N=block_n, EVEN_K=k % meta["BLOCK_K"] == 0,
-                                 num_warps=warps, num_stages=stages, **meta)
+                                 PRECISION=precision, num_warps=warps, num_stages=stages, **meta)
     return out
 
 
@@ -401,12 +404,12 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
 
 
 def auto_expert_impl(model: torch.nn.Module) -> str | None:
-    """"triton" for a 16-bit model on CUDA where triton is installed, else None (keep the
-    model's F.grouped_mm). fp32 stays on F.grouped_mm: tl.dot would round fp32 inputs through
-    TF32, and fp32 is the dtype we check against the oracle."""
+    """"triton" for a model on CUDA where triton is installed, else None (keep the model's
+    F.grouped_mm). Also for fp32: F.grouped_mm has no fp32 CUDA kernel, and its fallback copies
+    the offsets to the host, which a CUDA graph cannot hold; the Triton kernel runs fp32 in
+    full (IEEE) precision, so fp32 stays the dtype we check against the oracle."""
     param = next(model.parameters())
-    ok = param.is_cuda and triton is not None and param.dtype in (torch.bfloat16, torch.float16)
-    return "triton" if ok else None
+    return "triton" if param.is_cuda and triton is not None else None
 
 
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
