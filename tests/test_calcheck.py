@@ -51,3 +51,13 @@ def test_calcheck_cli_reads_the_committed_h200_calibration():
     assert {"attention", "experts"} <= set(data["summary"])
     bad = subprocess.run([sys.executable, "-m", "masep", "calcheck", "no-such.json"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
+def test_holdout_scores_only_unseen_batches_and_still_recovers_an_exact_model():
+    hw = get_profile("h100")
+    rows = compare(_doc(hw), "h100", holdout_batches={24})
+    assert {r["batch"] for r in rows} == {24} and len(rows) == 2
+    for r in rows:  # two fitted batches pin latency and efficiency; the third is predicted
+        assert r["calibrated_error"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"--holdout-batches \[8, 16, 24\].*keep some to fit"):
+        compare(_doc(hw), "h100", holdout_batches={8, 16, 24})

@@ -3,9 +3,11 @@
 For every `attention` / `experts` measurement of a calibration document (masep.perf.bench),
 the cost model predicts the op's time from the same bytes and FLOPs on a hardware profile:
 the built-in one, and the same profile refitted to the document (hardware.apply_calibration).
-The refitted prediction is an in-sample fit (the rows it is scored on are the rows it was fitted
-to), so it shows whether latency + roofline/efficiency can describe the measurements at all;
-the built-in prediction shows how far off the uncalibrated model is.
+By default the refitted prediction is an in-sample fit (the rows it is scored on are the rows
+it was fitted to), so it shows whether latency + roofline/efficiency can describe the
+measurements at all; `holdout_batches` refits on the other batches and scores only the held-out
+ones, which is what a planner predicting an unmeasured batch size relies on. The built-in
+prediction shows how far off the uncalibrated model is.
 """
 from __future__ import annotations
 
@@ -18,11 +20,23 @@ from .costmodel import roofline_s
 from .hardware import COMPUTE_KINDS, apply_calibration, get_profile
 
 
-def compare(doc: dict, hardware: str) -> list[dict]:
+def compare(doc: dict, hardware: str, holdout_batches: set[int] | None = None) -> list[dict]:
+    """One row per measured op. With `holdout_batches`, the refit sees only the other batches
+    and only the held-out rows are scored: an out-of-sample check of the refitted model."""
     base = get_profile(hardware)
-    fitted = apply_calibration(base, doc)
+    measurements = doc.get("measurements", [])
+    if holdout_batches:
+        fit_on = [m for m in measurements if m.get("batch") not in holdout_batches]
+        scored = [m for m in measurements if m.get("batch") in holdout_batches]
+        if not fit_on or not scored:
+            raise ValueError(f"--holdout-batches {sorted(holdout_batches)}: the file's batches are "
+                             f"{sorted({m.get('batch') for m in measurements})}; keep some to fit and some to score")
+        fitted = apply_calibration(base, dict(doc, measurements=fit_on))
+        measurements = scored
+    else:
+        fitted = apply_calibration(base, doc)
     rows = []
-    for m in doc.get("measurements", []):
+    for m in measurements:
         if m.get("op") not in COMPUTE_KINDS:
             continue
         measured = m["measured_ms"]
@@ -59,6 +73,8 @@ def add_calcheck_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("calcheck", help="cost model vs a calibration file: predicted and measured per op")
     p.add_argument("calibration", help="calibration JSON written by `masep bench calibrate`")
     p.add_argument("--hardware", default="h100", help="built-in profile to compare and refit (a100-80g, h100, h200)")
+    p.add_argument("--holdout-batches", type=int, nargs="+", default=None,
+                   help="refit on the other batches and score only these (out of sample)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calcheck)
     return p
@@ -68,14 +84,17 @@ def cmd_calcheck(args) -> int:
     path = Path(args.calibration)
     try:
         doc = read_json(path, "calibration")
-        rows = compare(doc, args.hardware)
+        holdout = set(args.holdout_batches) if args.holdout_batches else None
+        rows = compare(doc, args.hardware, holdout)
     except (ValueError, KeyError) as err:
         raise SystemExit(f"masep calcheck: error: {err}")
     if args.json:
         print(json.dumps(dict(rows=rows, summary=summary(rows))))
     else:
+        sample = (f"refitted to the other batches, scored on batches {sorted(holdout)} (out of sample)" if holdout
+                  else "refitted to this file (in-sample)")
         print(f"{path} ({doc.get('device')}, {doc.get('date')}) against profile {args.hardware}; 'refit' is the "
-              "profile refitted to this file (in-sample)")
+              f"profile {sample}")
         print(format_table(rows))
         for kind, s in summary(rows).items():
             print(f"{kind}: {s['points']} points, built-in max |error| {s['max_abs_error']:.0%}, refitted max |error| "
