@@ -138,7 +138,7 @@ def bench_points(env, out: Path, args) -> None:
                 best = best_separated(cfg, gpus, batch, context, args.hardware)
                 if best is not None and best not in plans:
                     plans.insert(0, best)
-                for plan in plans:
+                for plan in [p for p in plans if args.plan_filter in p.describe()]:
                     for impl in args.impls:
                         bench_one(env, out, args, cfg, plan, impl, batch, context, best, traced)
 
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", choices=("fast", "eager"), default=["fast", "eager"],
                         help="fast: CUDA graphs per compute segment + Triton experts; eager: plain PyTorch")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
+    parser.add_argument("--plan-filter", default="", help="time only plans whose description contains this")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--no-trace", dest="trace", action="store_false")
     args = parser.parse_args()

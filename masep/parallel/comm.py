@@ -60,6 +60,7 @@ class Bridge:
     timeout: timedelta
     device: torch.device
     top_k: int = 1
+    back_group: object = None  # the group the outputs return on (None: `group`)
 
     @property
     def size(self) -> int:
@@ -98,6 +99,13 @@ def _stream_waits() -> bool:
 
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.group, async_op=True)
+
+
+def _all_to_all_back(out, inp, out_splits, in_splits, bridge):
+    """Expert outputs on their way back: on the bridge's second group, so (with NCCL, one
+    communicator per group) they need not queue behind the next micro-batch's dispatch."""
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.back_group or bridge.group,
+                                  async_op=True)
 
 
 def exchange_counts(bridge: Bridge, send_PC: torch.Tensor, step: int, layer: int, mb: int) -> torch.Tensor:
@@ -326,7 +334,7 @@ def receive_outputs(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> 
     b = handle.bridge
     _wait(handle.work, b, "dispatch payload", handle.step, handle.layer, handle.mb)
     out = torch.empty(sum(handle.splits), hidden, dtype=dtype, device=b.device)
-    work = _all_to_all(out, out.new_empty(0, hidden), handle.splits, [0] * b.size, b)
+    work = _all_to_all_back(out, out.new_empty(0, hidden), handle.splits, [0] * b.size, b)
     _wait(work, b, "combine payload", handle.step, handle.layer, handle.mb)
     return out
 
@@ -379,7 +387,7 @@ def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: i
     """Receive this (layer, mb)'s rows from the replica's attention ranks."""
     a, step = bridge.num_attention, layout.step
     if layout.padded:
-        x = expert_receive_blocks(bridge, layout, hidden, dtype, layer, mb)
+        x = blocks_arrived(expert_receive_blocks(bridge, layout, hidden, dtype, layer, mb))
         return _receive_padded(bridge, layout, range(a), num_local, x.view(-1, hidden), layer, mb)
     recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
                                                dtype=torch.int64, device=bridge.device), step, layer, mb)
@@ -393,22 +401,39 @@ def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: i
     return ExpertBatch(x[perm], counts_PL.sum(0), perm, splits)
 
 
+@dataclass
+class PendingBlocks:
+    """A posted receive of padded blocks; `blocks_arrived` waits for it."""
+
+    work: object
+    blocks: torch.Tensor  # [S, R+C, H]
+    bridge: Bridge
+    step: int
+    layer: int
+    mb: int
+
+
 def expert_receive_blocks(bridge: Bridge, layout: StepLayout, hidden: int, dtype: torch.dtype, layer: int,
-                          mb: int) -> torch.Tensor:
-    """Padded step: the blocks from the replica's attention members [A, R+C, H] (waited for)."""
+                          mb: int) -> PendingBlocks:
+    """Padded step: post the receive of the blocks from the replica's attention members."""
     a, width = bridge.num_attention, layout.header_rows + layout.caps[mb]
     x = torch.empty(a * width, hidden, dtype=dtype, device=bridge.device)
     work = _all_to_all(x, x.new_empty(0, hidden), [width] * a + [0] * (bridge.size - a), [0] * bridge.size, bridge)
-    _wait(work, bridge, "dispatch payload", layout.step, layer, mb)
-    return x.view(a, width, hidden)
+    return PendingBlocks(work, x.view(a, width, hidden), bridge, layout.step, layer, mb)
+
+
+def blocks_arrived(pending: PendingBlocks) -> torch.Tensor:
+    """Wait for posted blocks [S, R+C, H] (NCCL: the compute stream waits, the host does not)."""
+    _wait(pending.work, pending.bridge, "dispatch payload", pending.step, pending.layer, pending.mb)
+    return pending.blocks
 
 
 def expert_send_back(back_SCH: torch.Tensor, bridge: Bridge, layout: StepLayout, layer: int, mb: int):
     """Padded step: launch the outputs [A, C, H] back to the attention members (see wait_sent)."""
     a, cap = back_SCH.shape[0], back_SCH.shape[1]
     back = back_SCH.view(-1, back_SCH.shape[-1])
-    work = _all_to_all(back.new_empty(0, back.shape[1]), back, [0] * bridge.size, [cap] * a + [0] * (bridge.size - a),
-                       bridge)
+    work = _all_to_all_back(back.new_empty(0, back.shape[1]), back, [0] * bridge.size,
+                            [cap] * a + [0] * (bridge.size - a), bridge)
     return (work, back, bridge, layout.step, layer, mb)
 
 
@@ -426,7 +451,7 @@ def expert_send(y_NH: torch.Tensor, batch: ExpertBatch, bridge: Bridge, layout: 
     Returns a handle for `wait_sent`."""
     back = _back_rows(y_NH, batch)
     splits = batch.source_splits + [0] * (bridge.size - len(batch.source_splits))
-    work = _all_to_all(back.new_empty(0, y_NH.shape[1]), back, [0] * bridge.size, splits, bridge)
+    work = _all_to_all_back(back.new_empty(0, y_NH.shape[1]), back, [0] * bridge.size, splits, bridge)
     return (work, back, bridge, layout.step, layer, mb)
 
 
@@ -497,7 +522,7 @@ def ep_send_back(handle: ExchangeHandle, back_PCH: torch.Tensor) -> None:
     """Padded EP step: launch the expert outputs [P, C, H] back; this rank's own come back too."""
     send = back_PCH.reshape(-1, back_PCH.shape[-1])
     handle.back = torch.empty_like(send)
-    handle.work = _all_to_all(handle.back, send, None, None, handle.sent.bridge)
+    handle.work = _all_to_all_back(handle.back, send, None, None, handle.sent.bridge)
     handle.sent.keep.append(send)
 
 
@@ -551,7 +576,7 @@ def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
     if handle.recv is not None:
         return ep_send_back(handle, back)
     handle.back = torch.empty(sum(s.splits), y_NH.shape[1], dtype=y_NH.dtype, device=y_NH.device)
-    handle.work = _all_to_all(handle.back, back, s.splits, got.source_splits, s.bridge)
+    handle.work = _all_to_all_back(handle.back, back, s.splits, got.source_splits, s.bridge)
     s.keep.append(back)
 
 

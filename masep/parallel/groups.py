@@ -83,9 +83,10 @@ def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) 
     for r in range(plan.attn_replicas):
         members = plan.replica_ranks(r) + experts
         group = dist.new_group(members, timeout=env.timeout)
+        back = dist.new_group(members, timeout=env.timeout)  # expert outputs return on their own group
         if env.rank in members:
             bridges.append(Bridge(group, members, members.index(env.rank), plan.attn_tp, r, max_local,
-                                  env.timeout, env.device, cfg.top_k))
+                                  env.timeout, env.device, cfg.top_k, back))
     expert_group = dist.new_group(experts, timeout=env.timeout)
     return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None)
 
@@ -101,9 +102,10 @@ def build_ep_groups(plan, cfg: ModelConfig, env: DistEnv) -> EpGroups:
     launch keeps instances apart)."""
     ranks = list(range(plan.world_size))
     group = dist.new_group(ranks, timeout=env.timeout)
+    back = dist.new_group(ranks, timeout=env.timeout)  # the combine's all-to-all
     max_local = max(len(p) for p in plan.expert_placement(cfg))
     bridge = Bridge(group, ranks, env.rank, plan.world_size, env.rank, max_local, env.timeout, env.device,
-                    cfg.top_k)
+                    cfg.top_k, back)
     return EpGroups(plan.role(env.rank), bridge)
 
 

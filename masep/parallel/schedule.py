@@ -44,11 +44,22 @@ def attention_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
     return ops + [Op(HEAD, -1, mb)]
 
 
-def expert_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
-    """One micro-batch on an expert rank: yield after computing, send when its turn comes."""
+def expert_ops_following(attention_ops: Iterable[Op]) -> list[Op]:
+    """An expert rank's op list: the attention side's bridge collectives in the same order
+    (recv == dispatch, send == combine), each micro-batch's expert computation right before its
+    send: for m = 2, recv(0) recv(1) experts(0) send(0) recv(0') experts(1) send(1) ...
+
+    recv only posts the receive; experts waits for it. A send's launch depends on everything
+    already queued on the compute stream, so queueing experts(1) before send(0) would hold
+    micro-batch 0's outputs until micro-batch 1's experts finish; queued this way, they leave
+    while micro-batch 1 is computed. The host runs ahead of the GPU (no host reads in a decode
+    step), so a computation queued late on the host still starts when its rows arrive."""
     ops: list[Op] = []
-    for layer in range(num_layers):
-        ops += [Op(RECV, layer, mb), Op(EXPERTS, layer, mb), Op(YIELD, layer, mb), Op(SEND, layer, mb)]
+    for kind, layer, mb in comm_sequence(attention_ops):
+        if kind == "a2e":
+            ops.append(Op(RECV, layer, mb))
+        else:
+            ops += [Op(EXPERTS, layer, mb), Op(SEND, layer, mb)]
     return ops
 
 
@@ -68,8 +79,8 @@ def interleave(per_mb: list[list[Op]]) -> list[Op]:
 
 
 def separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
-    build = attention_microbatch_ops if role_kind == "attention" else expert_microbatch_ops
-    return interleave([build(num_layers, mb) for mb in range(microbatches)])
+    attention = interleave([attention_microbatch_ops(num_layers, mb) for mb in range(microbatches)])
+    return attention if role_kind == "attention" else expert_ops_following(attention)
 
 
 def ep_microbatch_ops(num_layers: int, mb: int) -> list[Op]:

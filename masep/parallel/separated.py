@@ -204,7 +204,7 @@ class _ExpertServer:
         loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=self.heads.buf.device)
         self.heads.set_step(step)
 
-        def recv(op: Op) -> None:
+        def recv(op: Op) -> None:  # padded: post only; run_experts waits
             for bi, (bridge, layout) in enumerate(working):
                 if layout.padded:
                     got = comm.expert_receive_blocks(bridge, layout, cfg.hidden_size, self.dtype, op.layer, op.mb)
@@ -217,7 +217,7 @@ class _ExpertServer:
             for bi, (bridge, layout) in enumerate(working):
                 got = batches[bi, op.layer, op.mb]
                 if layout.padded:
-                    back, counts, bad = self._serve(bi, bridge, layout, got, op.layer, op.mb)
+                    back, counts, bad = self._serve(bi, bridge, layout, comm.blocks_arrived(got), op.layer, op.mb)
                     layout.checks.append((op.layer, op.mb, 0, bad))
                     loads[op.layer] += counts
                     outputs[bi, op.layer, op.mb] = back
