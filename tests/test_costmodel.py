@@ -83,12 +83,14 @@ def test_op_cost_of_a_separated_plan_by_hand():
     assert cm.expert_tokens(plan, TOY, 4, 2, 0) == (4.0, 4.0)
     ex = cm.op_cost("experts", 0, 0, plan, 2, TOY, work, HW)
     assert ex.hbm_bytes == cm.experts_cost(TOY, HW, (4.0, 4.0)).hbm_bytes
-    # dispatch from rank 0: its 2 of the 4 tokens x top-2 x 64 x 2 B = 512 B to ranks 2 and 3 (other node)
+    # dispatch from rank 0 moves padded blocks (parallel/routing.py): to each of ranks 2 and 3 (other
+    # node) its 2 tokens x min(top-2, 2 local experts) = 4 payload rows + 1 header row, x 64 x 2 B:
+    # 1,280 B in one round trip (the counts ride in the header)
     d = cm.op_cost("dispatch", 0, 0, plan, 0, TOY, work, HW)
-    assert d.link_bytes == 512 and d.transfer_s == pytest.approx(2 * (2 * 1e-5) + 512 / 1e10)
-    # combine: one round trip, then the all-gather of the replica's 4 rows over ranks 0 and 1
+    assert d.link_bytes == 1280 and d.transfer_s == pytest.approx(2 * 1e-5 + 1280 / 1e10)
+    # combine: the 4 payload rows back from each, then the all-gather of the replica's 4 rows
     c = cm.op_cost("combine", 0, 0, plan, 0, TOY, work, HW)
-    assert c.transfer_s == pytest.approx(2 * 1e-5 + 512 / 1e10)
+    assert c.link_bytes == 1024 and c.transfer_s == pytest.approx(2 * 1e-5 + 1024 / 1e10)
     assert c.post_s == pytest.approx(1e-6 + 0.5 * 4 * 64 * 2 / 1e11)
 
 

@@ -28,8 +28,9 @@ def test_two_rank_timeline_op_by_op():
     a = cm.attention_cost(TOY, HW, 2, 10, 4, 4).compute_s  # checked by hand in test_costmodel
     e = cm.experts_cost(TOY, HW, (2.0, 2.0, 2.0, 2.0)).compute_s
     h = cm.head_cost(TOY, HW, 2, logit_rows=2).compute_s  # final norm + lm_head of both rows
-    # 2 tokens x top-2 x 64 x 2 B = 512 B each way over NVLink (100 GB/s, 1 us): dispatch also sends counts
-    a2e, e2a = 2 * 1e-6 + 512 / 1e11, 1e-6 + 512 / 1e11
+    # padded blocks over NVLink (100 GB/s, 1 us), one round trip each way: 2 tokens x min(top-2, 4 local
+    # experts) = 4 payload rows of 64 x 2 B, plus 1 header row on the way out: 640 B out, 512 B back
+    a2e, e2a = 1e-6 + 640 / 1e11, 1e-6 + 512 / 1e11
     t1 = a + a2e  # both sides of the dispatch have arrived at `a`
     t2 = t1 + e + e2a
     expected = {
@@ -55,7 +56,7 @@ def test_two_rank_timeline_op_by_op():
 def test_microbatches_overlap_on_streams_and_serialise_without():
     plan, work = SeparatedPlan(1, 1, 1, microbatches=2), Workload(batch=4, context=10)
     a = cm.attention_cost(TOY, HW, 2, 10, 4, 4).compute_s
-    a2e = 2 * 1e-6 + 512 / 1e11
+    a2e = 1e-6 + 640 / 1e11  # as in the two-rank timeline
     overlap = _timeline(simulate(plan, TOY, work, HW))
     # compute stream: attention of mb1 right after mb0's, while mb0's dispatch runs on the comm stream
     assert overlap[0, "attention(l0,mb1)"][0] == pytest.approx(a)

@@ -25,8 +25,9 @@ its own bytes need once every member of the transfer has arrived; the simulator 
 slowest member. Bytes to peers on the same node go over NVLink, others over the rank's NIC;
 an all-to-all-like exchange with p peers pays p latencies per round trip (pairwise exchange:
 (p-1) alpha + bytes beta; 7 NVLink peers at 2 us ~ 14 us, 8 A100s' NCCL all-to-all is ~20 us).
-Dispatch pays two round trips (token counts, then payload: the runtime checks counts before
-any payload, comm.py), combine one. Ring all-reduce:
+A decode step's dispatch and combine move fixed-size padded blocks in one round trip each (the
+counts ride in a header; parallel/routing.py): every receiver gets the largest sender's tokens x
+min(k, L) rows whatever the routing, so the bytes are those of the worst case. Ring all-reduce:
 2(n-1) latency + 2(n-1)/n * bytes / bandwidth; all-gather: (n-1) latency + (n-1)/n * bytes / bw.
 """
 from __future__ import annotations
@@ -318,32 +319,6 @@ def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> in
     return n
 
 
-@lru_cache(maxsize=65536)
-def _dispatch_peers(plan, cfg: ModelConfig, rank: int) -> dict[int, float]:
-    """Where a source rank's routed rows go: expert-holding rank -> share (uniform routing)."""
-    if plan.strategy == "separated":
-        placement, base, source = placement_of(plan, cfg), plan.num_attention_ranks, rank // plan.attn_tp
-    else:
-        placement, base, source = placement_of(plan, cfg), 0, rank
-    peers: dict[int, float] = {}
-    for e in range(cfg.num_experts):
-        dest = base + _holder(placement, e, source, plan.strategy == "ep")
-        peers[dest] = peers.get(dest, 0.0) + 1.0
-    return peers
-
-
-def _expert_sources(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> dict[int, float]:
-    """Which ranks send this expert rank rows, weighted by their rows for it."""
-    role, placement = rank_role(plan, cfg, rank), placement_of(plan, cfg)
-    if plan.strategy == "separated":
-        hits = [sum(1 for e in role.experts if _holder(placement, e, r) == role.index)
-                for r in range(plan.attn_replicas)]
-        return {a: hits[a // plan.attn_tp] * dispatch_slice(plan, cfg, batch, a, mb)
-                for a in range(plan.num_attention_ranks)}
-    return {a: sum(1 for e in role.experts if _holder(placement, e, a, True) == role.index)
-            * attention_tokens(plan, cfg, batch, a, mb) for a in range(plan.ep)}
-
-
 def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardware, b: int, mb: int) -> OpCost:
     """Final norm of micro-batch `mb`; the logits of all the rank's rows come after the last
     micro-batch (the runtimes compute them once per step). tp_pp: the last stage's tp rank 0
@@ -366,7 +341,7 @@ def op_cost(kind: str, layer: int, mb: int, plan, rank: int, cfg: ModelConfig, w
 @lru_cache(maxsize=262144)
 def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
     role = rank_role(plan, cfg, rank)
-    e, hsz, k = elt_bytes(cfg), cfg.hidden_size, cfg.top_k
+    e, hsz = elt_bytes(cfg), cfg.hidden_size
     b = attention_tokens(plan, cfg, work.batch, rank, mb) if role.kind != "expert" else 0
     if kind == "attention":
         c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads))
@@ -382,24 +357,39 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
     if kind in ("send_act", "recv_act"):
         peer = rank + plan.tp if kind == "send_act" else rank - plan.tp
         return comm_cost(kind, hw, rank, {peer: 1.0}, b * hsz * e)
-    if kind in ("dispatch", "combine"):  # token rows from an attention (or colocated) rank
-        n = dispatch_slice(plan, cfg, work.batch, rank, mb)
-        post = 0.0
-        if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
-            post = allgather_s(hw, role.group, b * hsz * e)
-        c = comm_cost(kind, hw, rank, _dispatch_peers(plan, cfg, rank), n * k * hsz * e,
-                      round_trips=2 if kind == "dispatch" else 1, post_s=post)
-        if plan.strategy == "ep":  # colocated: also receives rows for its own experts
-            rows = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * k / cfg.num_experts
-            inbound = comm_cost(kind, hw, rank, _expert_sources(plan, cfg, work.batch, rank, mb), rows * hsz * e,
-                                round_trips=2 if kind == "dispatch" else 1)
-            c = c if c.transfer_s >= inbound.transfer_s else inbound
-        return c
-    if kind in ("recv", "send"):  # expert rank side of dispatch / combine
-        rows = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * k / cfg.num_experts
-        return comm_cost(kind, hw, rank, _expert_sources(plan, cfg, work.batch, rank, mb), rows * hsz * e,
-                         round_trips=2 if kind == "recv" else 1)
+    if kind in ("dispatch", "combine", "recv", "send"):
+        return _padded_transfer(kind, mb, plan, rank, cfg, work, hw)
     raise ValueError(f"op kind {kind!r}: the cost model has no rule for it")
+
+
+def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+    """A decode step's routed transfer as the runtime moves it (parallel/routing.py): one block
+    per (sender, receiver) of a fixed capacity, cap = largest sender's tokens x min(k, L) rows
+    plus the header, in one round trip (the counts ride in the header). dispatch / combine:
+    an attention (or colocated) rank's side; recv / send: an expert rank's."""
+    e, hsz = elt_bytes(cfg), cfg.hidden_size
+    placement = placement_of(plan, cfg)
+    max_local = max(len(p) for p in placement)
+    hdr = -(-8 * (4 + max_local) // (hsz * e))
+    if plan.strategy == "separated":
+        senders = range(plan.num_attention_ranks)
+        slots = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders) * min(cfg.top_k, max_local)
+        width = slots + (hdr if kind in ("dispatch", "recv") else 0)
+        if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
+            peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
+        else:  # to / from every attention rank (each replica's bridge; replicas run side by side)
+            peers = {a: 1.0 for a in senders}
+    else:  # ep: every rank sends a block to every rank, itself included
+        slots = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep)) * \
+            min(cfg.top_k, max_local)
+        width = slots + (hdr if kind == "dispatch" else 0)
+        peers = {r: 1.0 for r in range(plan.ep)}
+    nbytes = len(peers) * width * hsz * e
+    post = 0.0
+    if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
+        role = rank_role(plan, cfg, rank)
+        post = allgather_s(hw, role.group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
+    return comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post)
 
 
 # --- memory -------------------------------------------------------------------------------------------------
