@@ -146,6 +146,10 @@ class StepHeads:
 
 
 def _handshake_rows(bridge: Bridge, flag: int, step: int, padded: bool, rows_M: list[int]) -> torch.Tensor:
+    """[P, HEADER + m] int64, the same row for every member. The copy to the GPU is a blocking
+    one (pageable memory), at the step boundary where the engine has just read the previous
+    step's tokens, so the GPU's queue is empty and it costs no stall; an engine that queued
+    steps ahead would want a pinned buffer here."""
     row = torch.tensor([flag, step, int(padded), len(rows_M), *rows_M], dtype=torch.int64)
     return row.expand(bridge.size, -1).contiguous().to(bridge.device)
 
