@@ -201,7 +201,7 @@ def run_distributed(args: argparse.Namespace, cfg: ModelConfig, source: ModelSou
     spec = RunSpec(plan=build_plan(args, cfg), requests=make_requests(args, cfg), preset=source.preset,
                    model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device,
                    backend=args.backend, timeout_s=args.timeout, trace_dir=args.trace, quiet=True, warmup=args.warmup,
-                   eager=args.eager, fused=args.fused)
+                   eager=args.eager)
     result = launch(spec)
     if result is None:
         return None
@@ -235,7 +235,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights (presets), prompts and per-request sampling")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: plain PyTorch, no CUDA graphs or Triton kernels (any strategy)")
-    p.add_argument("--fused", action="store_true", help="CUDA: also the fused Triton norm/RoPE/router kernels")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -249,6 +248,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--fused", action="store_true",
+                   help="CUDA, --strategy single: also the fused Triton norm/RoPE/router kernels")
     p.add_argument("--check", action="store_true",
                    help="also run the single-device model on the same requests and compare the tokens")
     add_distributed_args(p)
@@ -303,8 +304,9 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
                          f"{gpus} GPU(s) are visible; use a smaller plan, or --backend gloo to share GPUs")
         if args.timeout <= 0:
             parser.error(f"--timeout={args.timeout}: must be > 0 seconds")
-    if args.fused and (args.device != "cuda" or args.eager):
-        parser.error("--fused: the fused Triton kernels run with --device cuda (without --eager)")
+    if args.fused and (args.device != "cuda" or args.strategy != "single" or args.eager):
+        parser.error("--fused: the fused Triton kernels run with --strategy single --device cuda (without --eager); "
+                     "the distributed strategies use CUDA graphs and the Triton experts without them")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")
@@ -384,7 +386,7 @@ def bench_dist(argv: list[str]) -> int:
     from .parallel.worker import RunSpec
     run = RunSpec(plan=plan, requests=[], preset=source.preset, config=cfg if source.preset else None,
                   model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device, backend=args.backend,
-                  timeout_s=args.timeout, eager=args.eager, fused=args.fused)
+                  timeout_s=args.timeout, eager=args.eager)
     row = launch_bench(DistBenchSpec(run, args.batch, args.context, args.warmup_steps, args.steps))
     if row is not None:
         print(json.dumps(row) if args.json else

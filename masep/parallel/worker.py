@@ -42,7 +42,6 @@ class RunSpec:
     quiet: bool = False
     warmup: int = 0  # untimed rounds of the same requests before the timed one
     eager: bool = False  # CUDA: plain PyTorch (no CUDA graphs, no Triton kernels)
-    fused: bool = False  # CUDA: also the fused Triton norm/router kernels (masep/fastpath.py)
 
 
 def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
@@ -106,17 +105,16 @@ def apply_plan(env, plan, model):
 
 def use_fast_path(spec: RunSpec, model, device: torch.device) -> bool:
     """The CUDA fast path on this rank's part of the model (after apply_plan): the Triton
-    grouped matmul for 16-bit experts where triton is installed, the fused small-op kernels if
-    asked. Returns whether the runtimes should replay their decode segments from CUDA graphs
-    (every strategy does, unless --eager). CPU: nothing changes, the model stays the oracle."""
+    grouped matmul for the experts where triton is installed (masep/fastpath.py). Returns
+    whether the runtimes should replay their decode segments from CUDA graphs (every strategy
+    does, unless --eager). The fused small-op kernels are not used here: they are measured
+    only on one GPU. CPU: nothing changes, the model stays the oracle."""
     if device.type != "cuda" or spec.eager:
         return False
-    from ..fastpath import auto_expert_impl, set_expert_impl, set_fused
+    from ..fastpath import auto_expert_impl, set_expert_impl
     impl = auto_expert_impl(model)
     if impl is not None:
         set_expert_impl(model, impl)
-    if spec.fused:
-        set_fused(model, True)
     return True
 
 
