@@ -123,3 +123,22 @@ def test_repeated_runs_are_identical_and_trace_format(tmp_path):
     assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(runs[0].tpot_s * 1e6, rel=1e-6)
     png = gantt_png(runs[0], tmp_path / "g.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(20)
+def test_expert_outputs_return_on_their_own_stream():
+    # separated 1+1, m = 2: the expert rank receives mb0 and mb1, then computes and sends mb0. Its
+    # send of mb0 runs on the third stream (the bridge's second group): it starts when experts(mb0)
+    # ends, not when the receive of mb1 (queued before it on the dispatch stream) ends.
+    plan, work = SeparatedPlan(1, 1, 1, microbatches=2), Workload(batch=4, context=10)
+    sim = simulate(plan, TOY, work, HW)
+    t = _timeline(sim)
+    e = cm.experts_cost(TOY, HW, (2.0, 2.0, 2.0, 2.0)).compute_s
+    e2a = 1e-6 + 512 / 1e11
+    experts0_end = t[1, "experts(l0,mb0)"][1]
+    assert t[1, "send(l0,mb0)"] == (pytest.approx(experts0_end), pytest.approx(experts0_end + e2a))
+    assert t[1, "experts(l0,mb0)"][0] == pytest.approx(t[1, "recv(l0,mb0)"][1])
+    assert experts0_end == pytest.approx(t[1, "recv(l0,mb0)"][1] + e)
+    streams = {(r.rank, str(r.op)): r.stream for r in sim.records}
+    assert streams[1, "send(l0,mb0)"] == streams[0, "combine(l0,mb0)"] == 2
+    assert streams[1, "recv(l0,mb1)"] == streams[0, "dispatch(l0,mb1)"] == 1

@@ -41,7 +41,7 @@ from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_place
 from . import hardware as hwmod
 from .hardware import Hardware
 
-COMPUTE, COMM = 0, 1  # stream ids
+COMPUTE, COMM, BACK = 0, 1, 2  # stream ids; BACK: expert outputs returning (their own communicator)
 
 
 # --- the workload and one op's cost -----------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Event-driven simulator: the runtime's per-rank op lists, timed by the cost model.
 
-Each rank runs the op list `masep.parallel.schedule` gives its role, in order, on two CUDA-like
+Each rank runs the op list `masep.parallel.schedule` gives its role, in order, on CUDA-like
 streams (the runtime's design: streams and events, no host sync inside a step):
   - stream 0 (compute): attention, experts, head;
-  - stream 1 (comm): dispatch, combine, recv, send, allreduce, send_act, recv_act.
+  - stream 1 (comm): dispatch, recv, allreduce, send_act, recv_act;
+  - stream 2 (back): combine, send: expert outputs return on a second group of the bridge, so
+    their NCCL communicator does not queue them behind the next dispatch (parallel/groups.py).
 An op starts when the previous op of its stream has ended *and* the previous op of the same
 micro-batch on this rank has ended (its data). With `overlap=False` everything runs on one
 stream: the in-order, blocking semantics of the CPU/gloo runtime.
@@ -27,7 +29,7 @@ One step starts with every rank idle and ends when the last op ends: TPOT = that
 
 Metrics (per simulated step):
   busy fraction      compute-stream work (compute_s of compute ops) / TPOT, per GPU
-  kernel active      union of all op intervals on both streams / TPOT, per GPU: the
+  kernel active      union of all op intervals on all streams / TPOT, per GPU: the
                      nvidia-smi "GPU utilization" sense (secondary; counts NCCL kernels waiting)
   MBU                bytes all GPUs read from HBM in the step / TPOT / (GPUs x spec HBM rate)
   MBU (useful)       bytes one step must read at least (weights touched by the whole batch once,
@@ -52,7 +54,7 @@ from ..config import ModelConfig
 from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, RECV_ACT,
                                  SEND, SEND_ACT, Op, ep_schedule, separated_schedule, tp_pp_schedule)
 from ..plan import SinglePlan
-from .costmodel import (COMM, COMPUTE, MemoryUse, OpCost, Workload, check_memory, describe, op_cost,
+from .costmodel import (BACK, COMM, COMPUTE, MemoryUse, OpCost, Workload, check_memory, describe, op_cost,
                         rank_memory, rank_role)
 from .hardware import Hardware
 
@@ -275,12 +277,22 @@ def all_costs(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[list
     return [rank_costs(plan, cfg, r, work, hw, rank_ops(plan, cfg, r)) for r in range(plan.world_size)]
 
 
+STREAMS = (COMPUTE, COMM, BACK)
+
+
+def _stream(kind: str, overlap: bool) -> int:
+    """The stream an op kind runs on; everything on one stream without overlap (gloo/CPU)."""
+    if not overlap or kind in COMPUTE_KINDS:
+        return COMPUTE
+    return BACK if kind in (COMBINE, SEND) else COMM
+
+
 def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
          costs: list[list[OpCost]] | None = None) -> list[OpRecord]:
     n = plan.world_size
     ops = [rank_ops(plan, cfg, r) for r in range(n)]
     costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
-    stream = [[(COMM if overlap and o.kind not in COMPUTE_KINDS else COMPUTE) for o in ops[r]] for r in range(n)]
+    stream = [[_stream(o.kind, overlap) for o in ops[r]] for r in range(n)]
     # dependencies: previous op on the same stream, previous op of the same micro-batch
     deps, keys = [], []
     for r in range(n):
@@ -296,9 +308,9 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
             k.append(m)
         deps.append(d)
         keys.append(k)
-    by_stream = [[[i for i in range(len(ops[r])) if stream[r][i] == s] for s in (COMPUTE, COMM)] for r in range(n)]
-    ptr = [[0, 0] for _ in range(n)]
-    waiting = [[False, False] for _ in range(n)]
+    by_stream = [[[i for i in range(len(ops[r])) if stream[r][i] == s] for s in STREAMS] for r in range(n)]
+    ptr = [[0] * len(STREAMS) for _ in range(n)]
+    waiting = [[False] * len(STREAMS) for _ in range(n)]
     start = [[None] * len(ops[r]) for r in range(n)]
     arrive = [[None] * len(ops[r]) for r in range(n)]
     end = [[None] * len(ops[r]) for r in range(n)]
@@ -318,7 +330,7 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
         progress = True
         while progress:
             progress = False
-            for s in (COMPUTE, COMM):
+            for s in STREAMS:
                 if waiting[r][s] or ptr[r][s] >= len(by_stream[r][s]):
                     continue
                 i = by_stream[r][s][ptr[r][s]]
@@ -345,7 +357,7 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
                             queue.append(m)
                             queued[m] = True
                     del groups[key]
-    stuck = [(r, str(ops[r][by_stream[r][s][ptr[r][s]]])) for r in range(n) for s in (0, 1)
+    stuck = [(r, str(ops[r][by_stream[r][s][ptr[r][s]]])) for r in range(n) for s in STREAMS
              if ptr[r][s] < len(by_stream[r][s])]
     if stuck:
         raise Deadlock(f"plan {describe(plan)}: op lists cannot complete; first blocked ops (rank, op): "

@@ -1,7 +1,7 @@
 """A simulation as a Chrome trace (torch.profiler's export format) and as a PNG Gantt chart.
 
 Trace: {"traceEvents": [...], "displayTimeUnit": "ms"}; one complete event ("ph": "X") per op
-with ts/dur in microseconds, pid = GPU (rank), tid = stream (0 compute, 1 comm), and metadata
+with ts/dur in microseconds, pid = GPU (rank), tid = stream (0 compute, 1 comm, 2 expert outputs back), and metadata
 events ("ph": "M") naming processes and threads, as torch.profiler writes them. Open it in
 chrome://tracing or https://ui.perfetto.dev next to a real run's trace.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from .costmodel import describe, rank_role
 from .simulator import Simulation
 
-STREAM_NAMES = {0: "compute", 1: "comm"}
+STREAM_NAMES = {0: "compute", 1: "comm", 2: "comm (expert outputs back)"}
 COLORS = {"attention": "#4C72B0", "experts": "#DD8452", "head": "#8172B3", "dispatch": "#55A868",
           "recv": "#55A868", "combine": "#C44E52", "send": "#C44E52", "allreduce": "#937860",
           "send_act": "#64B5CD", "recv_act": "#64B5CD"}
