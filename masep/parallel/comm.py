@@ -299,13 +299,14 @@ def pack_for_experts(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch
                         layout.header_rows, head_4)
 
 
-def send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, layer: int, mb: int) -> DispatchHandle:
-    """Launch the blocks [E, R+C, H] to the expert members."""
+def send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, layer: int, mb: int,
+                num_tokens: int) -> DispatchHandle:
+    """Launch the blocks [E, R+C, H] of `num_tokens` tokens to the expert members."""
     a, e, cap = bridge.num_attention, len(bridge.expert_members()), layout.caps[mb]
     send = packed.blocks.view(-1, packed.blocks.shape[-1])
     work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * bridge.size,
                        [0] * a + [layout.header_rows + cap] * e, bridge)
-    return DispatchHandle(bridge, layout.step, layer, mb, -1, packed.rows, [0] * a + [cap] * e, work, [send],
+    return DispatchHandle(bridge, layout.step, layer, mb, num_tokens, packed.rows, [0] * a + [cap] * e, work, [send],
                           packed.pos_R)
 
 
@@ -319,9 +320,7 @@ def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor,
     if layout.padded:
         packed = pack_for_experts(x_XH, ids_Xk, weights_Xk, route, bridge, layout, mb,
                                   _head(step, layer, mb, x_XH.device))
-        handle = send_packed(packed, bridge, layout, layer, mb)
-        handle.num_tokens = x_XH.shape[0]
-        return handle
+        return send_packed(packed, bridge, layout, layer, mb, x_XH.shape[0])
     rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
     counts = _exact_counts(rows, bridge, step, layer, mb)
     exchange_counts(bridge, counts, step, layer, mb)

@@ -113,7 +113,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         w = mb.work
         if self.layout.padded:
-            w["handle"] = comm.send_packed(w["routed"], self.bridge, self.layout, layer, i)
+            w["handle"] = comm.send_packed(w["routed"], self.bridge, self.layout, layer, i, w["h"].shape[0])
         else:
             weights, ids = w["routed"]
             w["handle"] = comm.dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout, layer, i)
