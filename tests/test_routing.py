@@ -101,3 +101,17 @@ def test_segment_graphs_off_calls_through_and_need_cuda_when_on():
     assert graphs.run(("k",), lambda a, b: a + b, torch.ones(2), torch.ones(2)).tolist() == [2.0, 2.0]
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         SegmentGraphs(True, torch.device("cpu"))
+
+
+def test_segment_graph_inputs_are_reused_in_place_or_copied_and_shapes_are_checked():
+    # the replay-side logic of SegmentGraphs, on CPU tensors (capture and replay need CUDA)
+    from masep.parallel.graphs import _Captured
+    graphs = SegmentGraphs(False, torch.device("cpu"))
+    static = torch.zeros(3)
+    entry = _Captured(graph=None, inputs=(static,), outputs=None)
+    graphs._load("k", entry, (static,))  # the same tensor (a graph output, say): nothing to do
+    fresh = torch.arange(3.0)
+    graphs._load("k", entry, (fresh,))  # another tensor: copied into the captured buffer
+    assert static.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match=r"CUDA graph k: input 0 is \(4,\).*captured \(3,\)"):
+        graphs._load("k", entry, (torch.zeros(4),))
