@@ -78,8 +78,6 @@ class EpRuntime(MicroBatchRuntime):
         self.all_idle = all(f == comm.FLAG_IDLE for f in self.layout.flags)
         if padded:
             self.heads.set_step(self.step)
-        # an empty micro-batch (idle rank, batch < m) runs eagerly: nothing to gain, no shapes to capture
-        self.graphable = self.graphable and all(mb.ids.shape[0] > 0 for mb in mbs)
 
     def _handlers(self, mbs: list[MicroBatch]):
         def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere

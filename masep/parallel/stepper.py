@@ -115,7 +115,9 @@ class MicroBatchRuntime:
         where this rank produces one, else None."""
         ops = self._schedule(len(mbs))
         self.in_step = True
-        self.graphable = self.graphs.enabled and all(mb.ids.shape[1] == 1 for mb in mbs)
+        # decode steps only; an empty micro-batch (batch < m, an idle EP rank) runs eagerly:
+        # nothing to gain, and no zero-size shapes to capture
+        self.graphable = self.graphs.enabled and all(mb.ids.shape[1] == 1 and mb.ids.shape[0] > 0 for mb in mbs)
         self._begin_step(mbs)
         execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
         self._end_step()
