@@ -245,5 +245,7 @@ class _ExpertServer:
             return routing.serve_blocks(blocks, experts.forward_sorted, hdr, bridge.max_local_experts,
                                         len(self.my_experts), head_4)
 
+        if blocks_SBH.shape[1] == hdr:  # no rows can come (an empty micro-batch): headers only, eagerly
+            return serve(blocks_SBH, self.heads.get(layer, mb))
         key = ("experts", bi, layer, mb, hdr, tuple(blocks_SBH.shape))
         return self.graphs.run(key, serve, blocks_SBH, self.heads.get(layer, mb))
