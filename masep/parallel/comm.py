@@ -375,23 +375,16 @@ def _check_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb:
         raise CommError(f"{where}: invalid token counts {counts.tolist()} for {num_local} local experts")
 
 
-def _receive_padded(bridge: Bridge, layout: StepLayout, senders: range, num_local: int, recv: torch.Tensor,
-                    layer: int, mb: int) -> ExpertBatch:
-    """recv [S*(R+C), H] as it arrived -> ExpertBatch, recording the header check for end_step."""
-    hdr, cap = layout.header_rows, layout.caps[mb]
-    got = routing.unpack(recv.view(len(senders), hdr + cap, -1), hdr, bridge.max_local_experts, num_local,
-                         _head(layout.step, layer, mb, recv.device))
-    layout.checks.append((layer, mb, senders.start, got.bad_S))
-    return ExpertBatch(got.x_NH, got.counts_L, got.slot_N, [cap] * len(senders), len(senders))
-
-
 def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: int, dtype: torch.dtype,
                    layer: int, mb: int) -> ExpertBatch:
     """Receive this (layer, mb)'s rows from the replica's attention ranks."""
     a, step = bridge.num_attention, layout.step
-    if layout.padded:
-        x = blocks_arrived(expert_receive_blocks(bridge, layout, hidden, dtype, layer, mb))
-        return _receive_padded(bridge, layout, range(a), num_local, x.view(-1, hidden), layer, mb)
+    if layout.padded:  # the runtime's expert server calls these pieces itself (with CUDA graphs)
+        blocks = blocks_arrived(expert_receive_blocks(bridge, layout, hidden, dtype, layer, mb))
+        got = routing.unpack(blocks, layout.header_rows, bridge.max_local_experts, num_local,
+                             _head(step, layer, mb, blocks.device))
+        layout.checks.append((layer, mb, 0, got.bad_S))
+        return ExpertBatch(got.x_NH, got.counts_L, got.slot_N, [layout.caps[mb]] * a, a)
     recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
                                                dtype=torch.int64, device=bridge.device), step, layer, mb)
     _check_counts(bridge, recv, step, layer, mb, num_local, range(a))
@@ -489,8 +482,7 @@ class ExchangeHandle:
 
     sent: DispatchHandle
     layout: StepLayout
-    num_local: int
-    got: ExpertBatch | None = None
+    got: ExpertBatch | None = None  # exact steps
     recv: torch.Tensor | None = None  # padded: blocks as they arrived [P*(R+C), H]
     work: object = None
     back: torch.Tensor | None = None  # expert outputs on their way back to their senders
@@ -503,7 +495,7 @@ def ep_pack(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, 
     return routing.pack(x_XH, rows, 0, bridge.size, layout.caps[mb], layout.header_rows, head_4)
 
 
-def ep_send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int,
+def ep_send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, layer: int, mb: int,
                    num_tokens: int) -> ExchangeHandle:
     """Launch the symmetric exchange of equal blocks (no split sizes to agree on)."""
     send = packed.blocks.view(-1, packed.blocks.shape[-1])
@@ -511,7 +503,7 @@ def ep_send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, n
     work = _all_to_all(recv, send, None, None, bridge)
     sent = DispatchHandle(bridge, layout.step, layer, mb, num_tokens, packed.rows, [layout.caps[mb]] * bridge.size,
                           work, [send], packed.pos_R)
-    return ExchangeHandle(sent, layout, num_local, recv=recv)
+    return ExchangeHandle(sent, layout, recv=recv)
 
 
 def ep_receive_blocks(handle: ExchangeHandle) -> torch.Tensor:
@@ -538,11 +530,9 @@ def ep_receive_back(handle: ExchangeHandle) -> torch.Tensor:
 
 def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
                 bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int) -> ExchangeHandle:
-    """Launch the all-to-all of token rows among all EP ranks (x [X, H], ids/weights [X, k])."""
+    """Exact (prefill) step: launch the all-to-all of token rows among all EP ranks (x [X, H],
+    ids/weights [X, k]) once the counts are agreed. Padded steps use ep_pack / ep_send_packed."""
     step, p, hidden = layout.step, bridge.size, x_XH.shape[1]
-    if layout.padded:
-        packed = ep_pack(x_XH, ids_Xk, weights_Xk, route, bridge, layout, mb, _head(step, layer, mb, x_XH.device))
-        return ep_send_packed(packed, bridge, layout, num_local, layer, mb, x_XH.shape[0])
     rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
     counts = _exact_counts(rows, bridge, step, layer, mb)
     recv_counts = exchange_counts(bridge, counts, step, layer, mb)
@@ -556,38 +546,25 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
     sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in],
                           torch.arange(send.shape[0], device=send.device))
     got = ExpertBatch(x_in, counts_PL.sum(0), _expert_sorted_order(counts_PL), recv_splits)
-    return ExchangeHandle(sent, layout, num_local, got=got)
+    return ExchangeHandle(sent, layout, got=got)
 
 
 def ep_received(handle: ExchangeHandle) -> ExpertBatch:
-    """Wait for this rank's incoming rows; returns them sorted by local expert."""
+    """Exact step: wait for this rank's incoming rows; returns them sorted by local expert."""
     s = handle.sent
-    if handle.recv is not None:
-        blocks = ep_receive_blocks(handle)
-        handle.got = _receive_padded(s.bridge, handle.layout, range(s.bridge.size), handle.num_local,
-                                     blocks.reshape(-1, blocks.shape[-1]), s.layer, s.mb)
-    else:
-        _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
-        handle.got.x_NH = handle.got.x_NH[handle.got.perm_N]
+    _wait(s.work, s.bridge, "dispatch payload", s.step, s.layer, s.mb)
+    handle.got.x_NH = handle.got.x_NH[handle.got.perm_N]
     return handle.got
 
 
 def ep_combine_launch(handle: ExchangeHandle, y_NH: torch.Tensor) -> None:
-    """Send expert outputs (expert-sorted rows) back to their senders; receive our own rows'."""
+    """Exact step: send expert outputs (expert-sorted rows) back to their senders; receive our
+    own rows' (ep_receive_back waits)."""
     s, got = handle.sent, handle.got
     back = _back_rows(y_NH, got)
-    if handle.recv is not None:
-        return ep_send_back(handle, back)
     handle.back = torch.empty(sum(s.splits), y_NH.shape[1], dtype=y_NH.dtype, device=y_NH.device)
     handle.work = _all_to_all_back(handle.back, back, s.splits, got.source_splits, s.bridge)
     s.keep.append(back)
-
-
-def ep_combine_wait(handle: ExchangeHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """sum_k weight_k * expert_k(x) per token [X, H] once the outputs are back."""
-    s = handle.sent
-    back = ep_receive_back(handle)
-    return routing.gather(back, s.pos_R, s.rows.token_R, s.rows.weight_R, s.num_tokens)
 
 
 # --- tensor and pipeline parallelism ------------------------------------------------------------

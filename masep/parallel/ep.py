@@ -132,8 +132,7 @@ class EpRuntime(MicroBatchRuntime):
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         w, num_local = mb.work, len(self.my_experts)
         if self.layout.padded:
-            w["exchange"] = comm.ep_send_packed(w.pop("routed"), self.bridge, self.layout, num_local, layer, i,
-                                                w["h"].shape[0])
+            w["exchange"] = comm.ep_send_packed(w.pop("routed"), self.bridge, self.layout, layer, i, w["h"].shape[0])
         else:
             weights, ids = w.pop("routed")
             w["exchange"] = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout, num_local,

@@ -191,6 +191,7 @@ class _ExpertServer:
         self.my_experts = plan.expert_placement(cfg)[groups.role.index]
         self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
         self.dtype = model.embed.weight.dtype
+        self.device = env.device
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.graphs = SegmentGraphs(graphs, env.device)
 
@@ -201,7 +202,7 @@ class _ExpertServer:
         batches: dict[tuple[int, int, int], object] = {}
         outputs: dict[tuple[int, int, int], object] = {}
         pending = []
-        loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=self.heads.buf.device)
+        loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=self.device)
         self.heads.set_step(step)
 
         def recv(op: Op) -> None:  # padded: post only; run_experts waits
