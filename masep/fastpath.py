@@ -50,6 +50,14 @@ def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
 
 
 # --- Triton grouped matmul for decode-sized expert batches -----------------------------------
+def bucket_rows(rows: int) -> int:
+    """Batch-size bucket of a decode step replayed from CUDA graphs: 1, 2, 4, 8, then multiples
+    of 8 (vLLM's capture sizes are similar): at most 7 padding rows, a few dozen graphs."""
+    if rows <= 8:
+        return 1 << max(0, rows - 1).bit_length()
+    return -(-rows // 8) * 8
+
+
 def block_rows(rows: int, num_groups: int) -> int:
     """Rows per program: the expected rows per group, as a power of two in [16, 64]
     (tl.dot needs >= 16; larger blocks re-read each weight tile fewer times)."""
@@ -345,7 +353,7 @@ def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_le
     """Attention.forward for a CUDA decode step (one token per row, a cache, RoPE tables given):
     projections, then one kernel for RoPE + cache write, then the model's own SDPA and o_proj."""
     b, t, _ = x_BTH.shape
-    if not (x_BTH.is_cuda and cache is not None and t == 1 and b > 0 and rope is not None
+    if not (x_BTH.is_cuda and cache is not None and cache.rows is None and t == 1 and b > 0 and rope is not None
             and x_BTH.dtype == cache.k[layer].dtype and attn.cfg.head_dim % 2 == 0
             and attn.cfg.head_dim & (attn.cfg.head_dim - 1) == 0):
         return type(attn).forward(attn, x_BTH, positions_BT, cache, layer, attend_len, rope)

@@ -61,25 +61,55 @@ def kv_heads_for(cfg: ModelConfig, heads: range) -> range:
 
 @dataclass
 class KVCache:
-    """Per-layer key/value tensors [B, K, S_max, D] for the local KV heads."""
+    """Per-layer key/value tensors [slots, K, S_max + 1, D] for the local KV heads.
+
+    Position S_max is a scratch column: rows that only pad a batch (a free slot inside a decode
+    batch, the right padding of a prefill chunk) write there, and no real query ever attends to
+    it (keys are read up to `attend_len` <= S_max). So padding never touches a live position.
+
+    A view (`view(rows)`) addresses some slots: a slice keeps views of the storage (no copy);
+    an index tensor [B] (any slots, in any order) writes in place and gathers on read.
+    """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    rows: torch.Tensor | None = None  # slot of each batch row; None: the tensors' own rows, in order
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, max_len, head_dim)
+        shape = (batch, kv_heads, max_len + 1, head_dim)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[2] - 1
+
+    @property
+    def scratch_position(self) -> int:
+        return self.max_len
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[0]
+
+    def view(self, rows: slice | torch.Tensor) -> "KVCache":
+        """The slots `rows` of this (unviewed) cache, as one batch."""
+        assert self.rows is None, "a view of a view"
+        if isinstance(rows, slice):
+            return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+        return KVCache(self.k, self.v, rows)
 
     def write(self, layer: int, positions_BT: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> None:
-        rows = torch.arange(positions_BT.shape[0], device=positions_BT.device)[:, None].expand_as(positions_BT)
+        rows = self.rows if self.rows is not None else torch.arange(positions_BT.shape[0], device=positions_BT.device)
+        rows = rows[:, None].expand_as(positions_BT)
         self.k[layer][rows, :, positions_BT] = k_BKTD.transpose(1, 2)
         self.v[layer][rows, :, positions_BT] = v_BKTD.transpose(1, 2)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, K, length, D] of the first `length` positions."""
+        k, v = self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+        return (k, v) if self.rows is None else (k[self.rows], v[self.rows])
 
 
 class Attention(nn.Module):
@@ -127,7 +157,7 @@ class Attention(nn.Module):
         else:
             cache.write(layer, positions_BT, k, v)
             s = attend_len or cache.max_len
-            keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
+            keys, values = cache.read(layer, s)
             key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
         out = self._attend(q, keys, values, positions_BT, key_pos)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))

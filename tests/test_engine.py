@@ -108,12 +108,12 @@ BAD = {
     "empty prompt": (Request([], 4), "prompt is empty"),
     "token >= vocab": (Request([1, 256], 4), r"prompt\[1\]=256: .*\[0, vocab_size=256\)"),
     "negative token": (Request([-1], 4), r"prompt\[0\]=-1"),
-    "too long": (Request([1] * 250, 7), r"prompt length 250 \+ max_new_tokens 7 = 257 exceeds max_seq_len=256"),
-    "no new tokens": (Request([1], 0), r"max_new_tokens=0: must be an integer >= 1"),
+    "too long": (Request([1] * 250, 7), r"prompt of 250 tokens \+ max_tokens 7 = 257 exceeds the maximum model length 256"),
+    "no new tokens": (Request([1], 0), r"max_tokens=0: must be an integer >= 1"),
     "negative temperature": (Request([1], 2, temperature=-0.5), r"temperature=-0.5: must be >= 0"),
     "top_p zero": (Request([1], 2, top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
     "top_p above one": (Request([1], 2, top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
-    "negative top_k": (Request([1], 2, top_k=-1), r"top_k=-1: must be an integer >= 0"),
+    "negative top_k": (Request([1], 2, top_k=-2), r"top_k=-2: must be an integer >= -1"),
 }
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..model import MoETransformer
 from ..plan import EpPlan
+from ..runtime import StepRows
 from . import comm, routing
 from .groups import DistEnv, EpGroups
 from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, Op, ep_schedule
@@ -52,10 +53,17 @@ class EpRuntime(MicroBatchRuntime):
         """Serve the other ranks' experts with empty micro-batches until every rank is idle."""
         if self.stopped or self.in_step:  # mid-step (an error): peers see this rank exit
             return
-        self.idle, self.cache = True, None
+        self.idle = True
+        if self.cache is None:  # never started (no sequences at all): serve the others anyway
+            self.start(0, 1)
         while not self.all_idle:
-            self.decode(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1)
-        self.stopped = True
+            self.forward(StepRows.empty())
+        self.stopped, self.cache = True, None
+
+    def forward(self, rows: StepRows, step_id: int | None = None):
+        """A step with no rows serves the other ranks' experts (flag idle)."""
+        self.idle = len(rows) == 0
+        return super().forward(rows, step_id)
 
     @property
     def load_LE(self) -> torch.Tensor:
@@ -72,7 +80,7 @@ class EpRuntime(MicroBatchRuntime):
         previous step's device-side header checks (complete by now: its logits were read)."""
         if self.layout is not None:
             comm.end_step(self.layout, self.bridge)
-        padded = all(mb.ids.shape[1] == 1 for mb in mbs)
+        padded = self.decoding
         self.layout = comm.ep_begin_step(self.bridge, self.step, [mb.ids.numel() for mb in mbs], padded,
                                          self.cfg.hidden_size, self._cache_shape[2], self.idle)
         self.all_idle = all(f == comm.FLAG_IDLE for f in self.layout.flags)
@@ -86,10 +94,10 @@ class EpRuntime(MicroBatchRuntime):
                 EXPERTS: guard(self._experts), COMBINE: guard(self._combine_launch),
                 HEAD: guard(lambda mb, layer, i: self._head(mb, i))}
 
-    def _logits(self, out, index_B, batch):
-        if batch == 0:
+    def _logits(self, out, rows_B, index_B):
+        if rows_B.numel() == 0:
             return torch.zeros(0, self.cfg.vocab_size, device=self.device)
-        return super()._logits(out, index_B, batch)
+        return super()._logits(out, rows_B, index_B)
 
     def _settle(self, mb: MicroBatch, layer: int):
         """(fn, inputs) that finish the previous layer's MoE for this micro-batch: residual +

@@ -81,3 +81,64 @@ def _collect(procs, results, world: int, timeout_s: float) -> Any:
         if rank == 0:
             rank0 = payload
     return rank0
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the process that started it dies (even by SIGKILL),
+    so no rank outlives its front end. Elsewhere the closed control channel does the same, later."""
+    import ctypes
+    import signal
+    import sys
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _rank_child(rank: int, world: int, port: int, fn: Callable, arg: Any) -> None:
+    _die_with_parent()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    fn(arg)
+
+
+class RankProcesses:
+    """`world` local rank processes running fn(arg) with torchrun's environment, for a front end
+    that stays in this process and talks to them over its own channel (unlike `spawn`, which
+    waits for them to finish)."""
+
+    def __init__(self, world: int, fn: Callable[[Any], Any], arg: Any):
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self.procs = [ctx.Process(target=_rank_child, args=(r, world, port, fn, arg), daemon=True,
+                                  name=f"masep-rank{r}") for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def check_alive(self) -> None:
+        """Raise naming the first rank that exited with an error (or was killed)."""
+        from ..serve.engine_client import EngineDead
+        for r, p in enumerate(self.procs):
+            if p.exitcode not in (None, 0):
+                how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
+                raise EngineDead(f"rank {r} (pid {p.pid}) {how}")
+
+    def terminate(self) -> None:
+        self.join_or_terminate(0.0)
+
+    def join_or_terminate(self, timeout_s: float) -> None:
+        import time
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)

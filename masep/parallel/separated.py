@@ -67,7 +67,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
         """Announce the step: decode steps are padded (no host reads); each micro-batch's
         capacity follows from the replica's largest token slice."""
-        padded = all(mb.ids.shape[1] == 1 for mb in mbs)
+        padded = self.decoding
         rows = [-(-mb.ids.numel() // self.plan.attn_tp) for mb in mbs]
         self.layout = comm.attention_begin_step(self.bridge, self.step, rows, padded, self.cfg.hidden_size,
                                                 self._cache_shape[2])

@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig
-from ..fastpath import bucket_len
+from ..fastpath import bucket_len, bucket_rows
 from ..model import KVCache
 from ..plan import split_evenly
+from ..runtime import StaticBatchMixin, StepRows, StepTensors, lay_out
 from .graphs import SegmentGraphs
 from .schedule import Op, execute
 
@@ -49,14 +50,14 @@ class MicroBatch:
 
     ids: torch.Tensor  # [b, t] token ids
     positions: torch.Tensor  # [b, t]
-    cache: KVCache | None  # view of this micro-batch's cache rows
+    cache: KVCache  # view of this micro-batch's cache rows
     attend_len: int
     x: torch.Tensor | None = None  # [b, t, H] residual stream
     out: torch.Tensor | None = None  # [b, t, H] after the final norm
     work: dict | None = None  # per-strategy scratch (partial sums, handles)
 
 
-class MicroBatchRuntime:
+class MicroBatchRuntime(StaticBatchMixin):
     """Base of the distributed runtimes. Subclasses set cfg, device, env, plan, timer and call
     `_init_steps(num_cache_layers, num_kv_heads, dtype)`."""
 
@@ -70,45 +71,53 @@ class MicroBatchRuntime:
         self.in_step = False
         self.graphs = SegmentGraphs(graphs, self.device)
         self.graphable = False  # this step's segments are replayed from graphs
+        self.decoding = False  # this step is a decode step (set per step by forward)
 
-    # --- Runtime interface ------------------------------------------------------------------
-    def start(self, batch: int, max_len: int) -> None:
+    # --- Runtime interface (runtime.py) --------------------------------------------------------
+    def start(self, num_slots: int, max_len: int) -> None:
         layers, kv, dtype = self._cache_shape
         self.graphs.clear()  # they hold the old cache's addresses
-        self.cache = KVCache.empty(layers, batch, kv, max_len, self.cfg.head_dim, dtype, self.device)
+        self.cache = KVCache.empty(layers, num_slots, kv, max_len, self.cfg.head_dim, dtype, self.device)
 
     @torch.inference_mode()
-    def prefill(self, input_ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        b, t = input_ids_BT.shape
-        ids = input_ids_BT.to(self.device)
-        positions = torch.arange(t, device=self.device).expand(b, t)
-        if getattr(self.plan, "seq_split", False):
-            chunks = split_evenly(t, self.plan.microbatches)
-            mbs = [self._mb(ids[:, r], positions[:, r], slice(0, b), r.stop) for r in chunks]
+    def forward(self, rows: StepRows, step_id: int | None = None) -> torch.Tensor | None:
+        """One step over slot-addressed rows; logits [B, V] where this rank makes them."""
+        if self.cache is None:
+            raise ValueError("forward before start(): call start(num_slots, max_len) first")
+        rows.check(self.cache.num_slots, self.cache.max_len)
+        if step_id is not None:
+            self.step = step_id
+        st = lay_out(rows, self.cache.scratch_position, self.device, self._dense_rows(rows))
+        self.decoding = st.decode  # decode steps use padded transfers and graphs; prefill steps exact ones
+        if not st.decode and getattr(self.plan, "seq_split", False):
+            mbs = self._sequence_chunks(st, rows)
             dim = 1
         else:
-            rows = split_evenly(b, self.plan.microbatches)
-            mbs = [self._mb(ids[r.start:r.stop], positions[r.start:r.stop], slice(r.start, r.stop), t) for r in rows]
+            mbs = [self._mb(st.ids_BT[r.start:r.stop], st.positions_BT[r.start:r.stop],
+                            _sub_rows(st.cache_rows, r), st.attend_len)
+                   for r in split_evenly(st.ids_BT.shape[0], self.plan.microbatches)]
             dim = 0
         out = self._step(mbs, dim)
-        return self._logits(out, lengths_B.to(self.device) - 1, b)
+        return self._logits(out, st.logit_rows_B, st.logit_index_B)
 
-    @torch.inference_mode()
-    def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int) -> torch.Tensor:
-        tokens, positions = tokens_B.to(self.device)[:, None], positions_B.to(self.device)[:, None]
-        rows = split_evenly(tokens.shape[0], self.plan.microbatches)
-        mbs = [self._mb(tokens[r.start:r.stop], positions[r.start:r.stop], slice(r.start, r.stop), attend_len)
-               for r in rows]
-        out = self._step(mbs, 0)
-        return self._logits(out, torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device),
-                            tokens.shape[0])
+    def _dense_rows(self, rows: StepRows) -> int | None:
+        """Rows of a decode step: the slots up to the highest one, rounded up to a batch-size
+        bucket when graphs are replayed (one graph serves every batch in the bucket)."""
+        if not rows.is_decode:
+            return None
+        n = max(rows.slots, default=-1) + 1
+        return min(bucket_rows(n), self.cache.num_slots) if self.graphs.enabled and n else n
+
+    def _sequence_chunks(self, st: StepTensors, rows: StepRows) -> list[MicroBatch]:
+        """Prefill cut along the tokens: chunk r of every row, attending up to its end."""
+        top = max(rows.starts)
+        return [self._mb(st.ids_BT[:, r], st.positions_BT[:, r], st.cache_rows,
+                         min(top + r.stop, self.cache.max_len))
+                for r in split_evenly(st.ids_BT.shape[1], self.plan.microbatches)]
 
     # --- one step -----------------------------------------------------------------------------
-    def _mb(self, ids_bt, positions_bt, rows: slice, attend_len: int) -> MicroBatch:
-        view = None
-        if self.cache is not None:
-            view = KVCache([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v])
-        return MicroBatch(ids_bt, positions_bt, view, attend_len, x=self._embed(ids_bt), work={})
+    def _mb(self, ids_bt, positions_bt, rows: slice | torch.Tensor, attend_len: int) -> MicroBatch:
+        return MicroBatch(ids_bt, positions_bt, self.cache.view(rows), attend_len, x=self._embed(ids_bt), work={})
 
     def _step(self, mbs: list[MicroBatch], dim: int) -> torch.Tensor | None:
         """Run this rank's op list over the micro-batches; the final-norm output [B, T, H]
@@ -117,7 +126,7 @@ class MicroBatchRuntime:
         self.in_step = True
         # decode steps only; an empty micro-batch (batch < m, an idle EP rank) runs eagerly:
         # nothing to gain, and no zero-size shapes to capture
-        self.graphable = self.graphs.enabled and all(mb.ids.shape[1] == 1 and mb.ids.shape[0] > 0 for mb in mbs)
+        self.graphable = self.graphs.enabled and self.decoding and all(mb.ids.shape[0] > 0 for mb in mbs)
         self._begin_step(mbs)
         execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
         self._end_step()
@@ -129,10 +138,9 @@ class MicroBatchRuntime:
     def _where(self, layer: int, mb: int) -> str:
         return f"rank {self.env.rank}: step {self.step}, layer {layer}, micro-batch {mb}"
 
-    def _logits(self, out_BTH: torch.Tensor | None, index_B: torch.Tensor, batch: int) -> torch.Tensor:
-        """Logits [B, V] (float32) at token index_B of each row."""
-        rows = torch.arange(batch, device=self.device)
-        return self.lm_head(out_BTH[rows, index_B]).float()
+    def _logits(self, out_BTH: torch.Tensor | None, rows_B: torch.Tensor, index_B: torch.Tensor):
+        """Logits [B, V] (float32) at token index_B of rows rows_B of the step's output."""
+        return self.lm_head(out_BTH[rows_B, index_B]).float()
 
     def _segment(self, key: tuple, fn, *inputs: torch.Tensor):
         """Run the compute between two transfers: replayed from a CUDA graph in a graphable
@@ -164,3 +172,10 @@ class MicroBatchRuntime:
 
     def _handlers(self, mbs: list[MicroBatch]) -> dict[str, Callable[[Op], None]]:
         raise NotImplementedError
+
+
+def _sub_rows(cache_rows: slice | torch.Tensor, r: range) -> slice | torch.Tensor:
+    """Cache rows of micro-batch `r` (a range of the step's rows)."""
+    if isinstance(cache_rows, slice):
+        return slice(cache_rows.start + r.start, cache_rows.start + r.stop)
+    return cache_rows[r.start:r.stop]

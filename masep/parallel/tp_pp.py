@@ -117,11 +117,11 @@ class TpPpRuntime(MicroBatchRuntime):
         pending = _pending_inputs(mb)
         mb.out = self._segment(("head", i, len(pending)), run, mb.x, *pending)
 
-    def _logits(self, out, index_B, batch):
+    def _logits(self, out, rows_B, index_B):
         """The last stage's tp rank 0 computes logits [B, V]; every rank receives them."""
-        logits = torch.empty(batch, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        logits = torch.empty(rows_B.numel(), self.cfg.vocab_size, dtype=torch.float32, device=self.device)
         if self.last:
-            logits.copy_(super()._logits(out, index_B, batch))
+            logits.copy_(super()._logits(out, rows_B, index_B))
         src = (self.plan.pp - 1) * self.plan.tp
         if self.plan.world_size > 1:
             comm.broadcast(logits, src, self.groups.model_group, self.env.timeout, f"rank {self.env.rank}: logits")

@@ -1,0 +1,107 @@
+"""A fixed set of requests through the continuous-batching scheduler: `masep run` and the tests.
+
+Every request arrives at time 0; the scheduler admits as many as there are slots (by default
+one slot per request, so all of them), prefills them and decodes until each is done, retiring
+rows as they finish. Metrics follow vLLM `bench serve`'s definitions (masep/metrics.py), with
+times measured from the moment the requests were submitted.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import ModelConfig
+from ..metrics import Metrics, RequestOutput, compute_metrics
+from ..runtime import Runtime
+from ..serve.engine_client import RequestRejected, SamplingParams
+from .executor import LocalExecutor
+from .scheduler import Scheduler, SchedulerConfig, check_request
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: drawn from torch's global RNG (reproducible under torch.manual_seed)
+    stop_token_ids: tuple[int, ...] = ()
+
+    def params(self, stop_on_eos: bool) -> SamplingParams:
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, seed,
+                              stop_token_ids=list(self.stop_token_ids), ignore_eos=not stop_on_eos)
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[RequestOutput]  # one per request, in request order
+    metrics: Metrics
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [o.tokens for o in self.outputs]
+
+    def to_dict(self) -> dict:
+        return dict(**self.metrics.to_dict(), tokens=self.tokens, errors=[o.error for o in self.outputs],
+                    per_request=[o.to_dict() for o in self.outputs])
+
+
+def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
+    """`batch` prompts of `prompt_len` uniform token ids, a pure function of the arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist()
+
+
+def validate_request(req: Request, cfg: ModelConfig, max_len: int | None = None) -> None:
+    """Raise ValueError naming the value and the rule it breaks; None for a good request."""
+    if any(not isinstance(t, numbers.Integral) for t in req.prompt):
+        raise RequestRejected("prompt: token ids must be integers", "prompt")
+    check_request([int(t) for t in req.prompt], req.params(False),
+                  SchedulerConfig(max_len or cfg.max_seq_len, cfg.vocab_size))
+
+
+def generate(runtime: Runtime, requests: Sequence[Request], *, stop_on_eos: bool = False,
+             clock: Callable[[], float] | None = None, max_num_batched_tokens: int | None = None,
+             num_slots: int | None = None) -> GenerationResult:
+    """Run every valid request to completion; a rejected request gets its error in its output
+    and the others still run. Default: one slot per request and one prefill step for all
+    prompts (so ranks that each drive their own runtime stay in lockstep)."""
+    cfg = runtime.cfg
+    if stop_on_eos and cfg.eos_token_id is None:
+        raise ValueError("stop_on_eos=True but the model config has eos_token_id=None")
+    outputs = [RequestOutput(prompt_len=len(r.prompt)) for r in requests]
+    valid = []
+    for i, req in enumerate(requests):
+        try:
+            validate_request(req, cfg)
+            valid.append(i)
+        except ValueError as err:
+            outputs[i].error = str(err)
+    if not valid:
+        return GenerationResult(outputs, compute_metrics(outputs, 0.0))
+    batch = [requests[i] for i in valid]
+    max_len = max(len(r.prompt) + r.max_new_tokens for r in batch)
+    budget = max_num_batched_tokens or sum(len(r.prompt) for r in batch)
+    eos = frozenset([cfg.eos_token_id]) if cfg.eos_token_id is not None else frozenset()
+    executor = LocalExecutor(runtime, num_slots or len(batch), max_len, own_step_ids=True)
+    sched = Scheduler(executor, SchedulerConfig(max_len, cfg.vocab_size, budget, len(batch) + 1, eos),
+                      clock=clock or time.perf_counter)
+    t0 = sched.clock()
+    seqs = [sched.add(str(i), [int(t) for t in r.prompt], r.params(stop_on_eos), arrival_s=t0)
+            for i, r in zip(valid, batch)]
+    try:
+        while sched.has_work:
+            sched.iterate()
+        duration = sched.clock() - t0
+    finally:
+        executor.shutdown()
+    for i, seq in zip(valid, seqs):
+        o = outputs[i]
+        o.tokens, o.token_times_s, o.finish_reason = seq.output, seq.token_times_s, seq.finish_reason
+    return GenerationResult(outputs, compute_metrics(outputs, duration))

@@ -1,0 +1,238 @@
+"""Continuous batching over KV slots: admit, prefill in chunks, decode, retire.
+
+The scheduler owns every accepted request (its prompt and every token generated so far) until
+it is answered; an executor (executor.py) owns the model. Between steps the scheduler
+  1. admits waiting requests into free slots, first come first served, each to the unit
+     (attention replica, EP rank) with the fewest requests that has a free slot;
+  2. runs one decode step over every request whose prompt is in the cache;
+  3. runs one prefill step of at most `max_num_batched_tokens` prompt tokens, continuing
+     partly prefilled prompts first, so a long prompt is cut into chunks and the decode
+     steps of the others wait for at most one chunk;
+  4. retires finished requests, which frees their slots for the next admission.
+The scheduler never knows how the model is split: it sees units, slots and tokens.
+
+Slots are fixed-size (one slot reserves `max_len` positions), not paged blocks: a request that
+fits the length limit always finds room once a slot is free, and a decode step reads its KV in
+place. The cost is memory: a short request holds a whole slot (see the README).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..runtime import StepRows
+from ..serve.engine_client import EngineOverloaded, RequestRejected, SamplingParams
+from .sampling import SampleSpec
+
+
+@dataclass
+class SchedulerConfig:
+    max_len: int  # positions per slot: prompt + output of one request (vLLM's max_model_len)
+    vocab_size: int
+    max_num_batched_tokens: int = 2048  # prompt tokens per prefill step
+    max_waiting: int = 1024  # accepted but not yet admitted; more -> EngineOverloaded
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        for name in ("max_len", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+
+
+def check_request(prompt: list[int], params: SamplingParams, cfg: SchedulerConfig) -> None:
+    """Raise RequestRejected (a ValueError naming the field and the rule) for a request that can never run."""
+    if not prompt:
+        raise RequestRejected("prompt is empty: a request needs at least one prompt token", "prompt")
+    bad = next((i for i, t in enumerate(prompt) if not (isinstance(t, int) and 0 <= t < cfg.vocab_size)), None)
+    if bad is not None:
+        raise RequestRejected(f"prompt[{bad}]={prompt[bad]!r}: token ids must be integers in "
+                              f"[0, vocab_size={cfg.vocab_size})", "prompt")
+    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+        raise RequestRejected(f"max_tokens={params.max_tokens!r}: must be an integer >= 1", "max_tokens")
+    total = len(prompt) + params.max_tokens
+    if total > cfg.max_len:
+        raise RequestRejected(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = {total} "
+                              f"exceeds the maximum model length {cfg.max_len} (max_model_len); shorten "
+                              "the prompt or lower max_tokens", "max_tokens")
+    if not params.temperature >= 0:  # also rejects NaN
+        raise RequestRejected(f"temperature={params.temperature!r}: must be >= 0 (0 = greedy)", "temperature")
+    if not 0 < params.top_p <= 1:
+        raise RequestRejected(f"top_p={params.top_p!r}: must be in (0, 1] (1 = off)", "top_p")
+    if not isinstance(params.top_k, int) or params.top_k < -1:
+        raise RequestRejected(f"top_k={params.top_k!r}: must be an integer >= -1 (0 or -1 = off)", "top_k")
+
+
+@dataclass
+class Sequence:
+    """One request's state. `output` holds every token generated so far: enough to resume the
+    request anywhere (prefill prompt + output again)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_s: float
+    output: list[int] = field(default_factory=list)
+    token_times_s: list[float] = field(default_factory=list)
+    unit: int | None = None
+    slot: int | None = None
+    cached: int = 0  # tokens of prompt (+ output) already written to the slot's KV
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def spec(self) -> SampleSpec:
+        p = self.params
+        return SampleSpec(p.temperature, p.top_p, max(p.top_k, 0), self.seed, len(self.output))
+
+
+@dataclass
+class StepRecord:
+    """What one scheduler iteration did (for metrics and tests)."""
+
+    step_id: int
+    kind: str  # "decode" | "prefill"
+    rows: int
+    tokens: int
+
+
+class Scheduler:
+    def __init__(self, executor, config: SchedulerConfig, clock: Callable[[], float] = time.perf_counter):
+        self.executor, self.config, self.clock = executor, config, clock
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
+        self.step_id = 0
+        self.history: list[StepRecord] = []
+        self._rng = random.Random()
+
+    # --- requests in and out -------------------------------------------------------------
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams,
+            arrival_s: float | None = None) -> Sequence:
+        """Accept a request or raise (RequestRejected: it can never run; EngineOverloaded: the
+        queue is full) before anything is queued."""
+        check_request(prompt, params, self.config)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(f"{len(self.waiting)} requests are waiting (max_waiting="
+                                   f"{self.config.max_waiting}); try again later")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seq = Sequence(request_id, list(prompt), params, seed, self.clock() if arrival_s is None else arrival_s)
+        self.waiting.append(seq)
+        return seq
+
+    def finish(self, request_id: str, reason: str, error: str | None = None) -> Sequence | None:
+        """End a request early (abort, stop string); its slot is free for the next admission."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id and not seq.finished:
+                    self._retire(seq, reason, error)
+                    return seq
+        return None
+
+    def fail_all(self, error: str) -> list[Sequence]:
+        """Every unfinished request ends with `error` (the executor died, or shutdown)."""
+        failed = [s for s in self.waiting + self.running if not s.finished]
+        for seq in failed:
+            self._retire(seq, "abort", error)
+        return failed
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def slots_total(self) -> int:
+        return self.executor.num_units * self.executor.slots_per_unit
+
+    # --- one iteration -------------------------------------------------------------------
+    def iterate(self) -> list[Sequence]:
+        """Admit, one decode step, one prefill step; returns the requests that got tokens or
+        finished in this iteration (each at most once)."""
+        self._admit()
+        touched: dict[str, Sequence] = {}
+        for make, prefill in ((self._decode_rows, False), (self._prefill_rows, True)):
+            work = make()
+            if work:
+                for seq in self._run(work, prefill):
+                    touched[seq.request_id] = seq
+        return list(touched.values())
+
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            units = [u for u in range(len(self.free)) if self.free[u]]
+            if not units:
+                return
+            load = [0] * len(self.free)
+            for s in self.running:
+                load[s.unit] += 1
+            unit = min(units, key=lambda u: (load[u], u))
+            self.free[unit].sort()
+            seq.unit, seq.slot, seq.cached = unit, self.free[unit].pop(0), 0
+            self.running.append(self.waiting.pop(0))
+
+    def _decode_rows(self) -> dict[int, list[tuple[Sequence, list[int], int]]]:
+        work: dict[int, list] = {}
+        for seq in self.running:
+            if not seq.prefilling and not seq.finished:
+                pos = len(seq.prompt) + len(seq.output) - 1
+                work.setdefault(seq.unit, []).append((seq, [seq.output[-1]], pos))
+        return work
+
+    def _prefill_rows(self) -> dict[int, list[tuple[Sequence, list[int], int]]]:
+        """Chunks of the prompts still to prefill, oldest first, within the token budget."""
+        budget, work = self.config.max_num_batched_tokens, {}
+        for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.arrival_s):
+            if budget == 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.cached)
+            work.setdefault(seq.unit, []).append((seq, seq.prompt[seq.cached:seq.cached + n], seq.cached))
+            budget -= n
+        return work
+
+    def _run(self, work: dict[int, list[tuple[Sequence, list[int], int]]], prefill: bool) -> list[Sequence]:
+        rows = {}
+        for unit, items in work.items():
+            specs = [s.spec() if start + len(toks) >= len(s.prompt) else None for s, toks, start in items]
+            rows[unit] = StepRows([s.slot for s, _, _ in items], [t for _, t, _ in items],
+                                  [st for _, _, st in items], specs, prefill)
+        kind = "prefill" if prefill else "decode"
+        sampled = self.executor.step(self.step_id, rows)
+        now = self.clock()
+        self.history.append(StepRecord(self.step_id, kind, sum(len(r) for r in rows.values()),
+                                       sum(r.num_tokens for r in rows.values())))
+        self.step_id += 1
+        out = []
+        for unit, items in work.items():
+            for (seq, toks, _), token in zip(items, sampled[unit]):
+                seq.cached += len(toks)
+                if token is not None and not seq.finished:
+                    self._append(seq, token, now)
+                    out.append(seq)
+        return out
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        seq.output.append(token)
+        seq.token_times_s.append(now - seq.arrival_s)
+        p = seq.params
+        if (token in self.config.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._retire(seq, "stop")
+        elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.config.max_len:
+            self._retire(seq, "length")
+
+    def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.finish_reason, seq.error = reason, error
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free[seq.unit].append(seq.slot)
