@@ -4,9 +4,9 @@ Thin by design: parse, check every argument before any work starts (a bad one ex
 a message naming the value and the rule), build library objects, call library functions, print.
 
 Extending it:
-  - a strategy: write `run_<name>(args, cfg, source) -> dict` (at least `tokens`, `errors`
-    and the metrics of `GenerationResult.to_dict()`) and add it to STRATEGIES; its extra
-    flags go in `add_run_args`, their checks in `check_run_args`;
+  - a strategy: a plan in masep/plan.py and a runtime that keeps the runtime contract
+    (masep/runtime.py); add it to STRATEGIES, its flags to `add_distributed_args` and their
+    checks to `check_run_args`;
   - a subcommand: write `add_<name>_args(parser)` and `cmd_<name>(args, parser) -> int`
     and add a `Subcommand` to SUBCOMMANDS.
 """
@@ -23,10 +23,10 @@ import torch
 
 from . import __version__
 from .config import PRESETS, ModelConfig, from_hf_config, preset
-from .engine import Request, generate, random_prompts
+from .engine import Request, random_prompts
+from .engine.executor import LocalExecutor
 from .model import MoETransformer, build_model
 from .parallel.schedule import COMM_KINDS
-from .runtime import LocalRuntime
 
 RUN_DTYPES = ("float32", "bfloat16")
 DEFAULT_PRESET = "small"
@@ -65,16 +65,56 @@ def load_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tu
     return cfg.replace(dtype=args.dtype or cfg.dtype), source
 
 
-def draw_prompts(args: argparse.Namespace, cfg: ModelConfig) -> list[list[int]]:
+def draw_prompts(args: argparse.Namespace, cfg: ModelConfig, tokenizer=None) -> list[list[int]]:
+    """Token ids of the prompts: --prompt texts, --prompts-file lines, or random ids."""
+    if args.prompt:
+        return [tokenizer.encode(text) for text in args.prompt]
+    if args.prompts_file:
+        return [p for p, _ in read_prompt_file(args.prompts_file, tokenizer)]
     return random_prompts(args.batch, args.prompt_len, cfg.vocab_size, args.seed)
 
 
-def make_requests(args: argparse.Namespace, cfg: ModelConfig) -> list[Request]:
-    """Request i samples with seed `seed + i`: a rank that runs only some requests draws
-    the same tokens for them as a single process running all of them."""
-    return [Request(prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, seed=args.seed + i)
-            for i, prompt in enumerate(draw_prompts(args, cfg))]
+def read_prompt_file(path: str, tokenizer) -> list[tuple[list[int], int | None]]:
+    """JSONL: one {"prompt": text} or {"prompt_token_ids": [ids]} per line, optionally with
+    "max_tokens"; ValueError names the line and the rule."""
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as err:
+        raise ValueError(f"--prompts-file {path}: cannot read it ({err.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--prompts-file {path}, line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or ("prompt" in row) == ("prompt_token_ids" in row):
+            raise ValueError(f"--prompts-file {path}, line {n}: needs exactly one of 'prompt' (text) or "
+                             "'prompt_token_ids' (a list of ints)")
+        ids = row.get("prompt_token_ids")
+        if ids is None:
+            if not isinstance(row["prompt"], str):
+                raise ValueError(f"--prompts-file {path}, line {n}: 'prompt' must be a string")
+            ids = tokenizer.encode(row["prompt"])
+        elif not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"--prompts-file {path}, line {n}: 'prompt_token_ids' must be a list of ints")
+        max_tokens = row.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"--prompts-file {path}, line {n}: max_tokens={max_tokens!r} must be an integer >= 1")
+        out.append((ids, max_tokens))
+    if not out:
+        raise ValueError(f"--prompts-file {path}: no prompts in it")
+    return out
+
+
+def make_requests(args: argparse.Namespace, cfg: ModelConfig, tokenizer=None) -> list[Request]:
+    """Request i samples with seed `seed + i`: the same tokens on any strategy, unit or batch."""
+    per_line = [m for _, m in read_prompt_file(args.prompts_file, tokenizer)] if args.prompts_file else []
+    prompts = draw_prompts(args, cfg, tokenizer)
+    return [Request(prompt, (per_line[i] if i < len(per_line) and per_line[i] else args.max_new_tokens),
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed + i)
+            for i, prompt in enumerate(prompts)]
 
 
 def resolved_config(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict:
@@ -130,14 +170,12 @@ def print_report(report: dict, file=None) -> None:
                    if c["match"] else f"generated tokens DIFFER from the single-device model in requests "
                    f"{c['mismatched_requests']}")
         print(f"check: {verdict}", file=file)
-    if r["tokens"]:
-        print(f"request 0: prompt {r['prompts'][0][:8]}... -> tokens {r['tokens'][0][:16]}", file=file)
 
 
 def print_distributed(r: dict, file) -> None:
     """The plan, each rank's busy time by op kind, and the expert-load histogram."""
     print("plan: " + r["plan_text"], file=file)
-    print("wall time per rank in the timed round, by op kind (ms); communication ops include waiting "
+    print("wall time per rank over all rounds (warm-up included), by op kind (ms); communication ops include waiting "
           "for peers:", file=file)
     for row in r["busy"]:
         ms = row["busy_ms"]
@@ -154,21 +192,6 @@ def print_distributed(r: dict, file) -> None:
 
 
 # --- strategies ----------------------------------------------------------------------------
-def run_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict:
-    """The whole model on one device; on CUDA each decode step replays a CUDA graph and the
-    experts use the Triton grouped matmul (masep/fastpath.py) unless --eager."""
-    model = source.build(cfg, args.device)
-    if args.device == "cuda" and not args.eager:
-        from .fastpath import GraphedLocalRuntime
-        runtime = GraphedLocalRuntime(model, fused=args.fused)
-    else:
-        runtime = LocalRuntime(model)
-    requests = make_requests(args, cfg)
-    for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
-        generate(runtime, requests)
-    return generate(runtime, requests).to_dict()
-
-
 def build_plan(args: argparse.Namespace, cfg: ModelConfig):
     """The validated plan of a distributed strategy (ValueError names the field and the rule)."""
     from .plan import EpPlan, SeparatedPlan, TpPpPlan
@@ -194,33 +217,68 @@ def parse_placement(text: str | None):
                          "by ';' (e.g. '0,1,2,3;4,5,6,7')") from None
 
 
-def run_distributed(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource) -> dict | None:
-    """Start plan.world_size ranks (or join torchrun's), generate, and gather on rank 0.
-    Returns None on ranks other than 0 under torchrun."""
-    from .parallel.worker import RunSpec, launch
-    spec = RunSpec(plan=build_plan(args, cfg), requests=make_requests(args, cfg), preset=source.preset,
-                   model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device,
-                   backend=args.backend, timeout_s=args.timeout, trace_dir=args.trace, quiet=True, warmup=args.warmup,
-                   eager=args.eager)
-    result = launch(spec)
-    if result is None:
-        return None
-    outputs, metrics = result["outputs"], result["metrics"]
-    return dict(**metrics.to_dict(), tokens=[o.tokens for o in outputs], errors=[o.error for o in outputs],
-                per_request=[o.to_dict() for o in outputs], plan=dict(dataclasses.asdict(spec.plan),
-                                                                      strategy=spec.plan.strategy),
-                plan_text=spec.plan.describe(cfg),
-                busy=[dict(rank=r, role=role, busy_ms={k: v * 1e3 for k, v in b.items()})
-                      for r, role, b in result["busy"]],
-                expert_load=result["expert_load"])
+def run_spec(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource):
+    """What every rank needs (the plan; None for strategy single)."""
+    from .parallel.worker import RunSpec
+    plan = build_plan(args, cfg) if args.strategy != "single" else None
+    return RunSpec(plan=plan, requests=[], preset=source.preset, config=cfg if source.preset else None,
+                   model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device, backend=args.backend,
+                   timeout_s=args.timeout, trace_dir=args.trace, quiet=True, eager=args.eager)
 
 
-STRATEGIES: dict[str, Callable[[argparse.Namespace, ModelConfig, ModelSource], dict]] = {
-    "single": run_single,
-    "separated": run_distributed,
-    "tp_pp": run_distributed,
-    "ep": run_distributed,
-}
+def kv_settings(args: argparse.Namespace, cfg: ModelConfig, requests: list[Request] | None = None):
+    from .launcher import KvSettings
+    longest = max((len(r.prompt) + r.max_new_tokens for r in requests), default=1) if requests else None
+    return KvSettings(args.max_model_len or longest or cfg.max_seq_len, args.max_num_seqs,
+                      args.gpu_memory_utilization, args.max_num_batched_tokens).validate(cfg)
+
+
+def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, requests: list[Request]) -> dict | None:
+    """Warm-up rounds, then the timed round, of `requests` through the scheduler on the
+    strategy's executor (this process for single; rank processes otherwise). None on torchrun
+    ranks other than 0."""
+    from .engine.generate import run_requests
+    from .launcher import make_executor, scheduler_config
+    from .parallel.launch import launched_by_torchrun
+    kv = kv_settings(args, cfg, requests)
+    if args.max_num_seqs is None:
+        kv.max_num_seqs = max(1, len(requests))  # a static batch: one slot per request by default
+    sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer)
+    run = run_spec(args, cfg, source)
+
+    def rounds(executor) -> dict:
+        for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
+            run_requests(executor, requests, sched, cfg)
+        result = run_requests(executor, requests, sched, cfg).to_dict()
+        result["reports"] = executor.shutdown() if run.plan is not None else None
+        return result
+
+    if run.plan is None:
+        model = source.build(cfg, args.device)
+        return rounds(make_executor(run, kv, single_model=model, fused=args.fused))
+    if launched_by_torchrun():
+        from .parallel.cluster import run_under_torchrun
+        from .parallel.rank_loop import KvBudget
+        return run_under_torchrun(run, KvBudget(kv.max_model_len, kv.gpu_memory_utilization), kv.max_num_seqs,
+                                  rounds)
+    return rounds(make_executor(run, kv))
+
+
+def describe_ranks(report: dict, plan, cfg: ModelConfig) -> dict:
+    """Busy time per rank and the expert-load histogram from the ranks' reports."""
+    reports = report.pop("reports") or {}
+    load = None
+    for rep in reports.values():
+        if "load" in rep:
+            lay = torch.tensor(rep["load"])
+            load = lay if load is None else load + lay
+    return dict(plan=dict(dataclasses.asdict(plan), strategy=plan.strategy), plan_text=plan.describe(cfg),
+                busy=[dict(rank=r, role=rep["role"], busy_ms={k: v * 1e3 for k, v in rep["busy_s"].items()})
+                      for r, rep in sorted(reports.items())],
+                expert_load=load.tolist() if load is not None else None)
+
+
+STRATEGIES = ("single", "separated", "tp_pp", "ep")
 
 
 # --- subcommand: run -----------------------------------------------------------------------
@@ -240,9 +298,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
-    p.add_argument("--batch", type=int, default=8, help="number of requests, all prefilled together")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a text prompt (repeat for several); default: --batch random prompts")
+    p.add_argument("--prompts-file", metavar="JSONL", help='one {"prompt": text} or {"prompt_token_ids": [...]} '
+                   'per line (optionally with "max_tokens")')
+    p.add_argument("--batch", type=int, default=8, help="number of random prompts")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per random prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -253,6 +316,21 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="also run the single-device model on the same requests and compare the tokens")
     add_distributed_args(p)
+    add_kv_args(p, default_seqs="one per request")
+
+
+def add_kv_args(p: argparse.ArgumentParser, default_seqs: str) -> None:
+    k = p.add_argument_group("KV cache and scheduling (vLLM's flags)")
+    k.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per KV slot: prompt + output of one request (default: the model's max_seq_len; "
+                        "for run, the longest request)")
+    k.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"KV slots per attention unit (replica / EP rank); default: {default_seqs} on CPU, what "
+                        "--gpu-memory-utilization allows on CUDA")
+    k.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of each GPU's memory for weights + KV cache")
+    k.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="prompt tokens per prefill step (longer prompts are prefilled in chunks)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -281,13 +359,19 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
         if value < low:
             parser.error(f"{flag}={value}: must be >= {low}")
     total = args.prompt_len + args.max_new_tokens
-    if total > cfg.max_seq_len:
+    if total > cfg.max_seq_len and not (args.prompt or args.prompts_file):
         parser.error(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} = {total} "
                      f"exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if args.prompt and args.prompts_file:
+        parser.error("--prompt and --prompts-file: give one or the other")
     if not args.temperature >= 0:
         parser.error(f"--temperature={args.temperature}: must be >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    try:
+        kv_settings(args, cfg)
+    except ValueError as err:
+        parser.error(str(err))
     if args.strategy != "single":
         from .parallel.launch import launched_by_torchrun
         import os
@@ -315,25 +399,60 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg, source = load_config(args, parser)
     check_run_args(args, cfg, parser)
-    report = STRATEGIES[args.strategy](args, cfg, source)
+    tokenizer = _tokenizer_or_exit(source, cfg, parser)
+    try:
+        requests = make_requests(args, cfg, tokenizer)
+    except ValueError as err:
+        parser.error(str(err))
+    report = run_strategy(args, cfg, source, tokenizer, requests)
     if report is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
+    if args.strategy != "single":
+        report.update(describe_ranks(report, build_plan(args, cfg), cfg))
+    else:
+        report.pop("reports")
     if args.check:
-        report["check"] = check_against_single(args, cfg, source, report["tokens"])
-    report.update(prompts=draw_prompts(args, cfg), config=resolved_config(args, cfg, source))
+        report["check"] = check_against_single(args, cfg, source, tokenizer, requests, report["tokens"])
+    report.update(prompts=[r.prompt for r in requests], config=resolved_config(args, cfg, source),
+                  texts=[tokenizer.decode(t) for t in report["tokens"]])
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report)
+        print_texts(report, tokenizer)
     ok = report["failed"] == 0 and report.get("check", {}).get("match", True)
     return 0 if ok else 1
 
 
-def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource,
-                         tokens: list[list[int]]) -> dict:
-    """Generate the same requests with the single-device model (the oracle) and compare tokens.
-    Greedy tokens must be identical; a mismatch makes `masep run` exit 1."""
-    reference = generate(LocalRuntime(source.build(cfg, args.device)), make_requests(args, cfg)).tokens
+def _tokenizer_or_exit(source: ModelSource, cfg: ModelConfig, parser):
+    from .tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(source.path, cfg)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def print_texts(report: dict, tokenizer, limit: int = 4, width: int = 120) -> None:
+    """Prompt and output text of the first requests, one line each (control characters escaped)."""
+    def show(text: str) -> str:
+        text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+        return text if len(text) <= width else text[:width] + "..."
+
+    for i, (prompt, text) in enumerate(zip(report["prompts"][:limit], report["texts"])):
+        print(f"request {i}: {show(tokenizer.decode(prompt))!r} -> {show(text)!r}")
+
+
+def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource, tokenizer,
+                         requests: list[Request], tokens: list[list[int]]) -> dict:
+    """The same requests through the single-device model (the oracle), with the same scheduler
+    settings; greedy and seeded tokens must be identical (a mismatch makes `masep run` exit 1)."""
+    from .engine.generate import run_requests
+    from .launcher import scheduler_config
+    from .runtime import LocalRuntime
+    kv = kv_settings(args, cfg, requests)
+    executor = LocalExecutor(LocalRuntime(source.build(cfg, args.device)), max(1, len(requests)), kv.max_model_len)
+    sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer)
+    reference = run_requests(executor, requests, sched, cfg).tokens
     mismatched = [i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b]
     return dict(match=not mismatched, mismatched_requests=mismatched, reference_tokens=reference)
 

@@ -29,7 +29,7 @@ import functools
 import torch
 
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router
-from .runtime import LocalRuntime
+from .runtime import LocalRuntime, lay_out
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none.
     import triton
@@ -463,35 +463,58 @@ class GraphedLocalRuntime(LocalRuntime):
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
-    def start(self, batch: int, max_len: int) -> None:
-        super().start(batch, max_len)
+    def start(self, num_slots: int, max_len: int) -> None:
+        super().start(num_slots, max_len)
         self._graphs.clear()
-        self._tokens_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self._positions_B1 = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def forward(self, rows, step_id: int | None = None) -> torch.Tensor:
+        """Decode steps replay the graph of their batch-size bucket (the slots up to the highest
+        one, rounded up; padding rows write the cache's scratch position); prefill runs eagerly."""
+        if self.cache is None or not rows.is_decode or not len(rows):
+            return super().forward(rows, step_id)
+        rows.check(self.cache.num_slots, self.cache.max_len)
+        n = min(bucket_rows(max(rows.slots) + 1), self.cache.num_slots)
+        st = lay_out(rows, self.cache.scratch_position, self.device, dense_rows=n)
+        return self._replay(n, st.ids_BT, st.positions_BT, st.attend_len)[st.logit_rows_B]
 
     @torch.inference_mode()
     def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int) -> torch.Tensor:
+        """A static batch (slot b = row b) from device tensors, with no host read (benchmarks)."""
         if self.cache is None:
-            raise ValueError("decode before start(): call start(batch, max_len) first")
-        if tokens_B.shape != (self._tokens_B1.shape[0],):
+            raise ValueError("decode before start(): call start(num_slots, max_len) first")
+        if tokens_B.shape[0] > self.cache.num_slots:
             raise ValueError(f"tokens_B shape {tuple(tokens_B.shape)}: this runtime was started for "
-                             f"batch {self._tokens_B1.shape[0]}")
-        self._tokens_B1.copy_(tokens_B[:, None], non_blocking=True)
-        self._positions_B1.copy_(positions_B[:, None], non_blocking=True)
+                             f"batch {self.cache.num_slots}")
+        return self._replay(tokens_B.shape[0], tokens_B[:, None], positions_B[:, None], attend_len)
+
+    def _replay(self, n: int, ids_n1: torch.Tensor, positions_n1: torch.Tensor, attend_len: int) -> torch.Tensor:
+        tokens, positions = self._buffers_for(n)
+        tokens.copy_(ids_n1, non_blocking=True)
+        positions.copy_(positions_n1, non_blocking=True)
         if not self.graphs:
-            return self._step(attend_len)
+            return self._step(n, attend_len)
         s = bucket_len(attend_len, self.cache.max_len, self.bucket)
-        if s not in self._graphs:
-            self._graphs[s] = self._capture(s)
-        graph, out = self._graphs[s]
+        if (n, s) not in self._graphs:
+            self._graphs[n, s] = self._capture(n, s)
+        graph, out = self._graphs[n, s]
         graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
-    def _step(self, attend_len: int) -> torch.Tensor:
-        logits = self.model(self._tokens_B1, self._positions_B1, self.cache, attend_len=attend_len)
+    def _buffers_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static token and position buffers [n, 1] of batch bucket n (graphs read them in place)."""
+        if n not in self._buffers:
+            self._buffers[n] = (torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                                torch.zeros(n, 1, dtype=torch.long, device=self.device))
+        return self._buffers[n]
+
+    def _step(self, n: int, attend_len: int) -> torch.Tensor:
+        tokens, positions = self._buffers[n]
+        logits = self.model(tokens, positions, self.cache.view(slice(0, n)), attend_len=attend_len)
         return logits[:, 0].float()
 
-    def _capture(self, attend_len: int):
+    def _capture(self, n: int, attend_len: int):
         # Warm up on a side stream (autotuning, cuBLAS handles, lazy inits happen outside the
         # capture). The warm-up steps write this step's K/V into the cache; so does the replay,
         # with the same values.
@@ -499,11 +522,11 @@ class GraphedLocalRuntime(LocalRuntime):
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(attend_len)
+                self._step(n, attend_len)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._step(attend_len)
+            out = self._step(n, attend_len)
         self._pool = graph.pool()
         return graph, out
 

@@ -55,6 +55,7 @@ class StepRows:
     starts: list[int]  # [B] absolute position of each row's first token
     sample: list = field(default_factory=list)  # [B] engine.sampling.SampleSpec, or None: no token wanted
     prefill: bool = False  # a prefill step even if every chunk is one token (EP ranks must agree on the kind)
+    attend_at_least: int = 0  # attend over at least this many keys (benchmarks pin the KV length)
 
     def __post_init__(self):
         assert len(self.slots) == len(self.tokens) == len(self.starts), "rows of unequal length"
@@ -78,7 +79,7 @@ class StepRows:
     @property
     def attend_len(self) -> int:
         """Keys the step needs: one past the furthest position written (0 for no rows)."""
-        return max((s + len(t) for s, t in zip(self.starts, self.tokens)), default=0)
+        return max([self.attend_at_least] + [s + len(t) for s, t in zip(self.starts, self.tokens)])
 
     def check(self, num_slots: int, max_len: int) -> None:
         """Internal invariant (the scheduler guarantees it); cheap enough to keep on."""
@@ -165,9 +166,11 @@ class StaticBatchMixin:
         return self.forward(static_rows(input_ids_BT.cpu(), lengths_B.cpu()))
 
     def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int | None = None):
-        """One token per row (slot b = row b) at positions_B -> logits [B, V]. `attend_len`
-        is implied by the positions and kept for callers that pass it."""
-        return self.forward(static_rows(tokens_B.cpu(), positions_B=positions_B.cpu()))
+        """One token per row (slot b = row b) at positions_B -> logits [B, V], attending over
+        at least `attend_len` keys (default: the positions imply it)."""
+        rows = static_rows(tokens_B.cpu(), positions_B=positions_B.cpu())
+        rows.attend_at_least = attend_len or 0
+        return self.forward(rows)
 
 
 class LocalRuntime(StaticBatchMixin):

@@ -69,39 +69,51 @@ def validate_request(req: Request, cfg: ModelConfig, max_len: int | None = None)
 def generate(runtime: Runtime, requests: Sequence[Request], *, stop_on_eos: bool = False,
              clock: Callable[[], float] | None = None, max_num_batched_tokens: int | None = None,
              num_slots: int | None = None) -> GenerationResult:
-    """Run every valid request to completion; a rejected request gets its error in its output
-    and the others still run. Default: one slot per request and one prefill step for all
-    prompts (so ranks that each drive their own runtime stay in lockstep)."""
+    """Run every valid request to completion on one runtime driven in this process. Default:
+    one slot per request and one prefill step for all prompts (so ranks that each drive their
+    own runtime, as the strategy tests do, stay in lockstep)."""
     cfg = runtime.cfg
     if stop_on_eos and cfg.eos_token_id is None:
         raise ValueError("stop_on_eos=True but the model config has eos_token_id=None")
-    outputs = [RequestOutput(prompt_len=len(r.prompt)) for r in requests]
-    valid = []
-    for i, req in enumerate(requests):
-        try:
-            validate_request(req, cfg)
-            valid.append(i)
-        except ValueError as err:
-            outputs[i].error = str(err)
-    if not valid:
-        return GenerationResult(outputs, compute_metrics(outputs, 0.0))
-    batch = [requests[i] for i in valid]
-    max_len = max(len(r.prompt) + r.max_new_tokens for r in batch)
-    budget = max_num_batched_tokens or sum(len(r.prompt) for r in batch)
-    eos = frozenset([cfg.eos_token_id]) if cfg.eos_token_id is not None else frozenset()
-    executor = LocalExecutor(runtime, num_slots or len(batch), max_len, own_step_ids=True)
-    sched = Scheduler(executor, SchedulerConfig(max_len, cfg.vocab_size, budget, len(batch) + 1, eos),
-                      clock=clock or time.perf_counter)
-    t0 = sched.clock()
-    seqs = [sched.add(str(i), [int(t) for t in r.prompt], r.params(stop_on_eos), arrival_s=t0)
-            for i, r in zip(valid, batch)]
+    good = [r for r in requests if _error_of(r, cfg) is None]
+    max_len = max((len(r.prompt) + r.max_new_tokens for r in good), default=1)
+    budget = max_num_batched_tokens or max(1, sum(len(r.prompt) for r in good))
+    eos = frozenset([cfg.eos_token_id]) if stop_on_eos else frozenset()
+    config = SchedulerConfig(max_len, cfg.vocab_size, budget, len(requests) + 1, eos)
+    if not good:
+        return run_requests(None, requests, config, cfg, clock, cfg.max_seq_len)
+    executor = LocalExecutor(runtime, num_slots or len(good), max_len, own_step_ids=True)
     try:
-        while sched.has_work:
-            sched.iterate()
-        duration = sched.clock() - t0
+        return run_requests(executor, requests, config, cfg, clock, cfg.max_seq_len)
     finally:
         executor.shutdown()
+
+
+def run_requests(executor, requests: Sequence[Request], config: SchedulerConfig, cfg: ModelConfig,
+                 clock: Callable[[], float] | None = None, length_limit: int | None = None) -> GenerationResult:
+    """All `requests` arrive at once on any executor (in-process or ranks); a rejected request
+    gets its error in its output and the others still run. Times are from the submission."""
+    outputs = [RequestOutput(prompt_len=len(r.prompt), error=_error_of(r, cfg, length_limit or config.max_len))
+               for r in requests]
+    valid = [i for i, o in enumerate(outputs) if o.error is None]
+    if not valid:
+        return GenerationResult(outputs, compute_metrics(outputs, 0.0))
+    sched = Scheduler(executor, config, clock=clock or time.perf_counter)
+    t0 = sched.clock()
+    seqs = [sched.add(str(i), [int(t) for t in requests[i].prompt], requests[i].params(bool(config.eos_token_ids)),
+                      arrival_s=t0) for i in valid]
+    while sched.has_work:
+        sched.iterate()
+    duration = sched.clock() - t0
     for i, seq in zip(valid, seqs):
         o = outputs[i]
         o.tokens, o.token_times_s, o.finish_reason = seq.output, seq.token_times_s, seq.finish_reason
     return GenerationResult(outputs, compute_metrics(outputs, duration))
+
+
+def _error_of(req: Request, cfg: ModelConfig, max_len: int | None = None) -> str | None:
+    try:
+        validate_request(req, cfg, max_len)
+        return None
+    except ValueError as err:
+        return str(err)

@@ -13,6 +13,7 @@ scheduler in this process still holds every request (fault tolerance builds on t
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -21,19 +22,24 @@ from multiprocessing.connection import wait
 from ..runtime import StepRows
 from ..serve.engine_client import EngineDead
 from . import control
-from .launch import RankProcesses, launched_by_torchrun
+from .launch import RankProcesses
 from .rank_loop import KvBudget, RankSpec, rank_main
 
 
 class ClusterExecutor:
     def __init__(self, run, max_len: int, max_num_seqs: int | None, gpu_memory_utilization: float = 0.9,
-                 start_timeout_s: float | None = None):
+                 start_timeout_s: float | None = None, attach=None):
+        """attach: (listener, processes) when the ranks were started elsewhere (torchrun): the
+        executor then only waits for their connections."""
         self.plan, self.timeout_s, self.max_len = run.plan, run.timeout_s, max_len
         self.lockstep = run.plan.strategy == "ep"
         self.reports: dict[int, dict] = {}
-        listener, addr = control.listen()
-        self.procs = RankProcesses(run.plan.world_size, rank_main,
-                                   RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization)))
+        if attach is not None:
+            listener, self.procs = attach
+        else:
+            listener, addr = control.listen()
+            self.procs = RankProcesses(run.plan.world_size, rank_main,
+                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization)))
         try:
             self._accept_all(listener, start_timeout_s or max(self.timeout_s, 600.0))
             self.slots_per_unit = self._size_slots(max_num_seqs)
@@ -162,4 +168,57 @@ class ClusterExecutor:
         return msg
 
 
-__all__ = ["ClusterExecutor", "launched_by_torchrun"]
+class ForeignRanks:
+    """Ranks this process did not start (torchrun's): their liveness shows only through the
+    control channel and its timeouts."""
+
+    def check_alive(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+    def join_or_terminate(self, timeout_s: float) -> None:
+        pass
+
+
+def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body):
+    """Every torchrun process calls this. Rank 0 hosts the front end: `body(executor)` runs on
+    its main thread while its own rank loop runs on a second one; the others run their rank
+    loop. Returns body's result on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    from .groups import init_distributed
+    from .rank_loop import serve_front_end
+    env = init_distributed(run.device, run.timeout_s, run.backend)
+    try:
+        listener, addr = control.listen("0.0.0.0") if env.rank == 0 else (None, None)
+        box = [control.Address(os.environ["MASTER_ADDR"], addr.port, addr.authkey) if addr else None]
+        dist.broadcast_object_list(box, src=0)
+        spec = RankSpec(run, box[0], kv)
+        if env.rank != 0:
+            serve_front_end(spec, env, box[0])
+            return None
+        errors: list = []
+        loop = threading.Thread(target=_catching(errors, serve_front_end), args=(spec, env, box[0]), daemon=True)
+        loop.start()
+        executor = ClusterExecutor(run, kv.max_len, max_num_seqs, kv.gpu_memory_utilization,
+                                   attach=(listener, ForeignRanks()))
+        try:
+            return body(executor)
+        finally:
+            executor.shutdown()
+            loop.join(timeout=run.timeout_s)
+            if errors:
+                raise errors[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def _catching(errors: list, fn):
+    def run(*args):
+        try:
+            fn(*args)
+        except BaseException as err:  # re-raised on the main thread
+            errors.append(err)
+    return run

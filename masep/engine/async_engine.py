@@ -1,0 +1,171 @@
+"""The front end's engine: the scheduler on its own thread, requests in and deltas out for asyncio.
+
+The HTTP server (masep/serve/api.py) calls `generate` from its event loop; the engine thread
+owns the scheduler and the executor and runs steps back to back while there is work. They
+meet in two places only: an inbox (new requests, aborts) the thread drains between steps, and
+one asyncio queue per request the thread posts deltas to. So a long step never blocks the
+event loop, and the scheduler is never touched by two threads.
+
+Text: each request has a Detokenizer; a stop string ends the request (its slot is freed at
+once) and is never sent to the client.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from ..serve.engine_client import (EngineDead, EngineOverloaded, EngineStats, GenerateRequest, SamplingParams,
+                                   TokenDelta)
+from ..tokenizer import Detokenizer, Tokenizer
+from .scheduler import Scheduler, SchedulerConfig, Sequence, check_request
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    deltas: asyncio.Queue
+    detok: Detokenizer
+    num_prompt: int
+    sent: int = 0  # output tokens already posted
+    done: bool = False
+
+
+class AsyncEngine:
+    """Implements serve.engine_client.EngineClient over any executor."""
+
+    def __init__(self, executor, config: SchedulerConfig, tokenizer: Tokenizer, model_name: str):
+        self.executor, self.tokenizer, self.model_name = executor, tokenizer, model_name
+        self.config = config
+        self.max_model_len = config.max_len
+        self.scheduler = Scheduler(executor, config)
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dead: str | None = None
+        self._thread = threading.Thread(target=self._run, name="masep-engine", daemon=True)
+        self._thread.start()
+
+    # --- EngineClient ----------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        self._admit_check(request.prompt_token_ids, request.params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+                         Detokenizer(self.tokenizer, request.params.stop, prompt_ids=request.prompt_token_ids),
+                         len(request.prompt_token_ids))
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        self._wake.set()
+        try:
+            while True:
+                delta = await stream.deltas.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not stream.done:  # the consumer went away (client disconnect): free the slot
+                self._inbox.put(("abort", request.request_id))
+                self._wake.set()
+
+    def _admit_check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Everything that can be refused is refused here, before the request is queued."""
+        if self.dead:
+            raise EngineDead(f"the engine has stopped: {self.dead}")
+        check_request(prompt, params, self.config)
+        if self.scheduler_waiting() + self._inbox.qsize() >= self.config.max_waiting:
+            raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting for a KV slot; "
+                                   "try again later")
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    def scheduler_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), s.slots_total, len(s.running))
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop after the current step; every unfinished request ends with "abort"; ranks stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=timeout_s)
+        self._drain_inbox()
+        self._post_failed(self.scheduler.fail_all("server shutting down"))
+        self.dead = self.dead or "server shutting down"
+        self.executor.shutdown()
+
+    # --- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                touched = self.scheduler.iterate()
+            except Exception as err:  # a dead rank, a timeout: fail what is in flight, refuse new work
+                self.dead = f"{type(err).__name__}: {err}"
+                self._post_failed(self.scheduler.fail_all(f"the engine failed: {self.dead}"), "error")
+                return
+            for seq in touched:
+                self._post(seq)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.scheduler.add(item.request_id, item.prompt_token_ids, item.params)
+            else:
+                seq = self.scheduler.finish(item, "abort", "aborted by the client")
+                if seq is not None:
+                    self._post(seq)
+
+    def _post(self, seq: Sequence) -> None:
+        """The tokens `seq` got since the last post, with their text; ends the request on a stop string."""
+        stream = self._streams.get(seq.request_id)
+        if stream is None or stream.done:
+            return
+        new = seq.output[stream.sent:]
+        text, stopped = "", False
+        for token in new:
+            piece, stopped = stream.detok.push(token)
+            text += piece
+            if stopped:
+                break
+        if stopped and not seq.finished:
+            self.scheduler.finish(seq.request_id, "stop")
+        reason = "stop" if stopped else seq.finish_reason
+        if reason is not None and not stopped and reason in ("stop", "length"):
+            text += stream.detok.flush()
+        stream.sent = len(seq.output)
+        self._send(seq.request_id, TokenDelta(new, text, stream.num_prompt, len(seq.output), reason, seq.error))
+
+    def _post_failed(self, seqs: list[Sequence], reason: str = "abort") -> None:
+        for seq in seqs:
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and not stream.done:
+                self._send(seq.request_id, TokenDelta([], "", stream.num_prompt, len(seq.output), reason, seq.error))
+
+    def _send(self, request_id: str, delta: TokenDelta) -> None:
+        stream = self._streams[request_id]
+        if delta.finish_reason is not None:
+            stream.done = True
+            del self._streams[request_id]
+        stream.loop.call_soon_threadsafe(stream.deltas.put_nowait, delta)
