@@ -467,13 +467,17 @@ class Subcommand:
 
 # --- subcommand: bench ---------------------------------------------------------------------
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=("decode", "calibrate", "dist"),
+    p.add_argument("what", choices=("decode", "calibrate", "dist", "serve"),
                    help="decode: one-GPU decode sweep (+ transformers peer); calibrate: per-rank calibration "
-                        "file for the cost model; dist: decode steps of a distributed plan at a context")
+                        "file for the cost model; dist: decode steps of a distributed plan at a context; serve: "
+                        "load generator against an OpenAI-compatible server (vLLM bench serve's metrics)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the options of that benchmark (see `masep bench X -h`)")
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.what == "serve":
+        from .serve.loadgen import bench_serve_main
+        return bench_serve_main(args.rest)
     if args.what in ("decode", "calibrate"):
         from .perf.bench import main as bench_main
         return bench_main([args.what, *args.rest])
@@ -515,11 +519,25 @@ def bench_dist(argv: list[str]) -> int:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "run": Subcommand("generate for a batch of random prompts and print TTFT / TPOT / throughput",
+    "run": Subcommand("generate for text or random prompts and print the text, TTFT / TPOT / throughput",
                       add_run_args, cmd_run),
     "bench": Subcommand("benchmarks: one-GPU decode sweep, per-rank calibration, distributed decode steps",
                         add_bench_args, cmd_bench),
 }
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve.server import add_serve_args
+    add_serve_args(p)
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .serve.server import cmd_serve
+    return cmd_serve(args, parser)
+
+
+SUBCOMMANDS["serve"] = Subcommand("an OpenAI-compatible HTTP server (continuous batching) over any strategy",
+                                  _add_serve_args, _cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -150,8 +150,9 @@ def usage(num_prompt: int, num_output: int) -> dict:
 class Run:
     """One engine request as the API follows it: its stream and its metrics."""
 
-    def __init__(self, api: Api, request_id: str, ids: list[int], params: SamplingParams, arrival: float):
-        self.engine, self.request_id = api.engine, request_id
+    def __init__(self, api: Api, request_id: str, ids: list[int], params: SamplingParams, arrival: float,
+                 want_ids: bool = False):
+        self.engine, self.request_id, self.want_ids = api.engine, request_id, want_ids
         self.tracker = api.metrics.track(arrival)
         self.stream = api.engine.generate(GenerateRequest(request_id, ids, params))
 
@@ -216,17 +217,19 @@ class Api:
             raise RequestRejected(f"messages: the chat template refused them: {e}", "messages") from e
         return tok.encode(text, add_special_tokens=False)  # the template already carries BOS
 
-    async def collect(self, *run_args) -> tuple[str, TokenDelta]:
-        """Run a request to its end: all its text and its last delta; ApiError if it failed."""
-        run, parts = Run(self, *run_args), []  # Run() in here: a refusal at generate() fails only this task
+    async def collect(self, *run_args) -> tuple[str, TokenDelta, list[int]]:
+        """Run a request to its end: all its text, its last delta and its token ids; ApiError if it failed."""
+        run, parts, ids = Run(self, *run_args), [], []  # Run() in here: a refusal at generate() fails only this task
         try:
             while (delta := await run.next()).finish_reason is None:
                 parts.append(delta.text)
+                ids += delta.token_ids
             parts.append(delta.text)
+            ids += delta.token_ids
         finally:
             await run.release()
         check_failed(delta)
-        return "".join(parts), delta
+        return "".join(parts), delta, ids
 
     async def events(self, run: Run, first: TokenDelta, chunk: Callable[[dict, str | None], dict],
                      text_field: str, include_usage: bool, prologue: Sequence[dict] = ()) -> AsyncIterator[bytes]:
@@ -238,8 +241,10 @@ class Api:
                 yield sse(event)
             while True:
                 failed = delta.finish_reason in FAILED_STATUS
-                if delta.text or (delta.finish_reason and not failed):
+                if delta.text or (delta.finish_reason and not failed) or (run.want_ids and delta.token_ids):
                     fields = {text_field: delta.text} if delta.text else {}
+                    if run.want_ids:
+                        fields["token_ids"] = delta.token_ids
                     yield sse(chunk(fields, None if failed else delta.finish_reason))
                 if delta.finish_reason is not None:
                     break
@@ -282,7 +287,7 @@ class Api:
             if len(prompts) > 1:
                 raise RequestRejected("prompt: streaming a batch of prompts is not supported; send one "
                                       "request per prompt", "prompt")
-            run = Run(self, request_id, prompts[0], params, arrival)
+            run = Run(self, request_id, prompts[0], params, arrival, body.return_token_ids)
             return await self.stream_response(
                 request, run, lambda run, first: self.events(run, first, chunk, "text", body.include_usage))
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -290,7 +295,8 @@ class Api:
         connected, results = await unless_disconnected(request, gather_or_cancel(works))
         if not connected:
             return Response(status_code=499)
-        choices = [chunk({"text": text}, last.finish_reason, i)["choices"][0] for i, (text, last) in enumerate(results)]
+        choices = [chunk({"text": text, **_token_ids(body, ids)}, last.finish_reason, i)["choices"][0]
+                   for i, (text, last, ids) in enumerate(results)]
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": choices, "usage": usage(sum(r[1].num_prompt_tokens for r in results),
@@ -311,17 +317,24 @@ class Api:
 
         if body.stream:
             role = chunk({"role": "assistant", "content": ""}, None)
-            return await self.stream_response(request, Run(self, request_id, ids, params, arrival), lambda run, first:
+            return await self.stream_response(request, Run(self, request_id, ids, params, arrival, body.return_token_ids),
+                                              lambda run, first:
                                               self.events(run, first, chunk, "content", body.include_usage, [role]))
         connected, result = await unless_disconnected(request, self.collect(request_id, ids, params, arrival))
         if not connected:
             return Response(status_code=499)
-        text, last = result
+        text, last, out_ids = result
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": last.finish_reason}],
+                         "finish_reason": last.finish_reason, **_token_ids(body, out_ids)}],
             "usage": usage(last.num_prompt_tokens, last.num_output_tokens)})
+
+
+def _token_ids(body, ids: list[int]) -> dict:
+    """vLLM's `return_token_ids` extension: the output token ids beside the text (clients and
+    tests can compare tokens exactly, which text cannot show for invalid UTF-8 pieces)."""
+    return {"token_ids": ids} if body.return_token_ids else {}
 
 
 def error_of(exc: Exception) -> tuple[int, str, str | None, str | None]:

@@ -101,6 +101,7 @@ class _Common(_Strict):
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM extension: output token ids beside the text
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as it only tags requests for OpenAI's abuse checks

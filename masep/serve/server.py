@@ -1,0 +1,78 @@
+"""`masep serve`: the OpenAI-compatible server over any strategy and plan that `masep run` accepts.
+
+This process is the front end (scheduler, HTTP, tokenizer); with a distributed plan the model
+ranks are separate processes it starts and drives over the control channel. SIGINT/SIGTERM:
+uvicorn stops accepting, in-flight requests get `--shutdown-timeout` seconds to finish, then
+every unfinished request ends with an explicit "server shutting down" error, the ranks are
+stopped and joined (terminated if they do not leave), and the process exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+log = logging.getLogger("masep.serve")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from ..cli import STRATEGIES, add_distributed_args, add_kv_args, add_model_args
+    add_model_args(p)
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: preset or dir)")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the KV slots; more get 429")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests may take to finish after SIGINT/SIGTERM")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
+    add_distributed_args(p)
+    add_kv_args(p, default_seqs="16")
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..cli import _tokenizer_or_exit, build_plan, load_config, run_spec
+    from ..launcher import KvSettings, make_executor, scheduler_config
+    cfg, source = load_config(args, parser)
+    try:
+        kv = KvSettings(args.max_model_len or cfg.max_seq_len, args.max_num_seqs, args.gpu_memory_utilization,
+                        args.max_num_batched_tokens, args.max_waiting).validate(cfg)
+        if args.strategy != "single":
+            build_plan(args, cfg)
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port={args.port}: must be in [1, 65535]")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout={args.timeout}: must be > 0 seconds")
+    except ValueError as err:
+        parser.error(str(err))
+    tokenizer = _tokenizer_or_exit(source, cfg, parser)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or source.preset or source.path
+    run = run_spec(args, cfg, source)
+    log.info("starting %s (%s) on %s", name, args.strategy, args.device)
+    executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None)
+    from ..engine.async_engine import AsyncEngine
+    engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer), tokenizer, name)
+    try:
+        log.info("%d attention unit(s) x %d KV slot(s) of %d positions", executor.num_units,
+                 executor.slots_per_unit, kv.max_model_len)
+        _serve_http(engine, name, args)
+    finally:
+        engine.close()
+        log.info("stopped")
+    return 0
+
+
+def _serve_http(engine, name: str, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api import build_app
+    config = uvicorn.Config(build_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn re-raises the signal that stopped it once it has drained, which would kill this
+    # process before the engine fails what is left and stops the ranks; a no-op handler in its
+    # place lets cmd_serve finish the shutdown and exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
