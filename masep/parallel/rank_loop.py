@@ -25,7 +25,7 @@ from .schedule import separated_schedule
 from .separated import SeparatedAttentionRuntime, _ExpertServer
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
-from .worker import RunSpec, apply_plan, load_model, use_fast_path
+from .worker import RunSpec, _maybe_profile, apply_plan, load_model, use_fast_path
 
 
 @dataclass
@@ -144,7 +144,8 @@ def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
     who = f"rank {env.rank}"
     control.send(conn, ("hello", member.info), who)
     try:
-        _loop(conn, member, who)
+        with _maybe_profile(spec.run.trace_dir, env.rank):  # --trace: a Chrome trace per rank
+            _loop(conn, member, who)
     except control.ChannelClosed:
         return  # the front end is gone: nothing left to serve
     except BaseException:
