@@ -124,3 +124,13 @@ def test_a_rank_that_dies_fails_the_step_naming_it():
     assert time.monotonic() - start < 30
     executor.shutdown()
     assert not any(p.is_alive() for p in executor.procs.procs)
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_graph_runtime_logic_matches_alone(reference):
+    """GraphedLocalRuntime's serving path (decode over the dense slot range padded to a batch
+    bucket, static buffers per bucket) on CPU, where it runs the same code without capturing."""
+    from masep.fastpath import GraphedLocalRuntime
+    runtime = GraphedLocalRuntime(build_model(CFG, seed=0), expert_impl=None)
+    executor = LocalExecutor(runtime, num_slots=5, max_len=64)  # 3 busy slots run as a bucket of 4
+    assert _serve(executor, _workload()) == reference
