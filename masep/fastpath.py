@@ -502,6 +502,29 @@ class GraphedLocalRuntime(LocalRuntime):
         graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
+    def capture_all(self) -> int:
+        """Capture now every graph a serving decode step can replay (each batch bucket up to
+        num_slots x each attend bucket), as vLLM does at start-up, so no request waits for a
+        capture mid-run. Largest first: later graphs reuse the memory pool the largest sized.
+        The capture steps feed every row at the cache's scratch position, so no slot's KV
+        changes. Returns the number of graphs (0 without CUDA graphs)."""
+        if self.cache is None:
+            raise ValueError("capture_all before start(): call start(num_slots, max_len) first")
+        if not self.graphs:
+            return 0
+        slots, max_len = self.cache.num_slots, self.cache.max_len
+        sizes = sorted({min(bucket_rows(r), slots) for r in range(1, slots + 1)}, reverse=True)
+        lengths = sorted({bucket_len(a, max_len, self.bucket) for a in range(1, max_len + 1, self.bucket)}
+                         | {max_len}, reverse=True)
+        for n in sizes:
+            tokens, positions = self._buffers_for(n)
+            for s in lengths:
+                if (n, s) not in self._graphs:
+                    tokens.zero_()
+                    positions.fill_(self.cache.scratch_position)
+                    self._graphs[n, s] = self._capture(n, s)
+        return len(self._graphs)
+
     def _buffers_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Static token and position buffers [n, 1] of batch bucket n (graphs read them in place)."""
         if n not in self._buffers:

@@ -3,12 +3,16 @@ settings and the tokenizer. `masep run` and `masep serve` share it, so both run 
 through the same front end."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from .config import ModelConfig
 from .engine.executor import LocalExecutor
 from .engine.scheduler import SchedulerConfig
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +74,13 @@ def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False):
     starts the plan's ranks. `run` is a parallel.worker.RunSpec."""
     if single_model is not None:
         runtime = local_runtime(single_model, run.device, run.eager, fused)
-        return LocalExecutor(runtime, single_slots(kv, single_model), kv.max_model_len)
+        executor = LocalExecutor(runtime, single_slots(kv, single_model), kv.max_model_len)
+        if hasattr(runtime, "capture_all"):
+            started = time.perf_counter()
+            count = runtime.capture_all()
+            if count:
+                log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
+        return executor
     from .parallel.cluster import ClusterExecutor
     return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization)
 

@@ -138,6 +138,12 @@ def test_bench_serve_against_it(server):
     row = json.loads(out.stdout)
     assert row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 40
     assert row["mean_ttft_ms"] > 0 and row["mean_tpot_ms"] > 0
+    # the server's step counters, read from /metrics before and after: every prompt token was
+    # prefilled and each request's 4 tokens after the first came from decode steps (>= as a
+    # request of an earlier test may still be finishing on the module's server)
+    srv = row["server"]
+    assert srv["prefill_tokens"] >= 8 * 12 and srv["decode_steps"] >= 4
+    assert srv["decode_steps"] * srv["mean_decode_rows"] >= 8 * 4 - 1e-9
 
 
 @pytest.mark.timeout(120)

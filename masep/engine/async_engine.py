@@ -90,7 +90,9 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), s.slots_total, len(s.running))
+        steps = {kind: dict(vars(t)) for kind, t in s.totals.items()}
+        return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), s.slots_total, len(s.running),
+                           steps)
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,6 +106,20 @@ class StepRecord:
     tokens: int
 
 
+@dataclass
+class StepTotals:
+    """Cumulative work of one step kind since start (a long-running server keeps only these and
+    the last `HISTORY` step records). `seconds` is host time around the executor's step."""
+
+    steps: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+HISTORY = 4096
+
+
 class Scheduler:
     def __init__(self, executor, config: SchedulerConfig, clock: Callable[[], float] = time.perf_counter):
         self.executor, self.config, self.clock = executor, config, clock
@@ -112,7 +127,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
         self.step_id = 0
-        self.history: list[StepRecord] = []
+        self.history: deque[StepRecord] = deque(maxlen=HISTORY)
+        self.totals = {"decode": StepTotals(), "prefill": StepTotals()}
         self._rng = random.Random()
 
     # --- requests in and out -------------------------------------------------------------
@@ -206,10 +222,15 @@ class Scheduler:
             rows[unit] = StepRows([s.slot for s, _, _ in items], [t for _, t, _ in items],
                                   [st for _, _, st in items], specs, prefill)
         kind = "prefill" if prefill else "decode"
+        started = self.clock()
         sampled = self.executor.step(self.step_id, rows)
         now = self.clock()
-        self.history.append(StepRecord(self.step_id, kind, sum(len(r) for r in rows.values()),
-                                       sum(r.num_tokens for r in rows.values())))
+        record = StepRecord(self.step_id, kind, sum(len(r) for r in rows.values()),
+                            sum(r.num_tokens for r in rows.values()))
+        self.history.append(record)
+        total = self.totals[kind]
+        total.steps, total.rows, total.tokens = total.steps + 1, total.rows + record.rows, total.tokens + record.tokens
+        total.seconds += now - started
         self.step_id += 1
         out = []
         for unit, items in work.items():

@@ -7,7 +7,7 @@ never sees ranks, plans or KV slots. The front end's `AsyncEngine` (masep/engine
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 
@@ -68,6 +68,9 @@ class EngineStats:
     num_waiting: int  # accepted, waiting for a slot
     kv_slots_total: int
     kv_slots_used: int
+    # cumulative since start, per step kind ("decode", "prefill"): steps, rows (requests),
+    # tokens, seconds (host time around the step); decode rows / steps = mean decode batch
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class EngineClient(Protocol):

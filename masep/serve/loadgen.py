@@ -372,9 +372,47 @@ async def run_benchmark(cfg: BenchServeConfig, requests: list[Request] | None = 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         model = cfg.model or await first_model(session, cfg.base_url)
         bodies = [request_body(cfg, model, r) for r in requests]
+        before = await engine_step_counters(session, cfg.base_url)
         with tqdm(total=len(requests), disable=cfg.disable_tqdm, unit="req") as bar:
             outputs, duration = await _dispatch(cfg, session, url, bodies, requests, bar)
-    return summarize(cfg, model, outputs, duration, num_unsent=len(requests) - len(outputs))
+        after = await engine_step_counters(session, cfg.base_url)
+    result = summarize(cfg, model, outputs, duration, num_unsent=len(requests) - len(outputs))
+    if before is not None and after is not None:
+        result["server"] = server_step_stats(before, after)
+    return result
+
+
+async def engine_step_counters(session: aiohttp.ClientSession, base_url: str) -> dict | None:
+    """masep's `masep:engine_step*` counters from GET /metrics, as {(name, kind): value}; None
+    when the server does not export them (another engine) or /metrics does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        async with session.get(base_url.rstrip("/") + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("masep:engine_step") and sample.name.endswith("_total"):
+                values[(sample.name, sample.labels.get("kind", ""))] = sample.value
+    return values or None
+
+
+def server_step_stats(before: dict, after: dict) -> dict:
+    """What the server's engine did during the run: steps, mean decode batch and mean step
+    time per kind (host time around each step, so a decode step includes its host overhead)."""
+    diff = lambda name, kind: after.get((name, kind), 0.0) - before.get((name, kind), 0.0)  # noqa: E731
+    out = {}
+    for kind in ("decode", "prefill"):
+        steps = diff("masep:engine_steps_total", kind)
+        out[f"{kind}_steps"] = int(steps)
+        out[f"mean_{kind}_rows"] = diff("masep:engine_step_rows_total", kind) / steps if steps else 0.0
+        out[f"mean_{kind}_step_ms"] = 1e3 * diff("masep:engine_step_seconds_total", kind) / steps if steps else 0.0
+    out["prefill_tokens"] = int(diff("masep:engine_step_tokens_total", "prefill"))
+    return out
 
 
 # --- the result --------------------------------------------------------------------------------
@@ -452,6 +490,12 @@ def format_table(result: dict) -> str:
         lines.append(row("Request goodput (req/s):", result["request_goodput"]))
     lines += [row("Output token throughput (tok/s):", result["output_throughput"]),
               row("Total Token throughput (tok/s):", result["total_token_throughput"])]
+    if "server" in result:
+        srv = result["server"]
+        lines += ["{:-^50}".format("Server engine steps (masep /metrics)"),
+                  row("Decode steps:", srv["decode_steps"]), row("Mean decode batch (requests):", srv["mean_decode_rows"]),
+                  row("Mean decode step (ms):", srv["mean_decode_step_ms"]), row("Prefill steps:", srv["prefill_steps"]),
+                  row("Mean prefill step (ms):", srv["mean_prefill_step_ms"])]
     for name in args["percentile_metrics"]:
         short, title = METRIC_TITLES[name]
         lines += ["{:-^50}".format(title), row(f"Mean {short} (ms):", result[f"mean_{name}_ms"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from masep.serve.engine_client import EngineClient, TokenDelta
 
@@ -33,6 +34,29 @@ def token_buckets(max_len: int) -> list[int]:
         scale *= 10
 
 
+class _StepCounters:
+    """masep's own engine-step counters (vLLM has no equivalent names), read at scrape time:
+    `masep:engine_steps_total`, `masep:engine_step_rows_total`, `masep:engine_step_tokens_total`
+    and `masep:engine_step_seconds_total`, each labelled with the step kind (decode, prefill).
+    Mean decode batch = rows / steps; mean decode step time = seconds / steps."""
+
+    FIELDS = (("steps", "Engine steps run."), ("rows", "Requests in the steps (decode: the batch size)."),
+              ("tokens", "Tokens through the model in the steps."),
+              ("seconds", "Host time spent in the steps."))
+
+    def __init__(self, engine: EngineClient, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        steps = self.engine.stats().steps
+        for field, doc in self.FIELDS:
+            name = "masep:engine_steps" if field == "steps" else f"masep:engine_step_{field}"
+            family = CounterMetricFamily(name, doc, labels=["model_name", "kind"])
+            for kind, totals in steps.items():
+                family.add_metric([self.model_name, kind], totals[field])
+            yield family
+
+
 class ServerMetrics:
     def __init__(self, engine: EngineClient, model_name: str):
         self.registry = CollectorRegistry()
@@ -45,6 +69,7 @@ class ServerMetrics:
         }
         for name, (doc, read) in gauges.items():  # read at scrape time, so never stale
             Gauge(name, doc, label, registry=r).labels(model_name).set_function(read)
+        r.register(_StepCounters(engine, model_name))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
