@@ -502,6 +502,7 @@ class GraphedLocalRuntime(LocalRuntime):
         graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture now every graph a serving decode step can replay (each batch bucket up to
         num_slots x each attend bucket), as vLLM does at start-up, so no request waits for a
