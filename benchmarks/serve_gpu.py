@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from masep.perf import bench
-from masep.serve.loadgen import BenchServeConfig, format_table, run_benchmark
+from masep.serve.loadgen import BenchServeConfig, format_table, print_errors, run_benchmark
 
 
 def log(msg: str) -> None:
@@ -93,7 +93,10 @@ def serve_rows(args) -> list[dict]:
         for rate in args.rates:
             result = asyncio.run(run_benchmark(bench_config(args, rate, args.num_prompts)))
             log(format_table(result))
+            if result["failed"]:
+                print_errors(result)
             keep = {k: v for k, v in result.items() if k not in ("input_lens", "output_lens", "ttfts", "itls", "errors")}
+            keep["errors_first"] = [e for e in result["errors"] if e][:5]
             rows.append({"kind": "serve", "request_rate": keep.pop("request_rate"), **keep})
     finally:
         stop_server(proc)
@@ -124,9 +127,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"({meta['input_len'] + meta['output_len'] // 2} keys), timed by CUDA events; its floor is the bytes the "
              "step must read over the copy bandwidth measured in the same run. Server decode step = host time around "
              "the engine's decode step (scheduling, sampling and the host sync included).", "",
-             "| rate (req/s) | req/s done | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | p99 TPOT ms "
+             "| rate (req/s) | done / failed | req/s done | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | p99 TPOT ms "
              "| mean ITL ms | mean decode batch | server decode step ms | static TPOT ms (batch) | static floor ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] != "serve":
             continue
@@ -134,7 +137,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         b = max(1, round(srv.get("mean_decode_rows", 0)))
         st = static.get(b)
         static_cells = f"{st['tpot_ms_median']:.2f} ({b}) | {st['floor_ms']:.2f}" if st else "- | -"
-        lines.append(f"| {r['request_rate']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
+        lines.append(f"| {r['request_rate']} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
                      f"{r['mean_ttft_ms']:.1f} | {r['p99_ttft_ms']:.1f} | {r['mean_tpot_ms']:.2f} | "
                      f"{r['p99_tpot_ms']:.2f} | {r['mean_itl_ms']:.2f} | {srv.get('mean_decode_rows', 0):.1f} | "
                      f"{srv.get('mean_decode_step_ms', 0):.2f} | {static_cells} |")

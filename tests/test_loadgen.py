@@ -320,3 +320,13 @@ def test_unreachable_server_exits_1(capsys):
     assert bench_serve_main(args) == 1 and "masep bench serve:" in capsys.readouterr().err  # no model list
     assert bench_serve_main([*args, "--model", "m"]) == 1
     assert "request 0 failed: Client" in capsys.readouterr().err
+
+
+def test_which_chunks_are_token_arrivals():
+    from masep.serve.loadgen import _carries_output
+    assert _carries_output({"choices": [{"index": 0, "text": "hi"}]}, 0)
+    assert _carries_output({"choices": [{"index": 0, "text": ""}]}, 2)  # text held back: still a token
+    assert not _carries_output({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, 0)
+    assert not _carries_output({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}, 3)
+    assert _carries_output({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}, 0)  # one-token answer
+    assert not _carries_output({"choices": [], "usage": {"completion_tokens": 3}}, 3)

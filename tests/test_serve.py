@@ -138,6 +138,9 @@ def test_bench_serve_against_it(server):
     row = json.loads(out.stdout)
     assert row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 40
     assert row["mean_ttft_ms"] > 0 and row["mean_tpot_ms"] > 0
+    # one chunk per token, also for tokens whose text is held back (random bytes are mostly
+    # incomplete UTF-8): 5 tokens -> 4 gaps
+    assert [len(gaps) for gaps in row["itls"]] == [4] * 8
     # the server's step counters, read from /metrics before and after: every prompt token was
     # prefilled and each request's 4 tokens after the first came from decode steps (>= as a
     # request of an earlier test may still be finishing on the module's server)

@@ -233,7 +233,7 @@ class Api:
 
     async def events(self, run: Run, first: TokenDelta, chunk: Callable[[dict, str | None], dict],
                      text_field: str, include_usage: bool, prologue: Sequence[dict] = ()) -> AsyncIterator[bytes]:
-        """SSE events of one request: `prologue`, a chunk per delta with text, then an error
+        """SSE events of one request: `prologue`, a chunk per delta with tokens, then an error
         event or the usage chunk, then [DONE]."""
         delta = first
         try:
@@ -241,8 +241,11 @@ class Api:
                 yield sse(event)
             while True:
                 failed = delta.finish_reason in FAILED_STATUS
-                if delta.text or (delta.finish_reason and not failed) or (run.want_ids and delta.token_ids):
-                    fields = {text_field: delta.text} if delta.text else {}
+                # A chunk per step that made tokens, even if their text is still held back (an
+                # incomplete UTF-8 sequence, a possible stop string) or empty: as vLLM, so a
+                # client's chunk times are the token times.
+                if delta.text or delta.token_ids or (delta.finish_reason and not failed):
+                    fields = {text_field: delta.text}
                     if run.want_ids:
                         fields["token_ids"] = delta.token_ids
                     yield sse(chunk(fields, None if failed else delta.finish_reason))

@@ -247,11 +247,22 @@ def error_text(body: str | dict) -> str:
     return json.dumps(data)[:300]
 
 
-def _carries_output(data: dict) -> bool:
-    choices = data.get("choices") or [{}]
-    delta = choices[0].get("delta") or {}
-    return bool(choices[0].get("text") or choices[0].get("token_ids") or delta.get("content")
-                or delta.get("reasoning_content"))
+def _carries_output(data: dict, counted: int) -> bool:
+    """Whether a chunk is a token arrival. A step's text may be empty while its tokens wait for
+    the rest of a UTF-8 character, so a chunk counts even without text (as in vLLM's bench);
+    only the chat opening chunk (role, no content) and a closing chunk with nothing but the
+    finish reason do not (the latter counts if it is the only one: a one-token answer)."""
+    choices = data.get("choices")
+    if not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    text = choice.get("text") or delta.get("content") or delta.get("reasoning_content") or choice.get("token_ids")
+    if text:
+        return True
+    if "role" in delta:
+        return False
+    return not (choice.get("finish_reason") and counted)
 
 
 async def _lines(content: aiohttp.StreamReader):
@@ -280,7 +291,7 @@ async def read_stream(content: aiohttp.StreamReader, start: float) -> tuple[list
             return times, usage, f"the stream sent {payload[:80]!r}, not a JSON object"
         if data.get("error") or data.get("object") == "error":
             return times, usage, f"error in the stream: {error_text(data)}"
-        if _carries_output(data):
+        if _carries_output(data, len(times)):
             times.append(now - start)
         usage = data.get("usage") or usage
     return times, usage, "the stream ended without data: [DONE]"
