@@ -43,6 +43,7 @@ class AsyncEngine:
         self.scheduler = Scheduler(executor, config)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # deltas of this step, per event loop
         self._wake = threading.Event()
         self._stopping = False
         self.dead: str | None = None
@@ -125,6 +126,7 @@ class AsyncEngine:
                 return
             for seq in touched:
                 self._post(seq)
+            self._flush()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -138,6 +140,7 @@ class AsyncEngine:
                 seq = self.scheduler.finish(item, "abort", "aborted by the client")
                 if seq is not None:
                     self._post(seq)
+        self._flush()
 
     def _post(self, seq: Sequence) -> None:
         """The tokens `seq` got since the last post, with their text; ends the request on a stop string."""
@@ -164,10 +167,26 @@ class AsyncEngine:
             stream = self._streams.get(seq.request_id)
             if stream is not None and not stream.done:
                 self._send(seq.request_id, TokenDelta([], "", stream.num_prompt, len(seq.output), reason, seq.error))
+        self._flush()
 
     def _send(self, request_id: str, delta: TokenDelta) -> None:
         stream = self._streams[request_id]
         if delta.finish_reason is not None:
             stream.done = True
             del self._streams[request_id]
-        stream.loop.call_soon_threadsafe(stream.deltas.put_nowait, delta)
+        self._outbox.setdefault(stream.loop, []).append((stream.deltas, delta))
+
+    def _flush(self) -> None:
+        """Hand a step's deltas to each event loop in one call: one wake-up of the loop per step,
+        not one per request (each wake-up is a syscall and a turn of the loop under the GIL)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenDelta]]) -> None:
+    for deltas, delta in items:
+        deltas.put_nowait(delta)
