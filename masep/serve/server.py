@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 
 log = logging.getLogger("masep.serve")
 
@@ -29,6 +30,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     add_distributed_args(p)
     add_kv_args(p, default_seqs="16")
+
+
+SWITCH_INTERVAL_S = 2e-4
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -53,6 +57,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log.info("starting %s (%s) on %s", name, args.strategy, args.device)
     executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None)
     from ..engine.async_engine import AsyncEngine
+    # The engine thread releases the GIL while the GPU runs a step and must get it back the
+    # moment the step ends; by default the event loop thread (streaming the last step's tokens)
+    # may hold it for up to 5 ms first, which a 5 ms decode step cannot afford.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer), tokenizer, name)
     try:
         log.info("%d attention unit(s) x %d KV slot(s) of %d positions", executor.num_units,
