@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..runtime import StepRows
-from ..serve.engine_client import EngineOverloaded, RequestRejected, SamplingParams
+from ..serve.engine_client import EngineOverloaded, RequestRejected, SamplingParams, UnitsLost
 from .sampling import SampleSpec
 
 
@@ -35,11 +35,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # prompt tokens per prefill step
     max_waiting: int = 1024  # accepted but not yet admitted; more -> EngineOverloaded
     eos_token_ids: frozenset[int] = frozenset()
+    # what happens to the requests of a unit whose ranks died: "recompute" moves them to live
+    # units, which prefill prompt + generated tokens again; "none" fails them with the reason
+    protection: str = "recompute"
 
     def __post_init__(self):
         for name in ("max_len", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"protection={self.protection!r}: must be one of {', '.join(PROTECTIONS)}")
+
+
+PROTECTIONS = ("recompute", "none")
 
 
 def check_request(prompt: list[int], params: SamplingParams, cfg: SchedulerConfig) -> None:
@@ -80,12 +88,20 @@ class Sequence:
     unit: int | None = None
     slot: int | None = None
     cached: int = 0  # tokens of prompt (+ output) already written to the slot's KV
+    to_prefill: int = 0  # tokens of prompt + output to write before decoding (set at admission)
+    moves: int = 0  # times the request was moved off a failed unit
     finish_reason: str | None = None
     error: str | None = None
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return self.cached < self.to_prefill
+
+    def context(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) of prompt + output: what a (re)prefill writes."""
+        n = len(self.prompt)
+        return (self.prompt[start:start + count] if start + count <= n
+                else (self.prompt + self.output)[start:start + count])
 
     @property
     def finished(self) -> bool:
@@ -104,6 +120,17 @@ class StepRecord:
     kind: str  # "decode" | "prefill"
     rows: int
     tokens: int
+
+
+@dataclass
+class Failover:
+    """A unit lost and what became of its requests (for metrics, logs and the fault benchmark)."""
+
+    unit: int
+    reason: str
+    at_s: float  # scheduler clock when the loss was noticed
+    moved: list[str]  # request ids resumed elsewhere (recompute)
+    failed: list[str]  # request ids that ended with the error (protection none, or no unit left)
 
 
 @dataclass
@@ -126,6 +153,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
+        self.live_units = set(range(executor.num_units))
+        self.failovers: list[Failover] = []
         self.step_id = 0
         self.history: deque[StepRecord] = deque(maxlen=HISTORY)
         self.totals = {"decode": StepTotals(), "prefill": StepTotals()}
@@ -167,7 +196,39 @@ class Scheduler:
 
     @property
     def slots_total(self) -> int:
-        return self.executor.num_units * self.executor.slots_per_unit
+        return len(self.live_units) * self.executor.slots_per_unit
+
+    def lose_units(self, lost: dict[int, str]) -> list[Sequence]:
+        """Units whose ranks died: nothing is admitted to them again. Their unfinished requests
+        go back to the front of the queue to be prefilled again (prompt + every token generated
+        so far) on a live unit, or, with protection "none" or no unit left, end with the
+        reason. Returns the requests that ended."""
+        ended = []
+        for unit, reason in sorted(lost.items()):
+            if unit not in self.live_units:
+                continue
+            self.live_units.discard(unit)
+            self.free[unit] = []
+            victims = sorted((s for s in self.running if s.unit == unit and not s.finished), key=lambda s: s.arrival_s)
+            resume = self.config.protection == "recompute" and bool(self.live_units)
+            for seq in victims:
+                self.running.remove(seq)
+                if resume:
+                    seq.unit, seq.slot, seq.cached = None, None, 0
+                    seq.moves += 1
+                else:
+                    why = (f"attention unit {unit} failed ({reason}) and no unit is left" if self.config.protection
+                           == "recompute" else f"attention unit {unit} failed ({reason}); --protection none does "
+                           "not resume its requests")
+                    seq.finish_reason, seq.error = "abort", why
+                    ended.append(seq)
+            if resume:  # oldest first, ahead of requests that never ran
+                self.waiting[:0] = victims
+            self.failovers.append(Failover(unit, reason, self.clock(), [s.request_id for s in victims] if resume
+                                           else [], [] if resume else [s.request_id for s in victims]))
+        if not self.live_units:
+            ended += self.fail_all("every attention unit has failed: " + "; ".join(lost.values()))
+        return ended
 
     # --- one iteration -------------------------------------------------------------------
     def iterate(self) -> list[Sequence]:
@@ -194,6 +255,9 @@ class Scheduler:
             unit = min(units, key=lambda u: (load[u], u))
             self.free[unit].sort()
             seq.unit, seq.slot, seq.cached = unit, self.free[unit].pop(0), 0
+            # a moved request rebuilds its KV from prompt + output and samples its next token
+            # from the last position, exactly the token its next decode step would have given
+            seq.to_prefill = len(seq.prompt) + len(seq.output)
             self.running.append(self.waiting.pop(0))
 
     def _decode_rows(self) -> dict[int, list[tuple[Sequence, list[int], int]]]:
@@ -210,20 +274,25 @@ class Scheduler:
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.arrival_s):
             if budget == 0:
                 break
-            n = min(budget, len(seq.prompt) - seq.cached)
-            work.setdefault(seq.unit, []).append((seq, seq.prompt[seq.cached:seq.cached + n], seq.cached))
+            n = min(budget, seq.to_prefill - seq.cached)
+            work.setdefault(seq.unit, []).append((seq, seq.context(seq.cached, n), seq.cached))
             budget -= n
         return work
 
     def _run(self, work: dict[int, list[tuple[Sequence, list[int], int]]], prefill: bool) -> list[Sequence]:
         rows = {}
         for unit, items in work.items():
-            specs = [s.spec() if start + len(toks) >= len(s.prompt) else None for s, toks, start in items]
+            specs = [s.spec() if start + len(toks) >= s.to_prefill else None for s, toks, start in items]
             rows[unit] = StepRows([s.slot for s, _, _ in items], [t for _, t, _ in items],
                                   [st for _, _, st in items], specs, prefill)
         kind = "prefill" if prefill else "decode"
-        started = self.clock()
-        sampled = self.executor.step(self.step_id, rows)
+        started, ended = self.clock(), []
+        try:
+            sampled = self.executor.step(self.step_id, rows)
+        except UnitsLost as lost:  # the survivors' tokens count; the lost units' requests move
+            sampled = lost.tokens
+            work = {u: items for u, items in work.items() if u in sampled}
+            ended = self.lose_units(lost.units)
         now = self.clock()
         record = StepRecord(self.step_id, kind, sum(len(r) for r in rows.values()),
                             sum(r.num_tokens for r in rows.values()))
@@ -232,7 +301,7 @@ class Scheduler:
         total.steps, total.rows, total.tokens = total.steps + 1, total.rows + record.rows, total.tokens + record.tokens
         total.seconds += now - started
         self.step_id += 1
-        out = []
+        out = ended
         for unit, items in work.items():
             for (seq, toks, _), token in zip(items, sampled[unit]):
                 seq.cached += len(toks)

@@ -7,9 +7,17 @@ unit that has rows gets them, each expert rank learns which replicas step, and e
 leader answers with the sampled tokens. EP ranks step together every time (their all-to-all
 needs every rank), with no rows when their unit has none.
 
-Failures: a rank that reports an error, exits, or does not answer within the timeout ends
-the executor with `EngineDead` naming the rank; the ranks are then terminated. The
-scheduler in this process still holds every request (fault tolerance builds on that).
+Failures. A rank is dead when its process exits, its control connection closes, it reports
+an error, or it stays silent (no heartbeat, rank_loop.py) for `timeout` seconds in the middle
+of a step; a silent rank is killed (SIGKILL) so it cannot come back half-way. The dead rank is
+named with how it ended (exit code, signal). What follows depends on where it was:
+  - an attention rank of a separated plan: its whole replica (unit) is stopped and the step
+    raises `UnitsLost` with the tokens of the replicas that finished it; the scheduler moves or
+    fails the lost unit's requests and carries on with the others (their bridges to the
+    expert ranks are their own groups; the expert ranks drop the dead replica's bridge);
+  - an expert rank, or any rank of EP or TP x PP: the model is broken; `EngineDead` names the
+    rank (and an expert rank's experts) and every rank is stopped.
+The scheduler in this process holds every request; nothing is lost with the ranks.
 """
 from __future__ import annotations
 
@@ -20,26 +28,28 @@ import time
 from multiprocessing.connection import wait
 
 from ..runtime import StepRows
-from ..serve.engine_client import EngineDead
+from ..serve.engine_client import EngineDead, UnitsLost
 from . import control
 from .launch import RankProcesses
-from .rank_loop import KvBudget, RankSpec, rank_main
+from .rank_loop import KvBudget, RankSpec, rank_main, rank_wait_s
 
 
 class ClusterExecutor:
     def __init__(self, run, max_len: int, max_num_seqs: int | None, gpu_memory_utilization: float = 0.9,
-                 start_timeout_s: float | None = None, attach=None):
+                 start_timeout_s: float | None = None, attach=None, faults: tuple = ()):
         """attach: (listener, processes) when the ranks were started elsewhere (torchrun): the
-        executor then only waits for their connections."""
-        self.plan, self.timeout_s, self.max_len = run.plan, run.timeout_s, max_len
+        executor then only waits for their connections. faults: faults.FaultSpec to inject."""
+        self.run, self.plan, self.timeout_s, self.max_len = run, run.plan, run.timeout_s, max_len
         self.lockstep = run.plan.strategy == "ep"
         self.reports: dict[int, dict] = {}
+        self.gone: dict[int, str] = {}  # rank -> how it ended (dead, or stopped with its unit)
+        self.lost_units: dict[int, str] = {}
         if attach is not None:
             listener, self.procs = attach
         else:
             listener, addr = control.listen()
             self.procs = RankProcesses(run.plan.world_size, rank_main,
-                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization)))
+                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization), tuple(faults)))
         try:
             self._accept_all(listener, start_timeout_s or max(self.timeout_s, 600.0))
             self.slots_per_unit = self._size_slots(max_num_seqs)
@@ -99,40 +109,131 @@ class ClusterExecutor:
 
     # --- steps ---------------------------------------------------------------------------
     def step(self, step_id: int, rows: dict[int, StepRows]) -> dict[int, list[int | None]]:
+        """Sampled tokens per unit; raises UnitsLost when some units died in the step (with the
+        others' tokens) and EngineDead when the model cannot go on."""
         if self.dead:
             raise EngineDead(self.dead)
         if self.lockstep:
             rows = {u: rows.get(u, StepRows.empty()) for u in range(self.num_units)}
-        units = sorted(rows)
+        units = sorted(u for u in rows if u not in self.lost_units)
+        lost: dict[int, str] = {}
         try:
-            for u in units:
-                for r in self.members[u]:
-                    control.send(self.conns[r], ("step", step_id, rows[u], units), f"front end -> rank {r}")
-            for r in self.experts:
-                control.send(self.conns[r], ("step", step_id, None, units), f"front end -> rank {r}")
-            return self._collect_tokens(step_id, units)
-        except (control.ChannelClosed, control.ChannelTimeout, EngineDead) as err:
+            self._send_step(step_id, rows, units, lost)
+            got = self._collect_tokens(step_id, [u for u in units if u not in lost], lost)
+        except (control.ChannelTimeout, EngineDead) as err:
             self._fail(str(err))
+        if lost:
+            raise UnitsLost(lost, {u: t for u, t in got.items() if u not in lost})
+        return got
 
-    def _collect_tokens(self, step_id: int, units: list[int]) -> dict[int, list[int | None]]:
+    def _send_step(self, step_id: int, rows, units: list[int], lost: dict[int, str]) -> None:
+        self._in_step, self._done = time.monotonic(), set()
+        self.last_seen = {r: self._in_step for r in self.conns}
+        sends = [(r, rows[u]) for u in units for r in self.members[u]] + [(r, None) for r in self.experts]
+        for r, unit_rows in sends:
+            if r in self.gone:
+                continue
+            try:
+                control.send(self.conns[r], ("step", step_id, unit_rows, units), f"front end -> rank {r}")
+            except control.ChannelClosed:
+                self._rank_gone(r, self._how(r, "closed its control connection"), lost)
+
+    def _collect_tokens(self, step_id: int, units: list[int], lost: dict[int, str]) -> dict[int, list[int | None]]:
         want = {self.leaders[u]: u for u in units}
         got: dict[int, list] = {}
-        deadline = time.monotonic() + self.timeout_s
-        by_conn = {id(c): r for r, c in self.conns.items()}
-        while len(got) < len(want):
-            for conn in wait(list(self.conns.values()), timeout=0.5):
+        deadline = time.monotonic() + rank_wait_s(self.timeout_s) + self.timeout_s  # a last resort
+        while any(u not in got and u not in lost for u in units):
+            live = {r: c for r, c in self.conns.items() if r not in self.gone}
+            by_conn = {id(c): r for r, c in live.items()}
+            for conn in wait(list(live.values()), timeout=0.1):
                 r = by_conn[id(conn)]
-                msg = control.recv(conn, 0, f"front end <- rank {r}")
-                if msg[0] == "error":
-                    raise EngineDead(msg[1])
-                if msg[0] != "tokens" or msg[1] != step_id or r not in want:
-                    raise EngineDead(f"rank {r} sent {msg[:2]} during step {step_id}: the ranks diverged")
-                got[want[r]] = msg[2]
-            self.procs.check_alive()
+                if r in self.gone:  # stopped earlier in this loop
+                    continue
+                try:
+                    msg = control.recv(conn, 0, f"front end <- rank {r}")
+                except control.ChannelClosed:
+                    self._rank_gone(r, self._how(r, "closed its control connection"), lost)
+                    continue
+                self.last_seen[r] = time.monotonic()
+                self._on_message(r, msg, step_id, want, got, lost)
+            for r, how in self.procs.dead_ranks().items():
+                if r not in self.gone:
+                    self._rank_gone(r, how, lost)
+            self._stop_silent_ranks(units, got, lost)
             if time.monotonic() > deadline:
-                late = sorted(r for r in want if want[r] not in got)
-                raise EngineDead(f"step {step_id}: ranks {late} did not answer within {self.timeout_s:.0f} s")
+                late = [u for u in units if u not in got and u not in lost]
+                raise EngineDead(f"step {step_id}: units {late} did not answer within "
+                                 f"{deadline - self._in_step:.0f} s although every rank was alive")
         return got
+
+    def _on_message(self, r: int, msg: tuple, step_id: int, want: dict, got: dict, lost: dict) -> None:
+        kind = msg[0]
+        if kind == "beat":
+            return
+        if kind == "done":
+            if msg[1] == step_id:
+                self._done.add(r)
+        elif kind == "error":
+            text = msg[1].strip().splitlines()
+            self._rank_gone(r, f"failed: {text[-1] if text else 'an error'}", lost)
+        elif kind == "lost":  # an expert rank's transfers with a replica failed
+            _, _, unit, why = msg
+            self._lose_unit(unit, why, lost)
+        elif kind == "tokens" and msg[1] == step_id and r in want:
+            got[want[r]] = msg[2]
+            self._done.add(r)
+        elif kind != "tokens" or msg[1] > step_id:  # tokens of an earlier step: a unit lost then
+            raise EngineDead(f"rank {r} sent {msg[:2]} during step {step_id}: the ranks diverged")
+
+    def _stop_silent_ranks(self, units: list[int], got: dict, lost: dict) -> None:
+        """A rank still in the step that has sent nothing (not even a heartbeat) for `timeout`
+        seconds is stuck; kill it, so it cannot come back half-way, and treat it as dead."""
+        now = time.monotonic()
+        in_step = set(self.experts) | {r for u in units if u not in got and u not in lost for r in self.members[u]}
+        for r in sorted(in_step - self._done - set(self.gone)):
+            if now - self.last_seen[r] > self.timeout_s:
+                stopped = " (its process was stopped: SIGSTOP?)" if self.procs.is_stopped(r) else ""
+                self._rank_gone(r, f"(pid {self.infos[r].pid}) sent nothing for {self.timeout_s:g} s (--timeout) "
+                                   f"in the middle of a step{stopped}; it was killed", lost)
+
+    def _how(self, r: int, fallback: str) -> str:
+        """How rank r ended, from its exit code when this process started it."""
+        for _ in range(20):  # the exit code lags the closed socket by a moment
+            how = self.procs.dead_ranks().get(r)
+            if how or not hasattr(self.procs, "procs"):
+                return how or fallback
+            time.sleep(0.05)
+        return fallback
+
+    def _rank_gone(self, r: int, how: str, lost: dict[int, str]) -> None:
+        """Rank r is dead: stop it for good; lose its unit, or fail the whole engine."""
+        if r in self.gone:
+            return
+        self.gone[r] = how
+        self._kill(r)
+        info = self.infos[r]
+        if info.role == "attention":
+            self._lose_unit(info.unit, f"rank {r} of attention replica {info.unit} {how}", lost)
+            return
+        if info.role == "expert":
+            raise EngineDead(f"expert rank {r} (experts {', '.join(map(str, info.experts))}) {how}; no other rank "
+                             "holds these experts, so no request can go on")
+        raise EngineDead(f"rank {r} ({info.role}) {how}; {self.plan.strategy} cannot go on without it")
+
+    def _lose_unit(self, unit: int, why: str, lost: dict[int, str]) -> None:
+        if unit in self.lost_units:
+            return
+        self.lost_units[unit] = lost[unit] = why
+        if len(self.lost_units) == self.num_units:
+            raise EngineDead(f"every attention replica has failed; the last: {why}")
+        for m in self.members[unit]:  # its other ranks may be waiting on the dead one: stop them too
+            if m not in self.gone:
+                self.gone[m] = f"stopped with attention replica {unit}"
+                self._kill(m)
+
+    def _kill(self, r: int) -> None:
+        if hasattr(self.procs, "kill"):
+            self.procs.kill(r)
 
     def _fail(self, why: str):
         self.dead = why
@@ -146,7 +247,8 @@ class ClusterExecutor:
             try:
                 self._broadcast(("stop",))
                 for r in self.conns:
-                    self.reports[r] = self._expect(r, "report", timeout_s)[1]
+                    if r not in self.gone:
+                        self.reports[r] = self._expect(r, "report", timeout_s)[1]
             except (control.ChannelClosed, control.ChannelTimeout, EngineDead):
                 pass
         self.procs.join_or_terminate(timeout_s)
@@ -157,10 +259,13 @@ class ClusterExecutor:
 
     def _broadcast(self, msg: tuple) -> None:
         for r, conn in self.conns.items():
-            control.send(conn, msg, f"front end -> rank {r}")
+            if r not in self.gone:
+                control.send(conn, msg, f"front end -> rank {r}")
 
     def _expect(self, rank: int, kind: str, timeout_s: float) -> tuple:
-        msg = control.recv(self.conns[rank], timeout_s, f"front end <- rank {rank}", self.procs.check_alive)
+        msg = ("beat",)
+        while msg[0] in ("beat", "done", "lost"):  # step chatter still in flight
+            msg = control.recv(self.conns[rank], timeout_s, f"front end <- rank {rank}", self.procs.check_alive)
         if msg[0] == "error":
             raise EngineDead(msg[1])
         if msg[0] != kind:

@@ -8,6 +8,7 @@ activations move between ranks over torch.distributed, as before.
 Front end -> rank:  ("start", num_slots, max_len) | ("step", step_id, StepRows | None, units)
                     | ("stop",)
 Rank -> front end:  ("hello", RankInfo) | ("ready",) | ("tokens", step_id, [int | None])
+                    | ("done", step_id) | ("beat",) | ("lost", step_id, unit, why)
                     | ("report", dict) | ("error", text)
 
 Every wait has a timeout; a closed connection means the other side is gone, and a rank whose
@@ -39,6 +40,7 @@ class RankInfo:
     leader: bool  # sends the unit's sampled tokens back
     max_slots: int | None  # KV slots of max_len that fit its memory budget (None: no KV here)
     pid: int
+    experts: tuple[int, ...] = ()  # expert ids it holds (expert ranks)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def free_port() -> int:
 
 
 def _child(rank: int, world: int, port: int, fn: Callable, arg: Any, results) -> None:
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Each rank gets one thread: N ranks share the machine's cores, and oversubscription makes
@@ -57,6 +58,9 @@ def spawn(world: int, fn: Callable[[Any], Any], arg: Any, timeout_s: float = 600
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
+            if p.is_alive():  # a stopped (SIGSTOP) or stuck rank ignores SIGTERM
+                p.kill()
+                p.join(timeout=5)
 
 
 def _collect(procs, results, world: int, timeout_s: float) -> Any:
@@ -81,6 +85,21 @@ def _collect(procs, results, world: int, timeout_s: float) -> Any:
         if rank == 0:
             rank0 = payload
     return rank0
+
+
+def exit_reason(pid: int, exitcode: int | None) -> str:
+    """How a rank process ended, in words (a negative exit code is the signal that killed it)."""
+    if exitcode is None:
+        return f"(pid {pid}) is still running"
+    if exitcode < 0:
+        import signal
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if exitcode == -9 else ""
+        return f"(pid {pid}) was killed by {name} (signal {-exitcode}){hint}"
+    return f"(pid {pid}) exited with code {exitcode}"
 
 
 def _die_with_parent() -> None:
@@ -121,10 +140,27 @@ class RankProcesses:
     def check_alive(self) -> None:
         """Raise naming the first rank that exited with an error (or was killed)."""
         from ..serve.engine_client import EngineDead
-        for r, p in enumerate(self.procs):
-            if p.exitcode not in (None, 0):
-                how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
-                raise EngineDead(f"rank {r} (pid {p.pid}) {how}")
+        for r, how in self.dead_ranks().items():
+            raise EngineDead(f"rank {r} {how}")
+
+    def dead_ranks(self) -> dict[int, str]:
+        """{rank: how it ended} of every rank that exited with an error or was killed."""
+        return {r: exit_reason(p.pid, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)}
+
+    def is_stopped(self, rank: int) -> bool:
+        """Whether the rank's process is stopped (SIGSTOP, a debugger): alive but silent."""
+        try:
+            with open(f"/proc/{self.procs[rank].pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return False
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL one rank (also when it is stopped) and reap it."""
+        p = self.procs[rank]
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=5)
 
     def terminate(self) -> None:
         self.join_or_terminate(0.0)

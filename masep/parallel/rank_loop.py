@@ -8,10 +8,18 @@ KV slots fit its memory, and then runs one step per "step" message until "stop":
   - a separated expert rank reads the handshakes of the replicas that step (the message names
     them) and serves their experts.
 At "stop" each rank sends its report (busy time by op, expert load) and leaves.
+
+Failures. While a step runs, a rank sends a heartbeat every HEARTBEAT_S, so the front end
+can tell a stuck rank (silent) from one waiting on a stuck peer (beating). An expert rank
+whose transfer on one replica's bridge fails drops that bridge, finishes the step for the
+other replicas and tells the front end ("lost", step_id, unit, why). The ranks' own transfer
+waits give up after `rank_wait_s(timeout)`, later than the front end's `timeout`, so the
+front end decides who is dead before any survivor gives up on it.
 """
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -19,10 +27,11 @@ import torch
 
 from ..engine.sampling import sample
 from . import comm, control
+from .faults import FaultInjector
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
 from .schedule import separated_schedule
-from .separated import SeparatedAttentionRuntime, _ExpertServer
+from .separated import SeparatedAttentionRuntime, _ExpertServer, guarded
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
 from .worker import RunSpec, _maybe_profile, apply_plan, load_model, use_fast_path
@@ -45,11 +54,57 @@ class KvBudget:
         return max(0, int((self.gpu_memory_utilization * total - used) // per_slot))
 
 
+HEARTBEAT_S = 0.25
+
+
+def rank_wait_s(timeout_s: float) -> float:
+    """How long a rank's transfers wait for a peer: twice the front end's timeout (plus a
+    margin), so a stuck rank is found and stopped by the front end first."""
+    return 2 * timeout_s + 5
+
+
 @dataclass
 class RankSpec:
     run: RunSpec  # plan, model source, dtype, device, backend, timeout
     address: control.Address | None  # the front end's control channel (None: published by rank 0)
     kv: KvBudget
+    faults: tuple = ()  # faults.FaultSpec to inject (tests, demos)
+
+
+class RankChannel:
+    """This rank's control connection: sends from the step loop and the heartbeat thread are
+    serialised; heartbeats go out only while a step runs (an idle server reads nothing, and
+    beats would pile up in the socket)."""
+
+    def __init__(self, conn, who: str):
+        self.conn, self.who = conn, who
+        self._lock = threading.Lock()
+        self._busy = threading.Event()
+        self._closed = threading.Event()
+        threading.Thread(target=self._beat, name="masep-heartbeat", daemon=True).start()
+
+    def send(self, msg: tuple) -> None:
+        with self._lock:
+            control.send(self.conn, msg, self.who)
+
+    def recv(self) -> tuple:
+        return control.recv(self.conn, None, self.who)  # an idle server sends nothing for as long as it likes
+
+    def busy(self, on: bool) -> None:
+        (self._busy.set if on else self._busy.clear)()
+
+    def _beat(self) -> None:
+        while not self._closed.is_set():
+            if self._busy.wait(0.5) and not self._closed.wait(HEARTBEAT_S):
+                try:
+                    if self._busy.is_set():
+                        self.send(("beat",))
+                except control.ChannelClosed:
+                    return
+
+    def close(self) -> None:
+        self._closed.set()
+        self.conn.close()
 
 
 class UnitMember:
@@ -79,25 +134,43 @@ class ExpertMember:
 
     def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool):
         self.plan, self.groups, self.timer = plan, groups, timer
-        self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid())
         self.cfg = model.cfg
         self.server = _ExpertServer(model, plan, groups, env, graphs)
+        self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
+                                     tuple(self.server.my_experts))
         self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches)
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
+        self.lost: set[int] = set()  # replicas whose bridge failed: never served again
 
     def start(self, num_slots: int, max_len: int) -> None:
         pass
 
-    def step(self, step_id: int, rows, units) -> None:
-        bridges = [self.groups.bridges[u] for u in units]
-        layouts = [comm.expert_begin_step(b, step_id, self.plan.microbatches, self.cfg.hidden_size,
-                                          self.server.dtype) for b in bridges]
-        working = list(zip(bridges, layouts))
+    def step(self, step_id: int, rows, units) -> list[tuple[int, str]]:
+        """Serve the replicas named for this step; returns [(unit, why)] of replicas whose
+        bridge failed (dropped for good; the others were served)."""
+        units = [u for u in units if u not in self.lost]
+        failed: dict[int, str] = {}
+        layouts: dict[int, comm.StepLayout] = {}
+
+        def begin(i: int, u: int) -> None:
+            layouts[i] = comm.expert_begin_step(self.groups.bridges[u], step_id, self.plan.microbatches,
+                                                self.cfg.hidden_size, self.server.dtype)
+
+        for i, u in enumerate(units):
+            guarded(failed, i, begin, i, u)
+        live = [i for i in range(len(units)) if i not in failed]
+        working = [(self.groups.bridges[units[i]], layouts[i]) for i in live]
+        step_failed: dict[int, str] = {}
         with torch.inference_mode():
-            loads = self.server.step(self.ops, working, step_id, self.timer)
-        for bridge, layout in working:
-            comm.end_step(layout, bridge)
+            loads = self.server.step(self.ops, working, step_id, self.timer, step_failed)
+        for j, (bridge, layout) in enumerate(working):
+            if j not in step_failed:
+                guarded(step_failed, j, comm.end_step, layout, bridge)
+        failed |= {live[j]: why for j, why in step_failed.items()}
         self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
+        news = [(units[i], why) for i, why in sorted(failed.items())]
+        self.lost |= {u for u, _ in news}
+        return news
 
     def stop(self) -> dict:
         return dict(role="expert", busy_s=dict(self.timer.busy_s), load=self.load_LE.tolist())
@@ -129,7 +202,7 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
 
 def rank_main(spec: RankSpec) -> None:
     """A spawned rank (or a torchrun process): join the world, build, connect, serve steps."""
-    env = init_distributed(spec.run.device, spec.run.timeout_s, spec.run.backend)
+    env = init_distributed(spec.run.device, rank_wait_s(spec.run.timeout_s), spec.run.backend)
     try:
         serve_front_end(spec, env, spec.address)
     finally:
@@ -140,38 +213,48 @@ def rank_main(spec: RankSpec) -> None:
 def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
     model = load_model(spec.run, env.device, env.rank)
     member = build_member(spec, model, env)
-    conn = control.connect(address, spec.run.timeout_s)
     who = f"rank {env.rank}"
-    control.send(conn, ("hello", member.info), who)
+    channel = RankChannel(control.connect(address, spec.run.timeout_s), who)
+    channel.send(("hello", member.info))
     try:
         with _maybe_profile(spec.run.trace_dir, env.rank):  # --trace: a Chrome trace per rank
-            _loop(conn, member, who)
+            _loop(channel, member, FaultInjector(spec.faults, env.rank))
     except control.ChannelClosed:
         return  # the front end is gone: nothing left to serve
     except BaseException:
         try:
-            control.send(conn, ("error", f"{who}: {traceback.format_exc()}"), who)
+            channel.send(("error", f"{who}: {traceback.format_exc()}"))
         except control.ChannelClosed:
             pass
         raise
     finally:
-        conn.close()
+        channel.close()
 
 
-def _loop(conn, member, who: str) -> None:
+def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
     while True:
-        msg = control.recv(conn, None, who)  # an idle server sends nothing for as long as it likes
+        msg = channel.recv()
         kind = msg[0]
         if kind == "start":
             member.start(msg[1], msg[2])
-            control.send(conn, ("ready",), who)
+            channel.send(("ready",))
         elif kind == "step":
             _, step_id, rows, units = msg
-            tokens = member.step(step_id, rows, units)
-            if tokens is not None:
-                control.send(conn, ("tokens", step_id, tokens), who)
+            faults.before_step(step_id)
+            channel.busy(True)
+            try:
+                result = member.step(step_id, rows, units)
+            finally:
+                channel.busy(False)
+            if isinstance(member, ExpertMember):
+                for unit, why in result:
+                    channel.send(("lost", step_id, unit, f"{channel.who} lost the bridge of unit {unit}: {why}"))
+            if isinstance(result, list) and not isinstance(member, ExpertMember):
+                channel.send(("tokens", step_id, result))
+            else:  # the front end watches for silent ranks only until each says it is done
+                channel.send(("done", step_id))
         elif kind == "stop":
-            control.send(conn, ("report", member.stop()), who)
+            channel.send(("report", member.stop()))
             return
         else:
-            raise ValueError(f"{who}: unknown control message {kind!r}")
+            raise ValueError(f"{channel.who}: unknown control message {kind!r}")

@@ -182,6 +182,15 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     return stats
 
 
+def guarded(failed: dict[int, str], key: int, fn, *args) -> None:
+    """fn(*args); a transfer error (gloo/NCCL raise RuntimeError subclasses; ours is CommError)
+    is recorded as failed[key] instead of raised."""
+    try:
+        fn(*args)
+    except RuntimeError as err:
+        failed[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 class _ExpertServer:
     """An expert rank's state across steps: its experts, the step headers, the CUDA graphs."""
 
@@ -195,9 +204,15 @@ class _ExpertServer:
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.graphs = SegmentGraphs(graphs, env.device)
 
-    def step(self, ops: list[Op], working, step: int, timer: OpTimer) -> torch.Tensor:
+    def step(self, ops: list[Op], working, step: int, timer: OpTimer, failed: dict[int, str] | None = None
+             ) -> torch.Tensor:
         """One step's op list for the working bridges; rows served per (layer, local expert)
-        [layers, L], left on the device."""
+        [layers, L], left on the device.
+
+        failed: None = a failed transfer raises (the whole rank fails). A dict = failure
+        isolation: a bridge whose transfer fails (its replica died or stopped answering) is
+        recorded there (index into `working` -> why) and skipped for the rest of the step,
+        while the other replicas' bridges, separate groups, carry on."""
         cfg, num_local = self.cfg, len(self.my_experts)
         batches: dict[tuple[int, int, int], object] = {}
         outputs: dict[tuple[int, int, int], object] = {}
@@ -205,37 +220,46 @@ class _ExpertServer:
         loads = torch.zeros(cfg.num_layers, num_local, dtype=torch.long, device=self.device)
         self.heads.set_step(step)
 
-        def recv(op: Op) -> None:  # padded: post only; run_experts waits
+        def each(fn) -> None:
             for bi, (bridge, layout) in enumerate(working):
-                if layout.padded:
-                    got = comm.expert_receive_blocks(bridge, layout, cfg.hidden_size, self.dtype, op.layer, op.mb)
-                else:
-                    got = comm.expert_receive(bridge, layout, num_local, cfg.hidden_size, self.dtype, op.layer, op.mb)
-                    loads[op.layer] += got.counts_L
-                batches[bi, op.layer, op.mb] = got
+                if failed is None:
+                    fn(bi, bridge, layout)
+                elif bi not in failed:
+                    guarded(failed, bi, fn, bi, bridge, layout)
 
-        def run_experts(op: Op) -> None:
-            for bi, (bridge, layout) in enumerate(working):
-                got = batches[bi, op.layer, op.mb]
-                if layout.padded:
-                    back, counts, bad = self._serve(bi, bridge, layout, comm.blocks_arrived(got), op.layer, op.mb)
-                    layout.checks.append((op.layer, op.mb, 0, bad))
-                    loads[op.layer] += counts
-                    outputs[bi, op.layer, op.mb] = back
-                else:
-                    outputs[bi, op.layer, op.mb] = self.experts[op.layer].forward_sorted(got.x_NH, got.counts_L)
+        def recv_one(bi, bridge, layout, op: Op) -> None:  # padded: post only; run_experts waits
+            if layout.padded:
+                got = comm.expert_receive_blocks(bridge, layout, cfg.hidden_size, self.dtype, op.layer, op.mb)
+            else:
+                got = comm.expert_receive(bridge, layout, num_local, cfg.hidden_size, self.dtype, op.layer, op.mb)
+                loads[op.layer] += got.counts_L
+            batches[bi, op.layer, op.mb] = got
 
-        def send(op: Op) -> None:
-            for bi, (bridge, layout) in enumerate(working):
-                got, y = batches.pop((bi, op.layer, op.mb)), outputs.pop((bi, op.layer, op.mb))
-                if layout.padded:
-                    pending.append(comm.expert_send_back(y, bridge, layout, op.layer, op.mb))
-                else:
-                    pending.append(comm.expert_send(y, got, bridge, layout, op.layer, op.mb))
+        def experts_one(bi, bridge, layout, op: Op) -> None:
+            got = batches[bi, op.layer, op.mb]
+            if layout.padded:
+                back, counts, bad = self._serve(bi, bridge, layout, comm.blocks_arrived(got), op.layer, op.mb)
+                layout.checks.append((op.layer, op.mb, 0, bad))
+                loads[op.layer] += counts
+                outputs[bi, op.layer, op.mb] = back
+            else:
+                outputs[bi, op.layer, op.mb] = self.experts[op.layer].forward_sorted(got.x_NH, got.counts_L)
 
-        execute(ops, timer.wrap({RECV: recv, EXPERTS: run_experts, SEND: send}), timer.record)
-        for p in pending:
-            comm.wait_sent(p)
+        def send_one(bi, bridge, layout, op: Op) -> None:
+            got, y = batches.pop((bi, op.layer, op.mb)), outputs.pop((bi, op.layer, op.mb))
+            if layout.padded:
+                pending.append((bi, comm.expert_send_back(y, bridge, layout, op.layer, op.mb)))
+            else:
+                pending.append((bi, comm.expert_send(y, got, bridge, layout, op.layer, op.mb)))
+
+        handlers = {kind: (lambda fn: lambda op: each(lambda bi, b, lay: fn(bi, b, lay, op)))(fn)
+                    for kind, fn in ((RECV, recv_one), (EXPERTS, experts_one), (SEND, send_one))}
+        execute(ops, timer.wrap(handlers), timer.record)
+        for bi, p in pending:
+            if failed is None:
+                comm.wait_sent(p)
+            elif bi not in failed:
+                guarded(failed, bi, comm.wait_sent, p)
         return loads
 
     def _serve(self, bi: int, bridge, layout, blocks_SBH: torch.Tensor, layer: int, mb: int):

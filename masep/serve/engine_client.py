@@ -62,6 +62,16 @@ class EngineDead(RuntimeError):
     """The engine stopped (a rank failed, or shutdown): HTTP 503."""
 
 
+class UnitsLost(RuntimeError):
+    """Raised by an executor's step when some units' ranks died but others answered:
+    `tokens` {unit: sampled tokens} of the units that finished the step, `units` {unit:
+    reason} of those that did not and never will (their ranks were stopped)."""
+
+    def __init__(self, units: dict[int, str], tokens: dict[int, list]):
+        super().__init__("; ".join(f"unit {u}: {why}" for u, why in sorted(units.items())))
+        self.units, self.tokens = units, tokens
+
+
 @dataclass
 class EngineStats:
     num_running: int  # requests holding a KV slot
