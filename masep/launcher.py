@@ -50,10 +50,12 @@ def eos_ids(tokenizer: Tokenizer, cfg: ModelConfig) -> frozenset[int]:
     return frozenset(i for i in ids if i < cfg.vocab_size)
 
 
-def scheduler_config(kv: KvSettings, cfg: ModelConfig, tokenizer: Tokenizer | None) -> SchedulerConfig:
+def scheduler_config(kv: KvSettings, cfg: ModelConfig, tokenizer: Tokenizer | None,
+                     protection: str = "recompute") -> SchedulerConfig:
     eos = eos_ids(tokenizer, cfg) if tokenizer is not None else (
         frozenset([cfg.eos_token_id]) if cfg.eos_token_id is not None else frozenset())
-    return SchedulerConfig(kv.max_model_len, cfg.vocab_size, kv.max_num_batched_tokens, kv.max_waiting, eos)
+    return SchedulerConfig(kv.max_model_len, cfg.vocab_size, kv.max_num_batched_tokens, kv.max_waiting, eos,
+                           protection)
 
 
 def single_slots(kv: KvSettings, model) -> int:
@@ -69,9 +71,9 @@ def single_slots(kv: KvSettings, model) -> int:
     return min(want, fit) if fit is not None else want
 
 
-def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False):
+def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, faults: tuple = ()):
     """A LocalExecutor for strategy single (`single_model` given), else a ClusterExecutor that
-    starts the plan's ranks. `run` is a parallel.worker.RunSpec."""
+    starts the plan's ranks (with `faults` to inject). `run` is a parallel.worker.RunSpec."""
     if single_model is not None:
         runtime = local_runtime(single_model, run.device, run.eager, fused)
         executor = LocalExecutor(runtime, single_slots(kv, single_model), kv.max_model_len)
@@ -82,7 +84,7 @@ def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False):
                 log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
         return executor
     from .parallel.cluster import ClusterExecutor
-    return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization)
+    return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization, faults=faults)
 
 
 def local_runtime(model, device: str, eager: bool, fused: bool):

@@ -7,6 +7,8 @@ times measured from the moment the requests were submitted.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numbers
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class Request:
 class GenerationResult:
     outputs: list[RequestOutput]  # one per request, in request order
     metrics: Metrics
+    failovers: list = dataclasses.field(default_factory=list)  # scheduler.Failover of units lost on the way
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -49,7 +52,8 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         return dict(**self.metrics.to_dict(), tokens=self.tokens, errors=[o.error for o in self.outputs],
-                    per_request=[o.to_dict() for o in self.outputs])
+                    per_request=[o.to_dict() for o in self.outputs],
+                    failovers=[dataclasses.asdict(f) for f in self.failovers])
 
 
 def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -108,7 +112,8 @@ def run_requests(executor, requests: Sequence[Request], config: SchedulerConfig,
     for i, seq in zip(valid, seqs):
         o = outputs[i]
         o.tokens, o.token_times_s, o.finish_reason = seq.output, seq.token_times_s, seq.finish_reason
-    return GenerationResult(outputs, compute_metrics(outputs, duration))
+        o.error = o.error or seq.error
+    return GenerationResult(outputs, compute_metrics(outputs, duration), list(sched.failovers))
 
 
 def _error_of(req: Request, cfg: ModelConfig, max_len: int | None = None) -> str | None:

@@ -153,7 +153,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
-        self.live_units = set(range(executor.num_units))
+        # units an executor lost before this scheduler (a second round on the same ranks)
+        self.live_units = set(range(executor.num_units)) - set(getattr(executor, "lost_units", {}))
+        for unit in set(range(executor.num_units)) - self.live_units:
+            self.free[unit] = []
         self.failovers: list[Failover] = []
         self.step_id = 0
         self.history: deque[StepRecord] = deque(maxlen=HISTORY)

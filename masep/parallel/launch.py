@@ -121,7 +121,13 @@ def _rank_child(rank: int, world: int, port: int, fn: Callable, arg: Any) -> Non
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    fn(arg)
+    try:
+        fn(arg)
+    except BaseException as err:  # the front end got the traceback over its channel; one line here
+        import sys
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"masep rank {rank}: {type(err).__name__}: {first[:300]}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 class RankProcesses:

@@ -36,7 +36,7 @@ SWITCH_INTERVAL_S = 2e-4
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..cli import _tokenizer_or_exit, build_plan, load_config, run_spec
+    from ..cli import _tokenizer_or_exit, build_plan, fault_specs, load_config, run_spec
     from ..launcher import KvSettings, make_executor, scheduler_config
     cfg, source = load_config(args, parser)
     try:
@@ -55,13 +55,15 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     name = args.served_model_name or source.preset or source.path
     run = run_spec(args, cfg, source)
     log.info("starting %s (%s) on %s", name, args.strategy, args.device)
-    executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None)
+    faults = fault_specs(args, run.plan, parser)
+    executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None,
+                             faults=faults)
     from ..engine.async_engine import AsyncEngine
     # The engine thread releases the GIL while the GPU runs a step and must get it back the
     # moment the step ends; by default the event loop thread (streaming the last step's tokens)
     # may hold it for up to 5 ms first, which a 5 ms decode step cannot afford.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer), tokenizer, name)
+    engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer, args.protection), tokenizer, name)
     try:
         log.info("%d attention unit(s) x %d KV slot(s) of %d positions", executor.num_units,
                  executor.slots_per_unit, kv.max_model_len)
