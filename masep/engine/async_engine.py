@@ -86,6 +86,20 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self.dead is None and self._thread.is_alive()
 
+    def health(self) -> dict:
+        """ok, degraded (some attention units lost, the others serving) or dead, with the lost
+        units' reasons and each rank's state (the executor's view)."""
+        s = self.scheduler
+        lost = {u: f.reason for f in s.failovers for u in [f.unit]}
+        lost |= {u: why for u, why in getattr(self.executor, "lost_units", {}).items()}
+        status = "dead" if not self.is_healthy() else ("degraded" if lost else "ok")
+        out = {"status": status, "live_units": sorted(s.live_units), "lost_units": {str(u): w for u, w in lost.items()}}
+        if self.dead:
+            out["error"] = self.dead
+        if hasattr(self.executor, "rank_states"):
+            out["ranks"] = self.executor.rank_states()
+        return out
+
     def scheduler_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
@@ -93,7 +107,7 @@ class AsyncEngine:
         s = self.scheduler
         steps = {kind: dict(vars(t)) for kind, t in s.totals.items()}
         return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), s.slots_total, len(s.running),
-                           steps)
+                           steps, len(s.live_units), len(s.failovers))
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)

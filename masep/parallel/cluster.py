@@ -240,6 +240,11 @@ class ClusterExecutor:
         self.procs.terminate()
         raise EngineDead(why)
 
+    def rank_states(self) -> list[dict]:
+        """Each rank's role, unit, pid and state ("alive", or how it ended) for /health."""
+        return [{"rank": r, "role": i.role, "unit": i.unit, "pid": i.pid, "state": self.gone.get(r, "alive")}
+                for r, i in sorted(self.infos.items())]
+
     # --- shutdown ------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> dict[int, dict]:
         """Stop every rank and collect its report; ranks that do not leave are terminated."""

@@ -81,6 +81,8 @@ class EngineStats:
     # cumulative since start, per step kind ("decode", "prefill"): steps, rows (requests),
     # tokens, seconds (host time around the step); decode rows / steps = mean decode batch
     steps: dict[str, dict[str, float]] = field(default_factory=dict)
+    live_units: int = 1  # attention units (replicas, EP ranks) still serving
+    failovers: int = 0  # units lost since start
 
 
 class EngineClient(Protocol):

@@ -48,7 +48,16 @@ class _StepCounters:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        steps = self.engine.stats().steps
+        from prometheus_client.core import GaugeMetricFamily
+        stats = self.engine.stats()
+        live = GaugeMetricFamily("masep:live_units", "Attention units (replicas, EP ranks) still serving.",
+                                 labels=["model_name"])
+        live.add_metric([self.model_name], stats.live_units)
+        lost = CounterMetricFamily("masep:failovers", "Attention units lost since start (their requests were "
+                                   "moved or failed).", labels=["model_name"])
+        lost.add_metric([self.model_name], stats.failovers)
+        yield from (live, lost)
+        steps = stats.steps
         for field, doc in self.FIELDS:
             name = "masep:engine_steps" if field == "steps" else f"masep:engine_step_{field}"
             family = CounterMetricFamily(name, doc, labels=["model_name", "kind"])

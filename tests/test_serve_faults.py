@@ -1,0 +1,118 @@
+"""`masep serve` survives dead and stuck attention replicas while clients keep sending.
+
+One server (three attention replicas of two slots + one expert rank, gloo ranks, --timeout 3):
+  1. an injected SIGKILL of replica 1's rank at step 20, while six greedy requests from the
+     `openai` client are in flight: every request completes with the single-device model's
+     tokens (recompute failover; exact equality as in test_continuous_batching);
+  2. `masep bench serve` drives the server and the test SIGSTOPs replica 2's rank in the middle
+     of decode: the server declares it dead after the 3 s timeout, kills it, and no request
+     fails;
+  3. /health says degraded (naming both lost replicas and how each ended) and still answers,
+     a last request is served by replica 0, and SIGTERM leaves no rank behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from masep.parallel.launch import free_port
+
+from test_serve import _children, _client, _reference
+
+openai = pytest.importorskip("openai")
+SERVE = ["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "3", "--expert-ranks", "1",
+         "--max-num-seqs", "2", "--max-num-batched-tokens", "8", "--timeout", "3", "--log-level", "warning",
+         "--inject-fault", "kill@1:20"]
+
+
+def _health(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *SERVE, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"masep serve did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_killed_replica_mid_decode_changes_no_token(server):
+    url, _ = server
+    prompts = [[(7 * i + j) % 256 for j in range(5 + i)] for i in range(6)]
+    got: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        out = _client(url).completions.create(model="tiny", prompt=prompts[i], max_tokens=30, temperature=0,
+                                              extra_body={"return_token_ids": True, "ignore_eos": True})
+        got[i] = out.choices[0].model_extra["token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    status, health = _health(url)
+    assert status == 200 and health["status"] == "degraded", health
+    assert "1" in health["lost_units"] and "SIGKILL" in health["lost_units"]["1"]
+    assert [got.get(i) for i in range(6)] == [_reference(p, 30) for p in prompts]
+
+
+@pytest.mark.timeout(120)
+def test_stuck_replica_while_bench_serve_drives_the_server_loses_no_request(server):
+    url, _ = server
+    rank2 = next(r for r in _health(url)[1]["ranks"] if r["unit"] == 2)
+    bench = subprocess.Popen([sys.executable, "-m", "masep", "bench", "serve", "--base-url", url, "--num-prompts", "24",
+                              "--request-rate", "12", "--random-input-len", "10", "--random-output-len", "20",
+                              "--random-vocab-size", "256", "--ignore-eos", "--max-duration", "90",
+                              "--disable-tqdm", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # requests are decoding on every live replica
+    os.kill(rank2["pid"], signal.SIGSTOP)
+    out, err = bench.communicate(timeout=110)
+    assert bench.returncode == 0, err
+    row = json.loads(out)
+    assert row["completed"] == 24 and row["failed"] == 0 and row["total_output_tokens"] == 24 * 20
+    status, health = _health(url)
+    assert status == 200 and set(health["lost_units"]) == {"1", "2"}
+    assert "SIGSTOP" in health["lost_units"]["2"] and "3 s" in health["lost_units"]["2"], health
+    assert health["live_units"] == [0]
+
+
+@pytest.mark.timeout(60)
+def test_the_last_replica_serves_and_sigterm_leaves_no_rank(server):
+    url, proc = server
+    ranks = _children(proc.pid)
+    out = _client(url).completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=5, temperature=0,
+                                          extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert out.choices[0].model_extra["token_ids"] == _reference([1, 2, 3], 5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(1)
+    alive = [p for p in ranks if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"processes left behind: {alive}"
