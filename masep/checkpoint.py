@@ -33,6 +33,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Stored dtypes we cast from. FP8 / int tensors need scales or dequantisation: refused.
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 # Old checkpoints carry RoPE caches; we recompute them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -178,16 +179,65 @@ class CheckpointReader:
         return self.path / (SINGLE_FILE if (self.path / SINGLE_FILE).exists() else INDEX_FILE)
 
     # --- reading -------------------------------------------------------------------------------
-    def read(self, key: str, index: tuple = ()) -> torch.Tensor:
-        """Tensor `key` (or `key[index]`, read by slice) in its stored dtype, on the CPU."""
+    def read(self, key: str, index: tuple = (), check_finite: bool = True) -> torch.Tensor:
+        """Tensor `key` (or `key[index]`, read by slice) in its stored dtype, on the CPU.
+        ValueError when it holds NaN or inf (unless check_finite=False): such weights make
+        every output garbage while the run still looks healthy."""
         if key not in self.file_of:
             raise ValueError(f"{self._where()}: no tensor {key!r}")
         file = self.file_of[key]
         try:
             sl = self._open(file).get_slice(key)
-            return sl[index] if index else sl[:]
+            tensor = sl[index] if index else sl[:]
         except SafetensorError as err:
             raise ValueError(f"{file}: cannot read tensor {key!r} (truncated or corrupt file?): {err}") from err
+        if check_finite:
+            self._refuse_non_finite(key, count_non_finite(tensor), f" (in the slice {index})" if index else "")
+        return tensor
+
+    def check_finite(self, chunk_bytes: int = 256 << 20) -> None:
+        """Read every tensor once, `chunk_bytes` at a time (so a huge tensor never sits in memory
+        whole), and refuse the first that holds NaN or inf. The front end calls this before
+        starting ranks: a rank would find it only after every rank has started."""
+        for key in self.expected():
+            shape = self.shape_of[key]
+            rows = shape[0] if shape else 1
+            row_bytes = max(1, self.numel(key) // max(1, rows) * DTYPE_BYTES.get(self.dtype_of[key], 4))
+            step = max(1, chunk_bytes // row_bytes)
+            bad = sum(count_non_finite(self.read(key, (slice(a, min(a + step, rows)),) if shape else (),
+                                                 check_finite=False))
+                      for a in range(0, rows, step))
+            self._refuse_non_finite(key, bad)
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for d in self.shape_of[key]:
+            n *= d
+        return n
+
+    def _refuse_non_finite(self, key: str, count: int, where: str = "") -> None:
+        if count:
+            raise ValueError(f"{self.file_of[key]}: tensor {key!r} holds {count} non-finite values (NaN or inf)"
+                             f"{where}; the checkpoint is damaged (a diverged training run or a bad conversion): "
+                             "re-export or re-download it")
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """NaN and +-inf entries of a floating tensor (0 for other dtypes)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
+
+
+def validate_checkpoint(path: str | Path, check_values: bool = False) -> ModelConfig:
+    """Everything a load would refuse, before any rank starts: config.json, the safetensors
+    headers (names, shapes, dtypes; cheap, no tensor data), and with `check_values` every
+    weight's values (one read of the whole checkpoint). Returns the config; ValueError names
+    the file and the problem."""
+    with CheckpointReader(path) as r:
+        if check_values:
+            r.check_finite()
+        return r.cfg
 
 
 def _reader(ckpt: CheckpointReader | str | Path) -> CheckpointReader:

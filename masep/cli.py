@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,8 +29,9 @@ from . import __version__
 from .config import PRESETS, ModelConfig, from_hf_config, preset
 from .engine import Request, random_prompts
 from .engine.executor import LocalExecutor
-from .model import MoETransformer, build_model
+from .model import BlockParts, MoETransformer, build_model, kv_heads_for
 from .parallel.schedule import COMM_KINDS
+from .runtime import LocalRuntime
 
 RUN_DTYPES = ("float32", "bfloat16")
 DEFAULT_PRESET = "small"
@@ -53,10 +58,14 @@ class ModelSource:
 
 # --- pieces shared by strategies and subcommands --------------------------------------------
 def load_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ModelConfig, ModelSource]:
-    """The model config (dtype resolved) and where its weights come from; errors exit 2."""
+    """The model config (dtype resolved) and where its weights come from; errors exit 2.
+    A checkpoint's config.json and safetensors headers (names, shapes, dtypes) are checked here,
+    cheaply: a bad one used to surface only once every rank had started."""
+    from .checkpoint import validate_checkpoint
     try:
         if args.model is not None:
             cfg, source = from_hf_config(args.model), ModelSource(path=args.model, seed=args.seed)
+            validate_checkpoint(args.model)
         else:
             name = args.preset or DEFAULT_PRESET
             cfg, source = preset(name), ModelSource(preset=name, seed=args.seed)
@@ -162,13 +171,21 @@ def print_report(report: dict, file=None) -> None:
     for i, err in enumerate(r["errors"]):
         if err is not None:
             print(f"request {i} failed: {err}", file=file)
+    for f in r.get("failovers", []):
+        fate = (f"{len(f['moved'])} request(s) moved to live replicas (recompute)" if f["moved"] else
+                f"{len(f['failed'])} request(s) failed")
+        print(f"failover: attention replica {f['unit']} lost ({f['reason']}); {fate}", file=file)
     if "plan_text" in r:
         print_distributed(r, file)
     if "check" in r:
         c = r["check"]
-        verdict = (f"generated tokens of all {len(r['tokens'])} requests are identical to the single-device model"
-                   if c["match"] else f"generated tokens DIFFER from the single-device model in requests "
-                   f"{c['mismatched_requests']}")
+        if c.get("non_finite_logits"):
+            verdict = (f"FAILED: the single-device model produced {c['non_finite_logits']} non-finite logits "
+                       "(NaN or inf), so its tokens mean nothing (weights that overflow the dtype?)")
+        elif c["match"]:
+            verdict = f"generated tokens of all {len(r['tokens'])} requests are identical to the single-device model"
+        else:
+            verdict = f"generated tokens DIFFER from the single-device model in requests {c['mismatched_requests']}"
         print(f"check: {verdict}", file=file)
 
 
@@ -243,13 +260,21 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
     kv = kv_settings(args, cfg, requests)
     if args.max_num_seqs is None:
         kv.max_num_seqs = max(1, len(requests))  # a static batch: one slot per request by default
-    sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer)
+    sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer, args.protection)
     run = run_spec(args, cfg, source)
+    faults = fault_specs(args, run.plan, args.subparser)
 
     def rounds(executor) -> dict:
-        for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
-            run_requests(executor, requests, sched, cfg)
-        result = run_requests(executor, requests, sched, cfg).to_dict()
+        failovers = []  # of every round: a replica lost in the warm-up stays lost
+        try:
+            for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
+                failovers += run_requests(executor, requests, sched, cfg).failovers
+            timed = run_requests(executor, requests, sched, cfg)
+        except BaseException:
+            executor.shutdown()
+            raise
+        result = timed.to_dict()
+        result["failovers"] = [dataclasses.asdict(f) for f in failovers + timed.failovers]
         result["reports"] = executor.shutdown() if run.plan is not None else None
         return result
 
@@ -261,7 +286,7 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         from .parallel.rank_loop import KvBudget
         return run_under_torchrun(run, KvBudget(kv.max_model_len, kv.gpu_memory_utilization), kv.max_num_seqs,
                                   rounds)
-    return rounds(make_executor(run, kv))
+    return rounds(make_executor(run, kv, faults=faults))
 
 
 def describe_ranks(report: dict, plan, cfg: ModelConfig) -> dict:
@@ -347,8 +372,35 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--ep", type=int, default=1, help="ep: expert-parallel ranks (each with its own attention)")
     d.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="auto: gloo on CPU, NCCL on CUDA; gloo with --device cuda lets ranks share one GPU")
-    d.add_argument("--timeout", type=float, default=120.0, help="seconds any rank waits for a peer before failing")
+    d.add_argument("--timeout", type=timeout_seconds, default=120.0,
+                   help="seconds any rank waits for a peer before failing")
     d.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace per rank to DIR/rank<r>.json")
+    f = p.add_argument_group("failures (separated: an attention replica can die without stopping the others)")
+    f.add_argument("--protection", choices=("recompute", "none"), default="recompute",
+                   help="requests of a dead attention replica: recompute = move them to live replicas, which "
+                        "prefill prompt + generated tokens and go on; none = fail them with the reason")
+    f.add_argument("--inject-fault", metavar="KIND@RANK:STEP", action="append", default=[],
+                   help="tests and demos: rank RANK kills itself (kill), stops itself (hang: SIGSTOP) or raises "
+                        "(raise) at step STEP; repeatable")
+
+
+def fault_specs(args: argparse.Namespace, plan, parser: argparse.ArgumentParser) -> tuple:
+    """--inject-fault values, parsed and checked against the plan (refused where no rank can die)."""
+    from .parallel.faults import FaultSpec, check_faults
+    from .parallel.launch import launched_by_torchrun
+    if not args.inject_fault:
+        return ()
+    if plan is None:
+        parser.error("--inject-fault: strategy single has no rank processes to fail; use a distributed strategy")
+    if launched_by_torchrun():
+        parser.error("--inject-fault: not under torchrun (its agent stops every worker when one fails); "
+                     "let masep start the ranks")
+    try:
+        faults = tuple(FaultSpec.parse(text) for text in args.inject_fault)
+        check_faults(list(faults), plan.world_size)
+    except ValueError as err:
+        parser.error(str(err))
+    return faults
 
 
 def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.ArgumentParser) -> None:
@@ -374,26 +426,274 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
         parser.error(str(err))
     if args.strategy != "single":
         from .parallel.launch import launched_by_torchrun
-        import os
         try:
             plan = build_plan(args, cfg)
-            if launched_by_torchrun():  # the launch fixed the world size: the plan must match it
-                plan.validate(cfg, int(os.environ["WORLD_SIZE"]))
+            warning = check_torchrun_env(plan, cfg)
         except ValueError as err:
             parser.error(str(err))
+        if warning:
+            print(f"masep: {warning}", file=sys.stderr, flush=True)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (args.device == "cuda" and args.backend != "gloo" and not launched_by_torchrun()
                 and plan.world_size > gpus):
             parser.error(f"--device cuda: the plan needs {plan.world_size} ranks, one GPU each for NCCL, but "
                          f"{gpus} GPU(s) are visible; use a smaller plan, or --backend gloo to share GPUs")
-        if args.timeout <= 0:
-            parser.error(f"--timeout={args.timeout}: must be > 0 seconds")
+    if args.trace is not None:
+        try:
+            check_trace_dir(args.trace)
+        except ValueError as err:
+            parser.error(str(err))
     if args.fused and (args.device != "cuda" or args.strategy != "single" or args.eager):
         parser.error("--fused: the fused Triton kernels run with --strategy single --device cuda (without --eager); "
                      "the distributed strategies use CUDA graphs and the Triton experts without them")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine "
                      f"(torch {torch.__version__}); use --device cpu")
+
+
+# --- checks before any work: launch environment, output paths, weights, memory --------------
+MAX_TIMEOUT_S = 1e6  # ~11.6 days: past this a wait is a typo, and far past it timedelta / lock waits overflow
+
+
+def timeout_seconds(text: str) -> float:
+    """argparse type of --timeout. NaN and inf used to pass a `<= 0` check and crash every rank
+    when it built its timeouts, so the rule is stated positively: finite, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds > 0 "
+                                         f"(at most {MAX_TIMEOUT_S:g})")
+    return value
+
+
+# What launch.launched_by_torchrun tests (all four set: join that world), and what torchrun also sets.
+TORCHRUN_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARS = (*TORCHRUN_REQUIRED, "LOCAL_RANK")
+UNSET_TORCHRUN = "unset " + " ".join(TORCHRUN_VARS)
+
+
+def check_torchrun_env(plan, cfg: ModelConfig, environ=os.environ) -> str | None:
+    """A distributed run joins the world that torchrun's variables describe when all of
+    TORCHRUN_REQUIRED are set, and starts its own plan.world_size ranks otherwise. Variables left
+    over in a shell used to make it wait out --timeout silently. ValueError (naming the variables
+    and values, and the fix) when they cannot describe a launch of this plan: some set but not
+    all, not numbers, or a world size that is not the plan's. Returns a warning when they can
+    but torchrun did not set them (no TORCHELASTIC_RUN_ID): a hand-made launch is legitimate, so
+    it is joined, but the user learns at once why masep waits for other ranks."""
+    found = {k: environ[k] for k in TORCHRUN_VARS if k in environ}
+    if not found:
+        return None
+    shown = " ".join(f"{k}={v}" for k, v in found.items())
+    fix = (f"if they are left over from another launch, `{UNSET_TORCHRUN}` and masep starts its own "
+           f"{plan.world_size} ranks; or launch every rank with `torchrun --nproc-per-node {plan.world_size} "
+           "-m masep ...`")
+    missing = [k for k in TORCHRUN_REQUIRED if k not in found]
+    if missing:
+        raise ValueError(f"environment: {shown} set but {' '.join(missing)} not: masep joins an outside launch "
+                         f"only when all of {' '.join(TORCHRUN_REQUIRED)} are set; {fix}")
+    rank, world = _env_int(found, "RANK", 0, fix), _env_int(found, "WORLD_SIZE", 1, fix)
+    port = _env_int(found, "MASTER_PORT", 1, fix)
+    if "LOCAL_RANK" in found:
+        _env_int(found, "LOCAL_RANK", 0, fix)
+    if rank >= world:
+        raise ValueError(f"environment: RANK={rank}: must be in [0, WORLD_SIZE={world}); {fix}")
+    if port > 65535:
+        raise ValueError(f"environment: MASTER_PORT={found['MASTER_PORT']!r}: must be an integer in [1, 65535]; {fix}")
+    try:
+        plan.validate(cfg, world)  # the launch fixed the world size: the plan must match it
+    except ValueError as err:
+        raise ValueError(f"{err} (WORLD_SIZE={world} comes from the environment: {shown}; {fix})") from None
+    if "TORCHELASTIC_RUN_ID" in environ:  # torchrun's own launch
+        return None
+    return (f"{shown} are set, but not by torchrun (no TORCHELASTIC_RUN_ID): this process joins that world as "
+            f"rank {rank} of {world} and waits up to --timeout for the others; {fix}")
+
+
+def _env_int(found: dict[str, str], name: str, low: int, fix: str) -> int:
+    try:
+        value = int(found[name])
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise ValueError(f"environment: {name}={found[name]!r}: must be an integer >= {low}; {fix}")
+    return value
+
+
+def check_trace_dir(path: str) -> None:
+    """--trace DIR must be a directory this process can create and write files in. The ranks
+    write their traces only after generating, and a bad path then cost the whole run's results.
+    Creating it (and a probe file) is the one test that also catches read-only file systems and
+    permissions that os.access misjudges (root, ACLs)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--trace {path}: exists and is not a directory (each rank writes DIR/rank<r>.json); "
+                         "name a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise ValueError(f"--trace {path}: cannot create or write files in it ({err.strerror or err}); "
+                         "name a writable directory") from None
+
+
+def check_weights_finite(source: ModelSource, parser: argparse.ArgumentParser) -> None:
+    """A checkpoint whose weights hold NaN or inf serves garbage; each load refuses it, but a
+    rank finds it only after every rank has started, so the front end reads the weights once
+    first. Not under torchrun: every process there is a rank, and a long scan on one would make
+    the others time out at the rendezvous; each rank checks the slices it loads."""
+    from .checkpoint import validate_checkpoint
+    from .parallel.launch import launched_by_torchrun
+    if source.path is None or launched_by_torchrun():
+        return
+    try:
+        validate_checkpoint(source.path, check_values=True)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes one rank (or the single-device model) allocates."""
+
+    weights: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def rank_memory_needs(cfg: ModelConfig, plan, slots: int, max_len: int) -> list[MemoryNeed]:
+    """Per rank of `plan` (None: the single-device model): the parameters of its part, counted on
+    the meta device (so exactly what it builds, embeddings and norms included), and its KV cache:
+    `slots` slots of max_len + 1 positions (one scratch) for the layers and KV heads its attention
+    holds (expert ranks hold none)."""
+    from .parallel.parts import rank_parts
+    elt = torch.finfo(cfg.torch_dtype).bits // 8
+    needs = []
+    for rank in range(plan.world_size if plan is not None else 1):
+        parts = rank_parts(plan, cfg, rank) if plan is not None else [BlockParts.everything(cfg)] * cfg.num_layers
+        weights = sum(p.numel() for p in MoETransformer(cfg, device="meta", parts=parts).parameters()) * elt
+        kv = sum(2 * slots * len(kv_heads_for(cfg, p.heads)) * (max_len + 1) * cfg.head_dim * elt
+                 for p in parts if p.active and p.heads is not None)
+        needs.append(MemoryNeed(weights, kv))
+    return needs
+
+
+def peak_bytes(cfg: ModelConfig, plan, slots: int, max_len: int, drawn_whole: bool) -> tuple[int, list[MemoryNeed]]:
+    """Peak bytes of all of a run's ranks together, and the per-rank needs. `drawn_whole`: each
+    rank draws the whole model from the seed before keeping its part (presets:
+    worker.load_model), so at start-up every rank briefly holds all the weights."""
+    needs = rank_memory_needs(cfg, plan, slots, max_len)
+    peak = sum(n.total for n in needs)
+    if plan is not None and drawn_whole:
+        peak = max(peak, len(needs) * rank_memory_needs(cfg, None, 0, max_len)[0].weights)
+    return peak, needs
+
+
+def cpu_memory_problem(cfg: ModelConfig, plan, slots: int, max_len: int, drawn_whole: bool,
+                       oracle_slots: int | None = None, slots_flag: str = "--max-num-seqs") -> str | None:
+    """On CPU every rank is a process of this machine and nothing caps the KV cache: the ranks
+    (and then --check's single-device model) must fit the machine's RAM together. `slots_flag`:
+    the flag that set `slots`, which the message tells the user to lower."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need, needs = peak_bytes(cfg, plan, slots, max_len, drawn_whole)
+    what = (f"weights {sum(n.weights for n in needs)} + KV cache {sum(n.kv_cache for n in needs)} bytes over "
+            f"{len(needs)} process(es)")
+    if oracle_slots is not None:
+        oracle = rank_memory_needs(cfg, None, oracle_slots, max_len)[0]
+        if oracle.total > need:
+            need, what = oracle.total, (f"--check's single-device model: weights {oracle.weights} + KV cache "
+                                        f"{oracle.kv_cache} bytes ({oracle_slots} KV slots)")
+    if need <= ram:
+        return None
+    return (f"{slots} KV slots ({slots_flag}) x {max_len} positions (--max-model-len): the run needs {need} bytes "
+            f"({need / 2**30:.1f} GiB) of RAM = {what}, more than the {ram} bytes ({ram / 2**30:.1f} GiB) of RAM "
+            f"this machine has; lower {slots_flag.split(',')[0]} or --max-model-len, or use a smaller model"
+            + (" or --dtype bfloat16" if cfg.dtype == "float32" else ""))
+
+
+def cuda_memory_problem(cfg: ModelConfig, plan, max_len: int, drawn_whole: bool, gpu_memory_utilization: float
+                        ) -> str | None:
+    """On CUDA the runtimes size the KV cache to what --gpu-memory-utilization leaves after the
+    weights (rank_loop.KvBudget), so only the weights plus one KV slot must fit. Ranks sit on GPU
+    rank % gpus. The single-device model's process reads the GPU's free memory
+    (torch.cuda.mem_get_info, as KvBudget does); for spawned ranks this process reads only each
+    GPU's size: mem_get_info would create a CUDA context on every GPU here, taking memory from
+    the ranks for the whole run."""
+    gpus = torch.cuda.device_count()
+    peak_per_gpu: dict[int, int] = {}
+    if plan is None:
+        free, total = torch.cuda.mem_get_info()
+        budgets = {torch.cuda.current_device(): gpu_memory_utilization * total - (total - free)}
+        peak_per_gpu[torch.cuda.current_device()] = rank_memory_needs(cfg, None, 1, max_len)[0].total
+    else:
+        needs = rank_memory_needs(cfg, plan, 1, max_len)
+        whole = rank_memory_needs(cfg, None, 0, max_len)[0].weights if drawn_whole else 0
+        steady: dict[int, int] = {}
+        for rank, need in enumerate(needs):
+            steady[rank % gpus] = steady.get(rank % gpus, 0) + need.total
+            peak_per_gpu[rank % gpus] = peak_per_gpu.get(rank % gpus, 0) + whole
+        peak_per_gpu = {g: max(steady[g], peak_per_gpu[g]) for g in steady}
+        budgets = {g: gpu_memory_utilization * torch.cuda.get_device_properties(g).total_memory for g in steady}
+    for gpu, need in sorted(peak_per_gpu.items()):
+        if need > budgets[gpu]:
+            avail = int(budgets[gpu])
+            return (f"GPU {gpu} needs {need} bytes ({need / 2**30:.1f} GiB: the weights of the ranks on it plus one "
+                    f"KV slot of --max-model-len={max_len}), more than the {avail} bytes ({avail / 2**30:.1f} GiB) "
+                    f"--gpu-memory-utilization={gpu_memory_utilization} allows there; lower --max-model-len, use "
+                    "more GPUs (a plan that spreads the weights; --backend nccl puts one rank per GPU) or a "
+                    "smaller model" + (", or --dtype bfloat16" if cfg.dtype == "float32" else ""))
+    return None
+
+
+def check_run_memory(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource, requests: list[Request],
+                     parser: argparse.ArgumentParser) -> None:
+    """`masep run`: refuse a KV cache or model that cannot fit before anything is built (it used
+    to die a minute later in the allocator). Not under torchrun: the ranks there may span
+    machines, and each one sizes its own KV cache."""
+    from .parallel.launch import launched_by_torchrun
+    if launched_by_torchrun():
+        return
+    kv = kv_settings(args, cfg, requests)
+    plan = build_plan(args, cfg) if args.strategy != "single" else None
+    slots = args.max_num_seqs or max(1, len(requests))  # run_strategy's default: one slot per request
+    flag = "--max-num-seqs" if args.max_num_seqs else "--max-num-seqs, default: one per request (--batch)"
+    if args.device == "cuda":
+        problem = cuda_memory_problem(cfg, plan, kv.max_model_len, source.preset is not None,
+                                      kv.gpu_memory_utilization)
+    else:
+        problem = cpu_memory_problem(cfg, plan, slots, kv.max_model_len, source.preset is not None,
+                                     max(1, len(requests)) if args.check else None, flag)
+    if problem:
+        parser.error(problem)
+
+
+def check_serve_memory(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource,
+                       parser: argparse.ArgumentParser) -> None:
+    """`masep serve`: the same check with the server's defaults (the model's max_seq_len per slot,
+    16 slots per attention unit on CPU)."""
+    from .launcher import KvSettings
+    try:
+        kv = KvSettings(args.max_model_len or cfg.max_seq_len, args.max_num_seqs, args.gpu_memory_utilization,
+                        args.max_num_batched_tokens, args.max_waiting).validate(cfg)
+        plan = build_plan(args, cfg) if args.strategy != "single" else None
+    except ValueError as err:
+        parser.error(str(err))
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            return  # the server's own start-up says so
+        problem = cuda_memory_problem(cfg, plan, kv.max_model_len, source.preset is not None,
+                                      kv.gpu_memory_utilization)
+    else:
+        flag = "--max-num-seqs" if args.max_num_seqs else "--max-num-seqs, default 16"
+        problem = cpu_memory_problem(cfg, plan, kv.max_num_seqs or 16, kv.max_model_len, source.preset is not None,
+                                     slots_flag=flag)
+    if problem:
+        parser.error(problem)
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -404,7 +704,14 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         requests = make_requests(args, cfg, tokenizer)
     except ValueError as err:
         parser.error(str(err))
-    report = run_strategy(args, cfg, source, tokenizer, requests)
+    check_run_memory(args, cfg, source, requests, parser)
+    check_weights_finite(source, parser)
+    from .serve.engine_client import EngineDead
+    try:
+        report = run_strategy(args, cfg, source, tokenizer, requests)
+    except EngineDead as err:  # a rank died and the plan cannot go on without it
+        print(f"masep run: the engine stopped: {err}", file=sys.stderr)
+        return 1
     if report is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
     if args.strategy != "single":
@@ -450,11 +757,26 @@ def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: Mod
     from .launcher import scheduler_config
     from .runtime import LocalRuntime
     kv = kv_settings(args, cfg, requests)
-    executor = LocalExecutor(LocalRuntime(source.build(cfg, args.device)), max(1, len(requests)), kv.max_model_len)
+    oracle = FiniteLogitsRuntime(source.build(cfg, args.device))
+    executor = LocalExecutor(oracle, max(1, len(requests)), kv.max_model_len)
     sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer)
     reference = run_requests(executor, requests, sched, cfg).tokens
     mismatched = [i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b]
-    return dict(match=not mismatched, mismatched_requests=mismatched, reference_tokens=reference)
+    return dict(match=not mismatched and not oracle.non_finite, mismatched_requests=mismatched,
+                non_finite_logits=oracle.non_finite, reference_tokens=reference)
+
+
+class FiniteLogitsRuntime(LocalRuntime):
+    """The oracle's runtime, counting NaN / inf logits: tokens drawn from them are garbage that
+    the strategy under test reproduces exactly (argmax of NaN is a fixed index), so equal tokens
+    prove nothing then."""
+
+    non_finite = 0
+
+    def forward(self, rows, step_id=None):
+        logits = super().forward(rows, step_id)
+        self.non_finite += int(logits.numel() - torch.isfinite(logits).sum())
+        return logits
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -496,15 +818,22 @@ def bench_dist(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     add_distributed_args(p)
     args = p.parse_args(argv)
+    if args.inject_fault or args.protection != "recompute":
+        p.error("--inject-fault / --protection: bench dist times fixed steps without a scheduler; use "
+                "`masep run` or `masep serve`")
     cfg, source = load_config(args, p)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.context + args.warmup_steps + args.steps + 1))
     try:
         plan = build_plan(args, cfg)
+        warning = check_torchrun_env(plan, cfg)
     except ValueError as err:
         p.error(str(err))
+    if warning:
+        print(f"masep: {warning}", file=sys.stderr, flush=True)
     for flag, value in (("--batch", args.batch), ("--context", args.context), ("--steps", args.steps)):
         if value < 1:
             p.error(f"{flag}={value}: must be >= 1")
+    check_weights_finite(source, p)
     from .parallel.bench_dist import DistBenchSpec, launch_bench
     from .parallel.worker import RunSpec
     run = RunSpec(plan=plan, requests=[], preset=source.preset, config=cfg if source.preset else None,
@@ -532,7 +861,17 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The checks `masep run` makes before any work, then the server (which loads the config again:
+    that part is cheap; the weight scan here is done once)."""
     from .serve.server import cmd_serve
+    cfg, source = load_config(args, parser)
+    if args.trace is not None:
+        try:
+            check_trace_dir(args.trace)
+        except ValueError as err:
+            parser.error(str(err))
+    check_serve_memory(args, cfg, source, parser)
+    check_weights_finite(source, parser)
     return cmd_serve(args, parser)
 
 
