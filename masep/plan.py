@@ -138,10 +138,19 @@ class SeparatedPlan:
     def expert_rank_ids(self) -> list[int]:
         return list(range(self.num_attention_ranks, self.world_size))
 
-    def holder(self, cfg: ModelConfig, expert: int, replica: int) -> int:
-        """Expert-group index that serves `expert` for `replica` (spreads replicated experts)."""
-        holders = [r for r, experts in enumerate(self.expert_placement(cfg)) if expert in experts]
+    def holder(self, cfg: ModelConfig, expert: int, replica: int, without: int | None = None) -> int:
+        """Expert-group index that serves `expert` for `replica` (spreads replicated experts);
+        `without`: an expert-group index that is gone (its experts' other holders serve)."""
+        holders = [r for r, experts in enumerate(self.expert_placement(cfg)) if expert in experts and r != without]
         return holders[replica % len(holders)]
+
+    def survives_expert_loss(self, cfg: ModelConfig) -> bool:
+        """Whether the replicas can route around one dead expert rank: every expert has a second
+        holder, and each replica is one rank (a head-parallel replica's ranks could be caught
+        on either side of a failed transfer, with its own group then out of step)."""
+        placement = self.expert_placement(cfg)
+        held = [sum(e in experts for experts in placement) for e in range(cfg.num_experts)]
+        return self.attn_tp == 1 and self.expert_ranks >= 2 and min(held) >= 2
 
     def describe(self, cfg: ModelConfig | None = None) -> str:
         text = (f"separated: {self.attn_replicas} attention replica(s) x {self.attn_tp} head-parallel rank(s) "

@@ -185,3 +185,21 @@ def test_a_dead_expert_rank_without_redundancy_fails_fast_naming_it_and_its_expe
         assert all(not s.finished for s in seqs)  # the scheduler still holds them (the engine fails them)
     finally:
         _no_rank_left(executor)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("placement,dead", [
+    (((0, 1, 2, 3, 4, 5, 6, 7), (0, 1, 2, 3, 4, 5, 6, 7)), 3),  # every expert on both expert ranks
+    (((0, 1, 2, 3, 4, 5), (4, 5, 6, 7, 0, 1), (2, 3, 6, 7)), 4),  # every expert on two of three ranks
+])
+def test_a_dead_expert_rank_with_redundancy_is_routed_around_and_changes_no_token(reference, placement, dead):
+    from masep.plan import SeparatedPlan
+    plan = SeparatedPlan(2, 1, len(placement), 2, placement=placement)
+    executor = _cluster(plan, [f"kill@{dead}:9"])
+    try:
+        sched, seqs = _serve(executor, _workload())
+        assert not sched.failovers  # no attention replica was lost ...
+        assert list(executor.lost_experts) == [dead] and "SIGKILL" in executor.lost_experts[dead]
+        assert [s.output for s in seqs] == reference  # ... and no token changed
+    finally:
+        _no_rank_left(executor)

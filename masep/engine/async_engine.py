@@ -92,8 +92,10 @@ class AsyncEngine:
         s = self.scheduler
         lost = {u: f.reason for f in s.failovers for u in [f.unit]}
         lost |= {u: why for u, why in getattr(self.executor, "lost_units", {}).items()}
-        status = "dead" if not self.is_healthy() else ("degraded" if lost else "ok")
-        out = {"status": status, "live_units": sorted(s.live_units), "lost_units": {str(u): w for u, w in lost.items()}}
+        experts = getattr(self.executor, "lost_experts", {})
+        status = "dead" if not self.is_healthy() else ("degraded" if lost or experts else "ok")
+        out = {"status": status, "live_units": sorted(s.live_units), "lost_units": {str(u): w for u, w in lost.items()},
+               "lost_expert_ranks": {str(r): w for r, w in experts.items()}}
         if self.dead:
             out["error"] = self.dead
         if hasattr(self.executor, "rank_states"):

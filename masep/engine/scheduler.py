@@ -131,6 +131,8 @@ class Failover:
     at_s: float  # scheduler clock when the loss was noticed
     moved: list[str]  # request ids resumed elsewhere (recompute)
     failed: list[str]  # request ids that ended with the error (protection none, or no unit left)
+    step_started_s: float | None = None  # scheduler clock when the step before the fatal one ended
+    tokens_at_move: list[int] = field(default_factory=list)  # per moved request: tokens it had then
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Scheduler:
         self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
         # units an executor lost before this scheduler (a second round on the same ranks)
         self.live_units = set(range(executor.num_units)) - set(getattr(executor, "lost_units", {}))
+        self._last_step_end: float | None = None
         for unit in set(range(executor.num_units)) - self.live_units:
             self.free[unit] = []
         self.failovers: list[Failover] = []
@@ -201,7 +204,7 @@ class Scheduler:
     def slots_total(self) -> int:
         return len(self.live_units) * self.executor.slots_per_unit
 
-    def lose_units(self, lost: dict[int, str]) -> list[Sequence]:
+    def lose_units(self, lost: dict[int, str], step_started_s: float | None = None) -> list[Sequence]:
         """Units whose ranks died: nothing is admitted to them again. Their unfinished requests
         go back to the front of the queue to be prefilled again (prompt + every token generated
         so far) on a live unit, or, with protection "none" or no unit left, end with the
@@ -227,8 +230,9 @@ class Scheduler:
                     ended.append(seq)
             if resume:  # oldest first, ahead of requests that never ran
                 self.waiting[:0] = victims
-            self.failovers.append(Failover(unit, reason, self.clock(), [s.request_id for s in victims] if resume
-                                           else [], [] if resume else [s.request_id for s in victims]))
+            ids = [s.request_id for s in victims]
+            self.failovers.append(Failover(unit, reason, self.clock(), ids if resume else [], [] if resume else ids,
+                                           step_started_s, [len(s.output) for s in victims] if resume else []))
         if not self.live_units:
             ended += self.fail_all("every attention unit has failed: " + "; ".join(lost.values()))
         return ended
@@ -289,20 +293,23 @@ class Scheduler:
             rows[unit] = StepRows([s.slot for s, _, _ in items], [t for _, t, _ in items],
                                   [st for _, _, st in items], specs, prefill)
         kind = "prefill" if prefill else "decode"
-        started, ended = self.clock(), []
+        # host seconds of the step (time.perf_counter: `clock` may be a test's fake clock, read
+        # exactly once per step); a lost unit's step began when the previous step ended
+        started, ended = time.perf_counter(), []
         try:
             sampled = self.executor.step(self.step_id, rows)
         except UnitsLost as lost:  # the survivors' tokens count; the lost units' requests move
             sampled = lost.tokens
             work = {u: items for u, items in work.items() if u in sampled}
-            ended = self.lose_units(lost.units)
-        now = self.clock()
+            ended = self.lose_units(lost.units, self._last_step_end)
+        seconds = time.perf_counter() - started
+        now = self._last_step_end = self.clock()
         record = StepRecord(self.step_id, kind, sum(len(r) for r in rows.values()),
                             sum(r.num_tokens for r in rows.values()))
         self.history.append(record)
         total = self.totals[kind]
         total.steps, total.rows, total.tokens = total.steps + 1, total.rows + record.rows, total.tokens + record.tokens
-        total.seconds += now - started
+        total.seconds += seconds
         self.step_id += 1
         out = ended
         for unit, items in work.items():

@@ -144,4 +144,4 @@ def launch_bench(spec: DistBenchSpec) -> dict | None:
     from .launch import launched_by_torchrun, spawn
     if launched_by_torchrun():
         return bench_rank(spec)
-    return spawn(spec.run.plan.world_size, bench_rank, spec, timeout_s=spec.run.timeout_s * 10)
+    return spawn(spec.run.plan.world_size, bench_rank, spec)

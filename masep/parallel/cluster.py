@@ -21,10 +21,12 @@ The scheduler in this process holds every request; nothing is lost with the rank
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 import time
+from collections import Counter
 from multiprocessing.connection import wait
 
 from ..runtime import StepRows
@@ -32,6 +34,8 @@ from ..serve.engine_client import EngineDead, UnitsLost
 from . import control
 from .launch import RankProcesses
 from .rank_loop import KvBudget, RankSpec, rank_main, rank_wait_s
+
+log = logging.getLogger(__name__)
 
 
 class ClusterExecutor:
@@ -44,6 +48,7 @@ class ClusterExecutor:
         self.reports: dict[int, dict] = {}
         self.gone: dict[int, str] = {}  # rank -> how it ended (dead, or stopped with its unit)
         self.lost_units: dict[int, str] = {}
+        self.lost_experts: dict[int, str] = {}  # expert ranks routed around -> how they ended
         if attach is not None:
             listener, self.procs = attach
         else:
@@ -96,7 +101,7 @@ class ClusterExecutor:
         self.num_units = len(units)
         self.members = {u: [r for r, i in self.infos.items() if i.unit == u] for u in units}
         self.leaders = {i.unit: r for r, i in self.infos.items() if i.leader}
-        self.experts = [r for r, i in self.infos.items() if i.role == "expert"]
+        self.experts = sorted(r for r, i in self.infos.items() if i.role == "expert")
 
     def _size_slots(self, max_num_seqs: int | None) -> int:
         budgets = [i.max_slots for i in self.infos.values() if i.max_slots is not None]
@@ -115,11 +120,16 @@ class ClusterExecutor:
             raise EngineDead(self.dead)
         if self.lockstep:
             rows = {u: rows.get(u, StepRows.empty()) for u in range(self.num_units)}
-        units = sorted(u for u in rows if u not in self.lost_units)
         lost: dict[int, str] = {}
         try:
-            self._send_step(step_id, rows, units, lost)
-            got = self._collect_tokens(step_id, [u for u in units if u not in lost], lost)
+            while True:
+                units = sorted(u for u in rows if u not in self.lost_units)
+                try:
+                    self._send_step(step_id, rows, units, lost)
+                    got = self._collect_tokens(step_id, [u for u in units if u not in lost], lost)
+                    break
+                except _ExpertLost as gone:  # every replica switches to its bridge without it; run the step again
+                    self._route_around(gone.rank, gone.how, step_id, lost)
         except (control.ChannelTimeout, EngineDead) as err:
             self._fail(str(err))
         if lost:
@@ -130,6 +140,7 @@ class ClusterExecutor:
         self._in_step, self._done = time.monotonic(), set()
         self.last_seen = {r: self._in_step for r in self.conns}
         sends = [(r, rows[u]) for u in units for r in self.members[u]] + [(r, None) for r in self.experts]
+        self._sent = {r for r, _ in sends}  # the ranks in this step
         for r, unit_rows in sends:
             if r in self.gone:
                 continue
@@ -176,9 +187,19 @@ class ClusterExecutor:
         elif kind == "error":
             text = msg[1].strip().splitlines()
             self._rank_gone(r, f"failed: {text[-1] if text else 'an error'}", lost)
-        elif kind == "lost":  # an expert rank's transfers with a replica failed
-            _, _, unit, why = msg
-            self._lose_unit(unit, why, lost)
+        elif kind in ("lost", "failed"):
+            # an expert rank's transfers with a replica failed, or an attention rank's with the
+            # expert ranks: a dead expert rank explains both (and is routed around); else the
+            # replica is lost
+            if kind == "failed":
+                self._done.add(r)
+            dead = self._dead_expert_rank(grace_s=1.0)
+            if dead is not None:
+                self._rank_gone(dead, self.procs.dead_ranks()[dead], lost)
+            if kind == "failed":
+                self._rank_gone(r, f"could not finish step {msg[1]}: {msg[2]}", lost)
+            else:
+                self._lose_unit(msg[2], msg[3], lost)
         elif kind == "tokens" and msg[1] == step_id and r in want:
             got[want[r]] = msg[2]
             self._done.add(r)
@@ -215,10 +236,71 @@ class ClusterExecutor:
         if info.role == "attention":
             self._lose_unit(info.unit, f"rank {r} of attention replica {info.unit} {how}", lost)
             return
+        if info.role == "expert" and self._can_route_around(r):
+            raise _ExpertLost(r, how)
         if info.role == "expert":
             raise EngineDead(f"expert rank {r} (experts {', '.join(map(str, info.experts))}) {how}; no other rank "
                              "holds these experts, so no request can go on")
         raise EngineDead(f"rank {r} ({info.role}) {how}; {self.plan.strategy} cannot go on without it")
+
+    # --- a dead expert rank, routed around ----------------------------------------------
+    def _can_route_around(self, r: int) -> bool:
+        """The plan built bridges without each expert rank (plan.survives_expert_loss), and
+        this is the first expert rank lost (one level of fallback bridges)."""
+        if self.plan.strategy != "separated" or self.lost_experts or self.plan.attn_tp != 1:
+            return False
+        held = Counter(e for x in self.experts for e in self.infos[x].experts)
+        return len(self.experts) >= 2 and min(held.values()) >= 2
+
+    def _dead_expert_rank(self, grace_s: float) -> int | None:
+        """An expert rank whose process has ended, waiting up to grace_s for its exit to show
+        (a survivor's failed transfer can be reported before the dead process is reaped)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            dead = [r for r in self.procs.dead_ranks() if r in self.experts and r not in self.lost_experts]
+            if dead or time.monotonic() > deadline or not hasattr(self.procs, "procs"):
+                return dead[0] if dead else None
+            time.sleep(0.02)
+
+    def _route_around(self, r: int, how: str, step_id: int, lost: dict[int, str]) -> None:
+        """Expert rank r is dead and every expert it held has another holder: let the step's
+        survivors finish failing, tell each to use its bridges without r, then (the caller) run
+        the step again."""
+        self.lost_experts[r] = how
+        log.warning("expert rank %d %s; routing around it (its experts have other holders)", r, how)
+        self._settle(step_id, lost)
+        x = self.experts.index(r)  # its expert-group index (expert ranks follow the attention ranks)
+        for m in self.conns:
+            if m not in self.gone:
+                control.send(self.conns[m], ("drop_expert", x), f"front end -> rank {m}")
+        for m in self.conns:
+            if m not in self.gone:
+                self._expect(m, "ready", self.timeout_s)
+
+    def _settle(self, step_id: int, lost: dict[int, str]) -> None:
+        """Read until every live rank has ended the failed step (tokens, done or failed)."""
+        deadline = time.monotonic() + rank_wait_s(self.timeout_s)
+        while True:
+            waiting = [m for m in self._sent if m not in self.gone and m not in self._done]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise EngineDead(f"ranks {waiting} did not end step {step_id} after expert rank failed")
+            for conn in wait([self.conns[m] for m in waiting], timeout=0.1):
+                m = next(k for k, c in self.conns.items() if c is conn)
+                try:
+                    msg = control.recv(conn, 0, f"front end <- rank {m}")
+                except control.ChannelClosed:
+                    self._rank_gone(m, self._how(m, "closed its control connection"), lost)
+                    continue
+                self.last_seen[m] = time.monotonic()
+                if msg[0] in ("tokens", "done", "failed"):
+                    self._done.add(m)
+                elif msg[0] == "error":
+                    self._rank_gone(m, f"failed: {msg[1].strip().splitlines()[-1]}", lost)
+            for m, how in self.procs.dead_ranks().items():
+                if m not in self.gone:
+                    self._rank_gone(m, how, lost)
 
     def _lose_unit(self, unit: int, why: str, lost: dict[int, str]) -> None:
         if unit in self.lost_units:
@@ -278,12 +360,26 @@ class ClusterExecutor:
         return msg
 
 
+class _ExpertLost(Exception):
+    """An expert rank died and can be routed around (raised inside a step, handled by step)."""
+
+    def __init__(self, rank: int, how: str):
+        super().__init__(f"expert rank {rank} {how}")
+        self.rank, self.how = rank, how
+
+
 class ForeignRanks:
     """Ranks this process did not start (torchrun's): their liveness shows only through the
     control channel and its timeouts."""
 
     def check_alive(self) -> None:
         pass
+
+    def dead_ranks(self) -> dict[int, str]:
+        return {}
+
+    def is_stopped(self, rank: int) -> bool:
+        return False
 
     def terminate(self) -> None:
         pass

@@ -93,6 +93,27 @@ def _wait_named(work, timeout: timedelta, what: str) -> None:
         raise CommError(f"{what}: no answer within {timeout.total_seconds():.0f} s")
 
 
+def abandon_bridge(bridge: Bridge) -> None:
+    """Give up a bridge that a failure broke, so that no peer keeps waiting on it.
+
+    NCCL: a transfer with a dead peer never completes on the device, so the communicators are
+    aborted (torch's `_abort_process_group`, where this torch has it) rather than waited on.
+    gloo: the groups are destroyed; once the caller drops its last reference to the bridge
+    (and the step's transfers), gloo closes its connections and every peer still waiting on
+    this rank inside the group gets an error at once instead of waiting out its timeout."""
+    groups = [g for g in {bridge.group, bridge.back_group} if g is not None]
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    for group in groups:
+        try:
+            if _stream_waits() and abort is not None:
+                abort(group)
+            else:
+                dist.destroy_process_group(group)
+        except (RuntimeError, ValueError):  # already aborted (NCCL's watchdog) or destroyed
+            pass
+    bridge.group = bridge.back_group = None
+
+
 def _stream_waits() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 

@@ -6,9 +6,10 @@ channel carries small pickled messages (step rows, sampled tokens, reports), nev
 activations move between ranks over torch.distributed, as before.
 
 Front end -> rank:  ("start", num_slots, max_len) | ("step", step_id, StepRows | None, units)
-                    | ("stop",)
+                    | ("drop_expert", expert_group_index) | ("stop",)
 Rank -> front end:  ("hello", RankInfo) | ("ready",) | ("tokens", step_id, [int | None])
                     | ("done", step_id) | ("beat",) | ("lost", step_id, unit, why)
+                    | ("failed", step_id, why)
                     | ("report", dict) | ("error", text)
 
 Every wait has a timeout; a closed connection means the other side is gone, and a rank whose

@@ -7,7 +7,7 @@ breaks its own groups. The world group is used once at the end to gather results
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -57,7 +57,17 @@ def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") 
             raise ValueError("--backend nccl needs --device cuda")
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        except dist.DistError as err:
+            # torch's own message ("1/3 clients joined") does not say which environment made this
+            # process wait: with variables left over from another launch nobody else ever comes.
+            raise RuntimeError(
+                f"rank {rank} could not join the world of WORLD_SIZE={world} at "
+                f"MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={os.environ['MASTER_PORT']} within "
+                f"{timeout_s:g} s ({err}). The other ranks failed to start, or these variables (RANK={rank}) "
+                "are left over from another launch: unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT "
+                "to let masep start its own ranks, or launch every rank with torchrun") from err
     return DistEnv(rank, world, local_rank, device, backend, timeout)
 
 
@@ -67,6 +77,9 @@ class SeparatedGroups:
     replica_group: object | None  # my replica's head-parallel group (attention ranks only)
     bridges: list[Bridge]  # attention rank: [its replica's bridge]; expert rank: one per replica
     expert_group: object | None
+    # (replica, expert-group index x) -> the bridge of that replica without expert rank x, built
+    # when the plan survives an expert rank's loss (plan.survives_expert_loss); my bridges only
+    fallback: dict = field(default_factory=dict)
 
 
 def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) -> SeparatedGroups:
@@ -88,7 +101,17 @@ def build_separated_groups(plan: SeparatedPlan, cfg: ModelConfig, env: DistEnv) 
             bridges.append(Bridge(group, members, members.index(env.rank), plan.attn_tp, r, max_local,
                                   env.timeout, env.device, cfg.top_k, back))
     expert_group = dist.new_group(experts, timeout=env.timeout)
-    return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None)
+    fallback = {}
+    if plan.survives_expert_loss(cfg):  # every rank creates every group, in the same order
+        for r in range(plan.attn_replicas):
+            for x, gone in enumerate(experts):
+                members = plan.replica_ranks(r) + [e for e in experts if e != gone]
+                group = dist.new_group(members, timeout=env.timeout)
+                back = dist.new_group(members, timeout=env.timeout)
+                if env.rank in members:
+                    fallback[r, x] = Bridge(group, members, members.index(env.rank), plan.attn_tp, r, max_local,
+                                            env.timeout, env.device, cfg.top_k, back)
+    return SeparatedGroups(role, replica_group, bridges, expert_group if role.kind == "expert" else None, fallback)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 `spawn(n, fn, arg)` runs `fn(arg)` in n fresh processes with RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT set exactly as torchrun sets them, so the same entry point works
-both ways. Rank 0's return value comes back to the caller. A rank that fails or a run that
-outlives `timeout_s` ends every rank and raises, naming the rank.
+both ways. Rank 0's return value comes back to the caller. A rank that fails (or a run that
+outlives an optional `timeout_s`) ends every rank and raises, naming the rank and how it ended.
 """
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def _child(rank: int, world: int, port: int, fn: Callable, arg: Any, results) ->
         raise SystemExit(1)
 
 
-def spawn(world: int, fn: Callable[[Any], Any], arg: Any, timeout_s: float = 600.0) -> Any:
+def spawn(world: int, fn: Callable[[Any], Any], arg: Any, timeout_s: float | None = None) -> Any:
+    """timeout_s: a deadline for the whole run (None: none; a rank that dies still ends it at
+    once, and the ranks' own waits for peers have their timeouts)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -65,7 +67,7 @@ def spawn(world: int, fn: Callable[[Any], Any], arg: Any, timeout_s: float = 600
 
 def _collect(procs, results, world: int, timeout_s: float) -> Any:
     import time
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reported, rank0 = {}, None
     while len(reported) < world:
         try:
@@ -73,9 +75,10 @@ def _collect(procs, results, world: int, timeout_s: float) -> Any:
         except queue.Empty:
             dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
             if dead:
-                raise RuntimeError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report "
+                p = procs[dead[0]]
+                raise RuntimeError(f"rank {dead[0]} {exit_reason(p.pid, p.exitcode)} without a report "
                                    "(killed, or crashed in native code)")
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 waiting = [r for r in range(world) if r not in reported]
                 raise TimeoutError(f"ranks {waiting} did not finish within {timeout_s:.0f} s")
             continue
@@ -103,20 +106,24 @@ def exit_reason(pid: int, exitcode: int | None) -> str:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the process that started it dies (even by SIGKILL),
-    so no rank outlives its front end. Elsewhere the closed control channel does the same, later."""
+    """Linux: SIGKILL this process when the process that started it dies (even by SIGKILL),
+    so no rank outlives its front end; SIGKILL, not SIGTERM, because a stopped (SIGSTOP) or stuck
+    rank never handles SIGTERM. Elsewhere the closed control channel does the same, later."""
     import ctypes
     import signal
     import sys
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
 
 
 def _rank_child(rank: int, world: int, port: int, fn: Callable, arg: Any) -> None:
     _die_with_parent()
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is a stuck rank?
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch

@@ -18,6 +18,7 @@ front end decides who is dead before any survivor gives up on it.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import traceback
@@ -107,6 +108,14 @@ class RankChannel:
         self.conn.close()
 
 
+@dataclass
+class StepFailed:
+    """A step this rank could not finish because a peer died (it stays up for the front end's
+    next instruction)."""
+
+    why: str
+
+
 class UnitMember:
     """A rank that runs a runtime for one unit."""
 
@@ -116,9 +125,23 @@ class UnitMember:
     def start(self, num_slots: int, max_len: int) -> None:
         self.runtime.start(num_slots, max_len)
 
-    def step(self, step_id: int, rows, units) -> list | None:
-        logits = self.runtime.forward(rows, step_id)
+    def step(self, step_id: int, rows, units) -> "list | StepFailed | None":
+        failed = None
+        try:
+            logits = self.runtime.forward(rows, step_id)
+        except RuntimeError as err:  # a transfer failed: survivable where an expert rank can be routed around
+            if not getattr(self.runtime, "fallback", None):
+                raise
+            failed = StepFailed(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if failed is not None:  # outside the except block: the step's transfers are freed by now
+            self.runtime.in_step = False
+            comm.abandon_bridge(self.runtime.bridge)  # peers still waiting on this rank get an error now
+            gc.collect()
+            return failed
         return sample(logits, rows.sample) if self.info.leader else None
+
+    def drop_expert_rank(self, x: int) -> None:
+        self.runtime.drop_expert_rank(x)
 
     def stop(self) -> dict:
         self.runtime.stopped = True  # every rank got "stop": no peer needs telling
@@ -171,6 +194,23 @@ class ExpertMember:
         news = [(units[i], why) for i, why in sorted(failed.items())]
         self.lost |= {u for u, _ in news}
         return news
+
+    def abandon_lost_bridges(self) -> None:
+        """After the step's transfers are gone: give up the bridges that failed in it."""
+        for unit in self.lost:
+            if self.groups.bridges[unit] is not None:
+                comm.abandon_bridge(self.groups.bridges[unit])
+                self.groups.bridges[unit] = None
+        gc.collect()  # the last references to the groups: gloo closes their connections
+
+    def drop_expert_rank(self, x: int) -> None:
+        """Expert-group index x is dead: serve every replica over its bridge without x."""
+        for u in range(len(self.groups.bridges)):
+            if self.groups.bridges[u] is not None:  # bridges that did not fail: given up here
+                comm.abandon_bridge(self.groups.bridges[u])
+            self.groups.bridges[u] = self.groups.fallback[u, x]
+        self.server.graphs.clear()
+        self.lost.clear()  # the failed step marked every bridge; the front end names live units
 
     def stop(self) -> dict:
         return dict(role="expert", busy_s=dict(self.timer.busy_s), load=self.load_LE.tolist())
@@ -247,12 +287,18 @@ def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
             finally:
                 channel.busy(False)
             if isinstance(member, ExpertMember):
+                member.abandon_lost_bridges()
                 for unit, why in result:
                     channel.send(("lost", step_id, unit, f"{channel.who} lost the bridge of unit {unit}: {why}"))
-            if isinstance(result, list) and not isinstance(member, ExpertMember):
+            if isinstance(result, StepFailed):
+                channel.send(("failed", step_id, f"{channel.who}: {result.why}"))
+            elif isinstance(result, list) and not isinstance(member, ExpertMember):
                 channel.send(("tokens", step_id, result))
             else:  # the front end watches for silent ranks only until each says it is done
                 channel.send(("done", step_id))
+        elif kind == "drop_expert":
+            member.drop_expert_rank(msg[1])
+            channel.send(("ready",))
         elif kind == "stop":
             channel.send(("report", member.stop()))
             return

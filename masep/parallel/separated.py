@@ -52,7 +52,23 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.route = expert_route(plan, cfg, self.role.replica, env.device)
         self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.embed.weight.dtype, graphs)
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
+        self.fallback = groups.fallback
         self.stopped = False
+
+    def drop_expert_rank(self, x: int) -> None:
+        """Route around dead expert-group index x: this replica's bridge without it (built at
+        start-up), each of its experts served by another holder. A step that failed when it
+        died is abandoned (the front end runs it again: it rewrites the same KV positions)."""
+        replica = self.role.replica
+        if self.bridge.group is not None:  # this replica's step went through: give the old bridge up now
+            comm.abandon_bridge(self.bridge)
+        self.bridge = self.fallback[replica, x]
+        placement = [p for i, p in enumerate(self.plan.expert_placement(self.cfg)) if i != x]
+        holders = [self.plan.holder(self.cfg, e, replica, without=x) for e in range(self.cfg.num_experts)]
+        self.route = comm.ExpertRoute.build(placement, [g - (g > x) for g in holders], self.plan.attn_tp,
+                                            self.device)
+        self.graphs.clear()  # segment graphs bake in the old bridge's shapes
+        self.in_step = False
 
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""

@@ -181,7 +181,7 @@ def launch(spec: RunSpec) -> dict | None:
     start plan.world_size local ranks with torchrun's environment and return rank 0's result."""
     if launched_by_torchrun():
         return run_rank(spec)
-    return spawn(spec.plan.world_size, run_rank, spec, timeout_s=spec.timeout_s * 10)
+    return spawn(spec.plan.world_size, run_rank, spec)
 
 
 def assemble(spec: RunSpec, plan, cfg, reports: list[dict]) -> dict:
