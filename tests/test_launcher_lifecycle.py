@@ -1,5 +1,6 @@
 """The launcher strands nothing and hides nothing (what a user hit before these fixes):
-  - SIGKILL of the `masep serve` parent left every rank running: ranks now die with it;
+  - SIGKILL of the `masep` parent left every rank running: ranks die with it (the kernel
+    kills them when their parent dies, also a stopped one);
   - a SIGSTOPped rank made `masep run` print its timeout error and never exit;
   - the error named a survivor ("rank 0 failed: Connection reset by peer"), never the rank
     that died with -9: it now names the dead rank and the signal;
@@ -7,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,9 +44,10 @@ def test_sigkill_of_the_server_kills_every_rank():
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "masep serve did not start"
             time.sleep(0.5)
-    ranks = _children(proc.pid)
-    assert len(ranks) >= 3
-    os.kill(ranks[0], signal.SIGSTOP)  # a stopped rank too: SIGTERM would stay pending for ever
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+        ranks = [r["pid"] for r in json.loads(resp.read())["ranks"]]
+    assert len(ranks) == 3 and set(ranks) <= set(_children(proc.pid))
+    os.kill(ranks[0], signal.SIGSTOP)  # a stopped rank too
     proc.kill()
     proc.wait(10)
     deadline = time.monotonic() + 10
