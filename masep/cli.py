@@ -171,6 +171,9 @@ def print_report(report: dict, file=None) -> None:
     for i, err in enumerate(r["errors"]):
         if err is not None:
             print(f"request {i} failed: {err}", file=file)
+    if r.get("restored_from_journal"):
+        print(f"journal: {len(r['restored_from_journal'])} request(s) finished by an earlier attempt were taken "
+              "from the journal (not timed here)", file=file)
     for f in r.get("failovers", []):
         fate = (f"{len(f['moved'])} request(s) moved to live replicas (recompute)" if f["moved"] else
                 f"{len(f['failed'])} request(s) failed")
@@ -266,14 +269,25 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
 
     def rounds(executor) -> dict:
         failovers = []  # of every round: a replica lost in the warm-up stays lost
+        journal, done = None, {}
         try:
-            for _ in range(args.warmup):  # first calls pay for lazy init, allocator growth, kernel choice
-                failovers += run_requests(executor, requests, sched, cfg).failovers
-            timed = run_requests(executor, requests, sched, cfg)
+            if args.journal:
+                from .engine.journal import Journal
+                journal = Journal(args.journal, requests)
+                done = journal.load()
+            todo = [i for i in range(len(requests)) if i not in done]
+            batch = [requests[i] for i in todo]
+            for _ in range(args.warmup if batch else 0):  # first calls pay for lazy init, allocator growth, ...
+                failovers += run_requests(executor, batch, sched, cfg).failovers
+            record = None if journal is None else (
+                lambda j, seq: journal.record(todo[j], seq.output, seq.finish_reason, seq.error))
+            timed = run_requests(executor, batch, sched, cfg, on_finish=record)
         except BaseException:
             executor.shutdown()
             raise
         result = timed.to_dict()
+        if done:  # requests an earlier attempt finished: their tokens from the journal, no timings
+            result.update(merge_journal(result, todo, done, len(requests)))
         result["failovers"] = [dataclasses.asdict(f) for f in failovers + timed.failovers]
         result["reports"] = executor.shutdown() if run.plan is not None else None
         return result
@@ -285,8 +299,17 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         from .parallel.cluster import run_under_torchrun
         from .parallel.rank_loop import KvBudget
         return run_under_torchrun(run, KvBudget(kv.max_model_len, kv.gpu_memory_utilization), kv.max_num_seqs,
-                                  rounds)
+                                  rounds, faults)
     return rounds(make_executor(run, kv, faults=faults))
+
+
+def merge_journal(result: dict, todo: list[int], done: dict[int, dict], total: int) -> dict:
+    """Tokens and errors of every request, in request order: this attempt's for `todo`, the
+    journal's for the others. Timing metrics stay this attempt's own."""
+    mine = dict(zip(todo, zip(result["tokens"], result["errors"])))
+    tokens = [mine[i][0] if i in mine else done[i]["tokens"] for i in range(total)]
+    errors = [mine[i][1] if i in mine else done[i]["error"] for i in range(total)]
+    return dict(tokens=tokens, errors=errors, restored_from_journal=sorted(done))
 
 
 def describe_ranks(report: dict, plan, cfg: ModelConfig) -> dict:
@@ -340,6 +363,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA, --strategy single: also the fused Triton norm/RoPE/router kernels")
     p.add_argument("--check", action="store_true",
                    help="also run the single-device model on the same requests and compare the tokens")
+    p.add_argument("--journal", metavar="FILE", default=None,
+                   help="record each finished request in FILE (JSON lines); a restarted run (torchrun "
+                        "--max-restarts) runs only the requests it does not list")
     add_distributed_args(p)
     add_kv_args(p, default_seqs="one per request")
 
@@ -392,9 +418,8 @@ def fault_specs(args: argparse.Namespace, plan, parser: argparse.ArgumentParser)
         return ()
     if plan is None:
         parser.error("--inject-fault: strategy single has no rank processes to fail; use a distributed strategy")
-    if launched_by_torchrun():
-        parser.error("--inject-fault: not under torchrun (its agent stops every worker when one fails); "
-                     "let masep start the ranks")
+    if launched_by_torchrun() and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return ()  # under torchrun a fault fires in the first attempt only: the restart is what is tested
     try:
         faults = tuple(FaultSpec.parse(text) for text in args.inject_fault)
         check_faults(list(faults), plan.world_size)

@@ -94,9 +94,11 @@ def generate(runtime: Runtime, requests: Sequence[Request], *, stop_on_eos: bool
 
 
 def run_requests(executor, requests: Sequence[Request], config: SchedulerConfig, cfg: ModelConfig,
-                 clock: Callable[[], float] | None = None, length_limit: int | None = None) -> GenerationResult:
+                 clock: Callable[[], float] | None = None, length_limit: int | None = None,
+                 on_finish: Callable[[int, object], None] | None = None) -> GenerationResult:
     """All `requests` arrive at once on any executor (in-process or ranks); a rejected request
-    gets its error in its output and the others still run. Times are from the submission."""
+    gets its error in its output and the others still run. Times are from the submission.
+    on_finish(i, seq): called as soon as request i finishes (a journal records it)."""
     outputs = [RequestOutput(prompt_len=len(r.prompt), error=_error_of(r, cfg, length_limit or config.max_len))
                for r in requests]
     valid = [i for i, o in enumerate(outputs) if o.error is None]
@@ -106,8 +108,12 @@ def run_requests(executor, requests: Sequence[Request], config: SchedulerConfig,
     t0 = sched.clock()
     seqs = [sched.add(str(i), [int(t) for t in requests[i].prompt], requests[i].params(bool(config.eos_token_ids)),
                       arrival_s=t0) for i in valid]
+    pending = dict(zip(valid, seqs))
     while sched.has_work:
         sched.iterate()
+        if on_finish is not None:
+            for i in [i for i, seq in pending.items() if seq.finished]:
+                on_finish(i, pending.pop(i))
     duration = sched.clock() - t0
     for i, seq in zip(valid, seqs):
         o = outputs[i]

@@ -388,7 +388,7 @@ class ForeignRanks:
         pass
 
 
-def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body):
+def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body, faults: tuple = ()):
     """Every torchrun process calls this. Rank 0 hosts the front end: `body(executor)` runs on
     its main thread while its own rank loop runs on a second one; the others run their rank
     loop. Returns body's result on rank 0, None elsewhere."""
@@ -401,7 +401,7 @@ def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body):
         listener, addr = control.listen("0.0.0.0") if env.rank == 0 else (None, None)
         box = [control.Address(os.environ["MASTER_ADDR"], addr.port, addr.authkey) if addr else None]
         dist.broadcast_object_list(box, src=0)
-        spec = RankSpec(run, box[0], kv)
+        spec = RankSpec(run, box[0], kv, tuple(faults))
         if env.rank != 0:
             serve_front_end(spec, env, box[0])
             return None

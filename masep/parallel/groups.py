@@ -58,7 +58,8 @@ def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") 
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    store=_attempt_store(world, timeout))
         except dist.DistError as err:
             # torch's own message ("1/3 clients joined") does not say which environment made this
             # process wait: with variables left over from another launch nobody else ever comes.
@@ -69,6 +70,18 @@ def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") 
                 "are left over from another launch: unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT "
                 "to let masep start its own ranks, or launch every rank with torchrun") from err
     return DistEnv(rank, world, local_rank, device, backend, timeout)
+
+
+def _attempt_store(world: int, timeout: timedelta):
+    """Under torchrun with its agent's shared store: the store seen through a prefix of this
+    attempt. The agent keeps one store across restarts (--max-restarts), so the keys of the
+    attempt before (gloo's peer addresses) would be read again and the new ranks would dial
+    dead processes. None otherwise (torch's own env:// rendezvous)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"masep/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 @dataclass
