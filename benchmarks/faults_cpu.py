@@ -135,6 +135,7 @@ def main() -> int:
                        tok_s=sum(len(s.output) for s in seqs) / dur, tok_s_no_fault=ref_tok_s,
                        engine_error=engine_error, reasons=[f.reason for f in sched.failovers],
                        experts_routed_around=getattr(sched.executor, "lost_experts", {}),
+                       reroute_ms=[round(1e3 * r["seconds"], 1) for r in getattr(sched.executor, "reroutes", [])],
                        wall_s=round(time.perf_counter() - started, 1))
             rows.append(row)
             log(json.dumps({k: row[k] for k in ("scenario", "protection", "lost", "identical", "finished",
@@ -155,13 +156,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "tokens equal to the same plan's run without a fault. detect = from the start of the step the rank "
              "died in to the front end noticing; failover = from that step's start to the next token of every "
              "moved request (max / mean); it includes waiting for a free KV slot on the surviving replicas when they are "
-             "full (the plan has lost a replica's capacity). tok/s: the whole run (the run without a fault beside "
+             "full (the plan has lost a replica's capacity). For a routed-around expert rank, detect = from the "
+             "start of the step to every rank using its new bridges (the step then runs again). tok/s: the whole run (the run without a fault beside "
              "it).", "",
              "| scenario | protection | lost | identical / finished | moved | detect ms | failover ms max / mean "
              "| tok/s (no fault) | expert ranks routed around |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fo = f"{r['failover_ms_max']} / {r['failover_ms_mean']}" if r["failover_ms_max"] is not None else "-"
-        detect = ", ".join(map(str, r["detect_ms"])) or "-"
+        detect = ", ".join(map(str, r["detect_ms"] + r["reroute_ms"])) or "-"
         lines.append(f"| {r['scenario']} | {r['protection']} | {r['lost']} of {r['requests']} | {r['identical']} / "
                      f"{r['finished']} | {r['moved']} | {detect} | {fo} | {r['tok_s']:.0f} ({r['tok_s_no_fault']:.0f}) | "
                      f"{', '.join(map(str, r['experts_routed_around'])) or '-'} |")

@@ -101,7 +101,7 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(name="small", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=16,
                          num_kv_heads=4, head_dim=16, num_experts=16, top_k=2, expert_hidden=512,
                          expert_act="swiglu", max_seq_len=1024),
-    # The seeds' model: 2-matrix GELU experts, bf16.
+    # The MA Separation paper's model: 2-matrix GELU experts, bf16.
     "paper": ModelConfig(name="paper", vocab_size=32000, hidden_size=4096, num_layers=4, num_heads=32,
                          num_kv_heads=32, head_dim=128, num_experts=16, top_k=2, expert_hidden=16384,
                          expert_act="gelu", max_seq_len=2048, dtype="bfloat16"),

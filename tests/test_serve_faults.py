@@ -116,3 +116,66 @@ def test_the_last_replica_serves_and_sigterm_leaves_no_rank(server):
     time.sleep(1)
     alive = [p for p in ranks if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.fixture(scope="module")
+def redundant_server():
+    """Two replicas and two expert ranks that each hold all 8 experts of the tiny preset."""
+    port = free_port()
+    args = ["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "2", "--expert-ranks", "2",
+            "--placement", "0,1,2,3,4,5,6,7;0,1,2,3,4,5,6,7", "--max-num-seqs", "2", "--timeout", "3",
+            "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"masep serve did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _bench(url: str, n: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "masep", "bench", "serve", "--base-url", url, "--num-prompts",
+                             str(n), "--request-rate", "12", "--random-input-len", "10", "--random-output-len", "20",
+                             "--random-vocab-size", "256", "--ignore-eos", "--max-duration", "90", "--disable-tqdm",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(180)
+def test_expert_ranks_with_and_without_redundancy_under_bench_serve(redundant_server):
+    url, proc = redundant_server
+    experts = [r for r in _health(url)[1]["ranks"] if r["role"] == "expert"]
+    # 1. one of two expert ranks holding every expert: routed around, no request fails
+    bench = _bench(url, 24)
+    time.sleep(1.0)
+    os.kill(experts[1]["pid"], signal.SIGKILL)
+    out, err = bench.communicate(timeout=110)
+    row = json.loads(out)
+    assert row["completed"] == 24 and row["failed"] == 0, err
+    status, health = _health(url)
+    assert status == 200 and health["status"] == "degraded" and list(health["lost_expert_ranks"]) == [
+        str(experts[1]["rank"])] and health["live_units"] == [0, 1]
+    # 2. the last expert rank: its experts exist nowhere else; in-flight requests fail fast
+    # naming it and its experts, and the server says it is dead (503) but keeps answering
+    bench = _bench(url, 24)
+    time.sleep(1.0)
+    killed = time.monotonic()
+    os.kill(experts[0]["pid"], signal.SIGKILL)
+    out, err = bench.communicate(timeout=110)
+    row = json.loads(out)
+    assert row["failed"] > 0 and time.monotonic() - killed < 30
+    errors = [e for e in row["errors"] if e]
+    assert any(f"expert rank {experts[0]['rank']} (experts 0, 1, 2, 3, 4, 5, 6, 7)" in e for e in errors), errors[:3]
+    status, health = _health(url)
+    assert status == 503 and health["status"] == "dead"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0

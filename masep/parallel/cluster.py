@@ -49,6 +49,7 @@ class ClusterExecutor:
         self.gone: dict[int, str] = {}  # rank -> how it ended (dead, or stopped with its unit)
         self.lost_units: dict[int, str] = {}
         self.lost_experts: dict[int, str] = {}  # expert ranks routed around -> how they ended
+        self.reroutes: list[dict] = []  # each: the rank, how it ended, seconds from its step's start to rerouted
         if attach is not None:
             listener, self.procs = attach
         else:
@@ -193,7 +194,10 @@ class ClusterExecutor:
             # replica is lost
             if kind == "failed":
                 self._done.add(r)
-            dead = self._dead_expert_rank(grace_s=1.0)
+            elif msg[2] in self.lost_units:  # the expert ranks' word on a replica already handled
+                return
+            # only a plan that can route around an expert rank needs to wait for one's exit to show
+            dead = self._dead_expert_rank(grace_s=1.0 if self._can_route_around() else 0.0)
             if dead is not None:
                 self._rank_gone(dead, self.procs.dead_ranks()[dead], lost)
             if kind == "failed":
@@ -236,7 +240,7 @@ class ClusterExecutor:
         if info.role == "attention":
             self._lose_unit(info.unit, f"rank {r} of attention replica {info.unit} {how}", lost)
             return
-        if info.role == "expert" and self._can_route_around(r):
+        if info.role == "expert" and self._can_route_around():
             raise _ExpertLost(r, how)
         if info.role == "expert":
             raise EngineDead(f"expert rank {r} (experts {', '.join(map(str, info.experts))}) {how}; no other rank "
@@ -244,7 +248,7 @@ class ClusterExecutor:
         raise EngineDead(f"rank {r} ({info.role}) {how}; {self.plan.strategy} cannot go on without it")
 
     # --- a dead expert rank, routed around ----------------------------------------------
-    def _can_route_around(self, r: int) -> bool:
+    def _can_route_around(self) -> bool:
         """The plan built bridges without each expert rank (plan.survives_expert_loss), and
         this is the first expert rank lost (one level of fallback bridges)."""
         if self.plan.strategy != "separated" or self.lost_experts or self.plan.attn_tp != 1:
@@ -276,6 +280,7 @@ class ClusterExecutor:
         for m in self.conns:
             if m not in self.gone:
                 self._expect(m, "ready", self.timeout_s)
+        self.reroutes.append({"rank": r, "how": how, "seconds": time.monotonic() - self._in_step})
 
     def _settle(self, step_id: int, lost: dict[int, str]) -> None:
         """Read until every live rank has ended the failed step (tokens, done or failed)."""

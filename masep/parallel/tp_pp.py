@@ -1,4 +1,4 @@
-"""Tensor x pipeline parallelism (Megatron style): the seeds' comparator, TP=8 x PP=2.
+"""Tensor x pipeline parallelism (Megatron style): the MA Separation paper's comparator, TP=8 x PP=2.
 
 Inside a stage, T ranks split the attention heads and each expert's hidden dimension
 (gate/up column-parallel, down row-parallel), with one all-reduce after attention and one
