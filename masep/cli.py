@@ -300,7 +300,7 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         from .parallel.rank_loop import KvBudget
         return run_under_torchrun(run, KvBudget(kv.max_model_len, kv.gpu_memory_utilization), kv.max_num_seqs,
                                   rounds, faults)
-    return rounds(make_executor(run, kv, faults=faults))
+    return rounds(make_executor(run, kv, faults=faults, mirror=args.protection == "mirror"))
 
 
 def merge_journal(result: dict, todo: list[int], done: dict[int, dict], total: int) -> dict:
@@ -402,9 +402,11 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="seconds any rank waits for a peer before failing")
     d.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace per rank to DIR/rank<r>.json")
     f = p.add_argument_group("failures (separated: an attention replica can die without stopping the others)")
-    f.add_argument("--protection", choices=("recompute", "none"), default="recompute",
+    f.add_argument("--protection", choices=("recompute", "mirror", "none"), default="recompute",
                    help="requests of a dead attention replica: recompute = move them to live replicas, which "
-                        "prefill prompt + generated tokens and go on; none = fail them with the reason")
+                        "prefill prompt + generated tokens and go on; mirror = every replica also keeps the next "
+                        "one's KV rows (twice the KV memory) and continues its requests without recompute; "
+                        "none = fail them with the reason")
     f.add_argument("--inject-fault", metavar="KIND@RANK:STEP", action="append", default=[],
                    help="tests and demos: rank RANK kills itself (kill), stops itself (hang: SIGSTOP) or raises "
                         "(raise) at step STEP; repeatable")
@@ -414,6 +416,9 @@ def fault_specs(args: argparse.Namespace, plan, parser: argparse.ArgumentParser)
     """--inject-fault values, parsed and checked against the plan (refused where no rank can die)."""
     from .parallel.faults import FaultSpec, check_faults
     from .parallel.launch import launched_by_torchrun
+    if args.protection == "mirror" and (plan is None or plan.strategy != "separated" or plan.attn_replicas < 2):
+        parser.error("--protection mirror: keeps each attention replica's KV rows on another replica; it needs "
+                     "--strategy separated with --attn-replicas >= 2")
     if not args.inject_fault:
         return ()
     if plan is None:

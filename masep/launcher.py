@@ -71,7 +71,8 @@ def single_slots(kv: KvSettings, model) -> int:
     return min(want, fit) if fit is not None else want
 
 
-def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, faults: tuple = ()):
+def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, faults: tuple = (),
+                  mirror: bool = False):
     """A LocalExecutor for strategy single (`single_model` given), else a ClusterExecutor that
     starts the plan's ranks (with `faults` to inject). `run` is a parallel.worker.RunSpec."""
     if single_model is not None:
@@ -84,7 +85,8 @@ def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, f
                 log.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
         return executor
     from .parallel.cluster import ClusterExecutor
-    return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization, faults=faults)
+    return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization, faults=faults,
+                           mirror=mirror)
 
 
 def local_runtime(model, device: str, eager: bool, fused: bool):

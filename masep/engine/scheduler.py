@@ -36,7 +36,9 @@ class SchedulerConfig:
     max_waiting: int = 1024  # accepted but not yet admitted; more -> EngineOverloaded
     eos_token_ids: frozenset[int] = frozenset()
     # what happens to the requests of a unit whose ranks died: "recompute" moves them to live
-    # units, which prefill prompt + generated tokens again; "none" fails them with the reason
+    # units, which prefill prompt + generated tokens again; "mirror" continues them on the unit
+    # that kept a copy of their KV rows (parallel/mirror.py; recompute where it cannot);
+    # "none" fails them with the reason
     protection: str = "recompute"
 
     def __post_init__(self):
@@ -47,7 +49,7 @@ class SchedulerConfig:
             raise ValueError(f"protection={self.protection!r}: must be one of {', '.join(PROTECTIONS)}")
 
 
-PROTECTIONS = ("recompute", "none")
+PROTECTIONS = ("recompute", "mirror", "none")
 
 
 def check_request(prompt: list[int], params: SamplingParams, cfg: SchedulerConfig) -> None:
@@ -133,6 +135,8 @@ class Failover:
     failed: list[str]  # request ids that ended with the error (protection none, or no unit left)
     step_started_s: float | None = None  # scheduler clock when the step before the fatal one ended
     tokens_at_move: list[int] = field(default_factory=list)  # per moved request: tokens it had then
+    adopted: list[str] = field(default_factory=list)  # request ids continued on the mirror buddy (no recompute)
+    tokens_at_adopt: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -206,9 +210,10 @@ class Scheduler:
 
     def lose_units(self, lost: dict[int, str], step_started_s: float | None = None) -> list[Sequence]:
         """Units whose ranks died: nothing is admitted to them again. Their unfinished requests
-        go back to the front of the queue to be prefilled again (prompt + every token generated
-        so far) on a live unit, or, with protection "none" or no unit left, end with the
-        reason. Returns the requests that ended."""
+        continue on the unit that mirrored their KV rows (protection "mirror", as many as it
+        has free slots), or go back to the front of the queue to be prefilled again (prompt +
+        every token generated so far) on a live unit, or, with protection "none" or no unit
+        left, end with the reason. Returns the requests that ended."""
         ended = []
         for unit, reason in sorted(lost.items()):
             if unit not in self.live_units:
@@ -216,7 +221,9 @@ class Scheduler:
             self.live_units.discard(unit)
             self.free[unit] = []
             victims = sorted((s for s in self.running if s.unit == unit and not s.finished), key=lambda s: s.arrival_s)
-            resume = self.config.protection == "recompute" and bool(self.live_units)
+            adopted = self._adopt(unit, victims) if self.config.protection == "mirror" else []
+            victims = victims[len(adopted):]  # _adopt takes the oldest that fit
+            resume = self.config.protection in ("recompute", "mirror") and bool(self.live_units)
             for seq in victims:
                 self.running.remove(seq)
                 if resume:
@@ -224,7 +231,7 @@ class Scheduler:
                     seq.moves += 1
                 else:
                     why = (f"attention unit {unit} failed ({reason}) and no unit is left" if self.config.protection
-                           == "recompute" else f"attention unit {unit} failed ({reason}); --protection none does "
+                           != "none" else f"attention unit {unit} failed ({reason}); --protection none does "
                            "not resume its requests")
                     seq.finish_reason, seq.error = "abort", why
                     ended.append(seq)
@@ -232,7 +239,8 @@ class Scheduler:
                 self.waiting[:0] = victims
             ids = [s.request_id for s in victims]
             self.failovers.append(Failover(unit, reason, self.clock(), ids if resume else [], [] if resume else ids,
-                                           step_started_s, [len(s.output) for s in victims] if resume else []))
+                                           step_started_s, [len(s.output) for s in victims] if resume else [],
+                                           [s.request_id for s in adopted], [len(s.output) for s in adopted]))
         if not self.live_units:
             ended += self.fail_all("every attention unit has failed: " + "; ".join(lost.values()))
         return ended
@@ -249,6 +257,23 @@ class Scheduler:
                 for seq in self._run(work, prefill):
                     touched[seq.request_id] = seq
         return list(touched.values())
+
+    def _adopt(self, unit: int, victims: list[Sequence]) -> list[Sequence]:
+        """Mirror: move what fits into free slots of the unit holding the lost unit's KV rows;
+        they keep their cached tokens (no prefill again). Returns those moved."""
+        buddy = getattr(self.executor, "mirror_buddy", lambda u: None)(unit)
+        if buddy is None or buddy not in self.live_units:
+            return []
+        self.free[buddy].sort()
+        taken = victims[:len(self.free[buddy])]
+        moves = []
+        for seq in taken:
+            new = self.free[buddy].pop(0)
+            moves.append((seq.slot, new))
+            seq.unit, seq.slot = buddy, new
+        if moves:
+            self.executor.adopt(buddy, moves)
+        return taken
 
     def _admit(self) -> None:
         while self.waiting:

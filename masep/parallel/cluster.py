@@ -31,7 +31,7 @@ from multiprocessing.connection import wait
 
 from ..runtime import StepRows
 from ..serve.engine_client import EngineDead, UnitsLost
-from . import control
+from . import control, mirror
 from .launch import RankProcesses
 from .rank_loop import KvBudget, RankSpec, rank_main, rank_wait_s
 
@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 
 class ClusterExecutor:
     def __init__(self, run, max_len: int, max_num_seqs: int | None, gpu_memory_utilization: float = 0.9,
-                 start_timeout_s: float | None = None, attach=None, faults: tuple = ()):
+                 start_timeout_s: float | None = None, attach=None, faults: tuple = (), mirror: bool = False):
         """attach: (listener, processes) when the ranks were started elsewhere (torchrun): the
-        executor then only waits for their connections. faults: faults.FaultSpec to inject."""
+        executor then only waits for their connections. faults: faults.FaultSpec to inject.
+        mirror: separated plans of two or more replicas keep each replica's KV rows on the next
+        one (mirror.py), so a dead replica's requests go on there without recompute."""
         self.run, self.plan, self.timeout_s, self.max_len = run, run.plan, run.timeout_s, max_len
         self.lockstep = run.plan.strategy == "ep"
         self.reports: dict[int, dict] = {}
@@ -55,7 +57,8 @@ class ClusterExecutor:
         else:
             listener, addr = control.listen()
             self.procs = RankProcesses(run.plan.world_size, rank_main,
-                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization), tuple(faults)))
+                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization), tuple(faults),
+                                                mirror))
         try:
             self._accept_all(listener, start_timeout_s or max(self.timeout_s, 600.0))
             self.slots_per_unit = self._size_slots(max_num_seqs)
@@ -68,6 +71,9 @@ class ClusterExecutor:
         finally:
             listener.close()
         self.dead: str | None = None
+        # mirror: unit u's rows are kept by unit (u + 1) mod n, until the first unit is lost
+        self.mirroring = mirror and self.num_units >= 2
+        self.buddies: dict[int, int] = {}  # lost unit -> the unit holding its KV rows (when mirrored)
 
     # --- start-up ------------------------------------------------------------------------
     def _accept_all(self, listener, timeout_s: float) -> None:
@@ -140,13 +146,22 @@ class ClusterExecutor:
     def _send_step(self, step_id: int, rows, units: list[int], lost: dict[int, str]) -> None:
         self._in_step, self._done = time.monotonic(), set()
         self.last_seen = {r: self._in_step for r in self.conns}
-        sends = [(r, rows[u]) for u in units for r in self.members[u]] + [(r, None) for r in self.experts]
+        sends = [(r, ("step", step_id, rows[u], units)) for u in units for r in self.members[u]]
+        if self.mirroring:  # each replica also learns what the one before it wrote (it keeps a copy)
+            n = self.num_units
+            before = {u: rows[(u - 1) % n] if (u - 1) % n in units else None for u in range(n)}
+            sends = [(r, msg + (mirror.MirrorRows.of(before[self.infos[r].unit]) if before[self.infos[r].unit]
+                                else None,)) for r, msg in sends]
+            sends += [(r, ("step", step_id, StepRows.empty(), units, mirror.MirrorRows.of(before[u])))
+                      for u in range(n) if u not in units and before[u] is not None and u not in self.lost_units
+                      for r in self.members[u]]
+        sends += [(r, ("step", step_id, None, units)) for r in self.experts]
         self._sent = {r for r, _ in sends}  # the ranks in this step
-        for r, unit_rows in sends:
+        for r, msg in sends:
             if r in self.gone:
                 continue
             try:
-                control.send(self.conns[r], ("step", step_id, unit_rows, units), f"front end -> rank {r}")
+                control.send(self.conns[r], msg, f"front end -> rank {r}")
             except control.ChannelClosed:
                 self._rank_gone(r, self._how(r, "closed its control connection"), lost)
 
@@ -307,9 +322,25 @@ class ClusterExecutor:
                 if m not in self.gone:
                     self._rank_gone(m, how, lost)
 
+    # --- mirror -----------------------------------------------------------------------------
+    def mirror_buddy(self, unit: int) -> int | None:
+        """The live unit holding a lost unit's KV rows (mirror), or None."""
+        buddy = self.buddies.get(unit)
+        return buddy if buddy is not None and buddy not in self.lost_units else None
+
+    def adopt(self, unit: int, moves: list[tuple[int, int]]) -> None:
+        """Unit `unit` copies the mirrored slots into its own: moves [(shadow slot, own slot)]."""
+        for r in self.members[unit]:
+            control.send(self.conns[r], ("adopt", moves), f"front end -> rank {r}")
+        for r in self.members[unit]:
+            self._expect(r, "ready", self.timeout_s)
+
     def _lose_unit(self, unit: int, why: str, lost: dict[int, str]) -> None:
         if unit in self.lost_units:
             return
+        if self.mirroring:  # its rows up to the last finished step are on the next unit; the ring ends here
+            self.buddies[unit] = (unit + 1) % self.num_units
+            self.mirroring = False
         self.lost_units[unit] = lost[unit] = why
         if len(self.lost_units) == self.num_units:
             raise EngineDead(f"every attention replica has failed; the last: {why}")

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.sampling import sample
+from ..model import KVCache
 from . import comm, control
+from . import mirror
 from .faults import FaultInjector
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
@@ -70,6 +72,7 @@ class RankSpec:
     address: control.Address | None  # the front end's control channel (None: published by rank 0)
     kv: KvBudget
     faults: tuple = ()  # faults.FaultSpec to inject (tests, demos)
+    mirror: bool = False  # separated: keep each replica's KV rows on a buddy replica (mirror.py)
 
 
 class RankChannel:
@@ -119,13 +122,36 @@ class StepFailed:
 class UnitMember:
     """A rank that runs a runtime for one unit."""
 
-    def __init__(self, runtime, info: control.RankInfo, timer: OpTimer):
-        self.runtime, self.info, self.timer = runtime, info, timer
+    def __init__(self, runtime, info: control.RankInfo, timer: OpTimer, links=None):
+        """links: mirror.MirrorLinks when this replica mirrors its KV rows to a buddy."""
+        self.runtime, self.info, self.timer, self.links = runtime, info, timer, links
+        self.shadow = None  # the previous replica's KV rows (mirror)
 
     def start(self, num_slots: int, max_len: int) -> None:
         self.runtime.start(num_slots, max_len)
+        if self.links is not None:
+            c = self.runtime.cache
+            self.shadow = KVCache.empty(len(c.k), c.num_slots, c.k[0].shape[1], c.max_len, c.k[0].shape[3],
+                                        c.k[0].dtype, c.k[0].device)
 
-    def step(self, step_id: int, rows, units) -> "list | StepFailed | None":
+    def step(self, step_id: int, rows, units, theirs=None) -> "list | StepFailed | None":
+        """Run my unit's rows (when it is in `units`), then exchange KV rows with the buddies
+        (mirror; `theirs`: what the previous replica wrote in this step)."""
+        mine = self.info.unit in units  # else a step only to receive the previous replica's rows
+        out = self._forward(step_id, rows) if mine else None
+        if self.links is not None and not isinstance(out, StepFailed):
+            try:
+                mirror.exchange(self.links, self.runtime.cache, self.shadow,
+                                mirror.MirrorRows.of(rows) if mine and len(rows) else None, theirs)
+            except RuntimeError:  # a neighbour died: the front end handles it; no more mirroring here
+                self.links = None
+        return out
+
+    def adopt(self, moves: list[tuple[int, int]]) -> None:
+        """Take over a dead buddy's requests: shadow slots into my own slots."""
+        mirror.adopt(self.runtime.cache, self.shadow, moves)
+
+    def _forward(self, step_id: int, rows) -> "list | StepFailed | None":
         failed = None
         try:
             logits = self.runtime.forward(rows, step_id)
@@ -222,8 +248,10 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
     graphs = use_fast_path(spec.run, model, env.device)
     timer = OpTimer(label_ops=spec.run.trace_dir is not None)
     cfg, kv = model.cfg, spec.kv
+    links = None
     if plan.strategy == "separated":
         groups = build_separated_groups(plan, cfg, env)
+        links = mirror.build_mirror_links(plan, env) if spec.mirror else None  # every rank: the groups
         role = groups.role
         if role.kind == "expert":
             return ExpertMember(model, plan, groups, env, timer, graphs)
@@ -237,7 +265,9 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
         info = ("tp_pp", 0, env.rank == 0)
     layers, kv_heads, dtype = runtime._cache_shape
     slots = kv.slots_that_fit(layers, kv_heads, cfg.head_dim, dtype, env.device)
-    return UnitMember(runtime, control.RankInfo(env.rank, *info, slots, os.getpid()), timer)
+    if links is not None and slots is not None:
+        slots //= 2  # the shadow cache takes as much memory as the cache
+    return UnitMember(runtime, control.RankInfo(env.rank, *info, slots, os.getpid()), timer, links)
 
 
 def rank_main(spec: RankSpec) -> None:
@@ -279,11 +309,11 @@ def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
             member.start(msg[1], msg[2])
             channel.send(("ready",))
         elif kind == "step":
-            _, step_id, rows, units = msg
+            _, step_id, rows, units, *theirs = msg  # theirs: [MirrorRows | None] (mirror), else absent
             faults.before_step(step_id)
             channel.busy(True)
             try:
-                result = member.step(step_id, rows, units)
+                result = member.step(step_id, rows, units, *theirs)
             finally:
                 channel.busy(False)
             if isinstance(member, ExpertMember):
@@ -296,6 +326,9 @@ def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
                 channel.send(("tokens", step_id, result))
             else:  # the front end watches for silent ranks only until each says it is done
                 channel.send(("done", step_id))
+        elif kind == "adopt":
+            member.adopt(msg[1])
+            channel.send(("ready",))
         elif kind == "drop_expert":
             member.drop_expert_rank(msg[1])
             channel.send(("ready",))

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log.info("starting %s (%s) on %s", name, args.strategy, args.device)
     faults = fault_specs(args, run.plan, parser)
     executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None,
-                             faults=faults)
+                             faults=faults, mirror=args.protection == "mirror")
     from ..engine.async_engine import AsyncEngine
     # The engine thread releases the GIL while the GPU runs a step and must get it back the
     # moment the step ends; by default the event loop thread (streaming the last step's tokens)

@@ -1,0 +1,115 @@
+"""`--protection mirror`: every attention replica's new KV rows are also kept on a buddy.
+
+The MA Separation paper replicates attention state twice for fault tolerance. Here replica r's
+buddy is replica (r + 1) mod R: after each step, every attention rank sends the KV rows it
+wrote (its heads, every layer) to the rank with the same head slice in the buddy replica, which
+keeps them in a shadow cache of the same shape as its own. When replica r dies, its requests
+move to the buddy: each is copied from the shadow into a free slot of the buddy's own cache
+and goes on with no recompute. The front end tells every rank which rows its predecessor
+wrote in the step (`MirrorRows`), so both sides of a transfer know its size.
+
+Cost: a second KV cache on every attention rank, and every new KV row crosses to another rank
+each step. One failure is covered: the ring is not re-formed after it (later failures of the
+remaining replicas fall back to recompute).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..model import KVCache
+
+
+@dataclass
+class MirrorRows:
+    """The KV rows a replica wrote in one step: slot b, positions [start_b, start_b + count_b)."""
+
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+
+    @classmethod
+    def of(cls, rows) -> "MirrorRows":
+        return cls(list(rows.slots), list(rows.starts), [len(t) for t in rows.tokens])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class MirrorLinks:
+    """This attention rank's ring neighbours (global ranks) and the pair groups to them."""
+
+    next_rank: int
+    prev_rank: int
+    next_group: object
+    prev_group: object
+
+
+def build_mirror_links(plan, env) -> MirrorLinks | None:
+    """Pair groups between rank t of replica r and rank t of replica r + 1 (mod R), created in
+    the same order on every rank. None for expert ranks or a plan of one replica."""
+    R, T = plan.attn_replicas, plan.attn_tp
+    if R < 2:
+        return None
+    groups = {}
+    for r in range(R if R > 2 else 1):  # with two replicas the two directions share one pair
+        for t in range(T):
+            a, b = r * T + t, ((r + 1) % R) * T + t
+            groups[frozenset((a, b))] = dist.new_group(sorted((a, b)), timeout=env.timeout)
+    role = plan.role(env.rank)
+    if role.kind != "attention":
+        return None
+    me, t = env.rank, role.index
+    nxt, prv = ((role.replica + 1) % R) * T + t, ((role.replica - 1) % R) * T + t
+    return MirrorLinks(nxt, prv, groups[frozenset((me, nxt))], groups[frozenset((me, prv))])
+
+
+def _gather(cache: KVCache, rows: MirrorRows) -> torch.Tensor:
+    """[tokens, layers, 2, kv_heads, head_dim] of the rows, in row order."""
+    parts = []
+    for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
+        k = torch.stack([layer[slot, :, start:start + count] for layer in cache.k])  # [L, K, n, D]
+        v = torch.stack([layer[slot, :, start:start + count] for layer in cache.v])
+        parts.append(torch.stack([k, v], 1).permute(3, 0, 1, 2, 4))  # [n, L, 2, K, D]
+    return torch.cat(parts).contiguous()
+
+
+def _scatter(shadow: KVCache, rows: MirrorRows, data: torch.Tensor) -> None:
+    offset = 0
+    for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
+        block = data[offset:offset + count].permute(1, 2, 3, 0, 4)  # [L, 2, K, n, D]
+        for layer in range(len(shadow.k)):
+            shadow.k[layer][slot, :, start:start + count] = block[layer, 0]
+            shadow.v[layer][slot, :, start:start + count] = block[layer, 1]
+        offset += count
+
+
+def exchange(links: MirrorLinks, cache: KVCache, shadow: KVCache, mine: MirrorRows | None,
+             theirs: MirrorRows | None) -> None:
+    """Send the rows this rank wrote in the step to the next replica; receive the previous
+    replica's into the shadow cache. Raises on a failed transfer (a dead neighbour)."""
+    works = []
+    if mine is not None and mine.num_tokens:
+        out = _gather(cache, mine)
+        works.append(dist.isend(out, links.next_rank, group=links.next_group))
+    buf = None
+    if theirs is not None and theirs.num_tokens:
+        L, (_, K, _, D) = len(shadow.k), shadow.k[0].shape
+        buf = torch.empty(theirs.num_tokens, L, 2, K, D, dtype=shadow.k[0].dtype, device=shadow.k[0].device)
+        works.append(dist.irecv(buf, links.prev_rank, group=links.prev_group))
+    for work in works:
+        work.wait()
+    if buf is not None:
+        _scatter(shadow, theirs, buf)
+
+
+def adopt(cache: KVCache, shadow: KVCache, moves: list[tuple[int, int]]) -> None:
+    """Copy shadow slots into own slots: moves [(shadow slot, own slot)]."""
+    for src, dst in moves:
+        for layer in range(len(cache.k)):
+            cache.k[layer][dst] = shadow.k[layer][src]
+            cache.v[layer][dst] = shadow.v[layer][src]
