@@ -62,7 +62,8 @@ def run_once(preset: str, plan_args, faults: list[str], timeout_s: float, work, 
     plan = SeparatedPlan(*plan_args[:4], placement=plan_args[4] if len(plan_args) > 4 else None).validate(cfg)
     max_len = max(len(p) + q.max_tokens for p, q in work) + 1
     executor = ClusterExecutor(RunSpec(plan=plan, requests=[], preset=preset, timeout_s=timeout_s), max_len=max_len,
-                               max_num_seqs=slots, faults=tuple(FaultSpec.parse(f) for f in faults))
+                               max_num_seqs=slots, faults=tuple(FaultSpec.parse(f) for f in faults),
+                               mirror=protection == "mirror")
     sched = Scheduler(executor, SchedulerConfig(max_len, cfg.vocab_size, max_num_batched_tokens=64,
                                                 protection=protection))
     t0 = sched.clock()
@@ -80,16 +81,25 @@ def run_once(preset: str, plan_args, faults: list[str], timeout_s: float, work, 
 
 
 def failover_times(sched, seqs, t0: float) -> tuple[list[float], list[float]]:
-    """(detect seconds per failover, failover seconds per moved request)."""
+    """(detect seconds per failover, failover seconds per moved or adopted request)."""
     by_id = {s.request_id: s for s in seqs}
     detect, moves = [], []
     for f in sched.failovers:
         detect.append(f.at_s - f.step_started_s)
-        for rid, n in zip(f.moved, f.tokens_at_move):
+        for rid, n in list(zip(f.moved, f.tokens_at_move)) + list(zip(f.adopted, f.tokens_at_adopt)):
             s = by_id[rid]
             if len(s.token_times_s) > n:
                 moves.append(s.arrival_s + s.token_times_s[n] - f.step_started_s)
     return detect, moves
+
+
+def kv_mb(preset: str, plan_args, work, slots: int, protection: str) -> float:
+    """KV cache of one attention rank (its heads, every slot), twice with mirror (the shadow)."""
+    cfg = get_preset(preset)
+    max_len = max(len(p) + q.max_tokens for p, q in work) + 1
+    kv_heads = -(-cfg.num_kv_heads // plan_args[1])
+    per_slot = 2 * cfg.num_layers * kv_heads * (max_len + 1) * cfg.head_dim * 4  # fp32
+    return round(per_slot * slots * (2 if protection == "mirror" else 1) / 2**20, 3)
 
 
 def main() -> int:
@@ -114,12 +124,15 @@ def main() -> int:
     log(json.dumps(meta))
     rows, baselines = [], {}
     for name, plan_args, faults, timeout_s in SCENARIOS:
-        if plan_args not in baselines:
-            sched, seqs, dur, _, _ = run_once(args.preset, plan_args, [], 60.0, work, "recompute", args.slots)
-            baselines[plan_args] = ([s.output for s in seqs], sum(len(s.output) for s in seqs) / dur)
-        ref, ref_tok_s = baselines[plan_args]
         specs = [f.format(s=args.fault_step, s2=args.fault_step + 20) for f in faults]
-        for protection in ("recompute", "none"):
+        # mirror protects attention replicas only; the expert scenarios compare recompute and none
+        protections = ("recompute", "none") if "expert" in name else ("recompute", "mirror", "none")
+        for protection in protections:
+            key = (plan_args, protection == "mirror")  # the run without a fault: tokens and steady-state cost
+            if key not in baselines:
+                sched, seqs, dur, _, _ = run_once(args.preset, plan_args, [], 60.0, work, protection, args.slots)
+                baselines[key] = ([s.output for s in seqs], sum(len(s.output) for s in seqs) / dur)
+            ref, ref_tok_s = baselines[key]
             started = time.perf_counter()
             sched, seqs, dur, engine_error, t0 = run_once(args.preset, plan_args, specs, timeout_s, work, protection,
                                                           args.slots)
@@ -129,6 +142,8 @@ def main() -> int:
                        requests=len(seqs), lost=len(seqs) - len(done),
                        identical=sum(s.output == ref[int(s.request_id)] for s in done), finished=len(done),
                        failovers=len(sched.failovers), moved=sum(len(f.moved) for f in sched.failovers),
+                       adopted=sum(len(f.adopted) for f in sched.failovers),
+                       kv_mb_per_attention_rank=kv_mb(args.preset, plan_args, work, args.slots, protection),
                        detect_ms=[round(1e3 * d, 1) for d in detect],
                        failover_ms_max=round(1e3 * max(moves), 1) if moves else None,
                        failover_ms_mean=round(1e3 * sum(moves) / len(moves), 1) if moves else None,
@@ -152,20 +167,23 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"`{meta['command']}` on {meta['cpus']} CPU cores, torch {meta['torch']}, "
              f"Python {meta['python']}. Preset `{meta['preset']}` (fp32), separated plans, {meta['requests']} greedy "
              f"requests at once ({meta['output_len']} output tokens each, {meta['slots_per_replica']} KV slots per "
-             f"replica, so some wait), faults injected at step {meta['fault_step']} (a decode step). Identical = "
+             f"replica{', so some wait' if meta['requests'] > meta['slots_per_replica'] else ''}), faults injected at step {meta['fault_step']} (a decode step). Identical = "
              "tokens equal to the same plan's run without a fault. detect = from the start of the step the rank "
              "died in to the front end noticing; failover = from that step's start to the next token of every "
              "moved request (max / mean); it includes waiting for a free KV slot on the surviving replicas when they are "
-             "full (the plan has lost a replica's capacity). For a routed-around expert rank, detect = from the "
+             "full (the plan has lost a replica's capacity). tok/s (no fault): the same plan and protection without a "
+             "fault, the steady-state cost of the protection. For a routed-around expert rank, detect = from the "
              "start of the step to every rank using its new bridges (the step then runs again). tok/s: the whole run (the run without a fault beside "
              "it).", "",
-             "| scenario | protection | lost | identical / finished | moved | detect ms | failover ms max / mean "
-             "| tok/s (no fault) | expert ranks routed around |", "|---|---|---|---|---|---|---|---|---|"]
+             "| scenario | protection | lost | identical / finished | moved (recompute) / adopted (mirror) | detect ms "
+             "| failover ms max / mean | tok/s (no fault) | KV MB per attention rank | expert ranks routed around |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fo = f"{r['failover_ms_max']} / {r['failover_ms_mean']}" if r["failover_ms_max"] is not None else "-"
         detect = ", ".join(map(str, r["detect_ms"] + r["reroute_ms"])) or "-"
         lines.append(f"| {r['scenario']} | {r['protection']} | {r['lost']} of {r['requests']} | {r['identical']} / "
-                     f"{r['finished']} | {r['moved']} | {detect} | {fo} | {r['tok_s']:.0f} ({r['tok_s_no_fault']:.0f}) | "
+                     f"{r['finished']} | {r['moved']} / {r['adopted']} | {detect} | {fo} | {r['tok_s']:.0f} ({r['tok_s_no_fault']:.0f}) "
+                     f"| {r['kv_mb_per_attention_rank']} | "
                      f"{', '.join(map(str, r['experts_routed_around'])) or '-'} |")
     errors = {r["engine_error"] for r in rows if r["engine_error"]}
     if errors:

@@ -18,9 +18,9 @@ import urllib.request
 
 import pytest
 
-from masep.parallel.launch import free_port, spawn
+from masep.parallel.launch import spawn
 
-from test_serve import _children
+from test_serve import _children, start_server
 
 RUN = [sys.executable, "-m", "masep", "run", "--preset", "tiny", "--batch", "4", "--max-new-tokens", "24",
        "--warmup", "0"]
@@ -32,19 +32,9 @@ def _alive(pids: list[int]) -> list[int]:
 
 @pytest.mark.timeout(120)
 def test_sigkill_of_the_server_kills_every_rank():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", "--preset", "tiny", "--strategy", "separated",
-                             "--attn-replicas", "2", "--expert-ranks", "1", "--port", str(port), "--log-level",
-                             "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "masep serve did not start"
-            time.sleep(0.5)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+    url, proc = start_server(["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "2",
+                              "--expert-ranks", "1", "--log-level", "warning"])
+    with urllib.request.urlopen(url + "/health", timeout=5) as resp:
         ranks = [r["pid"] for r in json.loads(resp.read())["ranks"]]
     assert len(ranks) == 3 and set(ranks) <= set(_children(proc.pid))
     os.kill(ranks[0], signal.SIGSTOP)  # a stopped rank too

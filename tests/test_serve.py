@@ -43,22 +43,27 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(args: list[str], timeout_s: float = 120) -> tuple[str, subprocess.Popen]:
+    """`masep serve ARGS` on a free loopback port, once /health answers: (url, process)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *SERVE, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=2)
-            break
+            return url, proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"masep serve did not start: {proc.stdout.read()}")
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    url, proc = start_server(SERVE)
     ranks = _children(proc.pid)
     yield url, proc, ranks
     if proc.poll() is None:

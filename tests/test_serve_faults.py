@@ -23,9 +23,7 @@ import urllib.request
 
 import pytest
 
-from masep.parallel.launch import free_port
-
-from test_serve import _children, _client, _reference
+from test_serve import _children, _client, _reference, start_server
 
 openai = pytest.importorskip("openai")
 SERVE = ["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "3", "--expert-ranks", "1",
@@ -43,20 +41,7 @@ def _health(url: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *SERVE, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"masep serve did not start: {proc.stdout.read()}")
-            time.sleep(0.5)
+    url, proc = start_server(SERVE)
     yield url, proc
     if proc.poll() is None:
         proc.kill()
@@ -121,23 +106,9 @@ def test_the_last_replica_serves_and_sigterm_leaves_no_rank(server):
 @pytest.fixture(scope="module")
 def redundant_server():
     """Two replicas and two expert ranks that each hold all 8 experts of the tiny preset."""
-    port = free_port()
-    args = ["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "2", "--expert-ranks", "2",
-            "--placement", "0,1,2,3,4,5,6,7;0,1,2,3,4,5,6,7", "--max-num-seqs", "2", "--timeout", "3",
-            "--log-level", "warning"]
-    proc = subprocess.Popen([sys.executable, "-m", "masep", "serve", *args, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"masep serve did not start: {proc.stdout.read()}")
-            time.sleep(0.5)
+    url, proc = start_server(["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "2",
+                              "--expert-ranks", "2", "--placement", "0,1,2,3,4,5,6,7;0,1,2,3,4,5,6,7",
+                              "--max-num-seqs", "2", "--timeout", "3", "--log-level", "warning"])
     yield url, proc
     if proc.poll() is None:
         proc.kill()
