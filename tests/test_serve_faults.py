@@ -122,7 +122,7 @@ def _bench(url: str, n: int) -> subprocess.Popen:
 
 
 @pytest.mark.timeout(180)
-def test_expert_ranks_with_and_without_redundancy_under_bench_serve(redundant_server):
+def test_expert_ranks_with_and_without_redundancy_under_bench_serve_then_a_restart(redundant_server):
     url, proc = redundant_server
     experts = [r for r in _health(url)[1]["ranks"] if r["role"] == "expert"]
     # 1. one of two expert ranks holding every expert: routed around, no request fails
@@ -136,7 +136,8 @@ def test_expert_ranks_with_and_without_redundancy_under_bench_serve(redundant_se
     assert status == 200 and health["status"] == "degraded" and list(health["lost_expert_ranks"]) == [
         str(experts[1]["rank"])] and health["live_units"] == [0, 1]
     # 2. the last expert rank: its experts exist nowhere else; in-flight requests fail fast
-    # naming it and its experts, and the server says it is dead (503) but keeps answering
+    # naming it and its experts; the server starts its ranks again (/health: 503 restarting,
+    # then 200 ok) and serves again
     bench = _bench(url, 24)
     time.sleep(1.0)
     killed = time.monotonic()
@@ -146,7 +147,13 @@ def test_expert_ranks_with_and_without_redundancy_under_bench_serve(redundant_se
     assert row["failed"] > 0 and time.monotonic() - killed < 30
     errors = [e for e in row["errors"] if e]
     assert any(f"expert rank {experts[0]['rank']} (experts 0, 1, 2, 3, 4, 5, 6, 7)" in e for e in errors), errors[:3]
-    status, health = _health(url)
-    assert status == 503 and health["status"] == "dead"
+    deadline = time.monotonic() + 90
+    while (health := _health(url)[1])["status"] != "ok":
+        assert health["status"] == "restarting" and time.monotonic() < deadline, health
+        time.sleep(0.5)
+    assert health["restarts"] == 1 and not health["lost_expert_ranks"]
+    out = _client(url).completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=5, temperature=0,
+                                          extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert out.choices[0].model_extra["token_ids"] == _reference([1, 2, 3], 5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

@@ -12,6 +12,7 @@ once) and is never sent to the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..serve.engine_client import (EngineDead, EngineOverloaded, EngineStats, Ge
                                    TokenDelta)
 from ..tokenizer import Detokenizer, Tokenizer
 from .scheduler import Scheduler, SchedulerConfig, Sequence, check_request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +39,14 @@ class _Stream:
 class AsyncEngine:
     """Implements serve.engine_client.EngineClient over any executor."""
 
-    def __init__(self, executor, config: SchedulerConfig, tokenizer: Tokenizer, model_name: str):
+    def __init__(self, executor, config: SchedulerConfig, tokenizer: Tokenizer, model_name: str,
+                 restart=None, max_restarts: int = 0):
+        """restart: a function that starts a fresh executor (every rank loads its part again);
+        after a failure the engine cannot survive, it is called up to `max_restarts` times
+        (the requests in flight fail first, naming the failure) and serving resumes."""
         self.executor, self.tokenizer, self.model_name = executor, tokenizer, model_name
+        self._restart, self.restarts_left, self.restarts = restart, max_restarts, 0
+        self.restarting: str | None = None  # why the ranks are being started again
         self.config = config
         self.max_model_len = config.max_len
         self.scheduler = Scheduler(executor, config)
@@ -74,6 +83,9 @@ class AsyncEngine:
         """Everything that can be refused is refused here, before the request is queued."""
         if self.dead:
             raise EngineDead(f"the engine has stopped: {self.dead}")
+        if self.restarting:
+            raise EngineDead(f"the engine is starting its ranks again after a failure ({self.restarting}); "
+                             "retry in a moment")
         check_request(prompt, params, self.config)
         if self.scheduler_waiting() + self._inbox.qsize() >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting for a KV slot; "
@@ -94,10 +106,13 @@ class AsyncEngine:
         lost |= {u: why for u, why in getattr(self.executor, "lost_units", {}).items()}
         experts = getattr(self.executor, "lost_experts", {})
         status = "dead" if not self.is_healthy() else ("degraded" if lost or experts else "ok")
+        if self.restarting and self.is_healthy():
+            status = "restarting"
         out = {"status": status, "live_units": sorted(s.live_units), "lost_units": {str(u): w for u, w in lost.items()},
                "lost_expert_ranks": {str(r): w for r, w in experts.items()}}
-        if self.dead:
-            out["error"] = self.dead
+        if self.dead or self.restarting:
+            out["error"] = self.dead or self.restarting
+        out["restarts"] = self.restarts
         if hasattr(self.executor, "rank_states"):
             out["ranks"] = self.executor.rank_states()
         return out
@@ -137,12 +152,36 @@ class AsyncEngine:
             try:
                 touched = self.scheduler.iterate()
             except Exception as err:  # a dead rank, a timeout: fail what is in flight, refuse new work
-                self.dead = f"{type(err).__name__}: {err}"
-                self._post_failed(self.scheduler.fail_all(f"the engine failed: {self.dead}"), "error")
-                return
+                why = f"{type(err).__name__}: {err}"
+                self._post_failed(self.scheduler.fail_all(f"the engine failed: {why}"), "error")
+                if not self._start_again(why):
+                    self.dead = why
+                    return
+                continue
             for seq in touched:
                 self._post(seq)
             self._flush()
+
+    def _start_again(self, why: str) -> bool:
+        """Start the ranks again (new requests get 503 meanwhile). False: no restart left, or
+        the restart itself failed."""
+        if self._restart is None or self.restarts_left < 1 or self._stopping:
+            return False
+        self.restarts_left -= 1
+        self.restarting = why
+        log.warning("the engine failed (%s); starting its ranks again (%d restart(s) left)", why, self.restarts_left)
+        try:
+            self.executor.shutdown()
+            self.executor = self._restart()
+        except Exception as err:  # noqa: BLE001 - reported as the engine's death
+            self.restarting = None
+            self.dead = f"{why}; the restart failed too: {type(err).__name__}: {err}"
+            return False
+        self.scheduler = Scheduler(self.executor, self.config)
+        self.restarts += 1
+        self.restarting = None
+        log.warning("the engine's ranks are back; serving again")
+        return True
 
     def _drain_inbox(self) -> None:
         while True:

@@ -390,8 +390,8 @@ def build_app(engine: EngineClient, served_model_name: str | None = None) -> Fas
     async def health() -> Response:
         if not hasattr(engine, "health"):
             return Response(status_code=200) if engine.is_healthy() else error_response(503, "engine is not healthy")
-        state = engine.health()  # 200 while any unit serves (ok or degraded), else 503
-        return JSONResponse(state, status_code=200 if state["status"] != "dead" else 503)
+        state = engine.health()  # 200 while any unit serves (ok or degraded); restarting or dead: 503
+        return JSONResponse(state, status_code=200 if state["status"] in ("ok", "degraded") else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 
@@ -26,6 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the KV slots; more get 429")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may take to finish after SIGINT/SIGTERM")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="distributed strategies: times the server starts every rank again after a failure the "
+                        "plan cannot survive (the requests in flight fail first, naming it)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     add_distributed_args(p)
@@ -44,6 +48,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         args.max_num_batched_tokens, args.max_waiting).validate(cfg)
         if args.strategy != "single":
             build_plan(args, cfg)
+        if args.max_restarts < 0:
+            raise ValueError(f"--max-restarts={args.max_restarts}: must be >= 0")
+        if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout={args.shutdown_timeout}: must be a finite number of seconds >= 0")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port}: must be in [1, 65535]")
         if args.timeout <= 0:
@@ -63,7 +71,11 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # moment the step ends; by default the event loop thread (streaming the last step's tokens)
     # may hold it for up to 5 ms first, which a 5 ms decode step cannot afford.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer, args.protection), tokenizer, name)
+    def restart():  # every rank starts again and loads its part (no fault is injected twice)
+        return make_executor(run, kv, mirror=args.protection == "mirror")
+
+    engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer, args.protection), tokenizer, name,
+                         restart if run.plan is not None else None, args.max_restarts)
     try:
         log.info("%d attention unit(s) x %d KV slot(s) of %d positions", executor.num_units,
                  executor.slots_per_unit, kv.max_model_len)
