@@ -170,18 +170,7 @@ class ClusterExecutor:
         got: dict[int, list] = {}
         deadline = time.monotonic() + rank_wait_s(self.timeout_s) + self.timeout_s  # a last resort
         while any(u not in got and u not in lost for u in units):
-            live = {r: c for r, c in self.conns.items() if r not in self.gone}
-            by_conn = {id(c): r for r, c in live.items()}
-            for conn in wait(list(live.values()), timeout=0.1):
-                r = by_conn[id(conn)]
-                if r in self.gone:  # stopped earlier in this loop
-                    continue
-                try:
-                    msg = control.recv(conn, 0, f"front end <- rank {r}")
-                except control.ChannelClosed:
-                    self._rank_gone(r, self._how(r, "closed its control connection"), lost)
-                    continue
-                self.last_seen[r] = time.monotonic()
+            for r, msg in self._messages([r for r in self.conns if r not in self.gone], lost):
                 self._on_message(r, msg, step_id, want, got, lost)
             for r, how in self.procs.dead_ranks().items():
                 if r not in self.gone:
@@ -192,6 +181,22 @@ class ClusterExecutor:
                 raise EngineDead(f"step {step_id}: units {late} did not answer within "
                                  f"{deadline - self._in_step:.0f} s although every rank was alive")
         return got
+
+    def _messages(self, ranks: list[int], lost: dict[int, str]):
+        """(rank, message) of what `ranks` sent within 0.1 s; a rank whose connection closed is
+        handled as dead on the way."""
+        by_conn = {id(self.conns[r]): r for r in ranks}
+        for conn in wait([self.conns[r] for r in ranks], timeout=0.1):
+            r = by_conn[id(conn)]
+            if r in self.gone:  # stopped while this batch was read
+                continue
+            try:
+                msg = control.recv(conn, 0, f"front end <- rank {r}")
+            except control.ChannelClosed:
+                self._rank_gone(r, self._how(r, "closed its control connection"), lost)
+                continue
+            self.last_seen[r] = time.monotonic()
+            yield r, msg
 
     def _on_message(self, r: int, msg: tuple, step_id: int, want: dict, got: dict, lost: dict) -> None:
         kind = msg[0]
@@ -306,14 +311,7 @@ class ClusterExecutor:
                 return
             if time.monotonic() > deadline:
                 raise EngineDead(f"ranks {waiting} did not end step {step_id} after expert rank failed")
-            for conn in wait([self.conns[m] for m in waiting], timeout=0.1):
-                m = next(k for k, c in self.conns.items() if c is conn)
-                try:
-                    msg = control.recv(conn, 0, f"front end <- rank {m}")
-                except control.ChannelClosed:
-                    self._rank_gone(m, self._how(m, "closed its control connection"), lost)
-                    continue
-                self.last_seen[m] = time.monotonic()
+            for m, msg in self._messages(waiting, lost):
                 if msg[0] in ("tokens", "done", "failed"):
                     self._done.add(m)
                 elif msg[0] == "error":
