@@ -206,20 +206,22 @@ def test_a_dead_expert_rank_with_redundancy_is_routed_around_and_changes_no_toke
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("plan_args,fault", [((2, 1, 1, 2), "kill@1:9"), ((3, 1, 1, 2), "kill@1:9"),
-                                             ((2, 2, 1, 2), "kill@1:9")])
-def test_mirror_continues_a_dead_replicas_requests_without_recompute(reference, plan_args, fault):
+@pytest.mark.parametrize("plan_args,fault,slots", [((2, 1, 1, 2), "kill@1:9", 4), ((2, 1, 1, 2), "kill@1:9", 2),
+                                                   ((3, 1, 1, 2), "kill@1:9", 2), ((2, 2, 1, 2), "kill@1:9", 2)])
+def test_mirror_continues_a_dead_replicas_requests_without_recompute(reference, plan_args, fault, slots):
+    """Every request of the dead replica goes on where the next replica kept its KV rows, also
+    when that replica's own slots are all taken (2 slots per replica: it is full at step 9)."""
     from masep.parallel.cluster import ClusterExecutor
     from masep.parallel.faults import FaultSpec
     from masep.parallel.worker import RunSpec
     from masep.plan import SeparatedPlan
     plan = SeparatedPlan(*plan_args).validate(CFG)
     executor = ClusterExecutor(RunSpec(plan=plan, requests=[], preset="tiny", timeout_s=60), max_len=64,
-                               max_num_seqs=4, faults=(FaultSpec.parse(fault),), mirror=True)
+                               max_num_seqs=slots, faults=(FaultSpec.parse(fault),), mirror=True)
     try:
         sched, seqs = _serve(executor, _workload(), protection="mirror")
         [failover] = sched.failovers
-        assert failover.adopted and not failover.failed  # continued on the buddy from its copy of the KV
+        assert failover.adopted and not failover.moved and not failover.failed  # all on the buddy's copy
         adopted = [s for s in seqs if s.request_id in failover.adopted]
         assert all(s.moves == 0 for s in adopted)  # never prefilled again
         assert [s.output for s in seqs] == reference

@@ -159,6 +159,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.free = [list(range(executor.slots_per_unit)) for _ in range(executor.num_units)]
+        self.capacity = [executor.slots_per_unit] * executor.num_units  # grows when a unit adopts a mirror
         # units an executor lost before this scheduler (a second round on the same ranks)
         self.live_units = set(range(executor.num_units)) - set(getattr(executor, "lost_units", {}))
         self._last_step_end: float | None = None
@@ -206,12 +207,11 @@ class Scheduler:
 
     @property
     def slots_total(self) -> int:
-        return len(self.live_units) * self.executor.slots_per_unit
+        return sum(self.capacity[u] for u in self.live_units)
 
     def lose_units(self, lost: dict[int, str], step_started_s: float | None = None) -> list[Sequence]:
         """Units whose ranks died: nothing is admitted to them again. Their unfinished requests
-        continue on the unit that mirrored their KV rows (protection "mirror", as many as it
-        has free slots), or go back to the front of the queue to be prefilled again (prompt +
+        continue on the unit that mirrored their KV rows (protection "mirror"), or go back to the front of the queue to be prefilled again (prompt +
         every token generated so far) on a live unit, or, with protection "none" or no unit
         left, end with the reason. Returns the requests that ended."""
         ended = []
@@ -222,7 +222,7 @@ class Scheduler:
             self.free[unit] = []
             victims = sorted((s for s in self.running if s.unit == unit and not s.finished), key=lambda s: s.arrival_s)
             adopted = self._adopt(unit, victims) if self.config.protection == "mirror" else []
-            victims = victims[len(adopted):]  # _adopt takes the oldest that fit
+            victims = victims[len(adopted):]
             resume = self.config.protection in ("recompute", "mirror") and bool(self.live_units)
             for seq in victims:
                 self.running.remove(seq)
@@ -259,21 +259,19 @@ class Scheduler:
         return list(touched.values())
 
     def _adopt(self, unit: int, victims: list[Sequence]) -> list[Sequence]:
-        """Mirror: move what fits into free slots of the unit holding the lost unit's KV rows;
-        they keep their cached tokens (no prefill again). Returns those moved."""
-        buddy = getattr(self.executor, "mirror_buddy", lambda u: None)(unit)
-        if buddy is None or buddy not in self.live_units:
+        """Mirror: the unit that kept the lost unit's KV rows (slot s there at offset + s) takes
+        its requests where they are, with their cached tokens, and from now on also serves the
+        slots of that copy no request holds. Returns the requests taken (all of them)."""
+        found = getattr(self.executor, "mirror_buddy", lambda u: None)(unit)
+        if found is None or found[0] not in self.live_units:
             return []
-        self.free[buddy].sort()
-        taken = victims[:len(self.free[buddy])]
-        moves = []
-        for seq in taken:
-            new = self.free[buddy].pop(0)
-            moves.append((seq.slot, new))
-            seq.unit, seq.slot = buddy, new
-        if moves:
-            self.executor.adopt(buddy, moves)
-        return taken
+        buddy, offset = found
+        held = {seq.slot for seq in victims}
+        for seq in victims:
+            seq.unit, seq.slot = buddy, offset + seq.slot
+        self.free[buddy] += [offset + s for s in range(offset) if s not in held]
+        self.capacity[buddy] += offset
+        return victims
 
     def _admit(self) -> None:
         while self.waiting:

@@ -321,17 +321,10 @@ class ClusterExecutor:
                     self._rank_gone(m, how, lost)
 
     # --- mirror -----------------------------------------------------------------------------
-    def mirror_buddy(self, unit: int) -> int | None:
-        """The live unit holding a lost unit's KV rows (mirror), or None."""
+    def mirror_buddy(self, unit: int) -> tuple[int, int] | None:
+        """(live unit holding a lost unit's KV rows, the slot offset of that copy there), or None."""
         buddy = self.buddies.get(unit)
-        return buddy if buddy is not None and buddy not in self.lost_units else None
-
-    def adopt(self, unit: int, moves: list[tuple[int, int]]) -> None:
-        """Unit `unit` copies the mirrored slots into its own: moves [(shadow slot, own slot)]."""
-        for r in self.members[unit]:
-            control.send(self.conns[r], ("adopt", moves), f"front end -> rank {r}")
-        for r in self.members[unit]:
-            self._expect(r, "ready", self.timeout_s)
+        return (buddy, self.slots_per_unit) if buddy is not None and buddy not in self.lost_units else None
 
     def _lose_unit(self, unit: int, why: str, lost: dict[int, str]) -> None:
         if unit in self.lost_units:

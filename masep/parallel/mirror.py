@@ -3,13 +3,13 @@
 The MA Separation paper replicates attention state twice for fault tolerance. Here replica r's
 buddy is replica (r + 1) mod R: after each step, every attention rank sends the KV rows it
 wrote (its heads, every layer) to the rank with the same head slice in the buddy replica, which
-keeps them in a shadow cache of the same shape as its own. When replica r dies, its requests
-move to the buddy: each is copied from the shadow into a free slot of the buddy's own cache
-and goes on with no recompute. The front end tells every rank which rows its predecessor
+keeps them in the upper half of its own cache (its slots [S, 2S) mirror the predecessor's
+slots [0, S)). When replica r dies, its requests go on at the buddy in those slots, with nothing
+copied and nothing recomputed, and the buddy serves 2S slots from then on. The front end tells every rank which rows its predecessor
 wrote in the step (`MirrorRows`), so both sides of a transfer know its size.
 
-Cost: a second KV cache on every attention rank, and every new KV row crosses to another rank
-each step. One failure is covered: the ring is not re-formed after it (later failures of the
+Cost: twice the KV memory on every attention rank (a memory budget holds half the slots per
+replica until a failure), and every new KV row crosses to another rank each step. One failure is covered: the ring is not re-formed after it (later failures of the
 remaining replicas fall back to recompute).
 """
 from __future__ import annotations
@@ -105,11 +105,3 @@ def exchange(links: MirrorLinks, cache: KVCache, shadow: KVCache, mine: MirrorRo
         work.wait()
     if buf is not None:
         _scatter(shadow, theirs, buf)
-
-
-def adopt(cache: KVCache, shadow: KVCache, moves: list[tuple[int, int]]) -> None:
-    """Copy shadow slots into own slots: moves [(shadow slot, own slot)]."""
-    for src, dst in moves:
-        for layer in range(len(cache.k)):
-            cache.k[layer][dst] = shadow.k[layer][src]
-            cache.v[layer][dst] = shadow.v[layer][src]

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.sampling import sample
-from ..model import KVCache
 from . import comm, control
 from . import mirror
 from .faults import FaultInjector
@@ -128,11 +127,13 @@ class UnitMember:
         self.shadow = None  # the previous replica's KV rows (mirror)
 
     def start(self, num_slots: int, max_len: int) -> None:
-        self.runtime.start(num_slots, max_len)
-        if self.links is not None:
-            c = self.runtime.cache
-            self.shadow = KVCache.empty(len(c.k), c.num_slots, c.k[0].shape[1], c.max_len, c.k[0].shape[3],
-                                        c.k[0].dtype, c.k[0].device)
+        if self.links is None:
+            self.runtime.start(num_slots, max_len)
+            return
+        # mirror: slots [num_slots, 2 num_slots) of my cache keep the previous replica's rows; if
+        # it dies its requests go on right there (the front end then gives me all 2 num_slots)
+        self.runtime.start(2 * num_slots, max_len)
+        self.shadow = self.runtime.cache.view(slice(num_slots, 2 * num_slots))
 
     def step(self, step_id: int, rows, units, theirs=None) -> "list | StepFailed | None":
         """Run my unit's rows (when it is in `units`), then exchange KV rows with the buddies
@@ -146,10 +147,6 @@ class UnitMember:
             except RuntimeError:  # a neighbour died: the front end handles it; no more mirroring here
                 self.links = None
         return out
-
-    def adopt(self, moves: list[tuple[int, int]]) -> None:
-        """Take over a dead buddy's requests: shadow slots into my own slots."""
-        mirror.adopt(self.runtime.cache, self.shadow, moves)
 
     def _forward(self, step_id: int, rows) -> "list | StepFailed | None":
         failed = None
@@ -326,9 +323,6 @@ def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
                 channel.send(("tokens", step_id, result))
             else:  # the front end watches for silent ranks only until each says it is done
                 channel.send(("done", step_id))
-        elif kind == "adopt":
-            member.adopt(msg[1])
-            channel.send(("ready",))
         elif kind == "drop_expert":
             member.drop_expert_rank(msg[1])
             channel.send(("ready",))
