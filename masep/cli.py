@@ -265,6 +265,7 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         kv.max_num_seqs = max(1, len(requests))  # a static batch: one slot per request by default
     sched = scheduler_config(kv, cfg, None if args.ignore_eos else tokenizer, args.protection)
     run = run_spec(args, cfg, source)
+    check_protection(args, run.plan, args.subparser)
     faults = fault_specs(args, run.plan, args.subparser)
 
     def rounds(executor) -> dict:
@@ -412,13 +413,16 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
                         "(raise) at step STEP; repeatable")
 
 
+def check_protection(args: argparse.Namespace, plan, parser: argparse.ArgumentParser) -> None:
+    if args.protection == "mirror" and (plan is None or plan.strategy != "separated" or plan.attn_replicas < 2):
+        parser.error("--protection mirror: keeps each attention replica's KV rows on another replica; it needs "
+                     "--strategy separated with --attn-replicas >= 2")
+
+
 def fault_specs(args: argparse.Namespace, plan, parser: argparse.ArgumentParser) -> tuple:
     """--inject-fault values, parsed and checked against the plan (refused where no rank can die)."""
     from .parallel.faults import FaultSpec, check_faults
     from .parallel.launch import launched_by_torchrun
-    if args.protection == "mirror" and (plan is None or plan.strategy != "separated" or plan.attn_replicas < 2):
-        parser.error("--protection mirror: keeps each attention replica's KV rows on another replica; it needs "
-                     "--strategy separated with --attn-replicas >= 2")
     if not args.inject_fault:
         return ()
     if plan is None:

@@ -132,8 +132,8 @@ def _rank_child(rank: int, world: int, port: int, fn: Callable, arg: Any) -> Non
         fn(arg)
     except BaseException as err:  # the front end got the traceback over its channel; one line here
         import sys
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"masep rank {rank}: {type(err).__name__}: {first[:300]}", file=sys.stderr, flush=True)
+        from ..errors import error_line
+        print(f"masep rank {rank}: {error_line(err)[:300]}", file=sys.stderr, flush=True)
         os._exit(1)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.sampling import sample
+from ..errors import error_line
 from . import comm, control
 from . import mirror
 from .faults import FaultInjector
@@ -155,7 +156,7 @@ class UnitMember:
         except RuntimeError as err:  # a transfer failed: survivable where an expert rank can be routed around
             if not getattr(self.runtime, "fallback", None):
                 raise
-            failed = StepFailed(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            failed = StepFailed(error_line(err))
         if failed is not None:  # outside the except block: the step's transfers are freed by now
             self.runtime.in_step = False
             comm.abandon_bridge(self.runtime.bridge)  # peers still waiting on this rank get an error now

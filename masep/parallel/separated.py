@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..errors import error_line
 from ..model import MoETransformer
 from ..plan import SeparatedPlan, split_evenly
 from . import comm, routing
@@ -204,7 +205,7 @@ def guarded(failed: dict[int, str], key: int, fn, *args) -> None:
     try:
         fn(*args)
     except RuntimeError as err:
-        failed[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        failed[key] = error_line(err)
 
 
 class _ExpertServer:

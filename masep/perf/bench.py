@@ -68,6 +68,7 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig, preset as get_preset, to_hf_dict
+from ..errors import error_line
 from ..fastpath import GraphedLocalRuntime, set_expert_impl, set_fused, triton
 from ..model import Attention, Experts, KVCache, MoETransformer, build_model, kv_heads_for
 
@@ -436,7 +437,7 @@ def bench_hf_decode(hf, cfg: ModelConfig, preset: str, batch: int, context: int,
                   for _ in range(input_sets)]
         times = time_steps(lambda i: hf_step(hf, tokens[i % input_sets], cache), warmup=warmup, steps=steps)
     except Exception as err:  # out of memory above all: a row, not a crash
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        row["error"] = error_line(err)
         log(f"[transformers] {preset} B={batch}: {row['error']}")
         return row
     finally:
@@ -719,7 +720,7 @@ def decode_sweep(presets, batches, context: int, impls, *, steps: int = 100, pee
                 except Exception as err:  # record the failure (OOM above all) and go on with the sweep
                     add({**device_meta(), "system": "masep", "impl": f"graph+{impl}", "preset": p, "batch": b,
                          "context": context, "expert_matrices": model.cfg.expert_matrices,
-                         "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+                         "error": error_line(err)})
                     log(f"[masep {impl}] {p} B={b}: {rows[-1]['error']}")
                     free_cuda()
         if peer and model.cfg.expert_act == "swiglu":

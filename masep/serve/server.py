@@ -40,7 +40,7 @@ SWITCH_INTERVAL_S = 2e-4
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..cli import _tokenizer_or_exit, build_plan, fault_specs, load_config, run_spec
+    from ..cli import _tokenizer_or_exit, build_plan, check_protection, fault_specs, load_config, run_spec
     from ..launcher import KvSettings, make_executor, scheduler_config
     cfg, source = load_config(args, parser)
     try:
@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     name = args.served_model_name or source.preset or source.path
     run = run_spec(args, cfg, source)
     log.info("starting %s (%s) on %s", name, args.strategy, args.device)
+    check_protection(args, run.plan, parser)
     faults = fault_specs(args, run.plan, parser)
     executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None,
                              faults=faults, mirror=args.protection == "mirror")
