@@ -1,0 +1,1 @@
+"""Training: data pipeline (text/jsonl/json.gz, BPE tokenizer, packing, resumable batches)."""
