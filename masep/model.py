@@ -193,11 +193,17 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype))
+        # A trainer sets a list here to receive (logits [X, E] float32, ids [X, k]) of every call:
+        # the auxiliary losses need the router's logits, which forward() does not return.
+        self.record: list | None = None
 
     def forward(self, x_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """weights [X, k] (x's dtype) and expert ids [X, k] (int64)."""
-        probs = torch.softmax(F.linear(x_XH, self.weight).float(), dim=-1)
+        logits = F.linear(x_XH, self.weight).float()
+        probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.record is not None:
+            self.record.append((logits, ids))
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x_XH.dtype), ids

@@ -342,7 +342,20 @@ def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor,
         packed = pack_for_experts(x_XH, ids_Xk, weights_Xk, route, bridge, layout, mb,
                                   _head(step, layer, mb, x_XH.device))
         return send_packed(packed, bridge, layout, layer, mb, x_XH.shape[0])
-    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+    return dispatch_rows(x_XH, _sorted_rows(ids_Xk, weights_Xk, route, bridge), bridge, layout, layer, mb)
+
+
+def sort_for_bridge(ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
+                    bridge: Bridge) -> routing.SortedRows:
+    """The (token, expert) pairs sorted by destination; weight_R keeps the weights' autograd
+    history, so a trainer's combine differentiates through it."""
+    return _sorted_rows(ids_Xk, weights_Xk, route, bridge)
+
+
+def dispatch_rows(x_XH: torch.Tensor, rows: routing.SortedRows, bridge: Bridge, layout: StepLayout, layer: int,
+                  mb: int) -> DispatchHandle:
+    """Exact step: agree the counts, then launch rows x[token_R] [N, H] to their experts."""
+    step = layout.step
     counts = _exact_counts(rows, bridge, step, layer, mb)
     exchange_counts(bridge, counts, step, layer, mb)
     splits = counts[:, HEADER:].sum(1).tolist()
@@ -553,21 +566,8 @@ def ep_dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tens
                 bridge: Bridge, layout: StepLayout, num_local: int, layer: int, mb: int) -> ExchangeHandle:
     """Exact (prefill) step: launch the all-to-all of token rows among all EP ranks (x [X, H],
     ids/weights [X, k]) once the counts are agreed. Padded steps use ep_pack / ep_send_packed."""
-    step, p, hidden = layout.step, bridge.size, x_XH.shape[1]
-    rows = _sorted_rows(ids_Xk, weights_Xk, route, bridge)
-    counts = _exact_counts(rows, bridge, step, layer, mb)
-    recv_counts = exchange_counts(bridge, counts, step, layer, mb)
-    _check_counts(bridge, recv_counts, step, layer, mb, num_local, range(p))
-    send_splits = counts[:, HEADER:].sum(1).tolist()
-    counts_PL = recv_counts[:, HEADER:HEADER + num_local]
-    recv_splits = counts_PL.sum(1).tolist()
-    send = x_XH[rows.token_R].contiguous()
-    x_in = torch.empty(sum(recv_splits), hidden, dtype=x_XH.dtype, device=x_XH.device)
-    work = _all_to_all(x_in, send, recv_splits, send_splits, bridge)
-    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in],
-                          torch.arange(send.shape[0], device=send.device))
-    got = ExpertBatch(x_in, counts_PL.sum(0), _expert_sorted_order(counts_PL), recv_splits)
-    return ExchangeHandle(sent, layout, got=got)
+    return ep_dispatch_rows(x_XH, _sorted_rows(ids_Xk, weights_Xk, route, bridge), bridge, layout, num_local,
+                            layer, mb)
 
 
 def ep_received(handle: ExchangeHandle) -> ExpertBatch:
@@ -615,3 +615,65 @@ def broadcast(x: torch.Tensor, src: int, group, timeout: timedelta, what: str) -
     """Share the last stage's logits with every rank of the model instance (in place)."""
     _wait_named(dist.broadcast(x, src=src, group=group, async_op=True), timeout, f"{what}: broadcast from rank {src}")
     return x
+
+
+# --- training: gradients retrace the rows' path with the splits both sides already know ----------
+def send_output_grads(handle: DispatchHandle, grad_NH: torch.Tensor) -> torch.Tensor:
+    """Backward of combine on an attention rank: the gradients of the N expert-output rows go
+    to the experts that produced them (same splits as the dispatch), and the gradients of the
+    rows this rank sent come back [N, H] (blocking)."""
+    b = handle.bridge
+    send = grad_NH.contiguous()
+    work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * b.size, handle.splits, b)
+    got = torch.empty_like(send)
+    back = _all_to_all_back(got, got.new_empty(0, send.shape[1]), handle.splits, [0] * b.size, b)
+    _wait(work, b, "output-gradient payload", handle.step, handle.layer, handle.mb)
+    _wait(back, b, "input-gradient payload", handle.step, handle.layer, handle.mb)
+    return got
+
+
+def expert_receive_grads(bridge: Bridge, batch: ExpertBatch, layout: StepLayout, layer: int,
+                         mb: int) -> torch.Tensor:
+    """Expert rank, backward: the output gradients of the rows `batch` held, in its
+    expert-sorted order [N, H] (they arrive in the order the rows did)."""
+    splits = batch.source_splits + [0] * (bridge.size - len(batch.source_splits))
+    x = batch.x_NH.new_empty(sum(splits), batch.x_NH.shape[1])
+    work = _all_to_all(x, x.new_empty(0, x.shape[1]), splits, [0] * bridge.size, bridge)
+    _wait(work, bridge, "output-gradient payload", layout.step, layer, mb)
+    return x[batch.perm_N]
+
+
+def ep_dispatch_rows(x_XH: torch.Tensor, rows: routing.SortedRows, bridge: Bridge, layout: StepLayout,
+                     num_local: int, layer: int, mb: int) -> ExchangeHandle:
+    """ep_dispatch with the pairs already sorted (sort_for_bridge)."""
+    step, p, hidden = layout.step, bridge.size, x_XH.shape[1]
+    counts = _exact_counts(rows, bridge, step, layer, mb)
+    recv_counts = exchange_counts(bridge, counts, step, layer, mb)
+    _check_counts(bridge, recv_counts, step, layer, mb, num_local, range(p))
+    send_splits = counts[:, HEADER:].sum(1).tolist()
+    counts_PL = recv_counts[:, HEADER:HEADER + num_local]
+    recv_splits = counts_PL.sum(1).tolist()
+    send = x_XH[rows.token_R].contiguous()
+    x_in = torch.empty(sum(recv_splits), hidden, dtype=x_XH.dtype, device=x_XH.device)
+    work = _all_to_all(x_in, send, recv_splits, send_splits, bridge)
+    sent = DispatchHandle(bridge, step, layer, mb, x_XH.shape[0], rows, send_splits, work, [send, x_in],
+                          torch.arange(send.shape[0], device=send.device))
+    got = ExpertBatch(x_in, counts_PL.sum(0), _expert_sorted_order(counts_PL), recv_splits)
+    return ExchangeHandle(sent, layout, got=got)
+
+
+def ep_exchange_grads(handle: ExchangeHandle, grad_out_NH: torch.Tensor, input_grads) -> torch.Tensor:
+    """EP backward, both halves: this rank's output-row gradients [N, H] go to the ranks whose
+    experts produced them; `input_grads(grad_sorted [M, H]) -> [M, H]` turns the gradients of
+    the rows this rank's experts served (expert-sorted) into their input gradients, which go
+    back; returns the gradients of the rows this rank sent [N, H]."""
+    s, got, b = handle.sent, handle.got, handle.sent.bridge
+    arrived = grad_out_NH.new_empty(sum(got.source_splits), grad_out_NH.shape[1])
+    work = _all_to_all(arrived, grad_out_NH.contiguous(), got.source_splits, s.splits, b)
+    _wait(work, b, "output-gradient payload", s.step, s.layer, s.mb)
+    grad_in = input_grads(arrived[got.perm_N])
+    back = _back_rows(grad_in, got)
+    mine = torch.empty_like(grad_out_NH)
+    work = _all_to_all_back(mine, back, s.splits, got.source_splits, b)
+    _wait(work, b, "input-gradient payload", s.step, s.layer, s.mb)
+    return mine

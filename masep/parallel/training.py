@@ -1,0 +1,508 @@
+"""Training through a plan: each rank's forward and backward of one step, for every strategy.
+
+The block forward is written once (`attention_sublayer` + one of two MoE sublayers); a strategy
+supplies the head group (comm_grad.HeadGroup) and how routed tokens reach their experts:
+  single     the rank's own Experts module
+  separated  attention ranks send rows over their replica's bridge (comm_grad.expert_rows); expert
+             ranks run `ExpertTrainer`, one grouped matmul per (micro-batch, layer) over every
+             replica's rows, and the same in reverse with the gradients
+  ep         every rank sends to every rank (comm_grad.ep_expert_rows)
+  tp_pp      heads and each expert's hidden columns split over a stage, partial sums reduced;
+             stages pass activations forward and their gradients back (GPipe order)
+
+Schedule of a step on every rank: the micro-batches' forwards in order, then their backwards in
+reverse order; an expert rank follows the same order, layer by layer. (No overlap of one
+micro-batch's transfers with another's compute yet: a training step here is correct, not fast.)
+
+Loss of a step (what the single-device trainer computes on the whole global batch):
+    sum of token cross-entropies / global tokens
+    + aux_coef * mean over token groups of (load-balancing loss averaged over layers)
+    + z_coef * the same for the z-loss
+where a token group is one micro-batch of one data-parallel replica. Each rank backpropagates
+only its own terms; `syncs()` says which ranks' gradients of each parameter add up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import MoETransformer, rope_cos_sin
+from ..plan import split_evenly
+from ..train.losses import LossConfig, router_terms, token_loss_sum
+from . import comm, comm_grad, routing
+from .parts import shard_attention, shard_experts
+
+
+@dataclass
+class ParamSync:
+    """One parameter (or one expert's slice of a stacked expert tensor): the ranks whose gradients
+    of it add up to the full gradient, and whether this rank counts it in the global norm."""
+
+    name: str
+    param: torch.nn.Parameter
+    ranks: tuple[int, ...]
+    owner: bool
+    index: int | None = None  # expert slice: param[index]
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        return g if g is None or self.index is None else g[self.index]
+
+
+@dataclass
+class StepShape:
+    """What every rank knows about a step: token groups and the global token count."""
+
+    replicas: int
+    microbatches: int
+    global_tokens: int  # target tokens of the whole global batch
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def groups(self) -> int:
+        return self.replicas * self.microbatches
+
+
+@dataclass
+class MicroStats:
+    """Sums this rank reports for a step (added over ranks by the trainer)."""
+
+    token_loss: float = 0.0  # sum of cross-entropies (only ranks that own the report)
+    balance: float = 0.0  # aux terms, already scaled into the loss (coef / (layers * groups))
+    zloss: float = 0.0
+    load_LE: torch.Tensor | None = None  # routed pairs per (layer, expert), this rank's share
+
+
+def microbatches(ids_BT: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """Cut a replica's sequences [B, L+1] into m micro-batches (contiguous, sizes differ by <= 1)."""
+    return [ids_BT[r.start:r.stop] for r in split_evenly(ids_BT.shape[0], m)]
+
+
+def replica_rows(ids_BT: torch.Tensor, replicas: int, replica: int) -> torch.Tensor:
+    r = split_evenly(ids_BT.shape[0], replicas)[replica]
+    return ids_BT[r.start:r.stop]
+
+
+# --- the block forward, written once -----------------------------------------------------------
+def attention_sublayer(block, attn, x_BTH, positions, rope, heads: comm_grad.HeadGroup) -> torch.Tensor:
+    """h = x + attention(x) with the heads of `attn` (partials summed over the head group)."""
+    return x_BTH + heads.reduce_from_heads(attn(heads.copy_to_heads(block.attn_norm(x_BTH)), positions, rope=rope))
+
+
+def routed_moe_sublayer(block, h_BTH, heads: comm_grad.HeadGroup, experts_fn) -> torch.Tensor:
+    """The MoE on this rank's slice of the tokens (whole experts, wherever they live):
+    experts_fn(z [n, H], weights [n, k], ids [n, k]) -> sum_k w_k expert_k(z) [n, H]."""
+    b, t, hidden = h_BTH.shape
+    splits = [len(r) for r in split_evenly(b * t, heads.size)]
+    h = heads.split_rows(h_BTH.reshape(-1, hidden), splits)
+    z = block.moe_norm(h)
+    weights, ids = block.moe.router(z)
+    y = experts_fn(z, weights, ids)
+    if block.moe.shared is not None:
+        y = y + block.moe.shared(z)
+    return heads.gather_rows(h + y, splits).view(b, t, hidden)
+
+
+def sharded_moe_sublayer(block, experts, h_BTH, heads: comm_grad.HeadGroup, add_shared: bool) -> torch.Tensor:
+    """The MoE with every expert's hidden columns split over the head group (tensor parallel):
+    all tokens on every rank, partial outputs summed; the shared expert added on one rank."""
+    b, t, hidden = h_BTH.shape
+    z = heads.copy_to_heads(block.moe_norm(h_BTH).reshape(-1, hidden))
+    weights, ids = block.moe.router(z)
+    y = experts(z, weights, ids)
+    if add_shared and block.moe.shared is not None:
+        y = y + block.moe.shared(z)
+    return h_BTH + heads.reduce_from_heads(y).view(b, t, hidden)
+
+
+def _positions(ids_BT: torch.Tensor) -> torch.Tensor:
+    b, t = ids_BT.shape
+    return torch.arange(t, device=ids_BT.device).expand(b, t)
+
+
+class _Recorder:
+    """Collects the routers' (logits, ids) of one micro-batch, layer by layer."""
+
+    def __init__(self, blocks):
+        self.records: list = []
+        for block in blocks:
+            block.moe.router.record = self.records
+
+    def take(self) -> list:
+        out = list(self.records)
+        self.records.clear()
+        return out
+
+
+def _aux_loss(records, num_experts: int, group_tokens: int, shape: StepShape, layers: int, counts_fn, stats: MicroStats):
+    """This rank's share of a token group's auxiliary losses, scaled into the step loss."""
+    lb, z, loads = router_terms(records, num_experts, group_tokens, counts_fn)
+    scale = 1.0 / (layers * shape.groups)
+    lb, z = shape.loss.aux_coef * scale * lb, shape.loss.z_coef * scale * z
+    stats.balance += float(lb.detach())
+    stats.zloss += float(z.detach())
+    if loads is not None:
+        stats.load_LE = loads if stats.load_LE is None else stats.load_LE + loads
+    return lb + z
+
+
+# --- strategies --------------------------------------------------------------------------------
+class TrainRank:
+    """A rank's part of training. Subclasses set `modules` (what this rank's optimizer sees)."""
+
+    rank: int = 0
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        seen, out = set(), []
+        for prefix, module in self.modules.items():
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{prefix}.{name}" if prefix else name, p))
+        return out
+
+    def syncs(self) -> list[ParamSync]:
+        raise NotImplementedError
+
+    def step(self, ids_BT: torch.Tensor | None, shape: StepShape, step: int, scale: float) -> MicroStats:
+        """Forward and backward of one step over this rank's sequences [B, L+1] (None on ranks
+        that get no data); gradients accumulate into .grad, multiplied by `scale`."""
+        raise NotImplementedError
+
+
+class SingleTrain(TrainRank):
+    """The oracle: the whole model on one device, the same token groups as a plan would form."""
+
+    def __init__(self, model: MoETransformer, replicas: int = 1, microbatches_: int = 1):
+        self.model, self.cfg = model, model.cfg
+        self.replicas, self.m = replicas, microbatches_
+        self.modules = {"": model}
+        self.heads = comm_grad.HeadGroup(None, 1, 0, None, "single")
+        self.recorder = _Recorder(model.layers)
+
+    def syncs(self) -> list[ParamSync]:
+        return [ParamSync(n, p, (0,), True) for n, p in self.named_parameters()]
+
+    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        stats = MicroStats()
+        for r in range(self.replicas):
+            for mb in microbatches(replica_rows(ids_BT, self.replicas, r), self.m):
+                loss = self._forward(mb, shape, stats)
+                (loss * scale).backward()
+        return stats
+
+    def _forward(self, mb_BT, shape: StepShape, stats: MicroStats) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
+        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
+        positions = _positions(inputs)
+        x = model.embed(inputs)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for block in model.layers:
+            h = attention_sublayer(block, block.attn, x, positions, rope, self.heads)
+            x = routed_moe_sublayer(block, h, self.heads, block.moe.experts)
+        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
+        stats.token_loss += float(ce.detach())
+        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, None, stats)
+        return ce / shape.global_tokens + aux
+
+
+class SeparatedAttentionTrain(TrainRank):
+    """An attention rank of MA separation: its replica's sequences, its heads, whole norms,
+    router and shared expert; routed tokens go over the replica's bridge."""
+
+    def __init__(self, model: MoETransformer, plan, groups, env):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
+        self.bridge = groups.bridges[0]
+        heads = plan.head_split(cfg)[self.role.index]
+        self.attn = torch.nn.ModuleList(shard_attention(b.attn, cfg, heads) for b in model.layers)
+        for block in model.layers:  # the block keeps its norms, router and shared expert only
+            block.attn, block.moe.experts = None, None
+        self.model = model
+        self.modules = {"": model, "attn": self.attn}
+        self.heads = comm_grad.HeadGroup(groups.replica_group, plan.attn_tp, self.role.index, env.timeout,
+                                         f"replica {self.role.replica} head group")
+        from .separated import expert_route
+        self.route = expert_route(plan, cfg, self.role.replica, env.device)
+        self.recorder = _Recorder(model.layers)
+
+    def syncs(self) -> list[ParamSync]:
+        plan = self.plan
+        everyone = tuple(range(plan.num_attention_ranks))
+        same_t = tuple(r * plan.attn_tp + self.role.index for r in range(plan.attn_replicas))
+        first = self.role.replica == 0
+        out = []
+        for name, p in self.named_parameters():
+            token_sliced = ".moe." in name or ".moe_norm." in name  # router, shared expert, MoE norm
+            if token_sliced:
+                out.append(ParamSync(name, p, everyone, self.rank == 0))
+            else:
+                out.append(ParamSync(name, p, same_t, first and (self.role.index == 0 or name.startswith("attn."))))
+        return out
+
+    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        cfg, stats = self.cfg, MicroStats()
+        mbs = microbatches(ids_BT, self.plan.microbatches)
+        rows = [-(-mb[:, :-1].numel() // self.plan.attn_tp) for mb in mbs]
+        layout = comm.attention_begin_step(self.bridge, step, rows, False, cfg.hidden_size, self.model.dtype)
+        losses = [self._forward(mb, i, layout, shape, stats) for i, mb in enumerate(mbs)]
+        for loss in reversed(losses):
+            (loss * scale).backward()
+        if self.role.index != 0:  # the counts were summed over the head group: report them once
+            stats.load_LE = None
+        return stats
+
+    def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
+        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
+        positions = _positions(inputs)
+        x = model.embed(inputs)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer, block in enumerate(model.layers):
+            h = attention_sublayer(block, self.attn[layer], x, positions, rope, self.heads)
+            x = routed_moe_sublayer(block, h, self.heads, self._experts_fn(layout, layer, i))
+        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
+        if self.role.index == 0:
+            stats.token_loss += float(ce.detach())
+        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers,
+                        self.heads.sum_counts, stats)
+        return ce / shape.global_tokens + aux
+
+    def _experts_fn(self, layout, layer: int, i: int):
+        def run(z, weights, ids):
+            rows = comm.sort_for_bridge(ids, weights, self.route, self.bridge)
+            out = comm_grad.expert_rows(z, rows, self.bridge, layout, layer, i)
+            pos = torch.arange(out.shape[0], device=out.device)
+            return routing.gather(out, pos, rows.token_R, rows.weight_R, z.shape[0])
+        return run
+
+    def finish(self) -> None:
+        """Tell the expert ranks training is over (they leave their loop)."""
+        comm.send_stop(self.bridge, -1, self.cfg.hidden_size, self.model.dtype, self.plan.microbatches)
+
+
+class SeparatedExpertTrain(TrainRank):
+    """An expert rank of MA separation: per (micro-batch, layer) the rows of every replica in
+    one grouped matmul; in backward the output gradients of all of them in one backward."""
+
+    def __init__(self, model: MoETransformer, plan, groups, env):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
+        self.bridges = groups.bridges
+        self.my_experts = plan.expert_placement(cfg)[self.role.index]
+        self.experts = torch.nn.ModuleList(shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers)
+        self.modules = {"experts": self.experts}
+        self.dtype = model.dtype
+        self.stopped = False
+
+    def syncs(self) -> list[ParamSync]:
+        placement = self.plan.expert_placement(self.cfg)
+        first = self.plan.num_attention_ranks
+        holders = {e: tuple(first + g for g, held in enumerate(placement) if e in held) for e in self.my_experts}
+        out = []
+        for name, p in self.named_parameters():
+            for local, e in enumerate(self.my_experts):
+                out.append(ParamSync(f"{name}[{e}]", p, holders[e], holders[e][0] == self.rank, local))
+        return out
+
+    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        cfg, m = self.cfg, self.plan.microbatches
+        layouts = [comm.expert_begin_step(b, step, m, cfg.hidden_size, self.dtype) for b in self.bridges]
+        saved = {}
+        for i in range(m):
+            for layer in range(cfg.num_layers):
+                saved[i, layer] = self._forward(layouts, layer, i)
+        for i in reversed(range(m)):
+            for layer in reversed(range(cfg.num_layers)):
+                self._backward(layouts, layer, i, *saved.pop((i, layer)))
+        return MicroStats()
+
+    def _forward(self, layouts, layer: int, i: int):
+        num_local, hidden = len(self.my_experts), self.cfg.hidden_size
+        batches = [comm.expert_receive(b, lay, num_local, hidden, self.dtype, layer, i)
+                   for b, lay in zip(self.bridges, layouts)]
+        x = torch.cat([bt.x_NH for bt in batches]).detach().requires_grad_()
+        local = torch.cat([torch.repeat_interleave(torch.arange(num_local, device=x.device), bt.counts_L)
+                           for bt in batches])
+        order = torch.argsort(local, stable=True)  # every replica's rows grouped by local expert
+        counts = torch.stack([bt.counts_L for bt in batches]).sum(0)
+        y_sorted = self.experts[layer].forward_sorted(x[order], counts)
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted) if y_sorted.numel() else y_sorted
+        sizes = [bt.x_NH.shape[0] for bt in batches]
+        for bridge, lay, bt, part in zip(self.bridges, layouts, batches, y.detach().split(sizes)):
+            comm.wait_sent(comm.expert_send(part, bt, bridge, lay, layer, i))
+        return batches, x, y, sizes
+
+    def _backward(self, layouts, layer: int, i: int, batches, x, y, sizes) -> None:
+        grads = [comm.expert_receive_grads(b, bt, lay, layer, i) for b, lay, bt in zip(self.bridges, layouts, batches)]
+        if y.numel():
+            torch.autograd.backward(y, torch.cat(grads))
+        gx = x.grad if x.grad is not None else torch.zeros_like(x)
+        for bridge, lay, bt, part in zip(self.bridges, layouts, batches, gx.split(sizes)):
+            comm.wait_sent(comm.expert_send(part, bt, bridge, lay, layer, i))
+
+    def finish(self) -> None:
+        """Read every replica's stop (sent by the attention ranks' finish)."""
+        for b in self.bridges:
+            comm.expert_begin_step(b, -1, self.plan.microbatches, self.cfg.hidden_size, self.dtype)
+
+
+class EpTrain(TrainRank):
+    """An EP rank: data-parallel attention over its own sequences, a share of the experts; every
+    rank sends routed rows to every rank and serves the rows others send."""
+
+    def __init__(self, model: MoETransformer, plan, groups, env):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.rank = plan, env, env.rank
+        self.bridge = groups.bridge
+        self.my_experts = plan.expert_placement(cfg)[env.rank]
+        for block in model.layers:
+            block.moe.experts = shard_experts(block.moe.experts, cfg, self.my_experts)
+        self.model = model
+        self.modules = {"": model}
+        self.heads = comm_grad.HeadGroup(None, 1, 0, env.timeout, "ep")
+        from .ep import ep_route
+        self.route = ep_route(plan, cfg, env.rank, env.device)
+        self.recorder = _Recorder(model.layers)
+
+    def syncs(self) -> list[ParamSync]:
+        everyone = tuple(range(self.plan.ep))
+        placement = self.plan.expert_placement(self.cfg)
+        holders = {e: tuple(g for g, held in enumerate(placement) if e in held) for e in self.my_experts}
+        out = []
+        for name, p in self.named_parameters():
+            if ".moe.experts." in name:
+                for local, e in enumerate(self.my_experts):
+                    out.append(ParamSync(f"{name}[{e}]", p, holders[e], holders[e][0] == self.rank, local))
+            else:
+                out.append(ParamSync(name, p, everyone, self.rank == 0))
+        return out
+
+    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        cfg, stats = self.cfg, MicroStats()
+        mbs = microbatches(ids_BT, self.plan.microbatches)
+        rows = [mb[:, :-1].numel() for mb in mbs]
+        layout = comm.ep_begin_step(self.bridge, step, rows, False, cfg.hidden_size, self.model.dtype, idle=False)
+        losses = [self._forward(mb, i, layout, shape, stats) for i, mb in enumerate(mbs)]
+        for loss in reversed(losses):
+            (loss * scale).backward()
+        return stats
+
+    def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
+        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
+        positions = _positions(inputs)
+        x = model.embed(inputs)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer, block in enumerate(model.layers):
+            h = attention_sublayer(block, block.attn, x, positions, rope, self.heads)
+            x = routed_moe_sublayer(block, h, self.heads, self._experts_fn(block, layout, layer, i))
+        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
+        stats.token_loss += float(ce.detach())
+        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, None, stats)
+        return ce / shape.global_tokens + aux
+
+    def _experts_fn(self, block, layout, layer: int, i: int):
+        def run(z, weights, ids):
+            rows = comm.sort_for_bridge(ids, weights, self.route, self.bridge)
+            out = comm_grad.ep_expert_rows(z, rows, self.bridge, layout, block.moe.experts, layer, i)
+            pos = torch.arange(out.shape[0], device=out.device)
+            return routing.gather(out, pos, rows.token_R, rows.weight_R, z.shape[0])
+        return run
+
+
+class TpPpTrain(TrainRank):
+    """A rank of T tensor-parallel x P pipeline stages: its stage's layers, its heads and its
+    columns of every expert; GPipe order (all forwards, then the backwards in reverse)."""
+
+    def __init__(self, model: MoETransformer, plan, groups, env):
+        cfg = self.cfg = model.cfg
+        self.plan, self.env, self.rank, self.groups = plan, env, env.rank, groups
+        self.stage, self.t = groups.role.replica, groups.role.index
+        self.layers = plan.stage_layers(cfg)[self.stage]
+        heads, cols = plan.head_split(cfg)[self.t], plan.hidden_split(cfg)[self.t]
+        self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
+        self.blocks = torch.nn.ModuleList(model.layers[i] for i in self.layers)
+        for block in self.blocks:
+            block.attn = shard_attention(block.attn, cfg, heads)
+            block.moe.experts = shard_experts(block.moe.experts, cfg, range(cfg.num_experts), cols)
+        self.model = model
+        self.modules = {"layers": self.blocks}
+        if self.first:
+            self.modules["embed"] = model.embed
+        if self.last:
+            self.modules["norm"], self.modules["lm_head"] = model.norm, model.lm_head
+        self.heads = comm_grad.HeadGroup(groups.tp_group, plan.tp, self.t, env.timeout, f"stage {self.stage} TP group")
+        self.recorder = _Recorder(self.blocks)
+
+    def syncs(self) -> list[ParamSync]:
+        tp_group = tuple(self.plan.stage_ranks(self.stage))
+        tied = self.cfg.tie_embeddings and self.plan.pp > 1
+        out = []
+        for name, p in self.named_parameters():
+            if ".moe.router." in name or ".moe.shared." in name:  # partial gradients on each TP rank
+                out.append(ParamSync(name, p, tp_group, self.t == 0))
+            elif tied and name in ("embed.weight", "lm_head.weight"):  # one tensor, first and last stage
+                ranks = (self.t, (self.plan.pp - 1) * self.plan.tp + self.t)
+                out.append(ParamSync(name, p, ranks, self.t == 0 and self.first))
+            elif ".attn." in name or ".moe.experts." in name:
+                out.append(ParamSync(name, p, (self.rank,), True))
+            else:  # norms, embedding, head: the same full gradient on every TP rank
+                out.append(ParamSync(name, p, (self.rank,), self.t == 0))
+        return out
+
+    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        stats, pending = MicroStats(), []
+        for i, mb in enumerate(microbatches(ids_BT, self.plan.microbatches)):
+            pending.append(self._forward(mb, i, shape, stats))
+        for i in reversed(range(len(pending))):
+            self._backward(i, *pending[i], scale)
+        return stats
+
+    def _forward(self, mb_BT, i: int, shape: StepShape, stats: MicroStats):
+        cfg, model = self.cfg, self.model
+        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
+        b, t = inputs.shape
+        positions = _positions(inputs)
+        if self.first:
+            x_in = x = model.embed(inputs)
+        else:
+            x_in = comm.recv_activation((b, t, cfg.hidden_size), model.dtype, self.env.device, self._peer(-1),
+                                        self.groups.prev_group, self.env.timeout, self._where(i)).requires_grad_()
+            x = x_in
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for block in self.blocks:
+            h = attention_sublayer(block, block.attn, x, positions, rope, self.heads)
+            x = sharded_moe_sublayer(block, block.moe.experts, h, self.heads, add_shared=self.t == 0)
+        # Router logits are the same on every TP rank: one rank adds the auxiliary terms (their
+        # gradients then add up once when the router's gradients are summed over the stage).
+        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, None,
+                        stats if self.t == 0 else MicroStats())
+        aux = aux if self.t == 0 else aux * 0.0
+        if self.last:
+            ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
+            if self.t == 0:
+                stats.token_loss += float(ce.detach())
+            return x_in, ce / shape.global_tokens + aux, None
+        comm.wait_activation_sent(comm.send_activation(x.detach(), self._peer(1), self.groups.next_group, self.env.timeout,
+                                                       self._where(i)))
+        return x_in, aux, x
+
+    def _backward(self, i: int, x_in, loss, x_out, scale: float) -> None:
+        if x_out is None:
+            (loss * scale).backward()
+        else:
+            grad = comm.recv_activation(x_out.shape, x_out.dtype, self.env.device, self._peer(1), self.groups.next_group,
+                                        self.env.timeout, self._where(i) + " (gradient)")
+            torch.autograd.backward([x_out, loss * scale], [grad, None])
+        if not self.first:
+            comm.wait_activation_sent(comm.send_activation(x_in.grad, self._peer(-1), self.groups.prev_group, self.env.timeout,
+                                                           self._where(i) + " (gradient)"))
+
+    def _peer(self, stages: int) -> int:
+        """Global rank of the same TP index `stages` stages on."""
+        return (self.stage + stages) * self.plan.tp + self.t
+
+    def _where(self, i: int) -> str:
+        return f"rank {self.rank} (stage {self.stage}), micro-batch {i}"
