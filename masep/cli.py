@@ -218,7 +218,7 @@ def build_plan(args: argparse.Namespace, cfg: ModelConfig):
     m = args.microbatches
     if args.strategy == "separated":
         plan = SeparatedPlan(args.attn_replicas, args.attn_tp, args.expert_ranks, m if m is not None else 2,
-                             placement=parse_placement(args.placement), seq_split=args.seq_split)
+                             placement=parse_placement(args.placement), seq_split=getattr(args, "seq_split", False))
     elif args.strategy == "tp_pp":
         plan = TpPpPlan(args.tp, args.pp, m if m is not None else args.pp)
     else:
@@ -385,7 +385,8 @@ def add_kv_args(p: argparse.ArgumentParser, default_seqs: str) -> None:
                    help="prompt tokens per prefill step (longer prompts are prefilled in chunks)")
 
 
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
+def add_distributed_args(p: argparse.ArgumentParser, inference: bool = True) -> None:
+    """The plan's flags; `inference`: also prefill splitting, traces and failure handling."""
     d = p.add_argument_group("distributed strategies (separated, tp_pp, ep)")
     d.add_argument("--attn-replicas", type=int, default=1, help="separated: data-parallel attention replicas R")
     d.add_argument("--attn-tp", type=int, default=1, help="separated: head-parallel ranks per replica T")
@@ -393,7 +394,8 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--microbatches", type=int, default=None,
                    help="micro-batches per step (default: 2 for separated/ep, pp for tp_pp)")
     d.add_argument("--placement", default=None, help="expert ids per expert rank, e.g. '0,1,2,3;4,5,6,7'")
-    d.add_argument("--seq-split", action="store_true", help="separated: cut prefill prompts into sequence chunks")
+    if inference:
+        d.add_argument("--seq-split", action="store_true", help="separated: cut prefill prompts into sequence chunks")
     d.add_argument("--tp", type=int, default=1, help="tp_pp: tensor-parallel ranks per stage")
     d.add_argument("--pp", type=int, default=1, help="tp_pp: pipeline stages")
     d.add_argument("--ep", type=int, default=1, help="ep: expert-parallel ranks (each with its own attention)")
@@ -401,6 +403,8 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="auto: gloo on CPU, NCCL on CUDA; gloo with --device cuda lets ranks share one GPU")
     d.add_argument("--timeout", type=timeout_seconds, default=120.0,
                    help="seconds any rank waits for a peer before failing")
+    if not inference:
+        return
     d.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace per rank to DIR/rank<r>.json")
     f = p.add_argument_group("failures (separated: an attention replica can die without stopping the others)")
     f.add_argument("--protection", choices=("recompute", "mirror", "none"), default="recompute",
@@ -909,6 +913,18 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return cmd_serve(args, parser)
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train.cli import add_train_args
+    add_train_args(p)
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train.cli import cmd_train
+    return cmd_train(args, parser)
+
+
+SUBCOMMANDS["train"] = Subcommand("train through any plan (forward and backward across the split) on text files "
+                                  "or the built-in Shakespeare corpus", _add_train_args, _cmd_train)
 SUBCOMMANDS["serve"] = Subcommand("an OpenAI-compatible HTTP server (continuous batching) over any strategy",
                                   _add_serve_args, _cmd_serve)
 

@@ -83,7 +83,7 @@ class SinglePlan:
         _check_world(self, world_size)
         return self
 
-    def describe(self) -> str:
+    def describe(self, cfg: ModelConfig | None = None) -> str:
         return "single: the whole model on one device"
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..plan import SinglePlan
 from ..parallel import training as tr
 from .losses import LossConfig
 from .optim import OptimConfig
@@ -93,7 +92,7 @@ def build_train_rank(plan, model, env) -> tr.TrainRank:
     """This rank's part of the model and its step, for any strategy (builds its groups)."""
     from ..parallel.groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
     if plan.strategy == "single":
-        return tr.SingleTrain(model, 1, 1)
+        return tr.SingleTrain(model, 1, plan.microbatches)
     if plan.strategy == "separated":
         groups = build_separated_groups(plan, model.cfg, env)
         cls = tr.SeparatedAttentionTrain if groups.role.kind == "attention" else tr.SeparatedExpertTrain
@@ -250,8 +249,6 @@ def launch_training(spec: TrainSpec) -> dict:
     from ..parallel.launch import launched_by_torchrun, spawn
     if launched_by_torchrun():
         return train_rank(spec)
-    if spec.plan.world_size == 1 and isinstance(spec.plan, SinglePlan):
-        return spawn(1, train_rank, spec)
     return spawn(spec.plan.world_size, train_rank, spec)
 
 
