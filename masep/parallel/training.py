@@ -147,6 +147,28 @@ def _aux_loss(records, num_experts: int, group_tokens: int, shape: StepShape, la
     return lb + z
 
 
+def head_slice_syncs(name: str, p, attn, cfg, head_split: list[range], ranks_of_t, my_t: int,
+                     first: bool) -> list[ParamSync]:
+    """ParamSyncs of one parameter of a head slice (`attn`, tp index my_t of a head group split
+    as head_split). q/o rows are this slice's alone (summed only over ranks_of_t(my_t), the same
+    slice in other replicas). A KV head read by query heads of two slices (an uneven split, or
+    one that straddles a KV group) gets partial gradients on both: its k/v rows are summed over
+    every slice that reads it. q_norm/k_norm act on every head: summed over all slices."""
+    from ..model import kv_heads_for
+    leaf = name.rsplit(".", 2)[-2]  # "k_proj", "q_norm", ...
+    everyone = tuple(r for t in range(len(head_split)) for r in ranks_of_t(t))
+    if leaf in ("q_norm", "k_norm"):
+        return [ParamSync(name, p, everyone, first and my_t == 0)]
+    if leaf not in ("k_proj", "v_proj"):
+        return [ParamSync(name, p, ranks_of_t(my_t), first)]
+    d, out = cfg.head_dim, []
+    for j, g in enumerate(attn.kv_heads):
+        readers = [t for t, heads in enumerate(head_split) if g in kv_heads_for(cfg, heads)]
+        ranks = tuple(sorted(r for t in readers for r in ranks_of_t(t)))
+        out.append(ParamSync(f"{name}[kv{g}]", p, ranks, first and my_t == readers[0], slice(j * d, (j + 1) * d)))
+    return out
+
+
 # --- strategies --------------------------------------------------------------------------------
 class TrainRank:
     """A rank's part of training. Subclasses set `modules` (what this rank's optimizer sees)."""
@@ -232,13 +254,22 @@ class SeparatedAttentionTrain(TrainRank):
         everyone = tuple(range(plan.num_attention_ranks))
         same_t = tuple(r * plan.attn_tp + self.role.index for r in range(plan.attn_replicas))
         first = self.role.replica == 0
+        split = plan.head_split(self.cfg)
+
+        def ranks_of_t(t):
+            return tuple(r * plan.attn_tp + t for r in range(plan.attn_replicas))
+
         out = []
         for name, p in self.named_parameters():
             token_sliced = ".moe." in name or ".moe_norm." in name  # router, shared expert, MoE norm
             if token_sliced:
                 out.append(ParamSync(name, p, everyone, self.rank == 0))
+            elif name.startswith("attn."):
+                layer = int(name.split(".")[1])
+                out += head_slice_syncs(name, p, self.attn[layer], self.cfg, split, ranks_of_t, self.role.index,
+                                        first)
             else:
-                out.append(ParamSync(name, p, same_t, first and (self.role.index == 0 or name.startswith("attn."))))
+                out.append(ParamSync(name, p, same_t, first and self.role.index == 0))
         return out
 
     def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
@@ -446,7 +477,11 @@ class TpPpTrain(TrainRank):
             elif tied and name in ("embed.weight", "lm_head.weight"):  # one tensor, first and last stage
                 ranks = (self.t, (self.plan.pp - 1) * self.plan.tp + self.t)
                 out.append(ParamSync(name, p, ranks, self.t == 0 and self.first))
-            elif ".attn." in name or ".moe.experts." in name:
+            elif ".attn." in name:
+                block = self.blocks[int(name.split(".")[1])]
+                out += head_slice_syncs(name, p, block.attn, self.cfg, self.plan.head_split(self.cfg),
+                                        lambda t: (self.stage * self.plan.tp + t,), self.t, True)
+            elif ".moe.experts." in name:
                 out.append(ParamSync(name, p, (self.rank,), True))
             else:  # norms, embedding, head: the same full gradient on every TP rank
                 out.append(ParamSync(name, p, (self.rank,), self.t == 0))
