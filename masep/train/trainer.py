@@ -140,6 +140,9 @@ class Trainer:
         """One optimizer step; returns the step's row (the same on every rank)."""
         spec, env = self.spec, self.env
         start = time.perf_counter()
+        if env.device.type == "cuda":  # GPU time from CUDA events (the step ends with host reads anyway)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record()
         batch = self.batches.next_batch().to(env.device)
         self.mp.zero_grad()
         scale = self.mp.loss_scale()
@@ -153,8 +156,11 @@ class Trainer:
                                         device=env.device), env.timeout, "step statistics").cpu().tolist()
         load = self._expert_load(stats)
         if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+            events[1].record()
+            events[1].synchronize()
+            seconds = events[0].elapsed_time(events[1]) / 1e3
+        else:
+            seconds = time.perf_counter() - start
         tokens = self.shape.global_tokens
         row = dict(step=self.step_index + 1, loss=totals[0] / tokens + totals[1] + totals[2],
                    token_loss=totals[0] / tokens, balance_loss=totals[1], z_loss=totals[2],
