@@ -146,3 +146,33 @@ def test_low_precision_through_the_split(precision):
     assert losses[0] == pytest.approx(ref, abs=3e-2)
     assert losses[-1] < losses[0] - 0.5
     assert low["skipped_steps"] == 0
+
+
+def test_export_is_the_trained_model(tmp_path):
+    """--export writes an HF checkpoint whose logits are the trained weights' (masep loads it
+    back exactly; transformers loads it and agrees to fp32 rounding)."""
+    from masep.checkpoint import from_pretrained
+    from masep.model import MoETransformer
+    from masep.train.trainer import export
+    spec = _spec(SinglePlan(), steps=2, windows=_text_windows(), export_dir=str(tmp_path / "out"))
+    _, state = oracle(spec, 1, 1)
+    export(state, CFG, spec)
+    trained = MoETransformer(CFG, dtype=torch.float32)
+    trained.load_state_dict(state)
+    ids = _text_windows(2)[:, :12]
+    expected = trained(ids)
+    assert torch.equal(from_pretrained(tmp_path / "out", dtype=torch.float32)(ids), expected)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32)
+    torch.testing.assert_close(hf(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_train_cli_refuses_bad_input_before_work(capsys):
+    from masep.cli import main
+    for argv, words in ((["--preset", "tiny"], "257"), (["--preset", "small", "--batch-size", "0"], "--batch-size"),
+                        (["--preset", "small", "--strategy", "separated", "--attn-replicas", "2", "--batch-size", "3"],
+                         "multiple"), (["--preset", "small", "--resume"], "--save-dir")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--data", "/nonexistent.txt", *argv] if "257" not in words else ["train", *argv])
+        assert exit_.value.code == 2
+        assert words in capsys.readouterr().err

@@ -92,7 +92,7 @@ def _corpus(args, cfg, source, parser):
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..cli import build_plan, load_config
     from ..plan import SinglePlan
-    from .trainer import PRECISIONS, TrainSpec, launch_training, summary
+    from .trainer import PRECISIONS, TrainSpec, check_batch, launch_training, summary
     _check_numbers(args, parser)
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     args.dtype = PRECISIONS[precision]
@@ -103,6 +103,9 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                             total_steps=max(args.steps, args.warmup + 1), min_lr_ratio=args.min_lr_ratio,
                             max_grad_norm=args.max_grad_norm)
         loss = LossConfig(args.aux_coef, args.z_coef).validate()
+        check_batch(args.batch_size, plan)
+        if args.resume and not args.save_dir:
+            raise ValueError("--resume needs --save-dir (the checkpoint to continue from)")
     except ValueError as err:
         parser.error(str(err))
     windows, tok_dir = _corpus(args, cfg, source, parser)

@@ -56,14 +56,11 @@ class TrainSpec:
     return_state: bool = False  # rank 0 returns the whole model's weights (tests)
 
     def validate(self, cfg) -> "TrainSpec":
-        replicas, m = data_replicas(self.plan), getattr(self.plan, "microbatches", 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: choose one of {sorted(PRECISIONS)}")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps}: must be >= 1")
-        if self.batch_size < 1 or self.batch_size % replicas or self.batch_size // replicas < m:
-            raise ValueError(f"--batch-size {self.batch_size}: must be a multiple of the plan's {replicas} "
-                             f"data-parallel replica(s) with at least {m} sequence(s) (one per micro-batch) each")
+        check_batch(self.batch_size, self.plan)
         if self.windows.dim() != 2 or self.windows.shape[0] < self.batch_size:
             raise ValueError(f"the corpus packs into {self.windows.shape[0]} windows, fewer than --batch-size "
                              f"{self.batch_size}: use more text or a shorter --seq-len")
@@ -81,6 +78,14 @@ class TrainSpec:
         self.optim.validate()
         self.loss.validate()
         return self
+
+
+def check_batch(batch_size: int, plan) -> None:
+    """Every replica gets an equal share with at least one sequence per micro-batch."""
+    replicas, m = data_replicas(plan), getattr(plan, "microbatches", 1)
+    if batch_size < 1 or batch_size % replicas or batch_size // replicas < m:
+        raise ValueError(f"--batch-size {batch_size}: must be a multiple of the plan's {replicas} data-parallel "
+                         f"replica(s) with at least {m} sequence(s) (one per micro-batch) each")
 
 
 def data_replicas(plan) -> int:
