@@ -147,6 +147,27 @@ def _aux_loss(records, num_experts: int, group_tokens: int, shape: StepShape, la
     return lb + z
 
 
+def routed_loss(model, mb_BT: torch.Tensor, attn_of, experts_of, heads: comm_grad.HeadGroup, recorder,
+                shape: StepShape, stats: MicroStats, report: bool) -> torch.Tensor:
+    """One micro-batch [b, L+1] through a model whose MoE routes tokens to whole experts (single,
+    a separated attention rank, an EP rank): this rank's term of the step loss. attn_of(layer)
+    is the layer's (sliced) attention, experts_of(layer) its experts_fn; `report`: this rank
+    adds the cross-entropy to the step's statistics (one rank per replica)."""
+    cfg = model.cfg
+    inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
+    positions = _positions(inputs)
+    x = model.embed(inputs)
+    rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    for layer, block in enumerate(model.layers):
+        h = attention_sublayer(block, attn_of(layer), x, positions, rope, heads)
+        x = routed_moe_sublayer(block, h, heads, experts_of(layer))
+    ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
+    if report:
+        stats.token_loss += float(ce.detach())
+    aux = _aux_loss(recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, heads.sum_counts, stats)
+    return ce / shape.global_tokens + aux
+
+
 def head_slice_syncs(name: str, p, attn, cfg, head_split: list[range], ranks_of_t, my_t: int,
                      first: bool) -> list[ParamSync]:
     """ParamSyncs of one parameter of a head slice (`attn`, tp index my_t of a head group split
@@ -215,18 +236,9 @@ class SingleTrain(TrainRank):
         return stats
 
     def _forward(self, mb_BT, shape: StepShape, stats: MicroStats) -> torch.Tensor:
-        model, cfg = self.model, self.cfg
-        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
-        positions = _positions(inputs)
-        x = model.embed(inputs)
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for block in model.layers:
-            h = attention_sublayer(block, block.attn, x, positions, rope, self.heads)
-            x = routed_moe_sublayer(block, h, self.heads, block.moe.experts)
-        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
-        stats.token_loss += float(ce.detach())
-        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, None, stats)
-        return ce / shape.global_tokens + aux
+        layers = self.model.layers
+        return routed_loss(self.model, mb_BT, lambda i: layers[i].attn, lambda i: layers[i].moe.experts, self.heads,
+                           self.recorder, shape, stats, report=True)
 
 
 class SeparatedAttentionTrain(TrainRank):
@@ -285,20 +297,9 @@ class SeparatedAttentionTrain(TrainRank):
         return stats
 
     def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:
-        model, cfg = self.model, self.cfg
-        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
-        positions = _positions(inputs)
-        x = model.embed(inputs)
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for layer, block in enumerate(model.layers):
-            h = attention_sublayer(block, self.attn[layer], x, positions, rope, self.heads)
-            x = routed_moe_sublayer(block, h, self.heads, self._experts_fn(layout, layer, i))
-        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
-        if self.role.index == 0:
-            stats.token_loss += float(ce.detach())
-        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers,
-                        self.heads.sum_counts, stats)
-        return ce / shape.global_tokens + aux
+        return routed_loss(self.model, mb_BT, lambda layer: self.attn[layer],
+                           lambda layer: self._experts_fn(layout, layer, i), self.heads, self.recorder, shape, stats,
+                           report=self.role.index == 0)
 
     def _experts_fn(self, layout, layer: int, i: int):
         def run(z, weights, ids):
@@ -421,18 +422,10 @@ class EpTrain(TrainRank):
         return stats
 
     def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:
-        model, cfg = self.model, self.cfg
-        inputs, targets = mb_BT[:, :-1], mb_BT[:, 1:]
-        positions = _positions(inputs)
-        x = model.embed(inputs)
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for layer, block in enumerate(model.layers):
-            h = attention_sublayer(block, block.attn, x, positions, rope, self.heads)
-            x = routed_moe_sublayer(block, h, self.heads, self._experts_fn(block, layout, layer, i))
-        ce = token_loss_sum(model.lm_head(model.norm(x)).flatten(0, 1), targets.flatten())
-        stats.token_loss += float(ce.detach())
-        aux = _aux_loss(self.recorder.take(), cfg.num_experts, inputs.numel(), shape, cfg.num_layers, None, stats)
-        return ce / shape.global_tokens + aux
+        layers = self.model.layers
+        return routed_loss(self.model, mb_BT, lambda layer: layers[layer].attn,
+                           lambda layer: self._experts_fn(layers[layer], layout, layer, i), self.heads, self.recorder,
+                           shape, stats, report=True)
 
     def _experts_fn(self, block, layout, layer: int, i: int):
         def run(z, weights, ids):
