@@ -621,24 +621,36 @@ def rank_memory_needs(cfg: ModelConfig, plan, slots: int, max_len: int) -> list[
     return needs
 
 
-def peak_bytes(cfg: ModelConfig, plan, slots: int, max_len: int, drawn_whole: bool) -> tuple[int, list[MemoryNeed]]:
-    """Peak bytes of all of a run's ranks together, and the per-rank needs. `drawn_whole`: each
-    rank draws the whole model from the seed before keeping its part (presets:
-    worker.load_model), so at start-up every rank briefly holds all the weights."""
+def draw_scratch_bytes(cfg: ModelConfig, plan, drawn: bool) -> list[int]:
+    """Per rank of `plan` (None: the single-device model): the float32 unit init_random_ holds
+    beside the weights while it draws them (`drawn`: a preset; 0 for a checkpoint). Each rank
+    draws only its own part (worker.load_model); the KV cache comes after, when it is freed."""
+    from .model import init_scratch_numel
+    from .parallel.parts import rank_parts
+    if not drawn:
+        return [0] * (plan.world_size if plan is not None else 1)
+    if plan is None:
+        return [4 * init_scratch_numel(cfg)]
+    return [4 * init_scratch_numel(cfg, rank_parts(plan, cfg, r)) for r in range(plan.world_size)]
+
+
+def peak_bytes(cfg: ModelConfig, plan, slots: int, max_len: int, drawn: bool) -> tuple[int, list[MemoryNeed]]:
+    """Peak bytes of all of a run's ranks together, and the per-rank needs. `drawn`: the weights
+    are drawn from the seed (presets), so at start-up a rank holds its weights and one draw unit
+    (draw_scratch_bytes), before its KV cache exists."""
     needs = rank_memory_needs(cfg, plan, slots, max_len)
-    peak = sum(n.total for n in needs)
-    if plan is not None and drawn_whole:
-        peak = max(peak, len(needs) * rank_memory_needs(cfg, None, 0, max_len)[0].weights)
+    scratch = draw_scratch_bytes(cfg, plan, drawn)
+    peak = sum(n.weights + max(n.kv_cache, s) for n, s in zip(needs, scratch))
     return peak, needs
 
 
-def cpu_memory_problem(cfg: ModelConfig, plan, slots: int, max_len: int, drawn_whole: bool,
+def cpu_memory_problem(cfg: ModelConfig, plan, slots: int, max_len: int, drawn: bool,
                        oracle_slots: int | None = None, slots_flag: str = "--max-num-seqs") -> str | None:
     """On CPU every rank is a process of this machine and nothing caps the KV cache: the ranks
     (and then --check's single-device model) must fit the machine's RAM together. `slots_flag`:
     the flag that set `slots`, which the message tells the user to lower."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need, needs = peak_bytes(cfg, plan, slots, max_len, drawn_whole)
+    need, needs = peak_bytes(cfg, plan, slots, max_len, drawn)
     what = (f"weights {sum(n.weights for n in needs)} + KV cache {sum(n.kv_cache for n in needs)} bytes over "
             f"{len(needs)} process(es)")
     if oracle_slots is not None:
@@ -654,7 +666,7 @@ def cpu_memory_problem(cfg: ModelConfig, plan, slots: int, max_len: int, drawn_w
             + (" or --dtype bfloat16" if cfg.dtype == "float32" else ""))
 
 
-def cuda_memory_problem(cfg: ModelConfig, plan, max_len: int, drawn_whole: bool, gpu_memory_utilization: float
+def cuda_memory_problem(cfg: ModelConfig, plan, max_len: int, drawn: bool, gpu_memory_utilization: float
                         ) -> str | None:
     """On CUDA the runtimes size the KV cache to what --gpu-memory-utilization leaves after the
     weights (rank_loop.KvBudget), so only the weights plus one KV slot must fit. Ranks sit on GPU
@@ -670,11 +682,11 @@ def cuda_memory_problem(cfg: ModelConfig, plan, max_len: int, drawn_whole: bool,
         peak_per_gpu[torch.cuda.current_device()] = rank_memory_needs(cfg, None, 1, max_len)[0].total
     else:
         needs = rank_memory_needs(cfg, plan, 1, max_len)
-        whole = rank_memory_needs(cfg, None, 0, max_len)[0].weights if drawn_whole else 0
+        scratch = draw_scratch_bytes(cfg, plan, drawn)
         steady: dict[int, int] = {}
         for rank, need in enumerate(needs):
             steady[rank % gpus] = steady.get(rank % gpus, 0) + need.total
-            peak_per_gpu[rank % gpus] = peak_per_gpu.get(rank % gpus, 0) + whole
+            peak_per_gpu[rank % gpus] = peak_per_gpu.get(rank % gpus, 0) + need.weights + scratch[rank]
         peak_per_gpu = {g: max(steady[g], peak_per_gpu[g]) for g in steady}
         budgets = {g: gpu_memory_utilization * torch.cuda.get_device_properties(g).total_memory for g in steady}
     for gpu, need in sorted(peak_per_gpu.items()):

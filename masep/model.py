@@ -12,6 +12,7 @@ Shape legend (suffixes on tensor names):
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -221,6 +222,7 @@ class Experts(nn.Module):
         # hidden_cols: only these columns of each expert's hidden dimension (tensor parallelism);
         # the activation is elementwise over it, so the slices' outputs sum to the full output.
         self.hidden_cols = hidden_cols
+        self.full_hidden = cfg.expert_hidden  # of the whole expert (init_random_ draws whole ones)
         cfg = cfg if hidden_cols is None else cfg.replace(expert_hidden=len(hidden_cols))
         self.cfg = cfg
         self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(cfg.num_experts))
@@ -410,18 +412,107 @@ class MoETransformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def _unit_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed for one draw unit, from the model seed and the unit's name (a
+    stable hash: the same on every process and machine)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _Draws:
+    """normal(0, std) float32 values of named draw units, each from its own seeded generator on
+    `device` (CPU and CUDA generators give different streams for one seed)."""
+
+    def __init__(self, seed: int, std: float, device: torch.device):
+        self.seed, self.std, self.device = seed, std, device
+        self.gen = torch.Generator(device=device)
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        self.gen.manual_seed(_unit_seed(self.seed, name))
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32).mul_(self.std)
+
+
+def _init_attention_(attn: Attention, prefix: str, draw: _Draws) -> None:
+    """One unit per query head (its q rows, o columns) and per KV head (its k, v rows), named
+    by the global head: a head slice draws exactly its own heads."""
+    d, h = attn.cfg.head_dim, attn.cfg.hidden_size
+    for local, head in enumerate(attn.heads):
+        rows = slice(local * d, (local + 1) * d)
+        attn.q_proj.weight[rows] = draw(f"{prefix}.q_proj.weight[{head}]", (d, h))
+        attn.o_proj.weight[:, rows] = draw(f"{prefix}.o_proj.weight[{head}]", (h, d))
+        if attn.q_proj.bias is not None:
+            attn.q_proj.bias[rows] = draw(f"{prefix}.q_proj.bias[{head}]", (d,))
+    for local, head in enumerate(attn.kv_heads):
+        rows = slice(local * d, (local + 1) * d)
+        for proj in ("k_proj", "v_proj"):
+            linear = getattr(attn, proj)
+            linear.weight[rows] = draw(f"{prefix}.{proj}.weight[{head}]", (d, h))
+            if linear.bias is not None:
+                linear.bias[rows] = draw(f"{prefix}.{proj}.bias[{head}]", (d,))
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None:
+            norm.weight.fill_(1.0)
+
+
+def _init_experts_(experts: Experts, prefix: str, draw: _Draws) -> None:
+    """One unit per (matrix, expert), named by the global expert id. A hidden-column slice
+    (tensor parallelism) draws its experts' whole matrices and keeps its columns: the extra
+    is one expert matrix at a time."""
+    i, h = experts.full_hidden, experts.cfg.hidden_size
+    cols = slice(None) if experts.hidden_cols is None else slice(experts.hidden_cols.start, experts.hidden_cols.stop)
+    for local, e in enumerate(experts.expert_ids):
+        if experts.w_gate is not None:
+            experts.w_gate[local] = draw(f"{prefix}.w_gate[{e}]", (i, h))[cols]
+        experts.w_up[local] = draw(f"{prefix}.w_up[{e}]", (i, h))[cols]
+        experts.w_down[local] = draw(f"{prefix}.w_down[{e}]", (h, i))[:, cols]
+
+
 @torch.no_grad()
 def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoETransformer:
-    """Deterministic random weights (normal(0, std); norms at 1) drawn on the model's device."""
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    """Deterministic random weights (normal(0, std); norms at 1) drawn on the model's device.
+
+    Every value depends only on the seed, the device type and where it sits in the whole model:
+    weights are drawn in units (one query or KV head of an attention projection, one expert
+    matrix, any other parameter whole), each from a generator seeded by (seed, unit name). So a
+    model built with `parts` (a rank's slice) gets exactly the values of that slice of the whole
+    model, drawing no more than its own units, and holding at most one unit beyond its weights.
+    """
+    draw = _Draws(seed, std, model.device)
+    done: set[int] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Attention):
+            _init_attention_(module, prefix, draw)
+        elif isinstance(module, Experts):
+            _init_experts_(module, prefix, draw)
+        else:
+            continue
+        done.update(id(p) for p in module.parameters())
     for name, p in model.named_parameters():
+        if id(p) in done:
+            continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
-            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(std))
+            p.copy_(draw(name, tuple(p.shape)))
     return model
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None) -> MoETransformer:
-    """A model with deterministic random weights (the embedded default for demos and tests)."""
-    return init_random_(MoETransformer(cfg, device=device, dtype=dtype), seed).eval()
+def init_scratch_numel(cfg: ModelConfig, parts: Sequence[BlockParts] | None = None) -> int:
+    """Elements of the largest float32 unit `init_random_` draws for a model built with `parts`
+    (held beside the weights while it is copied in): a rank's start-up peak is its weights plus
+    this many float32 values."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+    shared = cfg.hidden_size * cfg.shared_expert_hidden
+    held = [p for p in parts if p.active]
+    expert = cfg.expert_hidden * cfg.hidden_size if any(p.experts for p in held) else 0
+    return max(embed, shared, expert, cfg.num_experts * cfg.hidden_size if held else 0,
+               cfg.head_dim * cfg.hidden_size if any(p.heads is not None for p in held) else 0)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None,
+                parts: Sequence[BlockParts] | None = None) -> MoETransformer:
+    """A model with deterministic random weights (the embedded default for demos and tests).
+    parts: one BlockParts per layer (parallel/parts.py `rank_parts`): build only those slices,
+    with the values the whole model has there (init_random_)."""
+    return init_random_(MoETransformer(cfg, device=device, dtype=dtype, parts=parts), seed).eval()

@@ -1,16 +1,18 @@
-"""Each rank holds only its part of the model: slicing a model in memory and reading only those
-slices from a checkpoint give the same tensors, and a distributed run from a checkpoint
-generates the single-device model's tokens."""
+"""Each rank holds only its part of the model: slicing a model in memory, reading only those
+slices from a checkpoint and drawing only those slices from the seed give the same tensors,
+and a distributed run from a checkpoint generates the single-device model's tokens."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from masep import model as model_module
 from masep.checkpoint import from_pretrained
+from masep.config import preset
 from masep.engine import Request, generate, random_prompts
 from masep.parallel.launch import spawn
 from masep.parallel.parts import apply_parts, rank_parts
-from masep.parallel.worker import RunSpec, run_rank
+from masep.parallel.worker import RunSpec, load_model, run_rank
 from masep.plan import EpPlan, SeparatedPlan, TpPpPlan
 from masep.runtime import LocalRuntime
 
@@ -31,6 +33,62 @@ def test_reading_a_ranks_slices_equals_slicing_the_full_model(tiny_checkpoint, m
             assert torch.equal(read[name], sliced[name]), f"rank {rank}: {name}"
     expert_rank = rank_parts(PLANS[0], full.cfg, 4)[0]
     assert expert_rank.heads is None and expert_rank.experts == (4, 5, 6, 7)
+
+
+# tiny has 8 heads over 2 KV heads and 8 experts: separated 1x3+2 splits heads 3/3/2 (slices
+# straddle KV groups) and experts 4/4; tp2xpp2 splits heads and expert columns over 2 ranks and
+# layers over 2 stages; ep3 splits experts 3/3/2. The Qwen-like variant adds the biases, q/k
+# norms and shared expert that are drawn too.
+DRAW_CONFIGS = {"tiny": preset("tiny"),
+                "tiny-qwen": preset("tiny").replace(qkv_bias=True, qk_norm=True, shared_expert_hidden=48)}
+
+
+def _spy_draws(monkeypatch) -> list[int]:
+    """Record the element count of every unit init_random_ draws."""
+    sizes: list[int] = []
+    real = model_module._Draws.__call__
+
+    def spy(self, name, shape):
+        out = real(self, name, shape)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(model_module._Draws, "__call__", spy)
+    return sizes
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cfg_name", list(DRAW_CONFIGS))
+@pytest.mark.parametrize("plan", PLANS, ids=["separated-3+2", "tp2xpp2", "ep3"])
+def test_a_rank_draws_only_its_slice_with_the_whole_models_values(monkeypatch, cfg_name, plan):
+    """worker.load_model on each rank of a preset equals that rank's slice of build_model(cfg,
+    seed) bit for bit, allocates only the rank's parameters, and draws only its own units (plus,
+    for a hidden-column slice, the rest of its experts' matrices, one at a time)."""
+    cfg = DRAW_CONFIGS[cfg_name]
+    sizes = _spy_draws(monkeypatch)
+    whole = model_module.build_model(cfg, seed=5)
+    whole_drawn, whole_numel = sum(sizes), _numel(whole)
+    for rank in range(plan.world_size):
+        parts = rank_parts(plan, cfg, rank)
+        sizes.clear()
+        mine = load_model(RunSpec(plan=plan, requests=[], config=cfg, seed=5), torch.device("cpu"), rank)
+        drawn, largest = sum(sizes), max(sizes)
+        expected = apply_parts(model_module.build_model(cfg, seed=5), parts).state_dict()
+        got = mine.state_dict()
+        assert got.keys() == expected.keys(), f"rank {rank}"
+        for name in got:
+            assert torch.equal(got[name], expected[name]), f"rank {rank}: {name}"
+        with torch.device("meta"):
+            assert _numel(mine) == _numel(model_module.MoETransformer(cfg, parts=parts)) < whole_numel
+        held = [p for p in parts if p.active and p.experts]
+        waste = sum(len(p.experts) * (3 * cfg.expert_hidden - 3 * len(p.hidden_cols)) * cfg.hidden_size
+                    for p in held if p.hidden_cols is not None)  # gate, up, down: the other columns
+        norms = sum(p.numel() for n, p in mine.named_parameters() if n.endswith("norm.weight"))
+        assert drawn == _numel(mine) - norms + waste < whole_drawn, f"rank {rank}"
+        assert largest <= model_module.init_scratch_numel(cfg, parts), f"rank {rank}"
 
 
 @pytest.mark.timeout(240)

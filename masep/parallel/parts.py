@@ -1,9 +1,10 @@
 """Which part of the model each rank holds, and how a rank gets it.
 
 `rank_parts(plan, cfg, rank)` says it per layer as `BlockParts` (heads, experts, expert hidden
-columns); the same answer serves both ways of materialising a rank's model: slicing a model
-already in memory (`apply_parts`, for weights drawn from a seed) and reading only those slices
-from a checkpoint (`checkpoint.from_pretrained(..., parts=...)`).
+columns); a rank builds only those slices, either reading them from a checkpoint
+(`checkpoint.from_pretrained(..., parts=...)`) or drawing them from the seed
+(`model.build_model(..., parts=...)`, the values the whole model has there). `apply_parts`
+slices a model already in memory the same way (a whole model handed to a runtime, tests).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from ..model import Attention, BlockParts, Experts, MoETransformer
 
 
 def rank_parts(plan, cfg: ModelConfig, rank: int) -> list[BlockParts]:
+    if plan.strategy == "single":
+        return [BlockParts.everything(cfg)] * cfg.num_layers
     role = plan.role(rank)
     if plan.strategy == "separated":
         if role.kind == "attention":

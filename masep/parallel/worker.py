@@ -45,9 +45,9 @@ class RunSpec:
 
 
 def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
-    """This rank's weights. A checkpoint: only the slices the rank holds under the plan are read
-    (when `rank` is given). A preset: the whole model drawn from the seed, sliced later by
-    apply_plan (every rank must draw the same numbers, which needs the whole draw)."""
+    """This rank's weights: only the slices it holds under the plan (when `rank` is given; the
+    whole model otherwise), read from the checkpoint or drawn from the seed with the values the
+    whole model has there (model.init_random_), so no rank ever holds the whole model."""
     from ..config import DTYPES, from_hf_config, preset
     from ..model import build_model
     dtype = DTYPES[spec.dtype]
@@ -59,9 +59,10 @@ def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
             parts = rank_parts(spec.plan.validate(cfg, None), cfg, rank)
         return from_pretrained(spec.model_dir, dtype=dtype, device=device, parts=parts)
     cfg = spec.config if spec.config is not None else preset(spec.preset)
+    parts = rank_parts(spec.plan.validate(cfg, None), cfg, rank) if rank is not None else None
     # Drawn on the rank's own device, as ModelSource.build does: CPU and CUDA generators give
     # different streams for one seed, so the oracle and the ranks must draw on the same kind.
-    return build_model(cfg, seed=spec.seed, dtype=dtype, device=device)
+    return build_model(cfg, seed=spec.seed, dtype=dtype, device=device, parts=parts)
 
 
 def in_world(run: RunSpec, body):
@@ -78,8 +79,8 @@ def run_rank(spec: RunSpec) -> dict | None:
 
 
 def run_on(env, spec: RunSpec, model) -> dict | None:
-    """This rank's part of a run in an initialised world; `model` (full, on this rank's device)
-    is parallelized in place. Rank 0 returns the assembled result."""
+    """This rank's part of a run in an initialised world; `model` (this rank's part, or the whole
+    model, on this rank's device) is parallelized in place. Rank 0 returns the assembled result."""
     cfg = model.cfg
     plan = apply_plan(env, spec.plan, model)
     graphs = use_fast_path(spec, model, env.device)
@@ -95,7 +96,8 @@ def run_on(env, spec: RunSpec, model) -> dict | None:
 
 
 def apply_plan(env, plan, model):
-    """Validate against the launch, then keep on this rank only the weights it serves."""
+    """Validate against the launch, then keep on this rank only the weights it serves (a no-op
+    for a model load_model built as this rank's part)."""
     plan = plan.validate(model.cfg, env.world_size)
     apply_parts(model, rank_parts(plan, model.cfg, env.rank))
     if env.device.type == "cuda":
