@@ -24,6 +24,15 @@ RECV, EXPERTS, SEND = "recv", "experts", "send"
 ALLREDUCE, SEND_ACT, RECV_ACT = "allreduce", "send_act", "recv_act"
 YIELD = "yield"
 COMM_KINDS = (DISPATCH, COMBINE, RECV, SEND, ALLREDUCE, SEND_ACT, RECV_ACT)
+# Training adds the backward of each op and the step's end. The gradients cross the bridge in
+# reverse: dispatch_grad (attention side) == recv_grad (expert side) carries the gradients of
+# the expert outputs to the experts; combine_grad == send_grad brings the gradients of their
+# inputs back. EP runs both sides on every rank (dispatch_grad, experts_bwd, combine_grad).
+ATTENTION_BWD, EXPERTS_BWD, HEAD_BWD = "attention_bwd", "experts_bwd", "head_bwd"
+DISPATCH_GRAD, COMBINE_GRAD, RECV_GRAD, SEND_GRAD = "dispatch_grad", "combine_grad", "recv_grad", "send_grad"
+ALLREDUCE_BWD, SEND_ACT_GRAD, RECV_ACT_GRAD = "allreduce_bwd", "send_act_grad", "recv_act_grad"
+GRAD_SYNC, OPTIMIZER = "grad_sync", "optimizer"
+TRAIN_COMM_KINDS = (DISPATCH_GRAD, COMBINE_GRAD, RECV_GRAD, SEND_GRAD, ALLREDUCE_BWD, SEND_ACT_GRAD, RECV_ACT_GRAD)
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,12 @@ def expert_ops_following(attention_ops: Iterable[Op]) -> list[Op]:
     for kind, layer, mb in comm_sequence(attention_ops):
         if kind == "a2e":
             ops.append(Op(RECV, layer, mb))
-        else:
+        elif kind == "e2a":
             ops += [Op(EXPERTS, layer, mb), Op(SEND, layer, mb)]
+        elif kind == "a2e_grad":
+            ops.append(Op(RECV_GRAD, layer, mb))
+        else:
+            ops += [Op(EXPERTS_BWD, layer, mb), Op(SEND_GRAD, layer, mb)]
     return ops
 
 
@@ -113,10 +126,89 @@ def tp_pp_schedule(layers: range, stage: int, stages: int, microbatches: int) ->
     return interleave([tp_pp_stage_ops(layers, stage, stages, mb) for mb in range(microbatches)])
 
 
+# --- training: a step is every micro-batch's forward, then their backwards in reverse (GPipe) ----------
+def _training(forward, backward, microbatches: int) -> list[Op]:
+    """forward(mb) and backward(mb) op lists -> the step's ops, ending in the gradient sync and
+    the optimizer. The backwards run in reverse micro-batch order: the last forward's graph is
+    the first one freed (parallel/training.py runs exactly this order)."""
+    ops: list[Op] = []
+    for mb in range(microbatches):
+        ops += forward(mb)
+    for mb in reversed(range(microbatches)):
+        ops += backward(mb)
+    return ops + [Op(GRAD_SYNC), Op(OPTIMIZER)]
+
+
+def train_attention_schedule(num_layers: int, microbatches: int) -> list[Op]:
+    """A separated attention rank (or `single`, whose experts are local: see train_single_schedule)."""
+    def forward(mb):
+        return [op for layer in range(num_layers) for op in
+                (Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(COMBINE, layer, mb))] + [Op(HEAD, -1, mb)]
+
+    def backward(mb):
+        return [Op(HEAD_BWD, -1, mb)] + [op for layer in reversed(range(num_layers)) for op in
+                                         (Op(DISPATCH_GRAD, layer, mb), Op(COMBINE_GRAD, layer, mb),
+                                          Op(ATTENTION_BWD, layer, mb))]
+    return _training(forward, backward, microbatches)
+
+
+def train_separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
+    """Training step of a separated rank; the expert side follows the attention side's bridge
+    order (`expert_ops_following`), then syncs its gradients and steps its optimizer."""
+    attention = train_attention_schedule(num_layers, microbatches)
+    if role_kind == "attention":
+        return attention
+    return expert_ops_following(attention) + [Op(GRAD_SYNC), Op(OPTIMIZER)]
+
+
+def train_ep_schedule(num_layers: int, microbatches: int) -> list[Op]:
+    def forward(mb):
+        return [op for layer in range(num_layers) for op in
+                (Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(EXPERTS, layer, mb),
+                 Op(COMBINE, layer, mb))] + [Op(HEAD, -1, mb)]
+
+    def backward(mb):
+        return [Op(HEAD_BWD, -1, mb)] + [op for layer in reversed(range(num_layers)) for op in
+                                         (Op(DISPATCH_GRAD, layer, mb), Op(EXPERTS_BWD, layer, mb),
+                                          Op(COMBINE_GRAD, layer, mb), Op(ATTENTION_BWD, layer, mb))]
+    return _training(forward, backward, microbatches)
+
+
+def train_single_schedule(num_layers: int, microbatches: int) -> list[Op]:
+    def forward(mb):
+        return [op for layer in range(num_layers) for op in (Op(ATTENTION, layer, mb), Op(EXPERTS, layer, mb))] \
+            + [Op(HEAD, -1, mb)]
+
+    def backward(mb):
+        return [Op(HEAD_BWD, -1, mb)] + [op for layer in reversed(range(num_layers)) for op in
+                                         (Op(EXPERTS_BWD, layer, mb), Op(ATTENTION_BWD, layer, mb))]
+    return _training(forward, backward, microbatches)
+
+
+def train_tp_pp_schedule(layers: range, stage: int, stages: int, microbatches: int) -> list[Op]:
+    """One rank of a stage. Forward as in inference; backward: the next stage's gradient (or the
+    loss), each layer's experts and attention backward with the all-reduce of the gradient of
+    their input (Megatron's f), the gradient of the stage's input to the previous stage."""
+    def forward(mb):
+        ops = [Op(RECV_ACT, layers.start, mb)] if stage > 0 else []
+        for layer in layers:
+            ops += [Op(ATTENTION, layer, mb), Op(ALLREDUCE, layer, mb), Op(EXPERTS, layer, mb), Op(ALLREDUCE, layer, mb)]
+        return ops + [Op(SEND_ACT, layers.stop - 1, mb) if stage < stages - 1 else Op(HEAD, -1, mb)]
+
+    def backward(mb):
+        ops = [Op(RECV_ACT_GRAD, layers.stop - 1, mb) if stage < stages - 1 else Op(HEAD_BWD, -1, mb)]
+        for layer in reversed(layers):
+            ops += [Op(EXPERTS_BWD, layer, mb), Op(ALLREDUCE_BWD, layer, mb), Op(ATTENTION_BWD, layer, mb),
+                    Op(ALLREDUCE_BWD, layer, mb)]
+        return ops + ([Op(SEND_ACT_GRAD, layers.start, mb)] if stage > 0 else [])
+    return _training(forward, backward, microbatches)
+
+
 def comm_sequence(ops: Iterable[Op]) -> list[tuple[str, int, int]]:
     """The order of bridge collectives an op list issues, with attention/expert names unified
     (dispatch == recv, combine == send): equal sequences mean the two sides cannot mismatch."""
-    unify = {DISPATCH: "a2e", RECV: "a2e", COMBINE: "e2a", SEND: "e2a"}
+    unify = {DISPATCH: "a2e", RECV: "a2e", COMBINE: "e2a", SEND: "e2a",
+             DISPATCH_GRAD: "a2e_grad", RECV_GRAD: "a2e_grad", COMBINE_GRAD: "e2a_grad", SEND_GRAD: "e2a_grad"}
     return [(unify[op.kind], op.layer, op.mb) for op in ops if op.kind in unify]
 
 

@@ -10,9 +10,11 @@ supplies the head group (comm_grad.HeadGroup) and how routed tokens reach their 
   tp_pp      heads and each expert's hidden columns split over a stage, partial sums reduced;
              stages pass activations forward and their gradients back (GPipe order)
 
-Schedule of a step on every rank: the micro-batches' forwards in order, then their backwards in
-reverse order; an expert rank follows the same order, layer by layer. (No overlap of one
-micro-batch's transfers with another's compute yet: a training step here is correct, not fast.)
+Schedule of a step on every rank (parallel/schedule.py's training schedules, which the
+simulator times too): the micro-batches' forwards in order, then their backwards in reverse
+order; an expert rank executes its op list, which follows the attention side's bridge order.
+(No overlap of one micro-batch's transfers with another's compute yet: every transfer is
+waited for before the rank goes on, and perf/trainsim.py predicts that runtime.)
 
 Loss of a step (what the single-device trainer computes on the whole global batch):
     sum of token cross-entropies / global tokens
@@ -31,6 +33,7 @@ from ..model import MoETransformer, rope_cos_sin
 from ..plan import split_evenly
 from ..train.losses import LossConfig, router_terms, token_loss_sum
 from . import comm, comm_grad, routing
+from . import schedule as S
 from .parts import shard_attention, shard_experts
 
 
@@ -339,21 +342,43 @@ class SeparatedExpertTrain(TrainRank):
         return out
 
     def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
+        """Run this rank's ops of the step's schedule (schedule.train_separated_schedule, the one
+        the simulator times) up to the gradient sync, which the trainer runs after the step."""
         cfg, m = self.cfg, self.plan.microbatches
         layouts = [comm.expert_begin_step(b, step, m, cfg.hidden_size, self.dtype) for b in self.bridges]
-        saved = {}
-        for i in range(m):
-            for layer in range(cfg.num_layers):
-                saved[i, layer] = self._forward(layouts, layer, i)
-        for i in reversed(range(m)):
-            for layer in reversed(range(cfg.num_layers)):
-                self._backward(layouts, layer, i, *saved.pop((i, layer)))
+        live: dict[tuple[int, int], dict] = {}  # (layer, mb) -> what its ops so far produced
+
+        def at(op):
+            return live.setdefault((op.layer, op.mb), {})
+
+        def receive(op):
+            at(op)["batches"] = [comm.expert_receive(b, lay, len(self.my_experts), cfg.hidden_size, self.dtype,
+                                                     op.layer, op.mb) for b, lay in zip(self.bridges, layouts)]
+
+        def send(parts_of, op, state):
+            for bridge, lay, bt, part in zip(self.bridges, layouts, state["batches"], parts_of(state)):
+                comm.wait_sent(comm.expert_send(part, bt, bridge, lay, op.layer, op.mb))
+
+        def receive_grads(op):
+            st = at(op)
+            st["grads"] = [comm.expert_receive_grads(b, bt, lay, op.layer, op.mb)
+                           for b, lay, bt in zip(self.bridges, layouts, st["batches"])]
+
+        handlers = {
+            S.RECV: receive,
+            S.EXPERTS: lambda op: at(op).update(self._forward(at(op)["batches"], op.layer)),
+            S.SEND: lambda op: send(lambda st: st["y"].detach().split(st["sizes"]), op, at(op)),
+            S.RECV_GRAD: receive_grads,
+            S.EXPERTS_BWD: lambda op: self._backward(at(op)),
+            S.SEND_GRAD: lambda op: send(lambda st: st["gx"].split(st["sizes"]), op, live.pop((op.layer, op.mb))),
+        }
+        ops = S.train_separated_schedule("expert", cfg.num_layers, m)
+        S.execute([op for op in ops if op.kind not in (S.GRAD_SYNC, S.OPTIMIZER)], handlers)
         return MicroStats()
 
-    def _forward(self, layouts, layer: int, i: int):
-        num_local, hidden = len(self.my_experts), self.cfg.hidden_size
-        batches = [comm.expert_receive(b, lay, num_local, hidden, self.dtype, layer, i)
-                   for b, lay in zip(self.bridges, layouts)]
+    def _forward(self, batches, layer: int) -> dict:
+        """Every replica's rows of one (layer, micro-batch) through this rank's experts, grouped."""
+        num_local = len(self.my_experts)
         x = torch.cat([bt.x_NH for bt in batches]).detach().requires_grad_()
         local = torch.cat([torch.repeat_interleave(torch.arange(num_local, device=x.device), bt.counts_L)
                            for bt in batches])
@@ -361,18 +386,13 @@ class SeparatedExpertTrain(TrainRank):
         counts = torch.stack([bt.counts_L for bt in batches]).sum(0)
         y_sorted = self.experts[layer].forward_sorted(x[order], counts)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted) if y_sorted.numel() else y_sorted
-        sizes = [bt.x_NH.shape[0] for bt in batches]
-        for bridge, lay, bt, part in zip(self.bridges, layouts, batches, y.detach().split(sizes)):
-            comm.wait_sent(comm.expert_send(part, bt, bridge, lay, layer, i))
-        return batches, x, y, sizes
+        return dict(x=x, y=y, sizes=[bt.x_NH.shape[0] for bt in batches])
 
-    def _backward(self, layouts, layer: int, i: int, batches, x, y, sizes) -> None:
-        grads = [comm.expert_receive_grads(b, bt, lay, layer, i) for b, lay, bt in zip(self.bridges, layouts, batches)]
-        if y.numel():
-            torch.autograd.backward(y, torch.cat(grads))
-        gx = x.grad if x.grad is not None else torch.zeros_like(x)
-        for bridge, lay, bt, part in zip(self.bridges, layouts, batches, gx.split(sizes)):
-            comm.wait_sent(comm.expert_send(part, bt, bridge, lay, layer, i))
+    def _backward(self, state: dict) -> None:
+        if state["y"].numel():
+            torch.autograd.backward(state["y"], torch.cat(state["grads"]))
+        x = state["x"]
+        state["gx"] = x.grad if x.grad is not None else torch.zeros_like(x)
 
     def finish(self) -> None:
         """Read every replica's stop (sent by the attention ranks' finish)."""

@@ -288,9 +288,11 @@ def _stream(kind: str, overlap: bool) -> int:
 
 
 def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
-         costs: list[list[OpCost]] | None = None) -> list[OpRecord]:
+         costs: list[list[OpCost]] | None = None, ops: list | None = None, match_fn=None) -> list[OpRecord]:
+    """`ops` (per rank) and `match_fn` default to a decode step's; training passes its own."""
     n = plan.world_size
-    ops = [rank_ops(plan, cfg, r) for r in range(n)]
+    ops = ops if ops is not None else [rank_ops(plan, cfg, r) for r in range(n)]
+    match_fn = match_fn or match
     costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
     stream = [[_stream(o.kind, overlap) for o in ops[r]] for r in range(n)]
     # dependencies: previous op on the same stream, previous op of the same micro-batch
@@ -300,7 +302,7 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
         for i, o in enumerate(ops[r]):
             d.append((last_stream.get(stream[r][i], -1), last_mb.get(o.mb, -1)))
             last_stream[stream[r][i]], last_mb[o.mb] = i, i
-            m = match(plan, r, o)
+            m = match_fn(plan, r, o)
             if m is not None:
                 nth = seen.get(m[0], 0)
                 seen[m[0]] = nth + 1
