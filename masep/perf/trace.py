@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..plotting import new_figure, span_text
 from .costmodel import describe, rank_role
 from .simulator import Simulation
 
 STREAM_NAMES = {0: "compute", 1: "comm", 2: "comm (expert outputs back)"}
+LANE_NAMES = {1: "comm stream", 2: "comm stream of the expert outputs back"}
 COLORS = {"attention": "#4C72B0", "experts": "#DD8452", "head": "#8172B3", "dispatch": "#55A868",
           "recv": "#55A868", "combine": "#C44E52", "send": "#C44E52", "allreduce": "#937860",
           "send_act": "#64B5CD", "recv_act": "#64B5CD"}
@@ -48,41 +50,94 @@ def write_trace(sim: Simulation, path: str | Path) -> Path:
     return path
 
 
+# Micro-batch i is drawn with hatch MB_HATCHES[i % len]: micro-batch 0 plain, the next ones striped.
+MB_HATCHES = ("", "////", "\\\\\\\\", "xxxx", "....", "||||", "----", "++++")
+
+
+def row_label(sim: Simulation, rank: int) -> str:
+    """What GPU `rank` does, in full: "GPU 0 attention replica 0, heads 0-7", "GPU 12 experts 0-3"."""
+    role = rank_role(sim.plan, sim.cfg, rank)
+    if role.kind == "attention":
+        return f"GPU {rank} attention replica {role.replica}, heads {span_text(role.heads)}"
+    if role.kind == "expert":
+        return f"GPU {rank} experts {span_text(role.experts)}"
+    if role.kind == "stage":
+        return f"GPU {rank} PP stage {role.replica}, TP rank {role.index}"
+    if role.kind == "colocated":
+        return f"GPU {rank} attention + experts {span_text(role.experts)}"
+    return f"GPU {rank} {role.kind}"
+
+
+def _lanes(streams: list[int]) -> dict[int, tuple[float, float]]:
+    """(offset from the row centre, height) of each stream's bars; y grows downwards. Compute (stream 0)
+    is the thick top lane, the comm streams share the thin lanes beneath it."""
+    lanes = {0: (-0.40, 0.40)}
+    comm = [s for s in streams if s != 0]
+    if comm:
+        h = (0.36 - 0.02 * (len(comm) - 1)) / len(comm)
+        for i, s in enumerate(comm):
+            lanes[s] = (0.04 + i * (h + 0.02), h)
+    return lanes
+
+
 def gantt_png(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
-    """One row per GPU: compute ops as full bars, comm ops (including waiting for peers) as thin
-    bars beneath them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One row per GPU, GPU 0 on top: the compute stream as a thick bar, each comm stream (which
+    includes waiting for peers) as a thin bar beneath it. Colour: the op; hatch: the micro-batch."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = sim.num_gpus
-    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.38 * n))
+    labels = [row_label(sim, r) for r in range(n)]
+    streams = sorted({r.stream for r in sim.records} | {0})
+    lanes = _lanes(streams)
+    mbs = sorted({r.op.mb for r in sim.records if r.op.mb >= 0})
+    fig = new_figure(15, max(1.8 + 0.42 * n, 0.8 + 0.2 * (len(mbs) + 15)))  # tall enough for the legend
+    ax = fig.subplots()
+    groups: dict[tuple, list] = {}  # one bar collection per (stream, kind, micro-batch)
     for r in sim.records:
-        y = n - 1 - r.rank
-        color = COLORS.get(r.op.kind, "#999999")
-        if r.stream == 0:
-            ax.broken_barh([(r.start * 1e3, (r.end - r.start) * 1e3)], (y - 0.05, 0.45), facecolors=color,
-                           edgecolor="white", linewidth=0.3)
-        else:
-            ax.broken_barh([(r.start * 1e3, (r.end - r.start) * 1e3)], (y - 0.40, 0.25), facecolors=color,
-                           alpha=0.55, edgecolor="none")
-    ax.set_yticks(range(n))
-    ax.set_yticklabels([f"GPU {n - 1 - i} {rank_role(sim.plan, sim.cfg, n - 1 - i).kind[:4]}" for i in range(n)],
-                       fontsize=7)
-    ax.set_xlabel("time in step (ms)")
+        groups.setdefault((r.stream, r.op.kind, max(r.op.mb, 0)), []).append(r)
+    for (stream, kind, mb), recs in sorted(groups.items()):
+        off, h = lanes[stream]
+        hatch = MB_HATCHES[mb % len(MB_HATCHES)] if len(mbs) > 1 else ""
+        bars = dict(y=[r.rank + off for r in recs], width=[(r.end - r.start) * 1e3 for r in recs], height=h,
+                    left=[r.start * 1e3 for r in recs], align="edge")
+        # white edges keep back-to-back ops apart; the hatch, drawn in the edge colour, needs a second pass
+        ax.barh(**bars, color=COLORS.get(kind, "#999999"), alpha=1.0 if stream == 0 else 0.6, edgecolor="white",
+                linewidth=0.6)
+        if hatch:
+            ax.barh(**bars, color="none", edgecolor="#333333", linewidth=0, hatch=hatch, gid=f"mb{mb}")
+    ax.set_yticks(range(n), [lb for lb in labels], fontsize=8)
+    ax.set_ylim(n - 0.45, -0.55)
     ax.set_xlim(0, sim.tpot_s * 1e3 * 1.01)
-    labels: dict[str, list[str]] = {}  # one legend entry per colour: "dispatch/recv", "combine/send"
+    ax.set_xlabel("time within one decode step (ms)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+
+    by_colour: dict[str, list[str]] = {}  # one entry per colour: "dispatch / recv", "combine / send"
     for k in sorted({r.op.kind for r in sim.records}):
-        labels.setdefault(COLORS.get(k, "#999999"), []).append(k)
-    ax.legend(handles=[Patch(color=c, label="/".join(ks)) for c, ks in labels.items()], fontsize=7,
-              loc="upper center", bbox_to_anchor=(0.5, -0.12 if n > 4 else -0.25), ncol=len(labels))
-    ax.set_title(title or f"{describe(sim.plan)} on {n} x {sim.hw.name}, batch {sim.work.batch}, context "
-                 f"{sim.work.context}: simulated TPOT {sim.tpot_s * 1e3:.3f} ms (thick: compute, thin: comm)",
-                 fontsize=9)
-    fig.tight_layout()
+        by_colour.setdefault(COLORS.get(k, "#999999"), []).append(k)
+    sections = [("op (colour)", [Patch(facecolor=c, label=" / ".join(ks)) for c, ks in by_colour.items()])]
+    if len(mbs) > 1:
+        sections.append((f"micro-batch (hatch), m = {len(mbs)}",
+                         [Patch(facecolor="white", edgecolor="#333333", hatch=MB_HATCHES[mb % len(MB_HATCHES)] or None,
+                                label=f"micro-batch {mb}") for mb in mbs]))
+    lanes_legend = [Line2D([], [], color="#777777", linewidth=8, solid_capstyle="butt", label="thick: compute stream")]
+    for i, s in enumerate(streams[1:]):
+        lanes_legend.append(Line2D([], [], color="#777777", alpha=0.6, linewidth=8 * lanes[s][1] / 0.40,
+                                   solid_capstyle="butt", label=f"{('thin', '2nd thin', '3rd thin')[min(i, 2)]}: "
+                                   f"{LANE_NAMES.get(s, f'stream {s}')}"))
+    sections.append(("bars in each row (comm includes waiting)", lanes_legend))
+    handles, headings = [], []
+    for heading, entries in sections:  # one legend, a bold heading above each section
+        headings.append(len(handles))
+        handles += [Patch(visible=False, label=heading), *entries]
+    leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, handleheight=1.5,
+                    borderaxespad=0, frameon=False)
+    for i in headings:
+        leg.get_texts()[i].set_fontweight("bold")
+    ax.set_title(title or f"Simulated decode step: {describe(sim.plan)} on {n} x {sim.hw.name}, batch "
+                 f"{sim.work.batch}, context {sim.work.context} -> TPOT {sim.tpot_s * 1e3:.3f} ms", fontsize=10)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
