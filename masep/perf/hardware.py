@@ -4,9 +4,9 @@ A profile holds *spec* numbers (what the datasheet says) and *achievable fractio
 kernels reach). The cost model times an op at the achievable rates; physical floors and MBU /
 MFU use the spec rates, so a floor is a true lower bound.
 
-Sources of the start values: ../shared/REFERENCE.md ("Hardware profiles", "One H100 (measured)",
-"Peers": NCCL bus bandwidth). They are start values, not fits to any claimed result:
-calibrate on real GPUs with `masep.perf.bench` and pass the file (`--calibration FILE`).
+Sources of the start values: docs/reference.md ("Hardware profiles", "Measured on one H100",
+"Other systems' published numbers": NCCL bus bandwidth). They are start values, not fits to any
+claimed result: calibrate on real GPUs with `masep.perf.bench` and pass the file (`--calibration FILE`).
 
 Links: GPUs `r // gpus_per_node` share a node (NVLink/NVSwitch domain); traffic between nodes
 uses one InfiniBand NIC per GPU. A transfer is alpha-beta: `latency + bytes / bandwidth`,

@@ -250,9 +250,10 @@ def explain_text(sim: Simulation) -> str:
 
 
 
-# --- the seeds' table --------------------------------------------------------------------------------------
-# Claims of the seed documents (16 x A100 80GB, NVLink 3, the `paper` model, ~24 sequences decoding:
-# TPS x TPOT ~ 24 in both rows). Kept as data to print beside the simulation, never to tune it.
+# --- the MA Separation paper's table -----------------------------------------------------------------------
+# Claims of the MA Separation paper (docs/reference.md; 16 x A100 80GB, NVLink 3, the `paper` model,
+# ~24 sequences decoding: TPS x TPOT ~ 24 in both rows). Kept as data to print beside the simulation,
+# never to tune it.
 SEED_CLAIMS = (
     dict(label="seeds' claim: TP8xPP2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
     dict(label="seeds' claim: separated 12+4", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
@@ -288,9 +289,9 @@ def _row(label: str, sim: Simulation, note: str = "") -> dict:
 
 def seeds_table(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, max_microbatches: int = 4,
                 overlap: bool = True, extra_plans=()) -> tuple[list[dict], list[Simulation]]:
-    """Rows: the seeds' two claims (with the floors of their splits), simulated TPxPP, separated 3:1
-    (R x T = 3N/4 arranged both ways: the best, and one head-parallel replica as the seeds
-    describe), colocated EP, `extra_plans`, and the planner's best. Each named split is shown at
+    """Rows: the MA Separation paper's two claims (with the floors of their splits), simulated TPxPP,
+    separated 3:1 (R x T = 3N/4 arranged both ways: the best, and one head-parallel replica as the
+    paper describes), colocated EP, `extra_plans`, and the planner's best. Each named split is shown at
     its best micro-batch count."""
     rows, sims = [], []
     ms = range(1, max_microbatches + 1)

@@ -1,6 +1,6 @@
 """Re-planning: refit the cost model to a run's measured per-op times, propose a better plan when
-the predicted gain passes a threshold (the seeds' "dynamic adjustment based on execution time
-predictions").
+the predicted gain passes a threshold (the MA Separation paper's "dynamic adjustment based on
+execution time predictions").
 
 Measured file (JSON), any of:
   - `masep bench dist --json` rows: plan, preset, dtype, batch, context, device, tpot_ms_median,
