@@ -27,9 +27,13 @@ def require_matplotlib(command: str) -> None:
 
 
 def new_figure(width: float, height: float):
-    """A constrained-layout figure (labels and outside legends are fitted inside it) off any display."""
+    """A constrained-layout figure (labels and outside legends are fitted inside it) on its own Agg
+    canvas: drawn and saved without a display or pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def count_label(v: float) -> str:
@@ -72,18 +76,24 @@ def thin_out(values: Sequence[float], most: int) -> list[float]:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Tick positions for a log axis from lo to hi: every 1-2-5 mantissa over a few decades, more of them
-    when the range is narrow, powers of ten alone when it is wide; always at least two."""
+    """Tick positions for a log axis from lo to hi: round linear steps (2k 4k 6k ...) within about a
+    decade, 1-2-5 mantissas over a few decades, fewer as the range widens; always at least two."""
+    from matplotlib.ticker import MaxNLocator
     lo, hi = min(lo, hi), max(lo, hi)
     if lo <= 0:
         raise ValueError(f"log axis from {lo} to {hi}: needs positive limits")
     decades = math.log10(hi / lo)
-    for subs, widest in (((1, 2, 3, 4, 5, 6, 7, 8, 9), 0.7), ((1, 2, 3, 5, 7), 1.3), ((1, 2, 5), 2.8), ((1, 3), 4.5),
-                         ((1,), math.inf)):
+    inside = [lo * (1 - 1e-9), hi * (1 + 1e-9)]
+    if decades <= 1.0:
+        ticks = [float(t) for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)]
+        ticks = [t for t in ticks if inside[0] <= t <= inside[1]]
+        if len(ticks) >= 2:
+            return ticks
+    for subs, widest in (((1, 2, 5), 2.8), ((1, 3), 4.5), ((1,), math.inf)):
         if decades > widest:
             continue
         ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in subs]
-        ticks = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+        ticks = [t for t in ticks if inside[0] <= t <= inside[1]]
         if len(ticks) >= 2:
             return ticks
     return [lo, hi]
@@ -114,8 +124,7 @@ def span_text(ids: Iterable[int], most: int = 6) -> str:
 
 
 def overlapping_texts(fig, texts) -> list[tuple[str, str]]:
-    """Pairs of visible, non-empty text artists whose drawn boxes overlap (after a draw); for tests and checks."""
-    fig.canvas.draw()
+    """Pairs of visible, non-empty text artists whose boxes overlap, as last drawn (fig.canvas.draw() first)."""
     renderer = fig.canvas.get_renderer()
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
     return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]

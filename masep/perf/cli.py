@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import PRESETS, ModelConfig, from_hf_config, preset
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from ..plotting import require_matplotlib
 from .costmodel import Workload, describe, plan_to_dict
 from .hardware import load_hardware
 
@@ -195,6 +196,8 @@ def cmd_simulate(args) -> int:
     from .planner import explain_text, seeds_table
     from .trace import gantt_png, write_trace
     try:
+        if args.trace:  # the Gantt PNGs come last: fail before simulating, not after
+            require_matplotlib("masep simulate --trace")
         cfg, hw, work = _setup(args)
         extra = [parse_plan(p) for p in args.plan or []]
         for plan in extra:
@@ -240,6 +243,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 def cmd_sweep(args) -> int:
     from .sweep import DEFAULT_BATCHES, DEFAULT_CONTEXTS, SWEEP_STRATEGIES, run_sweep, summary_lines, write_sweep
     try:
+        require_matplotlib("masep sweep")  # before the minute of planning, not after it
         cfg, hw, work = _setup(args)
         batches = _int_list(args.batches, "--batches") if args.batches else DEFAULT_BATCHES
         contexts = _int_list(args.contexts, "--contexts") if args.contexts else DEFAULT_CONTEXTS

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..plotting import count_label, new_figure, plain_label, rate_label, readable_log_axis, thin_out
 from .costmodel import Workload, describe, plan_to_dict
 from .hardware import Hardware
 from .planner import search
@@ -61,40 +62,90 @@ def run_sweep(cfg: ModelConfig, hw: Hardware, gpus: int, *, batch: int, context:
     return doc
 
 
-def _plot_axis(rows: list[dict], x_key: str, strategies, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# name in the legend, colour, marker: the same in every sweep plot
+STRATEGY_STYLE = {"tp_pp": ("TP x PP (Megatron)", "#4C72B0", "s"), "ep": ("colocated EP", "#DD8452", "^"),
+                  "separated": ("MA separated", "#55A868", "o")}
+AXIS_TEXT = {"batch": "batch (sequences decoding together)", "context": "context (tokens each sequence attends to)"}
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+
+def _x_axis(ax, xs: list[int], key: str, splits: dict[int, str] | None = None) -> None:
+    """log2 x axis with a tick at each swept value (at most 12), labelled 512, 2k, 32k; with `splits`,
+    a second line under each tick names the best separated split there."""
+    from matplotlib.ticker import NullLocator
+    ax.set_xscale("log", base=2)
+    ticks = thin_out(sorted(set(xs)), 12)
+    labels = [count_label(x) + (f"\n{splits.get(x, '-')}" if splits is not None else "") for x in ticks]
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) == 1:  # one point: give it some room instead of a zero-width axis
+        ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+    text = AXIS_TEXT.get(key, key) + (", k = 1024" if any("k" in count_label(x) for x in ticks) else "")
+    if splits is not None:
+        text += "\nunder each value: the best separated split, attention:expert GPUs"
+    ax.set_xlabel(text, fontsize=9)
+
+
+def sweep_figure(rows: list[dict], x_key: str, strategies, title: str):
+    """Three panels over `x_key` ("batch" or "context"): TPOT and tokens/s of each strategy's best
+    plan, and separation's speedup over the best baseline with its attention:expert split."""
+    from matplotlib.lines import Line2D
+
+    fig = new_figure(17, 5.6)
+    ax_tpot, ax_tps, ax_speed = fig.subplots(1, 3)
     xs = [r[x_key] for r in rows]
+    handles = []
     for s in strategies:
+        name, colour, marker = STRATEGY_STYLE.get(s, (s, None, "o"))
         pts = [(r[x_key], r[s]["tpot_ms"], r[s]["tps"]) for r in rows if "tpot_ms" in r.get(s, {})]
-        if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=s)
-    sep = [(r[x_key], r["speedup"], r["separated"]["attention_to_experts"]) for r in rows if "speedup" in r]
+        if not pts:
+            handles.append(Line2D([], [], color=colour, marker=marker, linestyle="none",
+                                  label=f"{name}: no plan fits"))
+            continue
+        kw = dict(color=colour, marker=marker, markersize=5)
+        ax_tpot.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+        ax_tps.plot([p[0] for p in pts], [p[2] for p in pts], **kw)
+        gaps = len(pts) < len(rows)
+        handles.append(Line2D([], [], **kw, label=name + (" (gaps: no plan fits there)" if gaps else "")))
+    ax_tpot.set_yscale("log")
+    ax_tps.set_yscale("log")
+    if ax_tpot.lines:
+        readable_log_axis(ax_tpot, "y", plain_label)
+        readable_log_axis(ax_tps, "y", rate_label)
+    ax_tpot.set_ylabel("TPOT (ms per output token, log scale)")
+    ax_tpot.set_title("time per output token (lower is better)", fontsize=10)
+    ax_tps.set_ylabel("throughput (output tokens/s, log scale)")
+    ax_tps.set_title("throughput (higher is better)", fontsize=10)
+
+    sep = [(r[x_key], r["speedup"]) for r in rows if "speedup" in r]
+    splits = {r[x_key]: r["separated"]["attention_to_experts"] for r in rows
+              if r.get("separated", {}).get("attention_to_experts")}
     if sep:
-        axes[2].plot([p[0] for p in sep], [p[1] for p in sep], marker="o", color="black")
-        for x, y, label in sep:
-            axes[2].annotate(label, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    axes[2].axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
-    for ax, ylabel in zip(axes, ("simulated TPOT (ms)", "tokens/s", "best baseline TPOT / separated TPOT")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        if xs:
-            ax.set_xticks(xs)
-            ax.set_xticklabels([str(x) for x in xs], fontsize=7, rotation=45)
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
-    axes[0].legend()
-    axes[2].set_title("> 1: separation wins (labels: best attention:expert GPUs)", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax_speed.plot([p[0] for p in sep], [p[1] for p in sep], color="black", linewidth=1, zorder=2)
+        ax_speed.scatter([p[0] for p in sep], [p[1] for p in sep], zorder=3, s=28,
+                         c=["#55A868" if y > 1 else "#C44E52" for _, y in sep])
+        lo, hi = min(1.0, *(p[1] for p in sep)), max(1.0, *(p[1] for p in sep))
+        pad = 0.08 * (hi - lo) or 0.1
+        ax_speed.set_ylim(lo - pad, hi + pad)
+    ax_speed.axhline(1.0, color="gray", linestyle="--", linewidth=0.9)
+    top = ax_speed.get_ylim()[1]
+    if top > 1.0:
+        ax_speed.axhspan(1.0, top, color="#55A868", alpha=0.08, linewidth=0)
+        ax_speed.set_ylim(top=top)
+    ax_speed.set_ylabel("speedup of separation (x)")
+    ax_speed.set_title("best baseline TPOT / separated TPOT", fontsize=10)
+    for ax in (ax_tpot, ax_tps):
+        _x_axis(ax, xs, x_key)
+    _x_axis(ax_speed, xs, x_key, splits)
+    for ax in (ax_tpot, ax_tps, ax_speed):
+        ax.grid(True, which="major", alpha=0.3)
+        ax.grid(True, which="minor", axis="y", alpha=0.12)
+    dot = dict(marker="o", linestyle="none", markersize=6)
+    handles += [Line2D([], [], color="#55A868", **dot, label="speedup > 1: separation faster"),
+                Line2D([], [], color="#C44E52", **dot, label="speedup < 1: a baseline faster"),
+                Line2D([], [], color="gray", linestyle="--", label="break-even")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def write_sweep(doc: dict, out_dir: str | Path) -> list[Path]:
@@ -102,10 +153,12 @@ def write_sweep(doc: dict, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "sweep.json"
     data.write_text(json.dumps(doc, indent=1))
-    head = f"{doc['model']} on {doc['gpus']} x {doc['hardware']}, best plan per strategy (simulated decode step)"
+    head = f"{doc['model']} on {doc['gpus']} x {doc['hardware']}, the best plan of each strategy"
     by_batch, by_context = out / "sweep_batch.png", out / "sweep_context.png"
-    _plot_axis(doc["over_batch"], "batch", doc["strategies"], f"{head}, context {doc['fixed_context']}", by_batch)
-    _plot_axis(doc["over_context"], "context", doc["strategies"], f"{head}, batch {doc['fixed_batch']}", by_context)
+    sweep_figure(doc["over_batch"], "batch", doc["strategies"], f"Simulated decode step over batch: {head}, "
+                 f"context {doc['fixed_context']} tokens").savefig(by_batch, dpi=110)
+    sweep_figure(doc["over_context"], "context", doc["strategies"], f"Simulated decode step over context: {head}, "
+                 f"batch {doc['fixed_batch']} sequences").savefig(by_context, dpi=110)
     return [data, by_batch, by_context]
 
 

@@ -81,13 +81,19 @@ def _lanes(streams: list[int]) -> dict[int, tuple[float, float]]:
 
 
 def gantt_png(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
+    """gantt_figure as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gantt_figure(sim, title).savefig(path, dpi=110)
+    return path
+
+
+def gantt_figure(sim: Simulation, title: str | None = None):
     """One row per GPU, GPU 0 on top: the compute stream as a thick bar, each comm stream (which
     includes waiting for peers) as a thin bar beneath it. Colour: the op; hatch: the micro-batch."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = sim.num_gpus
     labels = [row_label(sim, r) for r in range(n)]
     streams = sorted({r.stream for r in sim.records} | {0})
@@ -139,5 +145,4 @@ def gantt_png(sim: Simulation, path: str | Path, title: str | None = None) -> Pa
         leg.get_texts()[i].set_fontweight("bold")
     ax.set_title(title or f"Simulated decode step: {describe(sim.plan)} on {n} x {sim.hw.name}, batch "
                  f"{sim.work.batch}, context {sim.work.context} -> TPOT {sim.tpot_s * 1e3:.3f} ms", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig

@@ -81,22 +81,59 @@ class TrainLog:
             plot_losses(Path(self.spec.log_dir) / "train.jsonl", Path(self.spec.log_dir) / "loss.png")
 
 
+def _runs(rows: list[dict]) -> list[list[dict]]:
+    """train.jsonl cut where the step number goes back: each resumed run is its own line."""
+    runs: list[list[dict]] = []
+    for r in rows:
+        if not runs or r["step"] <= runs[-1][-1]["step"]:
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
 def plot_losses(jsonl: Path, png: Path) -> Path | None:
     """Loss curve of a train.jsonl (every step of every resumed run); None without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    ax.plot([r["step"] for r in rows], [r["token_loss"] for r in rows], label="cross-entropy")
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="total (with router losses)", alpha=0.6)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    if not rows:
+        return None
+    loss_figure(rows).savefig(png, dpi=120)
     return png
+
+
+def loss_figure(rows: list[dict]):
+    """Top: the cross-entropy and the total loss per step; bottom: the router terms the total adds.
+    Resumed runs start a new line (a dotted mark where), steps skipped on fp16 overflow are marked red."""
+    from ..plotting import new_figure
+    fig = new_figure(8, 5.2)
+    ax, ax_router = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
+    runs = _runs(rows)
+    for i, run in enumerate(runs):
+        steps = [r["step"] for r in run]
+        first = i == 0
+        ax.plot(steps, [r["token_loss"] for r in run], color="#4C72B0", linewidth=1.6,
+                label="cross-entropy" if first else None)
+        ax.plot(steps, [r["loss"] for r in run], color="#DD8452", linewidth=1.0, linestyle="--",
+                label="total (cross-entropy + router terms)" if first else None)
+        ax_router.plot(steps, [r.get("balance_loss", 0.0) for r in run], color="#55A868",
+                       label="load-balancing term" if first else None)
+        if any(r.get("z_loss") for r in rows):
+            ax_router.plot(steps, [r.get("z_loss", 0.0) for r in run], color="#8172B3",
+                           label="z-loss term" if first else None)
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    for j, step in enumerate(skipped):  # fp16 overflow: no update at this step
+        ax.axvline(step, color="#C44E52", linewidth=0.8, alpha=0.6, label="skipped step (overflow)" if j == 0 else None)
+    for j, run in enumerate(runs[1:]):
+        ax.axvline(run[0]["step"], color="gray", linestyle=":", label="resumed here" if j == 0 else None)
+    ax.set_ylabel("loss (nats per token)")
+    ax_router.set_ylabel("router terms\n(added to the loss)")
+    ax_router.set_xlabel("optimizer step")
+    for a in (ax, ax_router):
+        a.grid(alpha=0.3)
+        a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False)
+    ax.set_title(f"Training loss over {len(rows)} steps: cross-entropy {rows[0]['token_loss']:.3f} -> "
+                 f"{rows[-1]['token_loss']:.3f}", fontsize=10)
+    return fig
