@@ -134,6 +134,7 @@ def loss_figure(rows: list[dict]):
     for a in (ax, ax_router):
         a.grid(alpha=0.3)
         a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False)
-    ax.set_title(f"Training loss over {len(rows)} steps: cross-entropy {rows[0]['token_loss']:.3f} -> "
-                 f"{rows[-1]['token_loss']:.3f}", fontsize=10)
+    resumed = f" in {len(runs)} runs (resumed)" if len(runs) > 1 else ""
+    ax.set_title(f"Training loss, steps {rows[0]['step']}-{rows[-1]['step']}{resumed}: cross-entropy "
+                 f"{rows[0]['token_loss']:.3f} -> {rows[-1]['token_loss']:.3f}", fontsize=10)
     return fig
