@@ -194,7 +194,7 @@ def print_report(report: dict, file=None) -> None:
 
 def print_distributed(r: dict, file) -> None:
     """The plan, each rank's busy time by op kind, and the expert-load histogram."""
-    print("plan: " + r["plan_text"], file=file)
+    print(f"plan {r['plan_notation']}: {r['plan_text']}", file=file)
     print("wall time per rank over all rounds (warm-up included), by op kind (ms); communication ops include waiting "
           "for peers:", file=file)
     for row in r["busy"]:
@@ -213,10 +213,12 @@ def print_distributed(r: dict, file) -> None:
 
 # --- strategies ----------------------------------------------------------------------------
 def build_plan(args: argparse.Namespace, cfg: ModelConfig):
-    """The validated plan of a distributed strategy (ValueError names the field and the rule)."""
-    from .plan import EpPlan, SeparatedPlan, TpPpPlan
+    """The validated plan of the strategy and its flags (ValueError names the field and the rule)."""
+    from .plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
     m = args.microbatches
-    if args.strategy == "separated":
+    if args.strategy == "single":
+        plan = SinglePlan(m if m is not None else 1)
+    elif args.strategy == "separated":
         plan = SeparatedPlan(args.attn_replicas, args.attn_tp, args.expert_ranks, m if m is not None else 2,
                              placement=parse_placement(args.placement), seq_split=getattr(args, "seq_split", False))
     elif args.strategy == "tp_pp":
@@ -227,14 +229,10 @@ def build_plan(args: argparse.Namespace, cfg: ModelConfig):
 
 
 def parse_placement(text: str | None):
-    """'0,1,2;3,4,5,6,7' -> ((0, 1, 2), (3, 4, 5, 6, 7)): expert ids per expert rank."""
-    if text is None:
-        return None
-    try:
-        return tuple(tuple(int(e) for e in part.split(",")) for part in text.split(";"))
-    except ValueError:
-        raise ValueError(f"--placement={text!r}: expected comma-separated expert ids per rank, ranks separated "
-                         "by ';' (e.g. '0,1,2,3;4,5,6,7')") from None
+    """'0,1,2;3-7' -> ((0, 1, 2), (3, 4, 5, 6, 7)): expert ids per expert rank (plan.parse_placement,
+    the syntax of the plan notation's placement=)."""
+    from .plan import parse_placement as parse
+    return parse(text, "--placement")
 
 
 def run_spec(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource):
@@ -294,8 +292,10 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         return result
 
     if run.plan is None:
+        from .parallel.worker import _maybe_profile
         model = source.build(cfg, args.device)
-        return rounds(make_executor(run, kv, single_model=model, fused=args.fused))
+        with _maybe_profile(args.trace, 0):  # --trace: this process is the one rank, DIR/rank0.json
+            return rounds(make_executor(run, kv, single_model=model, fused=args.fused))
     if launched_by_torchrun():
         from .parallel.cluster import run_under_torchrun
         from .parallel.rank_loop import KvBudget
@@ -321,7 +321,9 @@ def describe_ranks(report: dict, plan, cfg: ModelConfig) -> dict:
         if "load" in rep:
             lay = torch.tensor(rep["load"])
             load = lay if load is None else load + lay
-    return dict(plan=dict(dataclasses.asdict(plan), strategy=plan.strategy), plan_text=plan.describe(cfg),
+    from .plan import format_plan
+    return dict(plan=dict(dataclasses.asdict(plan), strategy=plan.strategy), plan_notation=format_plan(plan),
+                plan_text=plan.describe(cfg),
                 busy=[dict(rank=r, role=rep["role"], busy_ms={k: v * 1e3 for k, v in rep["busy_s"].items()})
                       for r, rep in sorted(reports.items())],
                 expert_load=load.tolist() if load is not None else None)
@@ -345,6 +347,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
+    from .options import add_config_arg
+    add_config_arg(p)
     add_model_args(p)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
     p.add_argument("--prompt", action="append", metavar="TEXT",
@@ -388,12 +392,17 @@ def add_kv_args(p: argparse.ArgumentParser, default_seqs: str) -> None:
 def add_distributed_args(p: argparse.ArgumentParser, inference: bool = True) -> None:
     """The plan's flags; `inference`: also prefill splitting, traces and failure handling."""
     d = p.add_argument_group("distributed strategies (separated, tp_pp, ep)")
+    d.add_argument("--plan", metavar="FILE|PLAN", default=None,
+                   help="a plan file written by `masep plan --out FILE`, or a plan in its notation ('sep 1x3+1 m2', "
+                        "'tp2pp2 m2', 'ep4 m2', 'single'): sets --strategy and the plan's flags (and the model it "
+                        "was planned for, unless --preset/--model is given); flags that disagree are an error")
     d.add_argument("--attn-replicas", type=int, default=1, help="separated: data-parallel attention replicas R")
     d.add_argument("--attn-tp", type=int, default=1, help="separated: head-parallel ranks per replica T")
     d.add_argument("--expert-ranks", type=int, default=1, help="separated: expert ranks E")
     d.add_argument("--microbatches", type=int, default=None,
                    help="micro-batches per step (default: 2 for separated/ep, pp for tp_pp)")
-    d.add_argument("--placement", default=None, help="expert ids per expert rank, e.g. '0,1,2,3;4,5,6,7'")
+    d.add_argument("--placement", default=None,
+                   help="separated, ep: expert ids per expert rank, e.g. '0,1,2,3;4,5,6,7' or '0-3;4-7'")
     if inference:
         d.add_argument("--seq-split", action="store_true", help="separated: cut prefill prompts into sequence chunks")
     d.add_argument("--tp", type=int, default=1, help="tp_pp: tensor-parallel ranks per stage")
@@ -747,6 +756,8 @@ def check_serve_memory(args: argparse.Namespace, cfg: ModelConfig, source: Model
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .options import resolve_args
+    resolve_args(args, parser, "run")
     cfg, source = load_config(args, parser)
     check_run_args(args, cfg, parser)
     tokenizer = _tokenizer_or_exit(source, cfg, parser)
@@ -858,16 +869,22 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def bench_dist(argv: list[str]) -> int:
     """`masep bench dist`: decode TPOT of a distributed plan with the KV cache at --context."""
+    from .options import DISTRIBUTED, add_config_arg, parse_args, resolve_args
     p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arg(p)
     add_model_args(p)
-    p.add_argument("--strategy", choices=("separated", "tp_pp", "ep"), required=True)
+    p.add_argument("--strategy", choices=DISTRIBUTED, default=None, help="required, or --plan")
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", action="store_true")
     add_distributed_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    resolve_args(args, p, "bench dist")
+    if args.strategy not in DISTRIBUTED:
+        p.error(f"--strategy: bench dist times a distributed plan: give --strategy ({', '.join(DISTRIBUTED)}) or a "
+                f"--plan of one" + (f" (--plan {args.plan} is {args.strategy})" if args.plan else ""))
     if args.inject_fault or args.protection != "recompute":
         p.error("--inject-fault / --protection: bench dist times fixed steps without a scheduler; use "
                 "`masep run` or `masep serve`")
@@ -913,7 +930,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The checks `masep run` makes before any work, then the server (which loads the config again:
     that part is cheap; the weight scan here is done once)."""
+    from .options import resolve_args
     from .serve.server import cmd_serve
+    resolve_args(args, parser, "serve")
     cfg, source = load_config(args, parser)
     if args.trace is not None:
         try:
@@ -931,7 +950,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .options import resolve_args
     from .train.cli import cmd_train
+    resolve_args(args, parser, "train")
     return cmd_train(args, parser)
 
 
@@ -957,7 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .options import parse_args
+    args = parse_args(build_parser(), sys.argv[1:] if argv is None else list(argv))
     if hasattr(args, "func"):  # the perf subcommands take args only
         return args.func(args)
     return args.handler(args, args.subparser)

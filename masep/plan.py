@@ -4,12 +4,17 @@ A plan is checked once, at the edge, before any process group exists. Every erro
 ValueError naming the field, the value, the rule and a fix. The runtime, the simulator and
 the planner all read the same plan objects.
 
+The one notation of a plan, printed by `format_plan` and read by `parse_plan` everywhere (plan,
+simulate, sweep, replan, run, serve, train, plan files): `single`, `sep RxT+E mM`, `tpTppP mM`,
+`epN mM`, with `seq-split` and `placement=0-3;4-7` where they apply (NOTATION).
+
 Rank layout of `separated` (deterministic, printed by rank 0):
   ranks [0, R*T)          attention: replica r owns ranks [r*T, (r+1)*T), head-parallel inside
   ranks [R*T, R*T + E)    experts: expert rank e holds placement[e]
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .config import ModelConfig
@@ -296,3 +301,143 @@ def plan_from_dict(data: dict):
     if data.get("placement") is not None:
         data["placement"] = tuple(tuple(p) for p in data["placement"])
     return kinds[strategy](**data)
+
+
+# --- the plan notation: one spelling for plan, simulate, sweep, run, serve, train and plan files ----------
+NOTATION = ("'single' | 'sep RxT+E mM' (R attention replicas x T head-parallel ranks + E expert ranks, e.g. "
+            "'sep 2x4+8 m2') | 'tpTppP mM' (e.g. 'tp2pp2 m2') | 'epN mM' (e.g. 'ep4 m2'); then, where they "
+            "apply: 'seq-split' (sep), 'placement=0-3;4-7' (sep, ep: expert ids per expert rank)")
+_SHAPES = (
+    (re.compile(r"sep\s*(\d+)\s*x\s*(\d+)\s*\+\s*(\d+)"), "separated"),
+    (re.compile(r"tp\s*(\d+)\s*x?\s*pp\s*(\d+)"), "tp_pp"),
+    (re.compile(r"ep\s*(\d+)"), "ep"),
+    (re.compile(r"single"), "single"),
+)
+_SHORT = {"separated": "sep", "tp_pp": "tpTppP", "ep": "epN", "single": "single"}
+
+
+def format_placement(placement) -> str:
+    """((0, 1, 2, 3), (4, 5)) -> '0-3;4,5': runs of 3 or more consecutive ids as ranges."""
+    ranks = []
+    for experts in placement:
+        parts, i = [], 0
+        while i < len(experts):
+            j = i
+            while j + 1 < len(experts) and experts[j + 1] == experts[j] + 1:
+                j += 1
+            if j - i >= 2:
+                parts.append(f"{experts[i]}-{experts[j]}")
+            else:
+                parts.extend(str(e) for e in experts[i:j + 1])
+            i = j + 1
+        ranks.append(",".join(parts))
+    return ";".join(ranks)
+
+
+def parse_placement(text: str | None, what: str = "--placement"):
+    """'0-2;3,4,5,6,7' -> ((0, 1, 2), (3, 4, 5, 6, 7)): expert ids per expert rank, ranks
+    separated by ';', ids by ',', 'a-b' an inclusive range. None stays None."""
+    if text is None:
+        return None
+    out = []
+    try:
+        for part in text.strip().split(";"):
+            ids: list[int] = []
+            for item in part.split(","):
+                lo, dash, hi = item.strip().partition("-")
+                ids.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+            out.append(tuple(ids))
+    except ValueError:
+        raise ValueError(f"{what}={text!r}: expected comma-separated expert ids or ranges per expert rank, ranks "
+                         "separated by ';' (e.g. '0,1,2,3;4,5,6,7' or '0-3;4-7')") from None
+    return tuple(out)
+
+
+def format_plan(plan) -> str:
+    """The plan in the one notation (NOTATION); parse_plan(format_plan(p)) == p."""
+    s, m = plan.strategy, plan.microbatches
+    if s == "single":
+        return "single" if m == 1 else f"single m{m}"
+    if s == "separated":
+        text = f"sep {plan.attn_replicas}x{plan.attn_tp}+{plan.expert_ranks} m{m}"
+        text += " seq-split" if plan.seq_split else ""
+    elif s == "tp_pp":
+        text = f"tp{plan.tp}pp{plan.pp} m{m}"
+    elif s == "ep":
+        text = f"ep{plan.ep} m{m}"
+    else:
+        raise ValueError(f"plan.strategy={s!r}: must be one of {', '.join(STRATEGIES)}")
+    placement = getattr(plan, "placement", None)
+    return text + (f" placement={format_placement(placement)}" if placement is not None else "")
+
+
+def parse_plan(text: str):
+    """A plan from its notation (NOTATION). Without 'mM' the micro-batches are `masep run`'s
+    defaults: 2 for sep and ep, P for tpTppP, 1 for single. ValueError names the text and the
+    grammar; the plan is not validated against a model here (plan.validate does that)."""
+    spec = " ".join(str(text).strip().lower().split())
+    for pattern, strategy in _SHAPES:
+        shape = pattern.match(spec)
+        if shape:
+            break
+    else:
+        raise ValueError(f"plan {text!r}: does not start with a plan shape; write {NOTATION}")
+    nums = [int(g) for g in shape.groups()]
+    m, seq_split, placement = None, False, None
+    for token in spec[shape.end():].split():
+        if re.fullmatch(r"m\d+", token) and m is None:
+            m = int(token[1:])
+        elif token == "seq-split" and strategy == "separated" and not seq_split:
+            seq_split = True
+        elif token.startswith("placement=") and strategy in ("separated", "ep") and placement is None:
+            placement = parse_placement(token[len("placement="):], f"plan {text!r}: placement")
+        else:
+            raise ValueError(f"plan {text!r}: {token!r} is given twice or is not an option of "
+                             f"{_SHORT[strategy]} plans; write {NOTATION}")
+    if strategy == "separated":
+        return SeparatedPlan(*nums, 2 if m is None else m, placement=placement, seq_split=seq_split)
+    if strategy == "tp_pp":
+        return TpPpPlan(*nums, nums[1] if m is None else m)
+    if strategy == "ep":
+        return EpPlan(nums[0], 2 if m is None else m, placement=placement)
+    return SinglePlan(1 if m is None else m)
+
+
+# --- plan files: what `masep plan --out FILE` writes and `--plan FILE` reads --------------------------------
+def plan_file_text(plan, planned_for: dict, prediction: dict | None = None, reasons=(), alternatives=()) -> str:
+    """TOML: `plan` (the notation), [planned_for] (model, GPUs, hardware, workload), [prediction],
+    `reasons` (the planner's explanation, one line each) and [[alternatives]] (the runners-up)."""
+    from .files import toml_text
+    doc = dict(plan=format_plan(plan), strategy=plan.strategy, world_size=plan.world_size, reasons=list(reasons),
+               planned_for=planned_for, prediction=prediction, alternatives=list(alternatives))
+    return toml_text(doc, "masep plan file: `masep run|serve|train|bench dist --plan FILE` runs this plan\n"
+                          "(flags that set the same fields must agree with it; other flags are free)")
+
+
+def read_plan_file(path: str, what: str = "--plan") -> tuple[object, dict]:
+    """(plan, the whole document) of a plan file; ValueError names the file and the rule. Only
+    `plan` is required (a hand-written file may hold just `plan = "ep4 m2"`)."""
+    from .files import read_toml
+    doc = read_toml(path, what)
+    text = doc.get("plan")
+    if not isinstance(text, str):
+        raise ValueError(f"{what} {path}: needs a key plan = \"...\" holding the plan notation ({NOTATION})")
+    try:
+        plan = parse_plan(text)
+    except ValueError as err:
+        raise ValueError(f"{what} {path}: {err}") from None
+    if doc.get("strategy", plan.strategy) != plan.strategy:
+        raise ValueError(f"{what} {path}: strategy = {doc['strategy']!r} disagrees with plan = {text!r} "
+                         f"({plan.strategy}); fix or drop `strategy`")
+    return plan, doc
+
+
+def load_plan(value: str, what: str = "--plan") -> tuple[object, dict | None]:
+    """`value` is a plan file (TOML) or the notation itself: (plan, the file's document or None)."""
+    from pathlib import Path
+    if Path(value).is_file() or value.endswith(".toml"):
+        return read_plan_file(value, what)
+    try:
+        return parse_plan(value), None
+    except ValueError as err:
+        raise ValueError(f"{what} {value!r}: neither a plan file nor a plan ({err})") from None

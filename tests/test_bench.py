@@ -50,8 +50,8 @@ def test_hardware_tag():
 
 def test_standard_plan_shapes_cover_the_seeds_split_and_tp8pp2():
     shapes = bench.standard_plan_shapes(presets=("paper",), batches=(24,))
-    ma = [s for s in shapes if s.plan == "ma-12a4e"]
-    tp = [s for s in shapes if s.plan == "tp8pp2"]
+    ma = [s for s in shapes if s.plan == "sep 1x12+4 m1"]
+    tp = [s for s in shapes if s.plan == "tp8pp2 m1"]
     assert {s.heads for s in ma if s.op == "attention"} == {3, 2}  # 32 heads over 12 ranks
     assert 8 * 3 + 4 * 2 == 32
     assert [s.experts for s in ma if s.op == "experts"] == [4]
@@ -68,9 +68,9 @@ def test_rank_shape_validates():
 
 def test_rank_counts():
     cfg = PRESETS["paper"]
-    tp = bench.RankShape("experts", "paper", "tp8pp2", 24, 2048, experts=16, hidden_div=8)
+    tp = bench.RankShape("experts", "paper", "tp8pp2 m1", 24, 2048, experts=16, hidden_div=8)
     assert int(bench.rank_counts(tp, cfg, seed=0).sum()) == 48  # every token-expert pair
-    ma = bench.RankShape("experts", "paper", "ma-12a4e", 24, 2048, experts=4)
+    ma = bench.RankShape("experts", "paper", "sep 1x12+4 m1", 24, 2048, experts=4)
     counts = bench.rank_counts(ma, cfg, seed=0)
     assert counts.shape == (4,) and 0 < int(counts.sum()) <= 24
     fixed = bench.RankShape("experts", "paper", "x", 24, 2048, experts=4, tokens=10)

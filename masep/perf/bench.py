@@ -10,7 +10,7 @@ Library functions (the CLI and benchmarks/bench_decode.py are thin wrappers):
 - `calibrate(shapes, ...)`: times one rank's work per layer for the plans in `shapes`
   (`standard_plan_shapes`) and returns the calibration document (below).
 
-Method (../shared/DESIGN.md "Measuring"): random weights (`build_model`, drawn on the GPU),
+Method (docs/reference.md, "How numbers are measured"): random weights (`build_model`, drawn on the GPU),
 the KV cache filled with random values up to `context` (no 2048-token prefill: the values
 don't change the bytes a decode step reads), every row decoding at position context - 1 and
 attending to `context` keys; `input_sets` different random token vectors rotate over the timed
@@ -39,7 +39,7 @@ Calibration file (read by masep/perf/costmodel.py; keep it exactly so):
     {"device": str, "torch": str, "date": "yyyy-mm-dd",
      "hbm_copy_bytes_per_s": float,     # large D2D copy, bytes read + written per second
      "matmul_flops_per_s": float,       # bf16 8192^3 matmul on random data
-     "measurements": [{"op": "attention" | "experts" | "step", "preset": str, "plan": str,
+     "measurements": [{"op": "attention" | "experts" | "step", "preset": str, "plan": str (plan notation),
                        "batch": int, "context": int, "heads": int, "experts": int,
                        "tokens": int, "bytes": int, "flops": int, "measured_ms": float}]}
 
@@ -71,6 +71,8 @@ from ..config import ModelConfig, preset as get_preset, to_hf_dict
 from ..errors import error_line
 from ..fastpath import GraphedLocalRuntime, set_expert_impl, set_fused, triton
 from ..model import Attention, Experts, KVCache, MoETransformer, build_model, kv_heads_for
+from ..options import add_config_arg, parse_args
+from ..plan import SeparatedPlan, TpPpPlan, format_plan
 
 LOG: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
 
@@ -482,19 +484,19 @@ class RankShape:
 
 
 def standard_plan_shapes(presets=("paper", "paper-swiglu"), batches=(24,), context: int = 2048) -> list[RankShape]:
-    """The seeds' 12 attention + 4 expert GPUs ("ma-12a4e": 32 heads over 12 ranks = 3 or 2
-    heads, full batch; 4 experts a rank) and TP8xPP2 ("tp8pp2": 4 heads, 1/8 of each expert's
-    hidden, 2 layers a rank)."""
+    """The MA Separation paper's 12 attention + 4 expert GPUs ("sep 1x12+4 m1": 32 heads over 12 ranks = 3 or 2
+    heads, full batch; 4 experts a rank) and TP8xPP2 ("tp8pp2 m1": 4 heads, 1/8 of each expert's
+    hidden, 2 layers a rank), labelled in the plan notation (masep.plan.format_plan)."""
     shapes = []
     for p in presets:
         cfg = get_preset(p)
         for b in batches:
-            ma = dict(preset=p, plan="ma-12a4e", batch=b, context=context)
+            ma = dict(preset=p, plan=format_plan(SeparatedPlan(1, 12, 4, 1)), batch=b, context=context)
             for heads in (3, 2):
                 shapes += [RankShape("attention", heads=heads, **ma),
                            RankShape("step", heads=heads, layers=cfg.num_layers, **ma)]
             shapes += [RankShape("experts", experts=4, **ma), RankShape("step", experts=4, layers=cfg.num_layers, **ma)]
-            tp = dict(preset=p, plan="tp8pp2", batch=b, context=context, hidden_div=8)
+            tp = dict(preset=p, plan=format_plan(TpPpPlan(8, 2, 1)), batch=b, context=context, hidden_div=8)
             shapes += [RankShape("attention", heads=4, **tp), RankShape("experts", experts=cfg.num_experts, **tp),
                        RankShape("step", heads=4, experts=cfg.num_experts, layers=cfg.num_layers // 2, **tp)]
     return shapes
@@ -603,13 +605,13 @@ def calibrate(shapes: list[RankShape], *, impl: str = "grouped_mm", copy_bw: flo
     matmul_flops = matmul_flops or measure_matmul_flops()
     doc = {**device_meta(), "hbm_copy_bytes_per_s": copy_bw, "matmul_flops_per_s": matmul_flops,
            "measurements": []}
-    log(f"{'op':9} {'preset':12} {'plan':9} {'B':>4} {'heads':>5} {'exp':>3} {'rows':>4} "
+    log(f"{'op':9} {'preset':12} {'plan':13} {'B':>4} {'heads':>5} {'exp':>3} {'rows':>4} "
         f"{'MB':>8} {'roofline ms':>11} {'measured':>9} {'ratio':>6}")
     for shape in shapes:
         m = _measure(shape, impl, seed)
         doc["measurements"].append(m)
         roof = max(m["bytes"] / copy_bw, m["flops"] / matmul_flops) * 1e3
-        log(f"{m['op']:9} {m['preset']:12} {m['plan']:9} {m['batch']:4d} {m['heads']:5d} {m['experts']:3d} "
+        log(f"{m['op']:9} {m['preset']:12} {m['plan']:13} {m['batch']:4d} {m['heads']:5d} {m['experts']:3d} "
             f"{m['tokens']:4d} {m['bytes'] / 1e6:8.1f} {roof:11.4f} {m['measured_ms']:9.4f} "
             f"{m['measured_ms'] / roof:6.2f}")
     doc["measurements"].extend(extra)
@@ -668,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m masep.perf.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     dec = sub.add_parser("decode", help="decode TPOT sweep of our model (and transformers' as a peer)")
+    add_config_arg(dec)
     dec.add_argument("--preset", nargs="+", default=["paper"])
     dec.add_argument("--batch", type=int, nargs="+", default=[1, 8, 24, 64, 128, 256])
     dec.add_argument("--context", type=int, default=2048)
@@ -677,12 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--peer", action="store_true", help="also time transformers' MixtralForCausalLM (SwiGLU presets)")
     dec.add_argument("--out", default=None, help="JSON file for the rows (default: stdout)")
     cal = sub.add_parser("calibrate", help="per-rank calibration file for the cost model")
+    add_config_arg(cal)
     cal.add_argument("--preset", nargs="+", default=["paper", "paper-swiglu"])
     cal.add_argument("--batch", type=int, nargs="+", default=[24])
     cal.add_argument("--context", type=int, default=2048)
     cal.add_argument("--impl", default="grouped_mm", choices=["grouped_mm", "triton"])
     cal.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)  # --config FILE of decode / calibrate
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.cmd == "decode":

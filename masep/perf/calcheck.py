@@ -42,10 +42,19 @@ def compare(doc: dict, hardware: str, holdout_batches: set[int] | None = None) -
         measured = m["measured_ms"]
         before = roofline_s(base, m["op"], m["bytes"], m["flops"]) * 1e3
         after = roofline_s(fitted, m["op"], m["bytes"], m["flops"]) * 1e3
-        rows.append(dict(op=m["op"], preset=m["preset"], plan=m["plan"], batch=m["batch"], heads=m["heads"],
-                         experts=m["experts"], measured_ms=measured, predicted_ms=before, calibrated_ms=after,
-                         error=before / measured - 1, calibrated_error=after / measured - 1))
+        rows.append(dict(op=m["op"], preset=m["preset"], plan=plan_label(m["plan"]), batch=m["batch"],
+                         heads=m["heads"], experts=m["experts"], measured_ms=measured, predicted_ms=before,
+                         calibrated_ms=after, error=before / measured - 1, calibrated_error=after / measured - 1))
     return rows
+
+
+# labels of calibration files written before the one plan notation (benchmarks/results/*_20261127.json)
+LEGACY_PLAN_LABELS = {"ma-12a4e": "sep 1x12+4 m1", "tp8pp2": "tp8pp2 m1"}
+
+
+def plan_label(text: str) -> str:
+    """A measurement's plan in the plan notation (older files' own labels translated)."""
+    return LEGACY_PLAN_LABELS.get(text, text)
 
 
 def summary(rows: list[dict]) -> dict:
@@ -60,10 +69,10 @@ def summary(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'op':<10}{'preset':<14}{'plan':<12}{'batch':>6}{'heads':>6}{'exp':>4}{'measured':>10}"
+    lines = [f"{'op':<10}{'preset':<14}{'plan':<15}{'batch':>6}{'heads':>6}{'exp':>4}{'measured':>10}"
              f"{'built-in':>10}{'err':>8}{'refit':>9}{'err':>8}"]
     for r in rows:
-        lines.append(f"{r['op']:<10}{r['preset']:<14}{r['plan']:<12}{r['batch']:>6}{r['heads']:>6}{r['experts']:>4}"
+        lines.append(f"{r['op']:<10}{r['preset']:<14}{r['plan']:<15}{r['batch']:>6}{r['heads']:>6}{r['experts']:>4}"
                      f"{r['measured_ms']:>10.4f}{r['predicted_ms']:>10.4f}{r['error']:>+8.0%}"
                      f"{r['calibrated_ms']:>9.4f}{r['calibrated_error']:>+8.0%}")
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
-from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, split_evenly
+from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan, split_evenly
 from . import hardware as hwmod
 from .hardware import Hardware
 
@@ -448,15 +448,8 @@ def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[M
 
 
 def describe(plan) -> str:
-    """Short plan name: `sep 12x1+4 m2`, `tp8pp2 m2`, `ep16 m2`, `single`."""
-    s = plan.strategy
-    if s == "separated":
-        return f"sep {plan.attn_replicas}x{plan.attn_tp}+{plan.expert_ranks} m{plan.microbatches}"
-    if s == "tp_pp":
-        return f"tp{plan.tp}pp{plan.pp} m{plan.microbatches}"
-    if s == "ep":
-        return f"ep{plan.ep} m{plan.microbatches}"
-    return "single"
+    """The plan's notation (plan.format_plan): `sep 12x1+4 m2`, `tp8pp2 m2`, `ep16 m2`, `single`."""
+    return format_plan(plan)
 
 
 def plan_to_dict(plan) -> dict:

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from masep.metrics import RequestOutput, compute_metrics
+from masep.options import add_config_arg, parse_args
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -597,8 +598,9 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
 def bench_serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="masep bench serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Load an OpenAI-compatible endpoint; report vLLM bench serve's metrics.")
+    add_config_arg(p)
     add_bench_serve_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     cfg, requests = config_from_args(p, args)
     try:
         result = asyncio.run(run_benchmark(cfg, requests))

@@ -19,6 +19,8 @@ log = logging.getLogger("masep.serve")
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from ..cli import STRATEGIES, add_distributed_args, add_kv_args, add_model_args
+    from ..options import add_config_arg
+    add_config_arg(p)
     add_model_args(p)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")

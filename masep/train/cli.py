@@ -11,6 +11,8 @@ from .optim import OptimConfig
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from ..cli import STRATEGIES, add_distributed_args, add_model_args
+    from ..options import add_config_arg
+    add_config_arg(p)
     add_model_args(p)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
     d = p.add_argument_group("data")
@@ -90,14 +92,13 @@ def _corpus(args, cfg, source, parser):
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..cli import build_plan, load_config
-    from ..plan import SinglePlan
     from .trainer import PRECISIONS, TrainSpec, check_batch, launch_training, summary
     _check_numbers(args, parser)
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     args.dtype = PRECISIONS[precision]
     cfg, source = load_config(args, parser)
     try:
-        plan = SinglePlan() if args.strategy == "single" else build_plan(args, cfg)
+        plan = build_plan(args, cfg)  # single too: --microbatches m accumulates gradients over m micro-batches
         optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=max(args.warmup, 1),
                             total_steps=max(args.steps, args.warmup + 1), min_lr_ratio=args.min_lr_ratio,
                             max_grad_norm=args.max_grad_norm)
@@ -121,7 +122,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as err:
         parser.error(str(err))
     if not args.json:
-        print(plan.describe(cfg), flush=True)
+        from ..plan import format_plan
+        print(f"plan {format_plan(plan)}: {plan.describe(cfg)}", flush=True)
         print(f"data: {windows.shape[0]:,} windows of {args.seq_len} tokens; {args.batch_size} sequences per step",
               flush=True)
     report = launch_training(spec)
