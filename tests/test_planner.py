@@ -95,7 +95,8 @@ def test_simulate_json_rows(capsys):
     assert [(r["tpot_ms"], r["tps"]) for r in claims] == [(2.76, 8696), (1.82, 13289)]
     assert claims[1]["tpot_ms"] < claims[1]["floor_ms"]  # the 12+4 claim is below its own floor
     labels = [r["label"] for r in rows]
-    assert any("TP8xPP2" in x for x in labels) and any("12+4" in x for x in labels) and "planner's best" in labels
+    assert any("tp8pp2" in x for x in labels) and any("RxT+4, RxT = 12" in x for x in labels)
+    assert "planner's best" in labels
     best = rows[-1]
     assert best["tpot_ms"] == min(r["tpot_ms"] for r in rows if r["source"] == "simulated")
 

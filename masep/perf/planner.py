@@ -255,8 +255,8 @@ def explain_text(sim: Simulation) -> str:
 # ~24 sequences decoding: TPS x TPOT ~ 24 in both rows). Kept as data to print beside the simulation,
 # never to tune it.
 SEED_CLAIMS = (
-    dict(label="seeds' claim: TP8xPP2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
-    dict(label="seeds' claim: separated 12+4", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
+    dict(label="seeds' claim: tp8pp2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
+    dict(label="seeds' claim: sep RxT+4, RxT = 12", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
          tpot_ms=1.82, tps=13289),
 )
 
@@ -314,21 +314,21 @@ def seeds_table(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, ma
     tp = min(8, gpus)
     named = []
     if gpus % tp == 0 and gpus // tp <= cfg.num_layers:
-        named.append((f"simulated TP{tp}xPP{gpus // tp}", [TpPpPlan(tp, gpus // tp, m) for m in ms], ""))
+        named.append((f"simulated tp{tp}pp{gpus // tp} (best m)", [TpPpPlan(tp, gpus // tp, m) for m in ms], ""))
     a = max(1, round(gpus * 3 / 4)) if gpus > 1 else 0
     e = gpus - a
     if a >= 1 and e >= 1:
         arrangements = [(a // t, t) for t in range(1, min(a, cfg.num_heads) + 1) if a % t == 0]
         placement = _replicated(cfg.num_experts, e)
-        named.append((f"simulated separated {a}+{e} (best R x T, m)",
+        named.append((f"simulated sep RxT+{e}, RxT = {a} (best R, T, m)",
                       [SeparatedPlan(r, t, e, m, placement=placement) for r, t in arrangements for m in ms
                        if m <= max(1, work.batch // r)], ""))
         if a <= cfg.num_heads:
-            named.append((f"simulated separated {a}+{e} (1x{a} head-parallel)",
+            named.append((f"simulated sep 1x{a}+{e} (best m)",
                           [SeparatedPlan(1, a, e, m, placement=placement) for m in ms if m <= work.batch],
                           "the seeds' '32 heads across 12 GPUs'"))
     if gpus > 1:
-        named.append((f"simulated colocated EP{gpus}",
+        named.append((f"simulated colocated ep{gpus} (best m)",
                       [EpPlan(gpus, m, placement=_replicated(cfg.num_experts, gpus))
                        for m in ms if m <= max(1, math.ceil(work.batch / gpus))], ""))
     for plan in extra_plans:
