@@ -154,5 +154,6 @@ def test_replan_reads_bench_dist_rows():
                tpot_ms_median=9.9, busy_ms_per_step=json.loads(json.dumps(per_step)))
     m = parse_measured(row)
     assert (m.hardware, m.tpot_ms, m.steps, m.work) == ("h100", 9.9, 1, work)
+    assert parse_measured({**row, "plan": "sep 1x2+2 m2"}).plan == plan  # the plan notation works too
     factors = refit_factors(m, h100)
     assert factors["experts"] == pytest.approx(1.5) and factors["attention"] == pytest.approx(1.0)

@@ -7,7 +7,8 @@ Measured file (JSON), any of:
     busy_ms_per_step {rank: {op kind: ms}} (decode steps at `context`: the best input);
   - `masep run --json` (distributed): plan, config {model, batch, prompt_len, max_new_tokens},
     busy [{rank, role, busy_ms}] over the timed round (prefill included: approximate);
-  - by hand: {"plan": {"strategy": "separated", "attn_replicas": 12, ...}, "preset": "paper",
+  - by hand: {"plan": "sep 12x1+4 m2" (the plan notation) or {"strategy": "separated", "attn_replicas": 12, ...},
+    "preset": "paper",
     "hardware": "a100-80g", "batch": 24, "context": 2048, "steps": 10,
     "busy_s": {"0": {"attention": 0.0123, ...}, ...}  (seconds summed over `steps` steps), or
     "measurements": [{"op": "attention", "rank": 0, "measured_ms": 0.31}, ...]  (per op)}.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, preset
 from ..files import read_json
+from ..plan import parse_plan
 from .costmodel import Workload, describe, plan_from_dict, plan_to_dict
 from .hardware import COMPUTE_KINDS, Hardware
 from .planner import search
@@ -84,8 +86,9 @@ def _busy(doc: dict) -> tuple[dict[int, dict[str, float]], int, str]:
 
 
 def parse_measured(doc: dict, source: str = "measured") -> Measured:
-    if "plan" not in doc or not isinstance(doc["plan"], dict):
-        raise ValueError(f"{source}: needs a `plan` object with a `strategy` field")
+    if not isinstance(doc.get("plan"), (dict, str)):
+        raise ValueError(f"{source}: needs a `plan`: the plan notation ('sep 12x1+4 m2') or an object with a "
+                         "`strategy` field")
     cfg = _model(doc, source)
     conf = doc.get("config", {})
     batch = doc.get("batch", conf.get("batch"))
@@ -103,7 +106,8 @@ def parse_measured(doc: dict, source: str = "measured") -> Measured:
         raise ValueError(f"{source}: steps={steps}: must be >= 1")
     tpot = next((doc[k] for k in ("tpot_ms", "tpot_ms_median", "median_tpot_ms") if doc.get(k) is not None), None)
     hardware = doc.get("hardware") or hardware_from_device(doc.get("device") or conf.get("device_name"))
-    return Measured(plan_from_dict(doc["plan"]), cfg, Workload(int(batch), int(context)), hardware,
+    plan = parse_plan(doc["plan"]) if isinstance(doc["plan"], str) else plan_from_dict(doc["plan"])
+    return Measured(plan, cfg, Workload(int(batch), int(context)), hardware,
                     steps, busy, meas, tpot, note)
 
 
