@@ -909,7 +909,8 @@ def bench_dist(argv: list[str]) -> int:
     row = launch_bench(DistBenchSpec(run, args.batch, args.context, args.warmup_steps, args.steps))
     if row is not None:
         print(json.dumps(row) if args.json else
-              f"{row['plan_text']}\n{row['preset']} batch {row['batch']} context {row['context']} on {row['device']}: "
+              f"plan {row['plan_notation']}: {row['plan_text']}\n"
+              f"{row['preset']} batch {row['batch']} context {row['context']} on {row['device']}: "
               f"TPOT median {row['tpot_ms_median']:.2f} ms, p99 {row['tpot_ms_p99']:.2f} ms, {row['tps']:.0f} tokens/s")
     return 0
 

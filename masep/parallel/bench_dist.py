@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..plan import split_evenly
+from ..plan import format_plan, split_evenly
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
 from .separated import SeparatedAttentionRuntime, serve_experts
@@ -131,7 +131,8 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     return dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                 backend=env.backend, world_size=env.world_size, strategy=plan.strategy,
-                plan=dict(plan.__dict__, strategy=plan.strategy), plan_text=plan.describe(),
+                plan=dict(plan.__dict__, strategy=plan.strategy), plan_notation=format_plan(plan),
+                plan_text=plan.describe(),
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
                 context=spec.context, steps=spec.steps, tpot_ms_median=median * 1e3, tpot_ms_p99=p99 * 1e3,
                 tps=spec.batch / median,
