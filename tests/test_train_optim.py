@@ -136,6 +136,30 @@ def test_fp32_matches_torch_adamw_lambdalr_clip():
     assert 3 <= clipped < 10  # both paths compared: clipped and not
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
+def test_fused_path_unscales_and_clips_inside_the_kernel(mode):
+    """The fused AdamW (the CUDA default) gets the loss scale and the clip factor as grad_scale
+    instead of two passes over the gradients: the same updates as the foreach path, to float
+    rounding (x / (s / c) vs (x / s) * c: a few ulps per step, 1e-5 relative after 6 steps)."""
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=6, max_grad_norm=0.2)
+    runs = []
+    for fused in (False, True):
+        net = make_net(mode)
+        mp = MixedPrecision(net.named_parameters(), mode, cfg, init_scale=2.0 ** 8, fused=fused)
+        results = train(net, mp, 6)
+        runs.append((flat(mp.masters), [r.grad_norm for r in results], [r.scale for r in results]))
+    (ref, ref_norms, ref_scales), (got, norms, scales) = runs
+    assert scales == ref_scales and norms == pytest.approx(ref_norms, rel=1e-5)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, flat(make_net(mode).parameters()).float(), rtol=1e-3)  # it trained
+    # a planted bug fails it: the clip factor left out
+    net = make_net(mode)
+    mp = MixedPrecision(net.named_parameters(), mode, cfg, init_scale=2.0 ** 8, fused=True)
+    mp.cfg = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=6, max_grad_norm=1e9)
+    train(net, mp, 6)
+    assert not torch.allclose(flat(mp.masters), ref, rtol=1e-3)
+
+
 # --- bf16: why masters ------------------------------------------------------------------------
 def test_bf16_masters_track_fp32_while_naive_bf16_drifts():
     cfg = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10**6)

@@ -72,6 +72,13 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _fused_adamw_available(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW on CUDA parameters (feature-checked: the flag and a CUDA device)."""
+    import inspect
+    return bool(params) and all(p.device.type == "cuda" for p in params) \
+        and "fused" in inspect.signature(torch.optim.AdamW).parameters
+
+
 def _trainable(named_params, mode: str) -> list[tuple[str, torch.Tensor]]:
     """Unique (tied weights once), trainable params; ValueError on a dtype the mode can't train."""
     if mode not in MODES:
@@ -97,7 +104,7 @@ class MixedPrecision:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], mode: str, optim_cfg: OptimConfig,
-                 *, growth_interval: int = 2000, init_scale: float = 2.0 ** 16):
+                 *, growth_interval: int = 2000, init_scale: float = 2.0 ** 16, fused: bool | None = None):
         named = _trainable(named_params, mode)
         optim_cfg.validate()
         if mode == "fp16" and not (growth_interval >= 1 and init_scale >= 1):
@@ -111,9 +118,13 @@ class MixedPrecision:
         self.scaler = LossScaler(init_scale if mode == "fp16" else 1.0, growth_interval, dynamic=mode == "fp16")
         self.num_updates = 0  # optimizer updates taken (= the LR schedule's step)
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
-        # foreach=None: torch picks its foreach kernels where they exist (CUDA), the loop on CPU.
+        # On CUDA the fused AdamW: one kernel reads each parameter's gradient, master and moments
+        # once, and divides the gradient by `grad_scale` on the way (the loss scale and the clip
+        # factor), so no separate pass unscales or clips. Elsewhere foreach=None lets torch choose.
+        self.fused = _fused_adamw_available(self.masters) if fused is None else fused
+        kind = dict(fused=True) if self.fused else dict(foreach=None)
         self.optimizer = torch.optim.AdamW(param_groups(zip(self.names, self.masters), optim_cfg.weight_decay),
-                                           lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps, foreach=None)
+                                           lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps, **kind)
         self._init_adam_state()
         c = optim_cfg
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -125,7 +136,9 @@ class MixedPrecision:
         # torch.distributed.checkpoint loads in place into the structure of a fresh state dict.
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                self.optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.get_default_dtype()),
+                step = torch.tensor(0.0, dtype=torch.float32, device=p.device) if self.fused else \
+                    torch.tensor(0.0, dtype=torch.get_default_dtype())
+                self.optimizer.state[p] = {"step": step,
                                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -153,17 +166,21 @@ class MixedPrecision:
         max_norm = self.cfg.max_grad_norm if max_norm is None else float(max_norm)
         scale, lr = self.scaler.scale, self.optimizer.param_groups[0]["lr"]
         grads = self._master_grads()
-        if scale != 1.0:
+        if scale != 1.0 and not self.fused:
             torch._foreach_mul_(grads, 1.0 / scale)  # exact: scales are powers of 2 (from a power-of-2 init)
-        norm_sq = norm_sq_fn(self._local_norm(grads).square())
+        local = self._local_norm(grads).square()
+        norm_sq = norm_sq_fn(local / scale ** 2 if self.fused else local)  # exact: power-of-2 scale
         norm_sq_host = float(norm_sq)
         ok = math.isfinite(norm_sq_host)
         if ok:
             # As torch.nn.utils.clip_grad_norm_: multiply even when the factor is 1 (no branch on device data).
             coef = torch.clamp(max_norm / (norm_sq.sqrt() + 1e-6), max=1.0)
-            if grads:
+            if self.fused:  # the fused kernel divides each gradient by grad_scale as it reads it
+                self.optimizer.grad_scale = (scale / coef).to(torch.float32).to(self.masters[0].device)
+            elif grads:
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
             self.optimizer.step()
+            self.optimizer.grad_scale = None
             self.scheduler.step()
             self.num_updates += 1
             self._copy_back()
@@ -178,9 +195,13 @@ class MixedPrecision:
     def _master_grads(self) -> list[torch.Tensor]:
         if self.mode == "fp32":
             return [p.grad for p in self.params if p.grad is not None]
-        for p, m in zip(self.params, self.masters):
-            m.grad = None if p.grad is None else p.grad.to(torch.float32, copy=True)
-        return [m.grad for m in self.masters if m.grad is not None]
+        have = [(p, m) for p, m in zip(self.params, self.masters) if p.grad is not None]
+        grads = [torch.empty_like(m) for _, m in have]
+        if grads:  # one multi-tensor kernel converts every gradient to fp32
+            torch._foreach_copy_(grads, [p.grad for p, _ in have])
+        for (_, m), g in zip(have, grads):
+            m.grad = g
+        return grads
 
     def _local_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         # Computed as clip_grad_norm_ does (a norm of per-tensor norms), so on one rank
@@ -202,7 +223,8 @@ class MixedPrecision:
           format                   STATE_FORMAT (1)
           mode                     "fp32" | "bf16" | "fp16"
           masters                  {param name: fp32 tensor}; {} in fp32 mode (the weights are the masters)
-          optimizer.state          {param name: {"step": [] fp32 (CPU), "exp_avg": fp32, "exp_avg_sq": fp32}}
+          optimizer.state          {param name: {"step": [] fp32 (CPU; the params' device when fused),
+                                                 "exp_avg": fp32, "exp_avg_sq": fp32}}
           optimizer.param_groups   torch's AdamW groups (lr, initial_lr, betas, eps, weight_decay, ...,
                                    param_names) without the positional "params"
           scheduler                LambdaLR.state_dict() without "lr_lambdas" (a pure function of the step)
