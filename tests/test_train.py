@@ -76,7 +76,7 @@ PLANS = {
     "separated-2x1+2-replicated": (SeparatedPlan(2, 1, 2, 2, placement=((0, 1, 2, 3, 4, 5), (2, 3, 4, 5, 6, 7))), 2),
     # 8 heads over 3 ranks (3, 3, 2): head slices straddle KV groups
     "separated-1x3+1-uneven": (SeparatedPlan(1, 3, 1, 2), 1),
-    "ep2": (EpPlan(2, 2), 2),
+    "ep4-two-nodes": (EpPlan(4, 2), 4),
     "tp2xpp2": (TpPpPlan(2, 2, 2), 1),
 }
 
@@ -85,9 +85,11 @@ PLANS = {
 @pytest.mark.parametrize("name", list(PLANS))
 def test_plan_trains_like_single_device(name):
     plan, replicas = PLANS[name]
-    extra = {"gpus_per_node": 1} if name == "ep2" else {}  # two "nodes": the hierarchical all-reduce
+    extra = {"gpus_per_node": 2} if name == "ep4-two-nodes" else {}  # 2 "nodes" of 2 ranks
     report = launch_training(_spec(plan, **extra))
     _compare(report, *oracle(_spec(plan), replicas, plan.microbatches))
+    if extra:  # the attention weights went through reduce-scatter / all-reduce / all-gather
+        assert report["grad_sync"]["0 1 2 3"].startswith("hierarchical: 2 nodes x 2 ranks"), report["grad_sync"]
 
 
 def _swap_experts(model):

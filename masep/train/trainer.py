@@ -212,7 +212,8 @@ def train_on(env, spec: TrainSpec, model) -> dict | None:
         if hasattr(rank, "finish"):
             rank.finish()
     report = dict(history=trainer.history, memory=trainer.memory() if env.rank == 0 else None,
-                  skipped_steps=trainer.mp.skipped_steps, plan=plan.describe(cfg))
+                  skipped_steps=trainer.mp.skipped_steps, plan=plan.describe(cfg),
+                  grad_sync={" ".join(map(str, ranks)): why for ranks, why in sorted(trainer.syncer.reasons.items())})
     need_full = spec.return_state or spec.export_dir
     if need_full:
         from ..model import MoETransformer
