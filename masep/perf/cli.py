@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRESETS, ModelConfig, from_hf_config, preset
-from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from ..plan import parse_plan as _parse_plan
 from ..plotting import require_matplotlib
 from .costmodel import Workload, describe, plan_to_dict
 from .hardware import load_hardware
@@ -100,29 +100,61 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --- plan specs: `sep 12x1+4 m2`, `tp8pp2 m2`, `ep16 m2`, `single` (describe()'s names) ------------------
-_SPECS = (
-    (re.compile(r"^sep(?:arated)?[: ]*(\d+)x(\d+)\+(\d+)(?:[ :/]*m(\d+))?$"),
-     lambda g: SeparatedPlan(int(g[0]), int(g[1]), int(g[2]), int(g[3] or 2))),
-    (re.compile(r"^tp(\d+)[ x]*pp(\d+)(?:[ :/]*m(\d+))?$"), lambda g: TpPpPlan(int(g[0]), int(g[1]), int(g[2] or 1))),
-    (re.compile(r"^ep(\d+)(?:[ :/]*m(\d+))?$"), lambda g: EpPlan(int(g[0]), int(g[1] or 1))),
-    (re.compile(r"^single$"), lambda g: SinglePlan()),
-)
-
-
 def parse_plan(text: str):
-    spec = text.strip().lower()
-    for pattern, build in _SPECS:
-        m = pattern.match(spec)
-        if m:
-            return build(m.groups())
-    raise ValueError(f"--plan {text!r}: write 'sep RxT+E mM' (e.g. 'sep 12x1+4 m2'), 'tpTppP mM' "
-                     "(e.g. 'tp8pp2 m2'), 'epN mM' or 'single'")
+    """--plan of simulate: the one notation (masep.plan.parse_plan), the flag named in errors."""
+    try:
+        return _parse_plan(text)
+    except ValueError as err:
+        raise ValueError(f"--plan: {err}") from None
 
 
 # --- plan ----------------------------------------------------------------------------------------------------
+def cmd_plan_train(args) -> int:
+    """`masep plan --train`: rank plans by simulated training tokens/s (perf/trainsim.py)."""
+    from .planner import STRATEGY_NAMES
+    from .traincost import TrainWorkload
+    from .trainsim import explain_train, search_train
+    try:
+        cfg, hw, _ = _setup(args)
+        strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
+        bad = sorted(set(strategies) - set(STRATEGY_NAMES))
+        if bad:
+            raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(STRATEGY_NAMES)}")
+        if args.tpot_limit_ms is not None:
+            raise ValueError("--tpot-limit-ms is a decode limit; with --train plans are ranked by tokens/s")
+        work = TrainWorkload(args.batch, args.seq_len, args.grad_compression)
+        ranked, rejected, candidates = search_train(cfg, hw, args.gpus, work, strategies=strategies, top=args.top,
+                                                    max_microbatches=args.max_microbatches)
+        if not ranked:
+            why = rejected[0][1] if rejected else "no candidate plans"
+            raise ValueError(f"no training plan for {args.gpus} GPU(s), {work.batch} sequences of {work.seq_len}: "
+                             f"{len(rejected)} of {candidates} candidates rejected; e.g. {why}")
+    except ValueError as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(dict(gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name,
+                              sequences=work.batch, seq_len=work.seq_len, compression=work.compression,
+                              candidates=candidates, rejected=len(rejected),
+                              rejected_examples=[dict(plan=p, reason=r) for p, r in rejected[:5]],
+                              ranked=[s.summary() for s in ranked])))
+        return 0
+    print(f"training {cfg.name} on {args.gpus} x {hw.name} ({hw.source}): {work.batch} sequences of {work.seq_len} "
+          f"tokens per step, gradient compression {work.compression}")
+    print(f"goal: highest training tok/s; {candidates} candidate plans, {len(rejected)} rejected (memory or rules), "
+          "all others simulated")
+    print(f"{'#':>2} {'plan':>15} {'step ms':>9} {'tok/s':>11} {'MFU':>5} {'floor ms':>9} {'GB/GPU':>7}")
+    for i, s in enumerate(ranked, 1):
+        d = s.summary()
+        print(f"{i:>2} {d['plan']:>15} {d['step_ms']:9.1f} {d['tokens_per_s']:11,.0f} {d['mfu']:5.0%} "
+              f"{d['floor_ms']:9.1f} {d['memory_max_gb']:7.1f}")
+    print(explain_train(ranked[0]))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .planner import STRATEGY_NAMES, explain, explain_text, search, search_throughput
+    if getattr(args, "train", False):
+        return cmd_plan_train(args)
     try:
         cfg, hw, work = _setup(args)
         strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
@@ -143,10 +175,15 @@ def cmd_plan(args) -> int:
                          max_microbatches=args.max_microbatches, overlap=overlap)
         if not res.ranked:
             raise ValueError(res.no_plan_message())
+        goal = (f"highest tok/s with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})"
+                if args.tpot_limit_ms else "lowest TPOT")
+        planned = dict(batch=res.work.batch, context=work.context, lm_head=work.lm_head, overlap=overlap, goal=goal)
+        written = write_plan_file(args, cfg, hw, res.ranked, planned, explain_text(res.best))
     except ValueError as err:
         return _fail(str(err))
     if args.json:
         print(json.dumps(dict(
+            plan_file=written,
             gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name, context=work.context,
             batch=res.work.batch if args.tpot_limit_ms else work.batch, tpot_limit_ms=args.tpot_limit_ms,
             candidates=res.candidates, simulated=res.simulated, rejected=len(res.rejected),
@@ -154,8 +191,6 @@ def cmd_plan(args) -> int:
             ranked=[{**s.summary(), "plan_fields": plan_to_dict(s.plan), "explain": explain(s)} for s in res.ranked])))
         return 0
     print(_header(cfg, hw, args.gpus, res.work if args.tpot_limit_ms else work, args.serial))
-    goal = (f"highest tok/s with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})"
-            if args.tpot_limit_ms else "lowest TPOT")
     print(f"goal: {goal}; {res.candidates} candidate plans, {len(res.rejected)} rejected (memory or rules), "
           f"{res.simulated} simulated (exact branch and bound)")
     print(f"{'#':>2} {'plan':>15} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'floor ms':>8} {'MBU':>5} {'busy':>5} "
@@ -167,7 +202,37 @@ def cmd_plan(args) -> int:
               f"{d['memory_max_gb']:6.1f}")
     print(explain_text(res.best))
     print("kernel* = nvidia-smi-style 'GPU utilization' (any kernel running, NCCL waits included)")
+    if written:
+        print(f"wrote {written}: `masep run --plan {written}` (or serve, train, bench dist) runs {describe(res.best.plan)}")
     return 0
+
+
+PLAN_FILE_NUMBERS = ("tpot_ms", "tps", "step_ms", "tokens_per_s", "floor_ms", "tpot_over_floor", "mbu", "mfu",
+                     "memory_max_gb")
+
+
+def write_plan_file(args, cfg: ModelConfig, hw, ranked: list, planned_for: dict, reasons: str) -> str | None:
+    """--out FILE: the winner (ranked[0]) as a plan file that `masep run|serve|train|bench dist
+    --plan FILE` take, with the model, GPUs and hardware it was planned for, the prediction, the
+    planner's reasons and the runners-up. None without --out; ValueError when it cannot be written."""
+    if not getattr(args, "out", None):
+        return None
+    from ..plan import plan_file_text
+
+    def numbers(sim, keys=PLAN_FILE_NUMBERS) -> dict:
+        d = sim.summary()
+        return {k: float(f"{d[k]:.6g}") if isinstance(d[k], float) else d[k] for k in keys if k in d}
+
+    model = dict(model=args.model) if args.model else dict(preset=args.preset or "paper")
+    where = dict(**model, model_name=cfg.name, gpus=args.gpus, hardware=args.hardware, hardware_name=hw.name,
+                 calibration=args.calibration, **planned_for)
+    text = plan_file_text(ranked[0].plan, where, numbers(ranked[0]), reasons.splitlines(),
+                          [dict(plan=describe(s.plan), **numbers(s, PLAN_FILE_NUMBERS[:4])) for s in ranked[1:]])
+    try:
+        Path(args.out).write_text(text)
+    except OSError as err:
+        raise ValueError(f"--out {args.out}: cannot write it ({err.strerror or err})") from None
+    return args.out
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -181,6 +246,15 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1024, help="largest batch tried with --tpot-limit-ms")
     p.add_argument("--top", type=int, default=5, help="plans to list")
     p.add_argument("--strategies", default=None, help="comma list (default: all): separated,tp_pp,ep,single")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="write the winner as a plan file (TOML) that `masep run|serve|train|bench dist --plan FILE` "
+                        "take")
+    p.add_argument("--train", action="store_true",
+                   help="plan a training step (forward + backward + gradient sync + optimizer) instead of decode: "
+                   "--batch is sequences per step, --seq-len their length")
+    p.add_argument("--seq-len", type=int, default=2048, help="with --train: tokens per sequence")
+    p.add_argument("--grad-compression", choices=("none", "int8"), default="none",
+                   help="with --train: gradient compression of the sync")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -224,7 +298,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace + Gantt PNG per simulated row")
     p.add_argument("--plan", action="append", default=None,
-                   help="also simulate this plan, e.g. 'sep 4x1+12 m2', 'tp8pp2 m2', 'ep16 m1' (repeatable)")
+                   help="also simulate this plan, e.g. 'sep 4x1+12 m2', 'tp8pp2 m2', 'ep16 m1' (repeatable; the "
+                        "notation of `masep plan`)")
     p.set_defaults(func=cmd_simulate)
     return p
 
