@@ -199,7 +199,8 @@ def generate(model: LoadedModel, prompts: Sequence[str | Sequence[int]], *, plan
 
     Request i samples with seed `seed + i` (default seed: the model's), so its tokens are the
     same on any plan. KV: one slot per prompt unless `max_num_seqs`; `max_model_len` defaults to
-    the longest prompt + max_new_tokens. Not for use under torchrun (use `masep run` there)."""
+    the longest prompt + max_new_tokens. Unlike `masep run` there is no untimed warm-up round, so
+    the metrics include first-call costs. Not for use under torchrun (use `masep run` there)."""
     from .engine import Request
     from .engine.generate import run_requests
     from .launcher import KvSettings, make_executor, scheduler_config
@@ -214,6 +215,9 @@ def generate(model: LoadedModel, prompts: Sequence[str | Sequence[int]], *, plan
     requests = [Request(p, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=base + i)
                 for i, p in enumerate(ids)]
     plan = _plan_or_none(plan, cfg)
+    if protection == "mirror" and (plan is None or plan.strategy != "separated" or plan.attn_replicas < 2):
+        raise ValueError("protection='mirror' keeps each attention replica's KV rows on another replica: it needs a "
+                         "separated plan with 2 or more attention replicas")
     longest = max((len(p) + max_new_tokens for p in ids), default=1)
     kv = KvSettings(max_model_len or min(longest, cfg.max_seq_len), max_num_seqs or max(1, len(requests)),
                     gpu_memory_utilization, max_num_batched_tokens).validate(cfg)

@@ -95,3 +95,8 @@ def test_train_model_through_a_split(tmp_path):
     losses = [r["loss"] for r in report["history"]]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
     assert (tmp_path / "log" / "train.jsonl").is_file() and (tmp_path / "log" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_mirror_needs_two_replicas():
+    with pytest.raises(ValueError, match="mirror"):
+        masep.generate(masep.load_model("tiny"), [[1, 2]], plan="sep 1x1+1 m1", protection="mirror")
