@@ -129,10 +129,13 @@ def cmd_plan_train(args) -> int:
             why = rejected[0][1] if rejected else "no candidate plans"
             raise ValueError(f"no training plan for {args.gpus} GPU(s), {work.batch} sequences of {work.seq_len}: "
                              f"{len(rejected)} of {candidates} candidates rejected; e.g. {why}")
+        planned = dict(train=True, sequences=work.batch, seq_len=work.seq_len, grad_compression=work.compression,
+                       goal="highest training tok/s")
+        written = write_plan_file(args, cfg, hw, ranked, planned, explain_train(ranked[0]))
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        print(json.dumps(dict(gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name,
+        print(json.dumps(dict(plan_file=written, gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name,
                               sequences=work.batch, seq_len=work.seq_len, compression=work.compression,
                               candidates=candidates, rejected=len(rejected),
                               rejected_examples=[dict(plan=p, reason=r) for p, r in rejected[:5]],
@@ -148,6 +151,8 @@ def cmd_plan_train(args) -> int:
         print(f"{i:>2} {d['plan']:>15} {d['step_ms']:9.1f} {d['tokens_per_s']:11,.0f} {d['mfu']:5.0%} "
               f"{d['floor_ms']:9.1f} {d['memory_max_gb']:7.1f}")
     print(explain_train(ranked[0]))
+    if written:
+        print(f"wrote {written}: `masep train --plan {written}` runs {describe(ranked[0].plan)}")
     return 0
 
 
