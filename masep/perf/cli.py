@@ -135,7 +135,8 @@ def cmd_plan_train(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        print(json.dumps(dict(plan_file=written, gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name,
+        print(json.dumps(dict(plan_file=written, gpus=args.gpus, hardware=hw.name, hardware_source=hw.source,
+                              model=cfg.name,
                               sequences=work.batch, seq_len=work.seq_len, compression=work.compression,
                               candidates=candidates, rejected=len(rejected),
                               rejected_examples=[dict(plan=p, reason=r) for p, r in rejected[:5]],
