@@ -618,18 +618,34 @@ def broadcast(x: torch.Tensor, src: int, group, timeout: timedelta, what: str) -
 
 
 # --- training: gradients retrace the rows' path with the splits both sides already know ----------
-def send_output_grads(handle: DispatchHandle, grad_NH: torch.Tensor) -> torch.Tensor:
-    """Backward of combine on an attention rank: the gradients of the N expert-output rows go
-    to the experts that produced them (same splits as the dispatch), and the gradients of the
-    rows this rank sent come back [N, H] (blocking)."""
+@dataclass
+class GradHandle:
+    """Output gradients on their way to the experts and the input gradients' posted receive."""
+
+    dispatch: DispatchHandle
+    sent: object
+    back: object
+    keep: list
+
+
+def launch_output_grads(handle: DispatchHandle, grad_NH: torch.Tensor) -> GradHandle:
+    """Backward of combine on an attention rank: launch the gradients of the N expert-output
+    rows to the experts that produced them (the dispatch's splits) and post the receive of the
+    gradients of the rows this rank sent, [N, H] (wait_input_grads)."""
     b = handle.bridge
     send = grad_NH.contiguous()
-    work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * b.size, handle.splits, b)
+    sent = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * b.size, handle.splits, b)
     got = torch.empty_like(send)
     back = _all_to_all_back(got, got.new_empty(0, send.shape[1]), handle.splits, [0] * b.size, b)
-    _wait(work, b, "output-gradient payload", handle.step, handle.layer, handle.mb)
-    _wait(back, b, "input-gradient payload", handle.step, handle.layer, handle.mb)
-    return got
+    return GradHandle(handle, sent, back, [send, got])
+
+
+def wait_input_grads(g: GradHandle) -> torch.Tensor:
+    """The gradients of the rows this rank sent, [N, H] in the dispatch's sorted order."""
+    h = g.dispatch
+    _wait(g.sent, h.bridge, "output-gradient payload", h.step, h.layer, h.mb)
+    _wait(g.back, h.bridge, "input-gradient payload", h.step, h.layer, h.mb)
+    return g.keep[1]
 
 
 def expert_receive_grads(bridge: Bridge, batch: ExpertBatch, layout: StepLayout, layer: int,

@@ -7,9 +7,11 @@ Head-parallel ranks (Megatron's f and g, and the token-slice pair):
   split_rows       x [X, H] -> its rows [n, H]       backward: all-gather of the row gradients
   gather_rows      rows [n, H] -> x [X, H]           backward: this rank's rows of the gradient
 Expert traffic:
-  expert_rows      separated attention rank: sorted rows -> expert outputs [N, H]; backward sends
-                   the output gradients to the expert ranks and receives the input gradients
-  ep_expert_rows   EP: the same over the symmetric exchange, this rank's experts included
+  ep_expert_rows   EP: sorted rows -> expert outputs [N, H] over the symmetric exchange (this
+                   rank's experts included); backward sends the output gradients to the ranks
+                   whose experts produced them and receives the input gradients
+(A separated attention rank cuts its graph at the bridge instead, parallel/train_separated.py,
+so its micro-batches can interleave.)
 
 Every transfer goes through comm.py (timeouts that name the peer and the schedule position).
 Shapes: X tokens, n this rank's token slice, N rows sent (token, expert pairs), H hidden.
@@ -100,27 +102,6 @@ class HeadGroup:
         if self.size == 1:
             return counts
         return comm.replica_all_reduce(counts.clone(), self.group, self.timeout, f"{self.name}: expert counts")
-
-
-class _ExpertRows(torch.autograd.Function):
-    """Separated attention rank: rows z[token_R] -> the expert outputs of those rows [N, H]."""
-
-    @staticmethod
-    def forward(ctx, z_XH, rows, bridge, layout, layer, mb):
-        handle = comm.dispatch_rows(z_XH, rows, bridge, layout, layer, mb)
-        ctx.handle, ctx.num_tokens = handle, z_XH.shape[0]
-        return comm.receive_outputs(handle, z_XH.shape[1], z_XH.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_NH):
-        handle = ctx.handle
-        grad_rows = comm.send_output_grads(handle, grad_NH)
-        grad_z = grad_rows.new_zeros(ctx.num_tokens, grad_rows.shape[1])
-        return grad_z.index_add_(0, handle.rows.token_R, grad_rows), None, None, None, None, None
-
-
-def expert_rows(z_XH: torch.Tensor, rows, bridge, layout, layer: int, mb: int) -> torch.Tensor:
-    return _ExpertRows.apply(z_XH, rows, bridge, layout, layer, mb)
 
 
 class _EpExpertRows(torch.autograd.Function):

@@ -69,10 +69,6 @@ def expert_ops_following(attention_ops: Iterable[Op]) -> list[Op]:
             ops.append(Op(RECV, layer, mb))
         elif kind == "e2a":
             ops += [Op(EXPERTS, layer, mb), Op(SEND, layer, mb)]
-        elif kind == "a2e_grad":
-            ops.append(Op(RECV_GRAD, layer, mb))
-        else:
-            ops += [Op(EXPERTS_BWD, layer, mb), Op(SEND_GRAD, layer, mb)]
     return ops
 
 
@@ -139,26 +135,46 @@ def _training(forward, backward, microbatches: int) -> list[Op]:
     return ops + [Op(GRAD_SYNC), Op(OPTIMIZER)]
 
 
-def train_attention_schedule(num_layers: int, microbatches: int) -> list[Op]:
-    """A separated attention rank (or `single`, whose experts are local: see train_single_schedule)."""
-    def forward(mb):
-        return [op for layer in range(num_layers) for op in
-                (Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(COMBINE, layer, mb))] + [Op(HEAD, -1, mb)]
+def attention_backward_ops(num_layers: int, mb: int) -> list[Op]:
+    """One micro-batch's backward on a separated attention rank: yield while the experts turn
+    the output gradients into input gradients."""
+    ops = [Op(HEAD_BWD, -1, mb)]
+    for layer in reversed(range(num_layers)):
+        ops += [Op(DISPATCH_GRAD, layer, mb), Op(YIELD, layer, mb), Op(COMBINE_GRAD, layer, mb),
+                Op(ATTENTION_BWD, layer, mb)]
+    return ops
 
-    def backward(mb):
-        return [Op(HEAD_BWD, -1, mb)] + [op for layer in reversed(range(num_layers)) for op in
-                                         (Op(DISPATCH_GRAD, layer, mb), Op(COMBINE_GRAD, layer, mb),
-                                          Op(ATTENTION_BWD, layer, mb))]
-    return _training(forward, backward, microbatches)
+
+def train_attention_schedule(num_layers: int, microbatches: int) -> list[Op]:
+    """A separated attention rank's training step: the forward interleaved as decode's
+    (attention_microbatch_ops), then the backward interleaved the same way, last micro-batch
+    first, then the gradient sync and the optimizer."""
+    forward = interleave([attention_microbatch_ops(num_layers, mb) for mb in range(microbatches)])
+    backward = interleave([attention_backward_ops(num_layers, mb) for mb in reversed(range(microbatches))])
+    return forward + backward + [Op(GRAD_SYNC), Op(OPTIMIZER)]
+
+
+def train_expert_ops_following(attention_ops: Iterable[Op]) -> list[Op]:
+    """A training expert rank serves each (layer, micro-batch) as soon as its rows (or their
+    output gradients) arrive: receive, compute, send, in the attention side's order. The
+    outputs and input gradients return on the bridge's second group, whose order (the
+    attention side's combines) is the same as the dispatches', so each group sees one order."""
+    ops: list[Op] = []
+    for kind, layer, mb in comm_sequence(attention_ops):
+        if kind == "a2e":
+            ops += [Op(RECV, layer, mb), Op(EXPERTS, layer, mb), Op(SEND, layer, mb)]
+        elif kind == "a2e_grad":
+            ops += [Op(RECV_GRAD, layer, mb), Op(EXPERTS_BWD, layer, mb), Op(SEND_GRAD, layer, mb)]
+    return ops
 
 
 def train_separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
     """Training step of a separated rank; the expert side follows the attention side's bridge
-    order (`expert_ops_following`), then syncs its gradients and steps its optimizer."""
+    order (`train_expert_ops_following`), then syncs its gradients and steps its optimizer."""
     attention = train_attention_schedule(num_layers, microbatches)
     if role_kind == "attention":
         return attention
-    return expert_ops_following(attention) + [Op(GRAD_SYNC), Op(OPTIMIZER)]
+    return train_expert_ops_following(attention) + [Op(GRAD_SYNC), Op(OPTIMIZER)]
 
 
 def train_ep_schedule(num_layers: int, microbatches: int) -> list[Op]:

@@ -3,18 +3,17 @@
 The block forward is written once (`attention_sublayer` + one of two MoE sublayers); a strategy
 supplies the head group (comm_grad.HeadGroup) and how routed tokens reach their experts:
   single     the rank's own Experts module
-  separated  attention ranks send rows over their replica's bridge (comm_grad.expert_rows); expert
-             ranks run `ExpertTrainer`, one grouped matmul per (micro-batch, layer) over every
-             replica's rows, and the same in reverse with the gradients
+  separated  parallel/train_separated.py: attention ranks cut each layer's graph at the bridge so
+             their micro-batches interleave; expert ranks run one grouped matmul per
+             (micro-batch, layer) over every replica's rows, and the same in reverse
   ep         every rank sends to every rank (comm_grad.ep_expert_rows)
   tp_pp      heads and each expert's hidden columns split over a stage, partial sums reduced;
              stages pass activations forward and their gradients back (GPipe order)
 
-Schedule of a step on every rank (parallel/schedule.py's training schedules, which the
-simulator times too): the micro-batches' forwards in order, then their backwards in reverse
-order; an expert rank executes its op list, which follows the attention side's bridge order.
-(No overlap of one micro-batch's transfers with another's compute yet: every transfer is
-waited for before the rank goes on, and perf/trainsim.py predicts that runtime.)
+Schedule of a step (parallel/schedule.py's training schedules, which the simulator times too):
+separated ranks execute their op lists, the micro-batches interleaved at each transfer in
+forward and in backward; single, ep and tp_pp run the micro-batches' forwards in order, then
+their backwards in reverse order (GPipe), each transfer waited for before the rank goes on.
 
 Loss of a step (what the single-device trainer computes on the whole global batch):
     sum of token cross-entropies / global tokens
@@ -33,7 +32,6 @@ from ..model import MoETransformer, rope_cos_sin
 from ..plan import split_evenly
 from ..train.losses import LossConfig, router_terms, token_loss_sum
 from . import comm, comm_grad, routing
-from . import schedule as S
 from .parts import shard_attention, shard_experts
 
 
@@ -242,162 +240,6 @@ class SingleTrain(TrainRank):
         layers = self.model.layers
         return routed_loss(self.model, mb_BT, lambda i: layers[i].attn, lambda i: layers[i].moe.experts, self.heads,
                            self.recorder, shape, stats, report=True)
-
-
-class SeparatedAttentionTrain(TrainRank):
-    """An attention rank of MA separation: its replica's sequences, its heads, whole norms,
-    router and shared expert; routed tokens go over the replica's bridge."""
-
-    def __init__(self, model: MoETransformer, plan, groups, env):
-        cfg = self.cfg = model.cfg
-        self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
-        self.bridge = groups.bridges[0]
-        heads = plan.head_split(cfg)[self.role.index]
-        self.attn = torch.nn.ModuleList(shard_attention(b.attn, cfg, heads) for b in model.layers)
-        for block in model.layers:  # the block keeps its norms, router and shared expert only
-            block.attn, block.moe.experts = None, None
-        self.model = model
-        self.modules = {"": model, "attn": self.attn}
-        self.heads = comm_grad.HeadGroup(groups.replica_group, plan.attn_tp, self.role.index, env.timeout,
-                                         f"replica {self.role.replica} head group")
-        from .separated import expert_route
-        self.route = expert_route(plan, cfg, self.role.replica, env.device)
-        self.recorder = _Recorder(model.layers)
-
-    def syncs(self) -> list[ParamSync]:
-        plan = self.plan
-        everyone = tuple(range(plan.num_attention_ranks))
-        same_t = tuple(r * plan.attn_tp + self.role.index for r in range(plan.attn_replicas))
-        first = self.role.replica == 0
-        split = plan.head_split(self.cfg)
-
-        def ranks_of_t(t):
-            return tuple(r * plan.attn_tp + t for r in range(plan.attn_replicas))
-
-        out = []
-        for name, p in self.named_parameters():
-            token_sliced = ".moe." in name or ".moe_norm." in name  # router, shared expert, MoE norm
-            if token_sliced:
-                out.append(ParamSync(name, p, everyone, self.rank == 0))
-            elif name.startswith("attn."):
-                layer = int(name.split(".")[1])
-                out += head_slice_syncs(name, p, self.attn[layer], self.cfg, split, ranks_of_t, self.role.index,
-                                        first)
-            else:
-                out.append(ParamSync(name, p, same_t, first and self.role.index == 0))
-        return out
-
-    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
-        cfg, stats = self.cfg, MicroStats()
-        mbs = microbatches(ids_BT, self.plan.microbatches)
-        rows = [-(-mb[:, :-1].numel() // self.plan.attn_tp) for mb in mbs]
-        layout = comm.attention_begin_step(self.bridge, step, rows, False, cfg.hidden_size, self.model.dtype)
-        losses = [self._forward(mb, i, layout, shape, stats) for i, mb in enumerate(mbs)]
-        for loss in reversed(losses):
-            (loss * scale).backward()
-        if self.role.index != 0:  # the counts were summed over the head group: report them once
-            stats.load_LE = None
-        return stats
-
-    def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:
-        return routed_loss(self.model, mb_BT, lambda layer: self.attn[layer],
-                           lambda layer: self._experts_fn(layout, layer, i), self.heads, self.recorder, shape, stats,
-                           report=self.role.index == 0)
-
-    def _experts_fn(self, layout, layer: int, i: int):
-        def run(z, weights, ids):
-            rows = comm.sort_for_bridge(ids, weights, self.route, self.bridge)
-            out = comm_grad.expert_rows(z, rows, self.bridge, layout, layer, i)
-            pos = torch.arange(out.shape[0], device=out.device)
-            return routing.gather(out, pos, rows.token_R, rows.weight_R, z.shape[0])
-        return run
-
-    def finish(self) -> None:
-        """Tell the expert ranks training is over (they leave their loop)."""
-        comm.send_stop(self.bridge, -1, self.cfg.hidden_size, self.model.dtype, self.plan.microbatches)
-
-
-class SeparatedExpertTrain(TrainRank):
-    """An expert rank of MA separation: per (micro-batch, layer) the rows of every replica in
-    one grouped matmul; in backward the output gradients of all of them in one backward."""
-
-    def __init__(self, model: MoETransformer, plan, groups, env):
-        cfg = self.cfg = model.cfg
-        self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
-        self.bridges = groups.bridges
-        self.my_experts = plan.expert_placement(cfg)[self.role.index]
-        self.experts = torch.nn.ModuleList(shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers)
-        self.modules = {"experts": self.experts}
-        self.dtype = model.dtype
-        self.stopped = False
-
-    def syncs(self) -> list[ParamSync]:
-        placement = self.plan.expert_placement(self.cfg)
-        first = self.plan.num_attention_ranks
-        holders = {e: tuple(first + g for g, held in enumerate(placement) if e in held) for e in self.my_experts}
-        out = []
-        for name, p in self.named_parameters():
-            for local, e in enumerate(self.my_experts):
-                out.append(ParamSync(f"{name}[{e}]", p, holders[e], holders[e][0] == self.rank, local))
-        return out
-
-    def step(self, ids_BT, shape: StepShape, step: int, scale: float) -> MicroStats:
-        """Run this rank's ops of the step's schedule (schedule.train_separated_schedule, the one
-        the simulator times) up to the gradient sync, which the trainer runs after the step."""
-        cfg, m = self.cfg, self.plan.microbatches
-        layouts = [comm.expert_begin_step(b, step, m, cfg.hidden_size, self.dtype) for b in self.bridges]
-        live: dict[tuple[int, int], dict] = {}  # (layer, mb) -> what its ops so far produced
-
-        def at(op):
-            return live.setdefault((op.layer, op.mb), {})
-
-        def receive(op):
-            at(op)["batches"] = [comm.expert_receive(b, lay, len(self.my_experts), cfg.hidden_size, self.dtype,
-                                                     op.layer, op.mb) for b, lay in zip(self.bridges, layouts)]
-
-        def send(parts_of, op, state):
-            for bridge, lay, bt, part in zip(self.bridges, layouts, state["batches"], parts_of(state)):
-                comm.wait_sent(comm.expert_send(part, bt, bridge, lay, op.layer, op.mb))
-
-        def receive_grads(op):
-            st = at(op)
-            st["grads"] = [comm.expert_receive_grads(b, bt, lay, op.layer, op.mb)
-                           for b, lay, bt in zip(self.bridges, layouts, st["batches"])]
-
-        handlers = {
-            S.RECV: receive,
-            S.EXPERTS: lambda op: at(op).update(self._forward(at(op)["batches"], op.layer)),
-            S.SEND: lambda op: send(lambda st: st["y"].detach().split(st["sizes"]), op, at(op)),
-            S.RECV_GRAD: receive_grads,
-            S.EXPERTS_BWD: lambda op: self._backward(at(op)),
-            S.SEND_GRAD: lambda op: send(lambda st: st["gx"].split(st["sizes"]), op, live.pop((op.layer, op.mb))),
-        }
-        ops = S.train_separated_schedule("expert", cfg.num_layers, m)
-        S.execute([op for op in ops if op.kind not in (S.GRAD_SYNC, S.OPTIMIZER)], handlers)
-        return MicroStats()
-
-    def _forward(self, batches, layer: int) -> dict:
-        """Every replica's rows of one (layer, micro-batch) through this rank's experts, grouped."""
-        num_local = len(self.my_experts)
-        x = torch.cat([bt.x_NH for bt in batches]).detach().requires_grad_()
-        local = torch.cat([torch.repeat_interleave(torch.arange(num_local, device=x.device), bt.counts_L)
-                           for bt in batches])
-        order = torch.argsort(local, stable=True)  # every replica's rows grouped by local expert
-        counts = torch.stack([bt.counts_L for bt in batches]).sum(0)
-        y_sorted = self.experts[layer].forward_sorted(x[order], counts)
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted) if y_sorted.numel() else y_sorted
-        return dict(x=x, y=y, sizes=[bt.x_NH.shape[0] for bt in batches])
-
-    def _backward(self, state: dict) -> None:
-        if state["y"].numel():
-            torch.autograd.backward(state["y"], torch.cat(state["grads"]))
-        x = state["x"]
-        state["gx"] = x.grad if x.grad is not None else torch.zeros_like(x)
-
-    def finish(self) -> None:
-        """Read every replica's stop (sent by the attention ranks' finish)."""
-        for b in self.bridges:
-            comm.expert_begin_step(b, -1, self.plan.microbatches, self.cfg.hidden_size, self.dtype)
 
 
 class EpTrain(TrainRank):

@@ -288,13 +288,16 @@ def _stream(kind: str, overlap: bool) -> int:
 
 
 def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
-         costs: list[list[OpCost]] | None = None, ops: list | None = None, match_fn=None) -> list[OpRecord]:
-    """`ops` (per rank) and `match_fn` default to a decode step's; training passes its own."""
+         costs: list[list[OpCost]] | None = None, ops: list | None = None, match_fn=None,
+         stream_of=None) -> list[OpRecord]:
+    """`ops` (per rank), `match_fn` and `stream_of(kind)` default to a decode step's; training
+    passes its own."""
     n = plan.world_size
     ops = ops if ops is not None else [rank_ops(plan, cfg, r) for r in range(n)]
     match_fn = match_fn or match
+    stream_of = stream_of or (lambda kind: _stream(kind, overlap))
     costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
-    stream = [[_stream(o.kind, overlap) for o in ops[r]] for r in range(n)]
+    stream = [[stream_of(o.kind) for o in ops[r]] for r in range(n)]
     # dependencies: previous op on the same stream, previous op of the same micro-batch
     deps, keys = [], []
     for r in range(n):

@@ -1,10 +1,11 @@
 """Simulated training step: the training schedules (parallel/schedule.py) timed by traincost.py
 on the decode simulator's event loop, and a planner over them (`masep plan --train`).
 
-The training runtime (parallel/training.py) waits for each transfer before it goes on, so a
-rank's ops run one after another (the simulator's `overlap=False`): while an attention rank
-waits for its experts it does nothing, and the m micro-batches do not overlap each other. The
-prediction is of that runtime, not of an ideal pipeline.
+Streams, as the training runtime blocks: every op runs on the rank's one compute stream, in
+order, waiting for its transfer, except the transfers the runtime launches and waits for later
+(an expert rank's sends, an attention rank's output gradients), which run on their own stream.
+So separated ranks overlap across micro-batches (parallel/train_separated.py interleaves them),
+while single, ep and tp_pp run their GPipe order with every transfer waited for.
 
 Matching of transfers, beyond decode's (simulator.match):
   separated  a2e_grad(l, mb), e2a_grad(l, mb): all ranks; attention_bwd with T > 1: the replica
@@ -67,6 +68,14 @@ def train_match(plan, rank: int, op: S.Op):
         if op.kind == S.RECV_ACT_GRAD:
             return ("act_grad", stage, t, op.mb), (rank, rank + plan.tp)
     return match(plan, rank, op)
+
+
+LAUNCHED = (S.SEND, S.SEND_GRAD, S.DISPATCH_GRAD)  # launched, waited for later (separated runtime)
+
+
+def _train_stream(kind: str) -> int:
+    from .costmodel import BACK, COMPUTE
+    return BACK if kind in LAUNCHED else COMPUTE
 
 
 def train_costs(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware, ops) -> list[list[OpCost]]:
@@ -144,7 +153,7 @@ def simulate_train(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware, ch
         [train_memory(plan, cfg, r, work, hw) for r in range(plan.world_size)]
     ops = [train_rank_ops(plan, cfg, r) for r in range(plan.world_size)]
     costs = train_costs(plan, cfg, work, hw, ops)
-    records = _run(plan, cfg, work, hw, False, costs, ops, train_match)
+    records = _run(plan, cfg, work, hw, False, costs, ops, train_match, _train_stream)
     return TrainSimulation(plan, cfg, work, hw, records, memory, train_floor_s(plan, cfg, work, hw, ops, costs))
 
 

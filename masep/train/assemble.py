@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import MoETransformer
+from ..parallel import train_separated as ts
 from ..parallel import training as tr
 
 Piece = tuple[str, tuple, torch.Tensor]
@@ -57,12 +58,12 @@ def rank_pieces(rank: tr.TrainRank, of=lambda p: p) -> list[Piece]:
     cfg = rank.cfg
     if isinstance(rank, tr.SingleTrain):
         return _whole(rank.model, "", of)
-    if isinstance(rank, tr.SeparatedAttentionTrain):
+    if isinstance(rank, ts.SeparatedAttentionTrain):
         if rank.role.replica != 0:
             return []
         out = [p for i, a in enumerate(rank.attn) for p in attention_pieces(f"layers.{i}.attn", a, cfg, of)]
         return out + (_whole(rank.model, "", of) if rank.role.index == 0 else [])
-    if isinstance(rank, tr.SeparatedExpertTrain):
+    if isinstance(rank, ts.SeparatedExpertTrain):
         first = rank.plan.num_attention_ranks
         placement = rank.plan.expert_placement(cfg)
 

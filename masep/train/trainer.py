@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..parallel import train_separated as ts
 from ..parallel import training as tr
 from .losses import LossConfig
 from .optim import OptimConfig
@@ -100,7 +101,7 @@ def build_train_rank(plan, model, env) -> tr.TrainRank:
         return tr.SingleTrain(model, 1, plan.microbatches)
     if plan.strategy == "separated":
         groups = build_separated_groups(plan, model.cfg, env)
-        cls = tr.SeparatedAttentionTrain if groups.role.kind == "attention" else tr.SeparatedExpertTrain
+        cls = ts.SeparatedAttentionTrain if groups.role.kind == "attention" else ts.SeparatedExpertTrain
         return cls(model, plan, groups, env)
     if plan.strategy == "ep":
         return tr.EpTrain(model, plan, build_ep_groups(plan, model.cfg, env), env)
@@ -111,11 +112,11 @@ def build_train_rank(plan, model, env) -> tr.TrainRank:
 
 def rank_rows(rank: tr.TrainRank, plan, batch_BL: torch.Tensor) -> torch.Tensor | None:
     """The rows of the global batch this rank computes on (None: an expert rank)."""
-    if isinstance(rank, tr.SeparatedAttentionTrain):
+    if isinstance(rank, ts.SeparatedAttentionTrain):
         return tr.replica_rows(batch_BL, plan.attn_replicas, rank.role.replica)
     if isinstance(rank, tr.EpTrain):
         return tr.replica_rows(batch_BL, plan.ep, rank.rank)
-    if isinstance(rank, tr.SeparatedExpertTrain):
+    if isinstance(rank, ts.SeparatedExpertTrain):
         return None
     return batch_BL
 
