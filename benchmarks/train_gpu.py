@@ -113,6 +113,7 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     # The plain loop runs last: its allocator cache would stay in this process beside the ranks.
     configs = [("single", SinglePlan(), 1, "none"),
+               ("separated 1+1 m1", SeparatedPlan(1, 1, 1, 1), 2, "none"),
                ("separated 1+1 m2", SeparatedPlan(1, 1, 1, 2), 2, "none"),
                ("tp2", TpPpPlan(2, 1, 1), 2, "none"), ("ep2 m2", EpPlan(2, 2), 2, "none"),
                ("ep2 m2", EpPlan(2, 2), 2, "int8"), ("plain", None, 1, "none")]
