@@ -200,6 +200,7 @@ def train_on(env, spec: TrainSpec, model) -> dict | None:
     if spec.resume:
         ckpt.load(trainer, spec.save_dir)
     logger = log.TrainLog(spec, env.rank, trainer, start_step=trainer.step_index)
+    finished = False
     try:
         while trainer.step_index < spec.steps:
             row = trainer.train_step()
@@ -208,9 +209,12 @@ def train_on(env, spec: TrainSpec, model) -> dict | None:
                 ckpt.save(trainer, spec.save_dir)
         if spec.save_dir and not (spec.save_every and trainer.step_index % spec.save_every == 0):
             ckpt.save(trainer, spec.save_dir)
+        finished = True
     finally:
         logger.close()
-        if hasattr(rank, "finish"):
+        # Only after a clean run: after an error, the peers may be anywhere in the step, and the
+        # stop handshake would read one of their messages and hide the error that matters.
+        if finished and hasattr(rank, "finish"):
             rank.finish()
     report = dict(history=trainer.history, memory=trainer.memory() if env.rank == 0 else None,
                   skipped_steps=trainer.mp.skipped_steps, plan=plan.describe(cfg),
