@@ -29,7 +29,8 @@ def points(paths: list[str], presets: set[str]) -> list[tuple[int, float, int]]:
             row = json.loads(line)
             plan = row.get("plan") or {}
             if (row.get("kind") != "decode" or row.get("strategy") != "tp_pp" or plan.get("pp") != 1
-                    or row.get("preset") not in presets or row.get("tpot_ms_median") is None):
+                    or row.get("preset") not in presets
+                    or row.get("median_tpot_ms", row.get("tpot_ms_median")) is None):  # older rows: tpot_ms_median
                 continue
             cfg = preset(row["preset"])
             calls = 2 * cfg.num_layers * plan["microbatches"]

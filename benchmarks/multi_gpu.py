@@ -90,7 +90,7 @@ def write_row(out: Path, row: dict) -> None:
     with open(out / "multi_gpu.jsonl", "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
     print(json.dumps({k: row.get(k) for k in ("kind", "impl", "strategy", "plan_text", "preset", "batch", "context",
-                                              "tpot_ms_median", "predicted_tpot_ms", "match", "error")},
+                                              "median_tpot_ms", "predicted_tpot_ms", "match", "error")},
                      default=str), flush=True)
 
 

@@ -5,7 +5,10 @@ The library API (docs/api.md) is importable from here: `masep.load_model`, `make
 loaded on first use, so `import masep` costs no more than the config and the model.
 """
 from .config import ModelConfig, PRESETS, from_hf_config, preset
+from .logs import setup_from_environment as _setup_logging
 from .model import MoETransformer, build_model
+
+_setup_logging()  # a rank started by a masep front end logs as the front end does (masep/logs.py)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -29,12 +30,14 @@ from . import __version__
 from .config import PRESETS, ModelConfig, from_hf_config, preset
 from .engine import Request, random_prompts
 from .engine.executor import LocalExecutor
+from .logs import add_log_arg, progress, setup_logging
 from .model import BlockParts, MoETransformer, build_model, kv_heads_for
 from .parallel.schedule import COMM_KINDS
 from .runtime import LocalRuntime
 
 RUN_DTYPES = ("float32", "bfloat16")
 DEFAULT_PRESET = "small"
+log = logging.getLogger("masep.cli")
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def print_report(report: dict, file=None) -> None:
           f" warm-up runs {c['warmup']}", file=file)
     r = report
     lines = ["{s:=^52}".format(s=" masep run result "), _row("Successful requests:", r["completed"]),
-             _row("Failed requests:", r["failed"]), _row("Duration (s):", r["duration_s"]),
+             _row("Failed requests:", r["failed"]), _row("Duration (s):", r["duration"]),
              _row("Total input tokens:", r["total_input_tokens"]),
              _row("Total generated tokens:", r["total_output_tokens"]),
              _row("Request throughput (req/s):", r["request_throughput"]),
@@ -276,11 +279,14 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
                 done = journal.load()
             todo = [i for i in range(len(requests)) if i not in done]
             batch = [requests[i] for i in todo]
-            for _ in range(args.warmup if batch else 0):  # first calls pay for lazy init, allocator growth, ...
-                failovers += run_requests(executor, batch, sched, cfg).failovers
+            tokens = sum(r.max_new_tokens for r in batch)  # at most: EOS may end requests sooner
+            for n in range(args.warmup if batch else 0):  # first calls pay for lazy init, allocator growth, ...
+                with progress(tokens, f"warm-up {n + 1}/{args.warmup}", "tok") as bar:
+                    failovers += run_requests(ProgressExecutor(executor, bar), batch, sched, cfg).failovers
             record = None if journal is None else (
                 lambda j, seq: journal.record(todo[j], seq.output, seq.finish_reason, seq.error))
-            timed = run_requests(executor, batch, sched, cfg, on_finish=record)
+            with progress(tokens, "timed round", "tok") as bar:
+                timed = run_requests(ProgressExecutor(executor, bar), batch, sched, cfg, on_finish=record)
         except BaseException:
             executor.shutdown()
             raise
@@ -302,6 +308,22 @@ def run_strategy(args, cfg: ModelConfig, source: ModelSource, tokenizer, request
         return run_under_torchrun(run, KvBudget(kv.max_model_len, kv.gpu_memory_utilization), kv.max_num_seqs,
                                   rounds, faults)
     return rounds(make_executor(run, kv, faults=faults, mirror=args.protection == "mirror"))
+
+
+class ProgressExecutor:
+    """An executor that advances a progress bar by the tokens each step samples; everything else
+    is the wrapped executor's."""
+
+    def __init__(self, inner, bar):
+        self._inner, self._bar = inner, bar
+
+    def step(self, step_id: int, rows: dict) -> dict:
+        sampled = self._inner.step(step_id, rows)
+        self._bar.update(sum(t is not None for tokens in sampled.values() for t in tokens))
+        return sampled
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
 
 
 def merge_journal(result: dict, todo: list[int], done: dict[int, dict], total: int) -> dict:
@@ -479,7 +501,7 @@ def check_run_args(args: argparse.Namespace, cfg: ModelConfig, parser: argparse.
         except ValueError as err:
             parser.error(str(err))
         if warning:
-            print(f"masep: {warning}", file=sys.stderr, flush=True)
+            log.warning(warning)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (args.device == "cuda" and args.backend != "gloo" and not launched_by_torchrun()
                 and plan.world_size > gpus):
@@ -767,11 +789,14 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(err))
     check_run_memory(args, cfg, source, requests, parser)
     check_weights_finite(source, parser)
+    log.info("masep run: %s on %s (%s, %s), %d request(s) of up to %d new tokens, %d warm-up round(s)%s",
+             _plan_words(args, cfg), cfg.name, args.device, cfg.dtype, len(requests), args.max_new_tokens,
+             args.warmup, ", then --check on the single-device model" if args.check else "")
     from .serve.engine_client import EngineDead
     try:
         report = run_strategy(args, cfg, source, tokenizer, requests)
     except EngineDead as err:  # a rank died and the plan cannot go on without it
-        print(f"masep run: the engine stopped: {err}", file=sys.stderr)
+        log.error("masep run: the engine stopped: %s", err)
         return 1
     if report is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
@@ -780,16 +805,38 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         report.pop("reports")
     if args.check:
+        log.info("--check: the same requests through the single-device model")
         report["check"] = check_against_single(args, cfg, source, tokenizer, requests, report["tokens"])
     report.update(prompts=[r.prompt for r in requests], config=resolved_config(args, cfg, source),
                   texts=[tokenizer.decode(t) for t in report["tokens"]])
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(run_document(args, report)))
     else:
         print_report(report)
         print_texts(report, tokenizer)
     ok = report["failed"] == 0 and report.get("check", {}).get("match", True)
     return 0 if ok else 1
+
+
+def _plan_words(args: argparse.Namespace, cfg: ModelConfig) -> str:
+    """'plan sep 1x3+1 m2 (4 ranks)' or 'strategy single' for the first log line."""
+    if args.strategy == "single":
+        return "strategy single"
+    from .plan import format_plan
+    plan = build_plan(args, cfg)
+    return f"plan {format_plan(plan)} ({plan.world_size} ranks)"
+
+
+def run_document(args: argparse.Namespace, report: dict) -> dict:
+    """`masep run --json`: meta = the model, device, plan and workload; one row = the timed round
+    (vLLM's metric names, then tokens, texts, errors and per-request times)."""
+    from .report import device_info, document
+    row = dict(report)
+    config = row.pop("config")
+    model = config.pop("model")
+    plan = {k: row.pop(k) for k in ("plan", "plan_notation", "plan_text") if k in row}
+    return document("run", [row], args, model=model, hardware=device_info(args.device, getattr(args, "backend", None)),
+                    config=config, **plan)
 
 
 def _tokenizer_or_exit(source: ModelSource, cfg: ModelConfig, parser):
@@ -878,9 +925,11 @@ def bench_dist(argv: list[str]) -> int:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of the table")
     add_distributed_args(p)
+    add_log_arg(p)
     args = parse_args(p, argv)
+    setup_logging(args.log_level)
     resolve_args(args, p, "bench dist")
     if args.strategy not in DISTRIBUTED:
         p.error(f"--strategy: bench dist times a distributed plan: give --strategy ({', '.join(DISTRIBUTED)}) or a "
@@ -896,7 +945,7 @@ def bench_dist(argv: list[str]) -> int:
     except ValueError as err:
         p.error(str(err))
     if warning:
-        print(f"masep: {warning}", file=sys.stderr, flush=True)
+        log.warning(warning)
     for flag, value in (("--batch", args.batch), ("--context", args.context), ("--steps", args.steps)):
         if value < 1:
             p.error(f"{flag}={value}: must be >= 1")
@@ -906,13 +955,37 @@ def bench_dist(argv: list[str]) -> int:
     run = RunSpec(plan=plan, requests=[], preset=source.preset, config=cfg if source.preset else None,
                   model_dir=source.path, seed=args.seed, dtype=cfg.dtype, device=args.device, backend=args.backend,
                   timeout_s=args.timeout, eager=args.eager)
+    from .plan import format_plan
+    log.info("masep bench dist: plan %s (%d ranks) on %s (%s, %s): batch %d, context %d, %d warm-up + %d timed "
+             "decode steps", format_plan(plan), plan.world_size, cfg.name, args.device, cfg.dtype, args.batch,
+             args.context, args.warmup_steps, args.steps)
     row = launch_bench(DistBenchSpec(run, args.batch, args.context, args.warmup_steps, args.steps))
     if row is not None:
-        print(json.dumps(row) if args.json else
-              f"plan {row['plan_notation']}: {row['plan_text']}\n"
-              f"{row['preset']} batch {row['batch']} context {row['context']} on {row['device']}: "
-              f"TPOT median {row['tpot_ms_median']:.2f} ms, p99 {row['tpot_ms_p99']:.2f} ms, {row['tps']:.0f} tokens/s")
+        print(json.dumps(bench_dist_document(args, cfg, row)) if args.json else bench_dist_table(row))
     return 0
+
+
+def bench_dist_document(args: argparse.Namespace, cfg: ModelConfig, row: dict) -> dict:
+    from .report import document
+    hardware = dict(device=args.device, device_name=row["device"], backend=row["backend"],
+                    world_size=row["world_size"])
+    return document("bench dist", [row], args, model=dataclasses.asdict(cfg), hardware=hardware,
+                    plan=row["plan"], plan_notation=row["plan_notation"], plan_text=row["plan_text"])
+
+
+def bench_dist_table(row: dict) -> str:
+    """The row in `vllm bench serve`'s layout (one decode step = one output token per sequence)."""
+    lines = [f"plan {row['plan_notation']}: {row['plan_text']}",
+             f"{row['preset']}, batch {row['batch']}, context {row['context']}, {row['dtype']} on {row['device']} "
+             f"({row['backend']}, {row['world_size']} ranks)",
+             "{s:=^52}".format(s=" masep bench dist result "), _row("Timed decode steps:", row["steps"]),
+             _row("Benchmark duration (s):", row["duration"]),
+             _row("Total generated tokens:", row["total_output_tokens"]),
+             _row("Output token throughput (tok/s):", row["output_throughput"]),
+             "{s:-^52}".format(s="Time per Output Token (one decode step)"),
+             _row("Mean TPOT (ms):", row["mean_tpot_ms"]), _row("Median TPOT (ms):", row["median_tpot_ms"]),
+             _row("P99 TPOT (ms):", row["p99_tpot_ms"]), "=" * 52]
+    return "\n".join(lines)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -975,12 +1048,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=spec.handler, subparser=p)
     from .perf.cli import add_perf_parsers  # plan, simulate, sweep, replan
     add_perf_parsers(sub)
+    for name, p in sub.choices.items():
+        if name != "bench":  # each benchmark parses its own flags, --log-level among them
+            add_log_arg(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .options import parse_args
     args = parse_args(build_parser(), sys.argv[1:] if argv is None else list(argv))
+    setup_logging(getattr(args, "log_level", None) or "info")
     if hasattr(args, "func"):  # the perf subcommands take args only
         return args.func(args)
     return args.handler(args, args.subparser)

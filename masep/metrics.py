@@ -65,7 +65,7 @@ class Metrics:
     failed: int
     total_input_tokens: int
     total_output_tokens: int
-    duration_s: float
+    duration: float  # seconds (vLLM's name)
     request_throughput: float  # completed requests / s
     output_throughput: float  # output tokens / s
     total_token_throughput: float  # (input + output tokens) / s
@@ -86,6 +86,10 @@ class Metrics:
     std_e2el_ms: float
     p99_e2el_ms: float
 
+    @property
+    def duration_s(self) -> float:
+        return self.duration
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -104,7 +108,7 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration_s: float) -> Metr
     rate = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
     return Metrics(
         completed=len(done), failed=len(outputs) - len(done), total_input_tokens=in_tokens,
-        total_output_tokens=out_tokens, duration_s=duration_s, request_throughput=rate(len(done)),
+        total_output_tokens=out_tokens, duration=duration_s, request_throughput=rate(len(done)),
         output_throughput=rate(out_tokens), total_token_throughput=rate(in_tokens + out_tokens),
         **_stats("ttft", [o.ttft_s for o in done]),
         **_stats("tpot", [o.tpot_s for o in done if o.tpot_s is not None]),

@@ -11,7 +11,7 @@ are ValueErrors the commands turn into exit 2.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from .files import read_toml
 
@@ -293,7 +293,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser, comm
         if getattr(args, "plan", None) is not None:
             note = apply_plan(args, parser, given)
             if note:
-                print(f"masep: {note}", file=sys.stderr, flush=True)
+                logging.getLogger("masep.options").warning(note)
             source = f"--plan {args.plan}"
         check_strategy_flags(args, parser, given, command, source)
     except ValueError as err:

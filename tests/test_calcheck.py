@@ -48,7 +48,7 @@ def test_calcheck_cli_reads_the_committed_h200_calibration():
     out = subprocess.run([sys.executable, "-m", "masep", "calcheck", "benchmarks/results/calibration_h200_20261127.json",
                           "--hardware", "h200", "--json"], capture_output=True, text=True, check=True, timeout=60)
     data = json.loads(out.stdout)
-    assert {"attention", "experts"} <= set(data["summary"])
+    assert {"attention", "experts"} <= set(data["meta"]["summary"]) and data["rows"][0]["measured_ms"] > 0
     bad = subprocess.run([sys.executable, "-m", "masep", "calcheck", "no-such.json"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no such file" in bad.stderr
 

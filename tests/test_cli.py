@@ -18,17 +18,18 @@ TINY = ["--preset", "tiny", "--batch", "2", "--prompt-len", "8", "--max-new-toke
 def test_run_json_through_a_subprocess():
     proc = subprocess.run(RUN + TINY + ["--json"], capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)  # one JSON object and nothing else on stdout
+    doc = json.loads(proc.stdout)  # one JSON document and nothing else on stdout
+    report, meta = doc["rows"][0], doc["meta"]
     assert report["prompts"] == random_prompts(2, 8, 256, seed=0)
     assert [len(t) for t in report["tokens"]] == [4, 4] and report["errors"] == [None, None]
     for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
-                "p99_tpot_ms", "output_throughput", "total_output_tokens", "duration_s"):
+                "p99_tpot_ms", "output_throughput", "total_output_tokens", "duration"):
         assert isinstance(report[key], float | int), key
     assert (report["completed"], report["failed"], report["total_output_tokens"]) == (2, 0, 8)
-    cfg = report["config"]
-    assert cfg["model"]["name"] == "tiny" and cfg["model"]["vocab_size"] == 256
+    assert meta["command"] == "run" and meta["model"]["name"] == "tiny" and meta["model"]["vocab_size"] == 256
+    cfg = meta["config"]
     assert (cfg["strategy"], cfg["batch"], cfg["dtype"], cfg["device"], cfg["seed"]) == ("single", 2, "float32", "cpu", 0)
-    assert cfg["torch_version"] == torch.__version__
+    assert meta["versions"]["torch"] == torch.__version__ and meta["args"]["max_new_tokens"] == 4
 
 
 @pytest.mark.timeout(60)
@@ -85,7 +86,8 @@ def test_run_from_a_checkpoint_dir(tiny_checkpoint, capsys):
     model, path = tiny_checkpoint("mixtral")
     assert main(["run", "--model", str(path), "--batch", "2", "--prompt-len", "6", "--max-new-tokens", "5",
                  "--warmup", "0", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["config"]["model_source"]["path"] == str(path)
+    doc = json.loads(capsys.readouterr().out)
+    report = doc["rows"][0]
+    assert doc["meta"]["config"]["model_source"]["path"] == str(path)
     expected = generate(LocalRuntime(model), [Request(p, 5) for p in report["prompts"]]).tokens
     assert report["tokens"] == expected

@@ -28,7 +28,8 @@ def test_strategies_give_identical_tokens_on_the_same_prompts(tmp_path):
     for name, flags in STRATEGIES.items():
         extra = ["--trace", str(tmp_path / name)] if name == "separated" else []
         out = _masep(*COMMON, "--strategy", name, *flags, *extra)
-        reports[name] = json.loads(out.stdout)
+        doc = json.loads(out.stdout)
+        reports[name] = {**doc["meta"], **doc["rows"][0]}  # the plan and config in meta, results in the row
     single = reports["single"]
     for name, rep in reports.items():
         assert rep["prompts"] == single["prompts"], name
@@ -68,12 +69,15 @@ def test_bad_distributed_arguments_exit_2_before_any_rank_starts(flags, message)
 def test_bench_dist_reports_one_row_per_plan(flags):
     out = _masep("bench", "dist", "--preset", "tiny", *flags, "--batch", "5", "--context", "16", "--steps", "3",
                  "--warmup-steps", "1", "--json")
-    row = json.loads(out.stdout)
-    for key in ("device", "torch", "date", "strategy", "plan", "preset", "batch", "context", "tpot_ms_median",
-                "tpot_ms_p99", "tps", "busy_ms_per_step"):
+    doc = json.loads(out.stdout)
+    assert doc["meta"]["command"] == "bench dist" and doc["meta"]["plan"]["strategy"] == flags[1]
+    row, = doc["rows"]
+    for key in ("device", "torch", "date", "strategy", "plan", "preset", "batch", "context", "duration",
+                "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "output_throughput", "busy_ms_per_step"):
         assert key in row, key
     assert row["batch"] == 5 and row["context"] == 16 and row["strategy"] == flags[1]
-    assert row["tpot_ms_p99"] >= row["tpot_ms_median"] > 0
+    assert row["p99_tpot_ms"] >= row["median_tpot_ms"] > 0
+    assert row["output_throughput"] == pytest.approx(5 * 3 / row["duration"])
 
 
 @pytest.mark.timeout(240)
@@ -83,8 +87,8 @@ def test_the_same_entry_point_runs_under_torchrun():
     args = [*COMMON, "--strategy", "separated", "--attn-tp", "2", "--expert-ranks", "1"]
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--standalone", "-m", "masep"]
     out = subprocess.run([*run, *args], capture_output=True, text=True, timeout=200, check=True)
-    rep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
-    single = json.loads(_masep(*COMMON, "--strategy", "single").stdout)
+    rep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))["rows"][0]
+    single = json.loads(_masep(*COMMON, "--strategy", "single").stdout)["rows"][0]
     assert rep["tokens"] == single["tokens"]
     bad = subprocess.run([*run[:4], "2", *run[5:], *args], capture_output=True, text=True, timeout=200)
     assert bad.returncode != 0 and "plan.world_size=2: the launch has 2 ranks but the plan needs 3" in bad.stderr

@@ -202,7 +202,7 @@ def test_check_fails_when_the_logits_are_not_finite(tiny_checkpoint, capsys):
     _, path = tiny_checkpoint("mixtral")
     rewrite(path, lambda t: {**t, "model.norm.weight": torch.full_like(t["model.norm.weight"], 3e38)})
     assert main(["run", "--model", str(path), *TINY, "--check", "--json"]) == 1
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)["rows"][0]
     assert report["check"]["match"] is False and report["check"]["non_finite_logits"] > 0
     assert main(["run", "--model", str(path), *TINY, "--check"]) == 1
     assert "non-finite logits" in capsys.readouterr().out

@@ -308,10 +308,12 @@ def test_cli_table_json_and_save(fake, tmp_path, capsys):
                   "Median E2EL (ms):", "Time per Output Token (excl. 1st token)"):
         assert label in out
     saved = json.loads(save.read_text())
+    assert saved["meta"]["command"] == "bench serve" and saved["meta"]["server"]["base_url"] == fake.url
+    saved = saved["rows"][0]
     assert saved["completed"] == 3 and "p50_ttft_ms" in saved and "p99.9_itl_ms" in saved
     assert saved["duration"] >= 0.1  # fixed arrivals at 20/s: the third goes at 0.1 s
     assert bench_serve_main([*args, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["request_rate"] == 20.0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["request_rate"] == 20.0
 
 
 @pytest.mark.timeout(60)

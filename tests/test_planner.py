@@ -89,7 +89,9 @@ def _run(argv):
 def test_simulate_json_rows(capsys):
     assert _run(["simulate", "--preset", "paper", "--gpus", "16", "--hardware", "a100-80g", "--batch", "24",
                  "--context", "2048", "--json", "--max-microbatches", "2"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["rows"]
+    assert doc["meta"]["model"]["name"] == "paper" and doc["meta"]["hardware"]["gpus"] == 16
     assert all({"strategy", "plan", "tpot_ms", "tps", "floor_ms"} <= set(r) for r in rows)
     claims = [r for r in rows if r["source"] == "claimed"]
     assert [(r["tpot_ms"], r["tps"]) for r in claims] == [(2.76, 8696), (1.82, 13289)]
@@ -105,7 +107,7 @@ def test_simulate_json_rows(capsys):
 def test_plan_sweep_and_bad_arguments(capsys, tmp_path):
     assert _run(["plan", "--preset", "paper", "--gpus", "8", "--batch", "16", "--json", "--top", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert len(doc["ranked"]) == 2 and doc["ranked"][0]["tpot_ms"] <= doc["ranked"][1]["tpot_ms"]
+    assert len(doc["rows"]) == 2 and doc["rows"][0]["tpot_ms"] <= doc["rows"][1]["tpot_ms"]
     assert _run(["plan", "--gpus", "0"]) == 2 and "--gpus 0" in capsys.readouterr().err
     assert _run(["simulate", "--plan", "sep twelve"]) == 2
     assert _run(["sweep", "--preset", "paper", "--gpus", "4", "--out", str(tmp_path), "--batches", "1,64",
@@ -130,7 +132,7 @@ def test_replan_refits_and_proposes(tmp_path, capsys):
     path = tmp_path / "measured.json"
     path.write_text(json.dumps(measured))
     assert _run(["replan", "--measured", str(path), "--threshold", "0.1", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)["rows"][0]
     assert out["refit_factors"] == {"attention": pytest.approx(2.0)}
     assert out["predicted_tpot_ms"] > out["predicted_tpot_ms_before_refit"]
     assert out["switch"] == (out["gain"] > 0.1) and out["best_tpot_ms"] <= out["predicted_tpot_ms"]
@@ -151,7 +153,7 @@ def test_replan_reads_bench_dist_rows():
         kinds[r.op.kind] = kinds.get(r.op.kind, 0.0) + r.cost.compute_s * scale * 1e3
     row = dict(device="NVIDIA H100 80GB HBM3", strategy="separated", plan={"strategy": "separated",
                **plan_to_dict(plan)}, preset="paper", dtype="bfloat16", batch=8, context=1024, steps=20,
-               tpot_ms_median=9.9, busy_ms_per_step=json.loads(json.dumps(per_step)))
+               median_tpot_ms=9.9, busy_ms_per_step=json.loads(json.dumps(per_step)))
     m = parse_measured(row)
     assert (m.hardware, m.tpot_ms, m.steps, m.work) == ("h100", 9.9, 1, work)
     assert parse_measured({**row, "plan": "sep 1x2+2 m2"}).plan == plan  # the plan notation works too

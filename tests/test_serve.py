@@ -140,7 +140,7 @@ def test_bench_serve_against_it(server):
                           "--random-vocab-size", "256", "--max-duration", "90", "--disable-tqdm", "--json"],
                          capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr
-    row = json.loads(out.stdout)
+    row = json.loads(out.stdout)["rows"][0]
     assert row["completed"] == 8 and row["failed"] == 0 and row["total_output_tokens"] == 40
     assert row["mean_ttft_ms"] > 0 and row["mean_tpot_ms"] > 0
     # one chunk per token, also for tokens whose text is held back (random bytes are mostly

@@ -27,9 +27,9 @@ def test_a_killed_rank_restarts_the_job_and_the_journal_keeps_what_was_done(tmp_
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exitcode: -9" in out.stderr  # the first attempt did lose a rank
-    rep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    rep = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))["rows"][0]
     single = json.loads(subprocess.run([sys.executable, "-m", "masep", "run", *ARGS, "--strategy", "single"],
-                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+                                       capture_output=True, text=True, timeout=120, check=True).stdout)["rows"][0]
     assert rep["tokens"] == single["tokens"]
     restored = rep["restored_from_journal"]
     assert 0 < len(restored) < 6  # some finished before the failure, the rest ran after the restart

@@ -121,6 +121,6 @@ def test_plan_train_cli(capsys):
     assert main(["plan", "--train", "--preset", "tiny", "--gpus", "2", "--batch", "4", "--seq-len", "64",
                  "--hardware", "h200", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ranked"] and doc["ranked"][0]["tokens_per_step"] == 256
+    assert doc["rows"] and doc["rows"][0]["tokens_per_step"] == 256
     assert main(["plan", "--train", "--preset", "tiny", "--gpus", "2", "--tpot-limit-ms", "5"]) == 2
     assert "--tpot-limit-ms is a decode limit" in capsys.readouterr().err

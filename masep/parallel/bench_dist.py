@@ -4,8 +4,10 @@ Like the one-GPU benchmark (masep/perf/bench.py), the KV cache is filled with ra
 up to `context` instead of running a long prefill (the values do not change what a decode
 step reads or moves), then `warmup + steps` decode steps run with each row's position
 advancing. Each attention-side rank times its steps (host clock around a device
-synchronisation); rank 0 reports, per step, the slowest rank's time, and its median and p99
-as TPOT.
+synchronisation); rank 0 reports, per step, the slowest rank's time, and over the timed steps
+vLLM `bench serve`'s names for what they measure: one decode step gives every sequence one
+output token, so its time is the TPOT (mean_tpot_ms, median_tpot_ms, std_tpot_ms, p99_tpot_ms),
+`duration` is the timed steps' seconds and `output_throughput` batch x steps / duration.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import datetime
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..logs import progress
 from ..plan import format_plan, split_evenly
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
@@ -84,7 +88,9 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
     tokens = torch.randint(0, cfg.vocab_size, (rows,), generator=gen, device=device)
     positions = torch.full((rows,), spec.context - 1, device=device)
     times = []
+    bar = progress(spec.warmup + spec.steps, "decode steps", "step")  # shown by rank 0 only
     for i in range(spec.warmup + spec.steps):
+        bar.update(1)
         if i == spec.warmup:  # busy times of the timed steps only (warm-up builds NCCL communicators)
             timer.busy_s.clear()
         _sync(device)
@@ -93,6 +99,7 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
         _sync(device)
         times.append(time.perf_counter() - start)
         tokens, positions = logits.argmax(-1), positions + 1
+    bar.close()
     runtime.finish()
     return times[spec.warmup:]
 
@@ -125,17 +132,18 @@ def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
 def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
     timed = [r["times_s"] for r in reports if r["times_s"]]
     per_step = [max(t[i] for t in timed) for i in range(spec.steps)]  # a step ends when the slowest does
-    ordered = sorted(per_step)
-    median = ordered[len(ordered) // 2]
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    ms = np.asarray(per_step, dtype=np.float64) * 1e3
+    duration = float(sum(per_step))
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     return dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                 backend=env.backend, world_size=env.world_size, strategy=plan.strategy,
                 plan=dict(plan.__dict__, strategy=plan.strategy), plan_notation=format_plan(plan),
                 plan_text=plan.describe(),
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
-                context=spec.context, steps=spec.steps, tpot_ms_median=median * 1e3, tpot_ms_p99=p99 * 1e3,
-                tps=spec.batch / median,
+                context=spec.context, steps=spec.steps, duration=duration,
+                total_output_tokens=spec.batch * spec.steps, output_throughput=spec.batch * spec.steps / duration,
+                mean_tpot_ms=float(ms.mean()), median_tpot_ms=float(np.median(ms)), std_tpot_ms=float(ms.std()),
+                p99_tpot_ms=float(np.percentile(ms, 99)),
                 busy_ms_per_step={r["rank"]: {k: v * 1e3 / spec.steps for k, v in r["busy_s"].items()}
                                   for r in reports},
                 max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports})

@@ -60,6 +60,7 @@ import contextlib
 import datetime
 import gc
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -70,11 +71,13 @@ import torch
 from ..config import ModelConfig, preset as get_preset, to_hf_dict
 from ..errors import error_line
 from ..fastpath import GraphedLocalRuntime, set_expert_impl, set_fused, triton
+from ..logs import add_log_arg, progress, setup_logging
 from ..model import Attention, Experts, KVCache, MoETransformer, build_model, kv_heads_for
 from ..options import add_config_arg, parse_args
 from ..plan import SeparatedPlan, TpPpPlan, format_plan
 
 LOG: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
+_log = logging.getLogger("masep.bench")  # the command line's progress lines (stderr; stdout gets the JSON)
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -606,13 +609,13 @@ def calibrate(shapes: list[RankShape], *, impl: str = "grouped_mm", copy_bw: flo
     doc = {**device_meta(), "hbm_copy_bytes_per_s": copy_bw, "matmul_flops_per_s": matmul_flops,
            "measurements": []}
     log(f"{'op':9} {'preset':12} {'plan':13} {'B':>4} {'heads':>5} {'exp':>3} {'rows':>4} "
-        f"{'MB':>8} {'roofline ms':>11} {'measured':>9} {'ratio':>6}")
+        f"{'MB':>8} {'roofline ms':>11} {'measured ms':>11} {'ratio':>6}")
     for shape in shapes:
         m = _measure(shape, impl, seed)
         doc["measurements"].append(m)
         roof = max(m["bytes"] / copy_bw, m["flops"] / matmul_flops) * 1e3
         log(f"{m['op']:9} {m['preset']:12} {m['plan']:13} {m['batch']:4d} {m['heads']:5d} {m['experts']:3d} "
-            f"{m['tokens']:4d} {m['bytes'] / 1e6:8.1f} {roof:11.4f} {m['measured_ms']:9.4f} "
+            f"{m['tokens']:4d} {m['bytes'] / 1e6:8.1f} {roof:11.4f} {m['measured_ms']:11.4f} "
             f"{m['measured_ms'] / roof:6.2f}")
     doc["measurements"].extend(extra)
     return doc
@@ -686,14 +689,29 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--context", type=int, default=2048)
     cal.add_argument("--impl", default="grouped_mm", choices=["grouped_mm", "triton"])
     cal.add_argument("--out", default=None)
+    for p in (dec, cal):
+        add_log_arg(p)
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)  # --config FILE of decode / calibrate
+    setup_logging(args.log_level)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.cmd == "decode":
-        rows = decode_sweep(args.preset, args.batch, args.context, args.impl, steps=args.steps, peer=args.peer)
-        result = rows
+        peer_points = sum(get_preset(p).expert_act == "swiglu" for p in args.preset) * len(args.batch) * args.peer
+        total = len(args.preset) * len(args.impl) * len(args.batch) + peer_points
+        _log.info("masep bench decode: presets %s, batches %s, context %d, impls %s, %d timed steps per point%s",
+                  " ".join(args.preset), " ".join(map(str, args.batch)), args.context, " ".join(args.impl),
+                  args.steps, ", transformers as the peer" if args.peer else "")
+        with progress(total, "decode points", "point") as bar:
+            rows = decode_sweep(args.preset, args.batch, args.context, args.impl, steps=args.steps, peer=args.peer,
+                                log=_log.info, on_row=lambda row: bar.update(1))
+        from ..report import document
+        result = document("bench decode", rows, args, hardware=device_meta())
     else:
-        result = calibrate(standard_plan_shapes(args.preset, args.batch, args.context), impl=args.impl)
+        shapes = standard_plan_shapes(args.preset, args.batch, args.context)
+        _log.info("masep bench calibrate: %d per-rank ops of %s at batches %s, context %d", len(shapes),
+                  " ".join(args.preset), " ".join(map(str, args.batch)), args.context)
+        with progress(len(shapes), "calibration ops", "op", iterable=shapes) as bar:
+            result = calibrate(bar, impl=args.impl, log=_log.info)  # the calibration file's own format
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -69,12 +69,12 @@ def summary(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'op':<10}{'preset':<14}{'plan':<15}{'batch':>6}{'heads':>6}{'exp':>4}{'measured':>10}"
-             f"{'built-in':>10}{'err':>8}{'refit':>9}{'err':>8}"]
+    lines = [f"{'op':<10}{'preset':<14}{'plan':<15}{'batch':>6}{'heads':>6}{'exp':>4}{'measured ms':>12}"
+             f"{'built-in ms':>12}{'err %':>7}{'refit ms':>10}{'err %':>7}"]
     for r in rows:
         lines.append(f"{r['op']:<10}{r['preset']:<14}{r['plan']:<15}{r['batch']:>6}{r['heads']:>6}{r['experts']:>4}"
-                     f"{r['measured_ms']:>10.4f}{r['predicted_ms']:>10.4f}{r['error']:>+8.0%}"
-                     f"{r['calibrated_ms']:>9.4f}{r['calibrated_error']:>+8.0%}")
+                     f"{r['measured_ms']:>12.4f}{r['predicted_ms']:>12.4f}{r['error']:>+7.0%}"
+                     f"{r['calibrated_ms']:>10.4f}{r['calibrated_error']:>+7.0%}")
     return "\n".join(lines)
 
 
@@ -84,7 +84,7 @@ def add_calcheck_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hardware", default="h100", help="built-in profile to compare and refit (a100-80g, h100, h200)")
     p.add_argument("--holdout-batches", type=int, nargs="+", default=None,
                    help="refit on the other batches and score only these (out of sample)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of the table")
     p.set_defaults(func=cmd_calcheck)
     return p
 
@@ -98,7 +98,10 @@ def cmd_calcheck(args) -> int:
     except (ValueError, KeyError) as err:
         raise SystemExit(f"masep calcheck: error: {err}")
     if args.json:
-        print(json.dumps(dict(rows=rows, summary=summary(rows))))
+        from ..report import document
+        print(json.dumps(document("calcheck", rows, args, hardware=dict(profile=args.hardware),
+                                  calibration=dict(path=str(path), device=doc.get("device"), date=doc.get("date")),
+                                  holdout_batches=sorted(holdout) if holdout else None, summary=summary(rows))))
     else:
         sample = (f"refitted to the other batches, scored on batches {sorted(holdout)} (out of sample)" if holdout
                   else "refitted to this file (in-sample)")

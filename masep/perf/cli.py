@@ -7,18 +7,23 @@ stderr). Everything here is CPU-only and deterministic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import re
 import sys
 from pathlib import Path
 
 from ..config import PRESETS, ModelConfig, from_hf_config, preset
+from ..logs import progress
 from ..plan import parse_plan as _parse_plan
 from ..plotting import require_matplotlib
+from ..report import document, profile_info
 from .costmodel import Workload, describe, plan_to_dict
 from .hardware import load_hardware
 
 DEFAULT_HARDWARE = "a100-80g"
+log = logging.getLogger("masep.perf")
 
 
 # --- shared arguments ------------------------------------------------------------------------------------
@@ -35,11 +40,11 @@ def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
     p.add_argument("--batch", type=int, default=batch, help="sequences decoding together")
     p.add_argument("--context", type=int, default=2048, help="keys each sequence attends to")
     p.add_argument("--no-lm-head", action="store_true",
-                   help="leave the lm_head out (REFERENCE.md's floors do)")
+                   help="leave the lm_head out (as the floors of docs/reference.md do)")
     p.add_argument("--serial", action="store_true",
                    help="one stream per GPU (the blocking CPU/gloo runtime) instead of compute + comm streams")
     p.add_argument("--max-microbatches", type=int, default=4)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of a table")
 
 
 def _fail(message: str) -> int:
@@ -87,15 +92,15 @@ def _fmt(v, spec: str, width: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'':46} {'plan':>15} {'TPOT ms':>8} {'tok/s':>8} {'floor ms':>8} {'xfloor':>6} {'MBU':>5} "
-            f"{'useful':>6} {'busy':>5} {'kernel*':>7} {'GB/GPU':>6}")
+    head = (f"{'':52} {'plan':>15} {'TPOT ms':>8} {'tok/s':>8} {'floor ms':>8} {'xfloor':>6} {'MBU %':>5} "
+            f"{'useful %':>8} {'busy %':>6} {'kernel* %':>9} {'GB/GPU':>6}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['label']:46.46} {r['plan']:>15} {_fmt(r.get('tpot_ms'), '.3f', 8)} "
+        lines.append(f"{r['label']:52.52} {r['plan']:>15} {_fmt(r.get('tpot_ms'), '.3f', 8)} "
                      f"{_fmt(r.get('tps'), ',.0f', 8)} {_fmt(r.get('floor_ms'), '.3f', 8)} "
                      f"{_fmt(r.get('tpot_over_floor'), '.2f', 6)} {_fmt(r.get('mbu'), '.0%', 5)} "
-                     f"{_fmt(r.get('mbu_useful'), '.0%', 6)} {_fmt(r.get('busy_fraction_mean'), '.0%', 5)} "
-                     f"{_fmt(r.get('kernel_active_mean_nvidia_smi_style'), '.0%', 7)} "
+                     f"{_fmt(r.get('mbu_useful'), '.0%', 8)} {_fmt(r.get('busy_fraction_mean'), '.0%', 6)} "
+                     f"{_fmt(r.get('kernel_active_mean_nvidia_smi_style'), '.0%', 9)} "
                      f"{_fmt(r.get('memory_max_gb'), '.1f', 6)}" + (f"  <- {r['note']}" if r.get("note") else ""))
     return "\n".join(lines)
 
@@ -123,6 +128,8 @@ def cmd_plan_train(args) -> int:
         if args.tpot_limit_ms is not None:
             raise ValueError("--tpot-limit-ms is a decode limit; with --train plans are ranked by tokens/s")
         work = TrainWorkload(args.batch, args.seq_len, args.grad_compression)
+        log.info("masep plan --train: %s on %d x %s, %d sequences of %d tokens per step", cfg.name, args.gpus, hw.name,
+                 work.batch, work.seq_len)
         ranked, rejected, candidates = search_train(cfg, hw, args.gpus, work, strategies=strategies, top=args.top,
                                                     max_microbatches=args.max_microbatches)
         if not ranked:
@@ -135,18 +142,16 @@ def cmd_plan_train(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        print(json.dumps(dict(plan_file=written, gpus=args.gpus, hardware=hw.name, hardware_source=hw.source,
-                              model=cfg.name,
+        print(json.dumps(_doc("plan --train", [s.summary() for s in ranked], args, cfg, hw, plan_file=written,
                               sequences=work.batch, seq_len=work.seq_len, compression=work.compression,
                               candidates=candidates, rejected=len(rejected),
-                              rejected_examples=[dict(plan=p, reason=r) for p, r in rejected[:5]],
-                              ranked=[s.summary() for s in ranked])))
+                              rejected_examples=[dict(plan=p, reason=r) for p, r in rejected[:5]])))
         return 0
     print(f"training {cfg.name} on {args.gpus} x {hw.name} ({hw.source}): {work.batch} sequences of {work.seq_len} "
           f"tokens per step, gradient compression {work.compression}")
     print(f"goal: highest training tok/s; {candidates} candidate plans, {len(rejected)} rejected (memory or rules), "
           "all others simulated")
-    print(f"{'#':>2} {'plan':>15} {'step ms':>9} {'tok/s':>11} {'MFU':>5} {'floor ms':>9} {'GB/GPU':>7}")
+    print(f"{'#':>2} {'plan':>15} {'step ms':>9} {'tok/s':>11} {'MFU %':>5} {'floor ms':>9} {'GB/GPU':>7}")
     for i, s in enumerate(ranked, 1):
         d = s.summary()
         print(f"{i:>2} {d['plan']:>15} {d['step_ms']:9.1f} {d['tokens_per_s']:11,.0f} {d['mfu']:5.0%} "
@@ -170,6 +175,9 @@ def cmd_plan(args) -> int:
         if args.top < 1:
             raise ValueError(f"--top {args.top}: must be >= 1")
         overlap = not args.serial
+        log.info("masep plan: %s on %d x %s, batch %s, context %d, %s", cfg.name, args.gpus, hw.name,
+                 f"1..{args.max_batch}" if args.tpot_limit_ms else work.batch, work.context,
+                 f"highest tok/s under TPOT {args.tpot_limit_ms} ms" if args.tpot_limit_ms else "lowest TPOT")
         if args.tpot_limit_ms is not None:
             if args.tpot_limit_ms <= 0:
                 raise ValueError(f"--tpot-limit-ms {args.tpot_limit_ms}: must be > 0")
@@ -188,23 +196,22 @@ def cmd_plan(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        print(json.dumps(dict(
-            plan_file=written,
-            gpus=args.gpus, hardware=hw.name, hardware_source=hw.source, model=cfg.name, context=work.context,
-            batch=res.work.batch if args.tpot_limit_ms else work.batch, tpot_limit_ms=args.tpot_limit_ms,
+        rows = [{**s.summary(), "plan_fields": plan_to_dict(s.plan), "explain": explain(s)} for s in res.ranked]
+        print(json.dumps(_doc(
+            "plan", rows, args, cfg, hw, plan_file=written, context=work.context,
+            batch=res.work.batch if args.tpot_limit_ms else work.batch, tpot_limit_ms=args.tpot_limit_ms, goal=goal,
             candidates=res.candidates, simulated=res.simulated, rejected=len(res.rejected),
-            rejected_examples=[dict(plan=p, reason=r) for p, r in res.rejected[:5]],
-            ranked=[{**s.summary(), "plan_fields": plan_to_dict(s.plan), "explain": explain(s)} for s in res.ranked])))
+            rejected_examples=[dict(plan=p, reason=r) for p, r in res.rejected[:5]])))
         return 0
     print(_header(cfg, hw, args.gpus, res.work if args.tpot_limit_ms else work, args.serial))
     print(f"goal: {goal}; {res.candidates} candidate plans, {len(res.rejected)} rejected (memory or rules), "
           f"{res.simulated} simulated (exact branch and bound)")
-    print(f"{'#':>2} {'plan':>15} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'floor ms':>8} {'MBU':>5} {'busy':>5} "
-          f"{'kernel*':>7} {'GB/GPU':>6}")
+    print(f"{'#':>2} {'plan':>15} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'floor ms':>8} {'MBU %':>5} {'busy %':>6} "
+          f"{'kernel* %':>9} {'GB/GPU':>6}")
     for i, s in enumerate(res.ranked, 1):
         d = s.summary()
         print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {d['floor_ms']:8.3f} "
-              f"{d['mbu']:5.0%} {d['busy_fraction_mean']:5.0%} {d['kernel_active_mean_nvidia_smi_style']:7.0%} "
+              f"{d['mbu']:5.0%} {d['busy_fraction_mean']:6.0%} {d['kernel_active_mean_nvidia_smi_style']:9.0%} "
               f"{d['memory_max_gb']:6.1f}")
     print(explain_text(res.best))
     print("kernel* = nvidia-smi-style 'GPU utilization' (any kernel running, NCCL waits included)")
@@ -265,9 +272,15 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _emit(args, payload, lines: list[str], files=()) -> int:
-    """--json: the payload as one JSON document; else the text lines, then the files written."""
-    print(json.dumps(payload) if args.json else "\n".join([*lines, *(f"wrote {f}" for f in files)]))
+def _doc(command: str, rows: list[dict], args, cfg: ModelConfig, hw, **meta) -> dict:
+    """The --json document (masep/report.py) of a simulated command: the model and the profile in meta."""
+    return document(command, rows, args, model=dataclasses.asdict(cfg),
+                    hardware=profile_info(hw, getattr(args, "gpus", None)), **meta)
+
+
+def _emit(args, doc: dict, lines: list[str], files=()) -> int:
+    """--json: the document; else the text lines, then the files written."""
+    print(json.dumps(doc) if args.json else "\n".join([*lines, *(f"wrote {f}" for f in files)]))
     return 0
 
 
@@ -282,6 +295,8 @@ def cmd_simulate(args) -> int:
         extra = [parse_plan(p) for p in args.plan or []]
         for plan in extra:
             plan.validate(cfg, args.gpus)
+        log.info("masep simulate: %s on %d x %s, batch %d, context %d", cfg.name, args.gpus, hw.name, work.batch,
+                 work.context)
         rows, sims = seeds_table(cfg, hw, args.gpus, work, max_microbatches=args.max_microbatches,
                                  overlap=not args.serial, extra_plans=extra)
     except ValueError as err:
@@ -293,13 +308,17 @@ def cmd_simulate(args) -> int:
             slug = f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", describe(sim.plan).lower()).strip("_")
             files += [str(write_trace(sim, out / f"{slug}.trace.json")), str(gantt_png(sim, out / f"{slug}.gantt.png"))]
     best = [explain_text(sims[-1])] if sims else []
-    return _emit(args, rows, [_header(cfg, hw, args.gpus, work, args.serial), table(rows), FOOTNOTES, *best], files)
+    doc = _doc("simulate", rows, args, cfg, hw, batch=work.batch, context=work.context, lm_head=work.lm_head,
+               overlap=not args.serial, files=files)
+    return _emit(args, doc, [_header(cfg, hw, args.gpus, work, args.serial), table(rows), FOOTNOTES, *best], files)
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("simulate", help="simulate the seeds' table: claims vs TPxPP, separated, EP, best plan",
-                              description="Simulate one decode step of the seeds' splits and the planner's best "
-                              "plan; print each beside its physical floor and MBU.",
+    p = subparsers.add_parser("simulate", help="simulate the MA Separation paper's table: its claims vs TPxPP, "
+                              "separated, EP and the best plan",
+                              description="Simulate one decode step of the MA Separation paper's splits and the "
+                              "planner's best plan; print each beside its physical floor and MBU (the floors: "
+                              "docs/reference.md).",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(p)
     p.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace + Gantt PNG per simulated row")
@@ -332,13 +351,21 @@ def cmd_sweep(args) -> int:
         bad = sorted(set(strategies) - set(SWEEP_STRATEGIES))
         if bad:
             raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(SWEEP_STRATEGIES)}")
-        doc = run_sweep(cfg, hw, args.gpus, batch=work.batch, context=work.context, batches=batches, contexts=contexts,
-                        lm_head=work.lm_head, strategies=strategies, max_microbatches=args.max_microbatches,
-                        overlap=not args.serial)
+        log.info("masep sweep: %s on %d x %s, %d batches (context %d) and %d contexts (batch %d), strategies %s; "
+                 "writing %s", cfg.name, args.gpus, hw.name, len(batches), work.context, len(contexts), work.batch,
+                 ", ".join(strategies), args.out)
+        with progress(len(batches) + len(contexts), "sweep points", "point", delay=0.5) as bar:
+            doc = run_sweep(cfg, hw, args.gpus, batch=work.batch, context=work.context, batches=batches,
+                            contexts=contexts, lm_head=work.lm_head, strategies=strategies,
+                            max_microbatches=args.max_microbatches, overlap=not args.serial,
+                            progress=lambda axis, value: bar.update(1))
     except ValueError as err:
         return _fail(str(err))
     files = write_sweep(doc, args.out)
-    return _emit(args, doc, [_header(cfg, hw, args.gpus, work, args.serial), *summary_lines(doc),
+    rows = [dict(axis=axis[len("over_"):], **point) for axis in ("over_batch", "over_context") for point in doc[axis]]
+    meta = {k: v for k, v in doc.items() if k not in ("over_batch", "over_context", "model", "hardware",
+                                                      "hardware_source", "gpus")}
+    return _emit(args, _doc("sweep", rows, args, cfg, hw, files=[str(f) for f in files], **meta), [_header(cfg, hw, args.gpus, work, args.serial), *summary_lines(doc),
                              "speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation "
                              "wins; split = its attention:expert GPUs"], files)
 
@@ -367,7 +394,8 @@ def cmd_replan(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(document("replan", [result], args, model=dataclasses.asdict(measured.cfg),
+                                  hardware=profile_info(hw, result["gpus"]))))
         return 0
     r = result
     print(f"running plan {r['plan']} on {r['gpus']} x {r['hardware']}, batch {r['batch']}, context {r['context']}")

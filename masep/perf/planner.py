@@ -255,8 +255,8 @@ def explain_text(sim: Simulation) -> str:
 # ~24 sequences decoding: TPS x TPOT ~ 24 in both rows). Kept as data to print beside the simulation,
 # never to tune it.
 SEED_CLAIMS = (
-    dict(label="seeds' claim: tp8pp2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
-    dict(label="seeds' claim: sep RxT+4, RxT = 12", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
+    dict(label="the MA Separation paper's claim: tp8pp2", strategy="tp_pp", plan_obj=TpPpPlan(8, 2, 1), tpot_ms=2.76, tps=8696),
+    dict(label="the MA Separation paper's claim: sep RxT+4, RxT = 12", strategy="separated", plan_obj=SeparatedPlan(12, 1, 4, 1),
          tpot_ms=1.82, tps=13289),
 )
 
@@ -326,7 +326,7 @@ def seeds_table(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, ma
         if a <= cfg.num_heads:
             named.append((f"simulated sep 1x{a}+{e} (best m)",
                           [SeparatedPlan(1, a, e, m, placement=placement) for m in ms if m <= work.batch],
-                          "the seeds' '32 heads across 12 GPUs'"))
+                          "the MA Separation paper's '32 heads across 12 GPUs'"))
     if gpus > 1:
         named.append((f"simulated colocated ep{gpus} (best m)",
                       [EpPlan(gpus, m, placement=_replicated(cfg.num_experts, gpus))

@@ -3,10 +3,11 @@ the predicted gain passes a threshold (the MA Separation paper's "dynamic adjust
 execution time predictions").
 
 Measured file (JSON), any of:
-  - `masep bench dist --json` rows: plan, preset, dtype, batch, context, device, tpot_ms_median,
-    busy_ms_per_step {rank: {op kind: ms}} (decode steps at `context`: the best input);
-  - `masep run --json` (distributed): plan, config {model, batch, prompt_len, max_new_tokens},
-    busy [{rank, role, busy_ms}] over the timed round (prefill included: approximate);
+  - `masep bench dist --json` (its one row, with meta): plan, preset, dtype, batch, context, device,
+    median_tpot_ms, busy_ms_per_step {rank: {op kind: ms}} (decode steps at `context`: the best input);
+  - `masep run --json` (distributed; its one row, with meta): plan, config {batch, prompt_len,
+    max_new_tokens}, model, busy [{rank, role, busy_ms}] over the timed round (prefill included:
+    approximate);
   - by hand: {"plan": "sep 12x1+4 m2" (the plan notation) or {"strategy": "separated", "attn_replicas": 12, ...},
     "preset": "paper",
     "hardware": "a100-80g", "batch": 24, "context": 2048, "steps": 10,
@@ -85,7 +86,24 @@ def _busy(doc: dict) -> tuple[dict[int, dict[str, float]], int, str]:
     return {}, 1, ""
 
 
+def flatten_document(doc: dict, source: str = "measured") -> dict:
+    """A `--json` document of masep (masep/report.py: {"meta", "rows"}) with one row -> the row
+    with the meta fields it lacks, `hardware` as a profile name; any other JSON unchanged."""
+    if not (isinstance(doc.get("meta"), dict) and isinstance(doc.get("rows"), list)):
+        return doc
+    if len(doc["rows"]) != 1:
+        raise ValueError(f"{source}: a document of {len(doc['rows'])} rows; replan reads one measured run "
+                         "(`masep run --json` or `masep bench dist --json` of one plan)")
+    meta = dict(doc["meta"])
+    hw = meta.pop("hardware", None) or {}
+    flat = {**meta, **doc["rows"][0]}
+    flat["hardware"] = hw.get("profile") or hardware_from_device(hw.get("device_name"))
+    flat.setdefault("device", hw.get("device_name"))
+    return flat
+
+
 def parse_measured(doc: dict, source: str = "measured") -> Measured:
+    doc = flatten_document(doc, source)
     if not isinstance(doc.get("plan"), (dict, str)):
         raise ValueError(f"{source}: needs a `plan`: the plan notation ('sep 12x1+4 m2') or an object with a "
                          "`strategy` field")
@@ -104,7 +122,7 @@ def parse_measured(doc: dict, source: str = "measured") -> Measured:
                          "`busy`) or per-op `measurements`")
     if steps < 1:
         raise ValueError(f"{source}: steps={steps}: must be >= 1")
-    tpot = next((doc[k] for k in ("tpot_ms", "tpot_ms_median", "median_tpot_ms") if doc.get(k) is not None), None)
+    tpot = next((doc[k] for k in ("tpot_ms", "median_tpot_ms", "tpot_ms_median") if doc.get(k) is not None), None)
     hardware = doc.get("hardware") or hardware_from_device(doc.get("device") or conf.get("device_name"))
     plan = parse_plan(doc["plan"]) if isinstance(doc["plan"], str) else plan_from_dict(doc["plan"])
     return Measured(plan, cfg, Workload(int(batch), int(context)), hardware,

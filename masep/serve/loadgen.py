@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import sys
 import time
@@ -32,8 +33,11 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
+from masep.logs import add_log_arg, progress, setup_logging
 from masep.metrics import RequestOutput, compute_metrics
 from masep.options import add_config_arg, parse_args
+
+log = logging.getLogger("masep.bench")
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -385,7 +389,7 @@ async def run_benchmark(cfg: BenchServeConfig, requests: list[Request] | None = 
         model = cfg.model or await first_model(session, cfg.base_url)
         bodies = [request_body(cfg, model, r) for r in requests]
         before = await engine_step_counters(session, cfg.base_url)
-        with tqdm(total=len(requests), disable=cfg.disable_tqdm, unit="req") as bar:
+        with progress(len(requests), "requests", "req", enabled=not cfg.disable_tqdm, delay=0) as bar:
             outputs, duration = await _dispatch(cfg, session, url, bodies, requests, bar)
         after = await engine_step_counters(session, cfg.base_url)
     result = summarize(cfg, model, outputs, duration, num_unsent=len(requests) - len(outputs))
@@ -517,6 +521,16 @@ def format_table(result: dict) -> str:
     return "\n".join(lines + ["=" * 50])
 
 
+def result_document(args: argparse.Namespace | None, result: dict) -> dict:
+    """--json and --save-result: the result as masep's one document shape (masep/report.py); the
+    row is vLLM's result (its names, with the per-request lists), meta says what was loaded."""
+    from masep.report import document
+    meta = result["meta"]
+    row = {k: v for k, v in result.items() if k != "meta"}
+    return document("bench serve", [row], args, model=meta["model"],
+                    server=dict(base_url=meta["base_url"], endpoint=meta["endpoint"]))
+
+
 def print_errors(result: dict, file=None, limit: int = 5) -> None:
     file = file or sys.stderr
     failed = [(i, e) for i, e in enumerate(result["errors"]) if e]
@@ -558,9 +572,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     a("--metric-percentiles", default="99", help="comma-separated percentiles, e.g. 50,90,99")
     a("--request-timeout", type=float, default=d.request_timeout, help="seconds per request")
     a("--max-duration", type=float, default=None, help="seconds: stop sending then and cancel what still runs")
-    a("--json", action="store_true", help="print the result document as JSON instead of the table")
-    a("--save-result", metavar="FILE", default=None, help="write the result document (JSON) to FILE")
-    a("--disable-tqdm", action="store_true")
+    a("--json", action="store_true", help="print the result as one JSON document ({meta, rows}) instead of the table")
+    a("--save-result", metavar="FILE", default=None, help="write the result document (JSON, as --json prints it) to FILE")
+    a("--disable-tqdm", action="store_true", help="no progress bar")
 
 
 def _parse_goodput(items: list[str]) -> dict[str, float]:
@@ -600,16 +614,21 @@ def bench_serve_main(argv: list[str]) -> int:
                                 description="Load an OpenAI-compatible endpoint; report vLLM bench serve's metrics.")
     add_config_arg(p)
     add_bench_serve_args(p)
+    add_log_arg(p)
     args = parse_args(p, argv)
+    setup_logging(args.log_level)
     cfg, requests = config_from_args(p, args)
+    log.info("masep bench serve: %d requests to %s%s, %s", len(requests), cfg.base_url.rstrip("/"), cfg.endpoint,
+             "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} req/s ({cfg.arrival})")
     try:
         result = asyncio.run(run_benchmark(cfg, requests))
     except (OSError, aiohttp.ClientError, RuntimeError) as e:  # no model list, server unreachable
-        print(f"masep bench serve: {e}", file=sys.stderr)
+        log.error("masep bench serve: %s", e)
         return 1
+    doc = result_document(args, result)
     if args.save_result:
-        Path(args.save_result).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result) if args.json else format_table(result))
+        Path(args.save_result).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc) if args.json else format_table(result))
     print_errors(result)
     return 0 if result["completed"] else 1
 

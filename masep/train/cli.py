@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import time
 from pathlib import Path
 
 from .losses import LossConfig
 from .optim import OptimConfig
+
+log = logging.getLogger("masep.train")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +113,11 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ValueError("--resume needs --save-dir (the checkpoint to continue from)")
     except ValueError as err:
         parser.error(str(err))
+    from ..plan import format_plan
+    log.info("masep train: plan %s (%d rank(s)): %s", format_plan(plan), plan.world_size, plan.describe(cfg))
+    log.info("%s on %s, %s, %d steps of %d sequences x %d tokens; reading the corpus%s", cfg.name, args.device,
+             precision, args.steps, args.batch_size, args.seq_len,
+             " (the first time, a BPE tokenizer is trained on it)" if source.path is None else "")
     windows, tok_dir = _corpus(args, cfg, source, parser)
     spec = TrainSpec(plan=plan, windows=windows, preset=source.preset, config=cfg if source.preset else None,
                      model_dir=source.path, seed=args.seed, precision=precision, steps=args.steps,
@@ -121,19 +131,23 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         plan.validate(cfg)
     except ValueError as err:
         parser.error(str(err))
-    if not args.json:
-        from ..plan import format_plan
-        print(f"plan {format_plan(plan)}: {plan.describe(cfg)}", flush=True)
-        print(f"data: {windows.shape[0]:,} windows of {args.seq_len} tokens; {args.batch_size} sequences per step",
-              flush=True)
+    log.info("data: %s windows of %d tokens; %d sequences per step", f"{windows.shape[0]:,}", args.seq_len,
+             args.batch_size)
+    started = time.time()
     report = launch_training(spec)
+    curve = Path(args.log_dir) / "loss.png"
+    drawn = curve.is_file() and curve.stat().st_mtime >= started - 1  # not drawn without matplotlib
     if args.json:
-        print(json.dumps({"rows": report["history"], "meta": {"plan": report["plan"], "memory": report["memory"],
-                                                             "skipped_steps": report["skipped_steps"],
-                                                             "export": report.get("export")}}))
+        from ..report import device_info, document
+        print(json.dumps(document("train", report["history"], args, model=dataclasses.asdict(cfg),
+                                  hardware=device_info(args.device, args.backend), plan=format_plan(plan),
+                                  plan_text=report["plan"], memory=report["memory"],
+                                  skipped_steps=report["skipped_steps"], export=report.get("export"),
+                                  log=str(Path(args.log_dir) / "train.jsonl"), curve=str(curve) if drawn else None)))
         return 0
     print(summary(report))
-    print(f"log: {Path(args.log_dir) / 'train.jsonl'}, curve: {Path(args.log_dir) / 'loss.png'}")
+    print(f"log: {Path(args.log_dir) / 'train.jsonl'}" + (f", curve: {curve}" if drawn else
+                                                          " (no loss curve: pip install -e '.[plot]' draws it)"))
     if report.get("export"):
         print(f"exported: {report['export']} (masep run --model {report['export']})")
     return 0 if all(r["loss"] == r["loss"] for r in report["history"]) else 1

@@ -9,9 +9,14 @@ Peak: the GPU's spec sheet (perf/hardware.py); none on CPU, where MFU is not rep
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+
+from ..logs import progress
+
+log = logging.getLogger("masep.train")
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
@@ -50,13 +55,12 @@ class TrainLog:
         if spec.log_dir:
             Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
             self.file = open(Path(spec.log_dir) / "train.jsonl", "a" if spec.resume else "w")
+        mem = trainer.memory()
+        log.info("rank 0 holds %s parameters; training state %.3f GB (%.0f bytes/param without gradients, %s)",
+                 f"{mem['num_params']:,}", mem["total"] / 1e9, mem["bytes_per_param"]["total_without_grads"],
+                 spec.precision)
         if not spec.quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=spec.steps, initial=start_step, unit="step", dynamic_ncols=True)
-            mem = trainer.memory()
-            self.bar.write(f"rank 0 holds {mem['num_params']:,} parameters; training state "
-                           f"{mem['total'] / 1e9:.3f} GB ({mem['bytes_per_param']['total_without_grads']:.0f} "
-                           f"bytes/param without gradients, {spec.precision})")
+            self.bar = progress(spec.steps, "train", "step", initial=start_step, delay=0)
 
     def step(self, row: dict) -> None:
         if not self.active:
@@ -71,14 +75,16 @@ class TrainLog:
                                  tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
             self.bar.update(1)
 
-    def close(self) -> None:
+    def close(self) -> Path | None:
+        """Close the bar and train.jsonl; draw loss.png. Its path, or None where none was drawn."""
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
             self.file.close()
             self.file = None
         if self.active and self.spec.log_dir and self.rows:
-            plot_losses(Path(self.spec.log_dir) / "train.jsonl", Path(self.spec.log_dir) / "loss.png")
+            return plot_losses(Path(self.spec.log_dir) / "train.jsonl", Path(self.spec.log_dir) / "loss.png")
+        return None
 
 
 def _runs(rows: list[dict]) -> list[list[dict]]:
