@@ -16,7 +16,7 @@ Compute ops (attention, experts, head) move `hbm_bytes` through HBM and do `flop
   - head: final norm per micro-batch; then, as the runtimes do, the lm_head once per step over
     all the rank's rows, in full (no vocabulary split), on every attention rank (separated),
     every rank (ep), or the last stage's tp rank 0, which broadcasts the logits (tp_pp).
-    `Workload.lm_head=False` leaves it out, as ../shared/REFERENCE.md's floors do.
+    `Workload.lm_head=False` leaves it out, as the floors of docs/reference.md do.
   These are the same definitions as `masep.perf.bench` (attention/experts bytes and FLOPs), so
   a calibration file's measurements fit this model directly.
 
@@ -49,7 +49,7 @@ COMPUTE, COMM, BACK = 0, 1, 2  # stream ids; BACK: expert outputs returning (the
 class Workload:
     batch: int  # sequences decoding together (all micro-batches, all replicas)
     context: int  # keys each sequence attends to in this step
-    lm_head: bool = True  # include final norm + lm_head (REFERENCE.md's floors exclude it)
+    lm_head: bool = True  # include final norm + lm_head (the floors of docs/reference.md exclude it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch, int) or self.batch < 1:

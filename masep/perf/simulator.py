@@ -40,7 +40,7 @@ Metrics (per simulated step):
                      tp_pp = its pipeline stages (one stage streams at a time); separated, ep and
                      single = one phase (attention and experts overlap perfectly at best).
                      One-phase floors bound every m (more micro-batches only re-read weights);
-                     the tp_pp floor is REFERENCE.md's definition: with m > 1 the stages do
+                     the tp_pp floor is docs/reference.md's definition: with m > 1 the stages do
                      overlap, so it bounds the m = 1 pipeline, not every m.
 """
 from __future__ import annotations
