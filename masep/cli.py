@@ -787,11 +787,11 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         requests = make_requests(args, cfg, tokenizer)
     except ValueError as err:
         parser.error(str(err))
-    check_run_memory(args, cfg, source, requests, parser)
-    check_weights_finite(source, parser)
     log.info("masep run: %s on %s (%s, %s), %d request(s) of up to %d new tokens, %d warm-up round(s)%s",
              _plan_words(args, cfg), cfg.name, args.device, cfg.dtype, len(requests), args.max_new_tokens,
              args.warmup, ", then --check on the single-device model" if args.check else "")
+    check_run_memory(args, cfg, source, requests, parser)
+    check_weights_finite(source, parser)
     from .serve.engine_client import EngineDead
     try:
         report = run_strategy(args, cfg, source, tokenizer, requests)
