@@ -166,7 +166,8 @@ def summary_lines(doc: dict) -> list[str]:
     lines = []
     for axis, key in (("over_batch", "batch"), ("over_context", "context")):
         fixed = f"context {doc['fixed_context']}" if key == "batch" else f"batch {doc['fixed_batch']}"
-        lines.append(f"{key:>8} ({fixed})  " + "  ".join(f"{s:>22}" for s in doc["strategies"]) + "   speedup  split")
+        lines.append(f"{key:>8} ({fixed})  " + "  ".join(f"{s + ': plan, TPOT':>22}" for s in doc["strategies"])
+                     + "  speedup x  split A:E")
         for r in doc[axis]:
             cells = []
             for s in doc["strategies"]:
