@@ -72,9 +72,11 @@ def single_slots(kv: KvSettings, model) -> int:
 
 
 def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, faults: tuple = (),
-                  mirror: bool = False):
+                  mirror: bool = False, join_timeout_s: float = 0.0):
     """A LocalExecutor for strategy single (`single_model` given), else a ClusterExecutor that
-    starts the plan's ranks (with `faults` to inject). `run` is a parallel.worker.RunSpec."""
+    starts the plan's ranks (with `faults` to inject). `run` is a parallel.worker.RunSpec.
+    join_timeout_s > 0: a dead expert rank whose experts nobody else holds may be replaced by a
+    new process that joins the others (masep serve; 0: the failure ends the executor)."""
     if single_model is not None:
         runtime = local_runtime(single_model, run.device, run.eager, fused)
         executor = LocalExecutor(runtime, single_slots(kv, single_model), kv.max_model_len)
@@ -86,7 +88,7 @@ def make_executor(run, kv: KvSettings, single_model=None, fused: bool = False, f
         return executor
     from .parallel.cluster import ClusterExecutor
     return ClusterExecutor(run, kv.max_model_len, kv.max_num_seqs, kv.gpu_memory_utilization, faults=faults,
-                           mirror=mirror)
+                           mirror=mirror, join_timeout_s=join_timeout_s)
 
 
 def local_runtime(model, device: str, eager: bool, fused: bool):

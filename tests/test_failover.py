@@ -99,12 +99,13 @@ def test_losing_every_unit_fails_every_request():
 
 
 # --- on real gloo ranks ----------------------------------------------------------------------
-def _cluster(plan, faults, timeout_s=60.0):
+def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0):
     from masep.parallel.cluster import ClusterExecutor
     from masep.parallel.faults import FaultSpec
     from masep.parallel.worker import RunSpec
     return ClusterExecutor(RunSpec(plan=plan.validate(CFG), requests=[], preset="tiny", timeout_s=timeout_s),
-                           max_len=64, max_num_seqs=2, faults=tuple(FaultSpec.parse(f) for f in faults))
+                           max_len=64, max_num_seqs=2, faults=tuple(FaultSpec.parse(f) for f in faults),
+                           join_timeout_s=join_timeout_s)
 
 
 def _no_rank_left(executor) -> None:
@@ -183,6 +184,48 @@ def test_a_dead_expert_rank_without_redundancy_fails_fast_naming_it_and_its_expe
                 sched.iterate()
         assert time.monotonic() - start < 2.0  # from the step the rank died in to the error
         assert all(not s.finished for s in seqs)  # the scheduler still holds them (the engine fails them)
+    finally:
+        _no_rank_left(executor)
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_expert_rank_without_redundancy_is_replaced_and_the_survivors_keep_their_processes(reference):
+    """1 attention rank + 2 expert ranks (experts 0-3 and 4-7), rank 2 SIGKILLed in decode: the
+    two requests in flight fail within 2 s naming it and its experts, the queued third waits; a
+    new process for rank 2 loads experts 4-7 and forms a new world with ranks 0 and 1 (the same
+    processes, attention KV cache kept); then the queued request and a workload that arrives
+    after the join get exactly the single-device model's tokens."""
+    import os
+    import time
+
+    from test_continuous_batching import _alone
+
+    from masep.plan import SeparatedPlan
+    from masep.serve.engine_client import ReplaceableRankLost, SamplingParams
+    executor = _cluster(SeparatedPlan(1, 1, 2, 2), ["kill@2:5"], join_timeout_s=60)
+    try:
+        before = {r: i.pid for r, i in executor.infos.items()}
+        sched = Scheduler(executor, SchedulerConfig(64, CFG.vocab_size, max_num_batched_tokens=6))
+        seqs = [sched.add(str(i), [1, 2, 3 + i], SamplingParams(12, temperature=0.0)) for i in range(3)]
+        with pytest.raises(ReplaceableRankLost, match=r"expert rank 2 \(experts 4, 5, 6, 7\).*SIGKILL"):
+            while True:
+                start = time.monotonic()
+                sched.iterate()
+        assert time.monotonic() - start < 2.0  # from the start of the step the rank died in to the error
+        assert sched.fail_running("lost") == seqs[:2] and sched.waiting == seqs[2:]
+        assert "being replaced" in executor.rank_states()[2]["state"]
+        joined = executor.replace_lost_ranks()
+        after = {r: i.pid for r, i in executor.infos.items()}
+        assert joined["ranks"] == [2] and after[2] != before[2]
+        assert {r: after[r] for r in (0, 1)} == {r: before[r] for r in (0, 1)}  # not restarted
+        assert all(os.path.exists(f"/proc/{after[r]}") for r in (0, 1))
+        later, it = [], 0
+        while len(later) < len(_workload()) or sched.has_work:
+            later += [sched.add(f"w{i}", p, q) for i, (at, p, q) in enumerate(_workload()) if at == it]
+            sched.iterate()
+            it += 1
+        assert [s.output for s in later] == reference
+        assert seqs[2].output == _alone(seqs[2].prompt, seqs[2].params)
     finally:
         _no_rank_left(executor)
 

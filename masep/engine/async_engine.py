@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..serve.engine_client import (EngineDead, EngineOverloaded, EngineStats, GenerateRequest, SamplingParams,
-                                   TokenDelta)
+from ..serve.engine_client import (EngineDead, EngineOverloaded, EngineStats, GenerateRequest, ReplaceableRankLost,
+                                   SamplingParams, TokenDelta)
 from ..tokenizer import Detokenizer, Tokenizer
 from .scheduler import Scheduler, SchedulerConfig, Sequence, check_request
 
@@ -43,10 +43,13 @@ class AsyncEngine:
                  restart=None, max_restarts: int = 0):
         """restart: a function that starts a fresh executor (every rank loads its part again);
         after a failure the engine cannot survive, it is called up to `max_restarts` times
-        (the requests in flight fail first, naming the failure) and serving resumes."""
+        (the requests in flight fail first, naming the failure) and serving resumes. A dead rank
+        the executor can replace (ReplaceableRankLost) is replaced instead: the requests in flight
+        fail, the queued ones wait, new ones are queued, and the restart is the fallback."""
         self.executor, self.tokenizer, self.model_name = executor, tokenizer, model_name
         self._restart, self.restarts_left, self.restarts = restart, max_restarts, 0
         self.restarting: str | None = None  # why the ranks are being started again
+        self.joins = 0  # replacement ranks that joined
         self.config = config
         self.max_model_len = config.max_len
         self.scheduler = Scheduler(executor, config)
@@ -105,14 +108,17 @@ class AsyncEngine:
         lost = {u: f.reason for f in s.failovers for u in [f.unit]}
         lost |= {u: why for u, why in getattr(self.executor, "lost_units", {}).items()}
         experts = getattr(self.executor, "lost_experts", {})
-        status = "dead" if not self.is_healthy() else ("degraded" if lost or experts else "ok")
+        replacing = getattr(self.executor, "replacing", {})
+        status = "dead" if not self.is_healthy() else ("degraded" if lost or experts or replacing else "ok")
         if self.restarting and self.is_healthy():
             status = "restarting"
         out = {"status": status, "live_units": sorted(s.live_units), "lost_units": {str(u): w for u, w in lost.items()},
                "lost_expert_ranks": {str(r): w for r, w in experts.items()}}
+        if replacing:  # a replacement is loading its experts and joining; requests are queued meanwhile
+            out["replacing_ranks"] = {str(r): w for r, w in replacing.items()}
         if self.dead or self.restarting:
             out["error"] = self.dead or self.restarting
-        out["restarts"] = self.restarts
+        out["restarts"], out["joins"] = self.restarts, self.joins
         if hasattr(self.executor, "rank_states"):
             out["ranks"] = self.executor.rank_states()
         return out
@@ -124,7 +130,7 @@ class AsyncEngine:
         s = self.scheduler
         steps = {kind: dict(vars(t)) for kind, t in s.totals.items()}
         return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), s.slots_total, len(s.running),
-                           steps, len(s.live_units), len(s.failovers))
+                           steps, len(s.live_units), len(s.failovers), self.joins)
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
@@ -153,14 +159,35 @@ class AsyncEngine:
                 touched = self.scheduler.iterate()
             except Exception as err:  # a dead rank, a timeout: fail what is in flight, refuse new work
                 why = f"{type(err).__name__}: {err}"
-                self._post_failed(self.scheduler.fail_all(f"the engine failed: {why}"), "error")
+                if isinstance(err, ReplaceableRankLost) and not self._stopping:  # queued requests wait
+                    self._post_failed(self.scheduler.fail_running(f"the engine failed: {why}"), "error")
+                    why = self._replace_ranks(why)
+                    if why is None:
+                        continue
+                else:
+                    self._post_failed(self.scheduler.fail_all(f"the engine failed: {why}"), "error")
                 if not self._start_again(why):
+                    self._post_failed(self.scheduler.fail_all(f"the engine failed: {why}"), "error")
                     self.dead = why
                     return
                 continue
             for seq in touched:
                 self._post(seq)
             self._flush()
+
+    def _replace_ranks(self, why: str) -> str | None:
+        """A replacement for the dead rank joins the others (new requests are queued meanwhile,
+        /health says degraded). None when it joined, else why not (the caller restarts)."""
+        log.warning("%s; the other ranks stay up and a replacement joins them", why)
+        try:
+            joined = self.executor.replace_lost_ranks()
+        except Exception as err:  # noqa: BLE001 - the restart is the fallback
+            log.warning("%s; starting every rank again instead", err)
+            return f"{why}; {err}"
+        self.joins += len(joined["ranks"])
+        log.warning("rank(s) %s replaced %.2f s after the failure was noticed; serving again", joined["ranks"],
+                    joined["seconds"])
+        return None
 
     def _start_again(self, why: str) -> bool:
         """Start the ranks again (new requests get 503 meanwhile). False: no restart left, or
@@ -177,7 +204,9 @@ class AsyncEngine:
             self.restarting = None
             self.dead = f"{why}; the restart failed too: {type(err).__name__}: {err}"
             return False
+        waiting = [s for s in self.scheduler.waiting if not s.finished]  # queued while a replacement failed
         self.scheduler = Scheduler(self.executor, self.config)
+        self.scheduler.waiting = waiting
         self.restarts += 1
         self.restarting = None
         log.warning("the engine's ranks are back; serving again")

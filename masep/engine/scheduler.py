@@ -201,6 +201,14 @@ class Scheduler:
             self._retire(seq, "abort", error)
         return failed
 
+    def fail_running(self, error: str) -> list[Sequence]:
+        """Every request holding a KV slot ends with `error` (their state on the ranks is gone);
+        the waiting ones stay queued."""
+        failed = [s for s in self.running if not s.finished]
+        for seq in failed:
+            self._retire(seq, "abort", error)
+        return failed
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

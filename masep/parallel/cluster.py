@@ -15,8 +15,15 @@ named with how it ended (exit code, signal). What follows depends on where it wa
     raises `UnitsLost` with the tokens of the replicas that finished it; the scheduler moves or
     fails the lost unit's requests and carries on with the others (their bridges to the
     expert ranks are their own groups; the expert ranks drop the dead replica's bridge);
-  - an expert rank, or any rank of EP or TP x PP: the model is broken; `EngineDead` names the
-    rank (and an expert rank's experts) and every rank is stopped.
+  - an expert rank of a separated plan whose experts another rank holds: every replica is
+    switched to its bridges without it and the step runs again;
+  - an expert rank whose experts nobody else holds: `ReplaceableRankLost` names the rank and its
+    experts (the step's requests fail); the others stay up, and `replace_lost_ranks` starts a
+    new process for that rank id, which loads only its part of the model, while the survivors
+    leave their world and form a new one with it (a fresh prefix on this process's TCPStore, so
+    nobody dials the dead rank's address), keeping their weights and KV caches;
+  - any rank of EP or TP x PP (or an expert rank when no replacement can join): the model is
+    broken; `EngineDead` names the rank (and an expert rank's experts) and every rank is stopped.
 The scheduler in this process holds every request; nothing is lost with the ranks.
 """
 from __future__ import annotations
@@ -27,11 +34,13 @@ import queue
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from multiprocessing.connection import wait
 
 from ..runtime import StepRows
-from ..serve.engine_client import EngineDead, UnitsLost
+from ..serve.engine_client import EngineDead, ReplaceableRankLost, UnitsLost
 from . import control, mirror
+from .groups import JoinPoint
 from .launch import RankProcesses
 from .rank_loop import KvBudget, RankSpec, rank_main, rank_wait_s
 
@@ -40,11 +49,14 @@ log = logging.getLogger(__name__)
 
 class ClusterExecutor:
     def __init__(self, run, max_len: int, max_num_seqs: int | None, gpu_memory_utilization: float = 0.9,
-                 start_timeout_s: float | None = None, attach=None, faults: tuple = (), mirror: bool = False):
+                 start_timeout_s: float | None = None, attach=None, faults: tuple = (), mirror: bool = False,
+                 join_timeout_s: float = 0.0):
         """attach: (listener, processes) when the ranks were started elsewhere (torchrun): the
         executor then only waits for their connections. faults: faults.FaultSpec to inject.
         mirror: separated plans of two or more replicas keep each replica's KV rows on the next
-        one (mirror.py), so a dead replica's requests go on there without recompute."""
+        one (mirror.py), so a dead replica's requests go on there without recompute.
+        join_timeout_s: how long a replacement expert rank may take to load its part and join
+        the survivors (0: never replace a rank; the caller starts every rank again)."""
         self.run, self.plan, self.timeout_s, self.max_len = run, run.plan, run.timeout_s, max_len
         self.lockstep = run.plan.strategy == "ep"
         self.reports: dict[int, dict] = {}
@@ -52,13 +64,16 @@ class ClusterExecutor:
         self.lost_units: dict[int, str] = {}
         self.lost_experts: dict[int, str] = {}  # expert ranks routed around -> how they ended
         self.reroutes: list[dict] = []  # each: the rank, how it ended, seconds from its step's start to rerouted
+        self.replacing: dict[int, str] = {}  # dead expert ranks a replacement may take over -> how they ended
+        self.joins: list[dict] = []  # each: the ranks replaced, how they ended, seconds from death noticed to joined
+        self.join_timeout_s, self._kv, self._mirror, self._store = join_timeout_s, KvBudget(
+            max_len, gpu_memory_utilization), mirror, None
         if attach is not None:
             listener, self.procs = attach
         else:
             listener, addr = control.listen()
-            self.procs = RankProcesses(run.plan.world_size, rank_main,
-                                       RankSpec(run, addr, KvBudget(max_len, gpu_memory_utilization), tuple(faults),
-                                                mirror))
+            self.procs = RankProcesses(run.plan.world_size, rank_main, RankSpec(run, addr, self._kv, tuple(faults),
+                                                                                mirror))
         try:
             self._accept_all(listener, start_timeout_s or max(self.timeout_s, 600.0))
             self.slots_per_unit = self._size_slots(max_num_seqs)
@@ -78,37 +93,41 @@ class ClusterExecutor:
     # --- start-up ------------------------------------------------------------------------
     def _accept_all(self, listener, timeout_s: float) -> None:
         """Every rank's connection and hello; a rank that dies while loading fails the start."""
+        self.conns, self.infos = {}, {}
+        self._accept(listener, self.plan.world_size, timeout_s)
+        units = sorted({i.unit for i in self.infos.values() if i.unit is not None})
+        self.num_units = len(units)
+        self.members = {u: [r for r, i in self.infos.items() if i.unit == u] for u in units}
+        self.leaders = {i.unit: r for r, i in self.infos.items() if i.leader}
+        self.experts = sorted(r for r, i in self.infos.items() if i.role == "expert")
+
+    def _accept(self, listener, count: int, timeout_s: float) -> None:
+        """`count` ranks' connections and hellos into conns and infos, within timeout_s."""
         arrived: queue.Queue = queue.Queue()
 
         def accept():
             try:
-                for _ in range(self.plan.world_size):
+                for _ in range(count):
                     arrived.put(listener.accept())
             except OSError:  # the listener was closed: start-up failed elsewhere
                 pass
 
         threading.Thread(target=accept, daemon=True).start()
-        self.conns, self.infos = {}, {}
-        deadline = time.monotonic() + timeout_s
-        while len(self.infos) < self.plan.world_size:
+        got, deadline = 0, time.monotonic() + timeout_s
+        while got < count:
             try:
                 conn = arrived.get(timeout=0.5)
             except queue.Empty:
                 self.procs.check_alive()
                 if time.monotonic() > deadline:
-                    raise EngineDead(f"only {len(self.infos)} of {self.plan.world_size} ranks connected within "
-                                     f"{timeout_s:.0f} s")
+                    raise EngineDead(f"only {got} of {count} ranks connected within {timeout_s:.0f} s")
                 continue
             msg = control.recv(conn, self.timeout_s, "front end: rank hello", self.procs.check_alive)
             if msg[0] == "error":
                 raise EngineDead(msg[1])
             info: control.RankInfo = msg[1]
             self.conns[info.rank], self.infos[info.rank] = conn, info
-        units = sorted({i.unit for i in self.infos.values() if i.unit is not None})
-        self.num_units = len(units)
-        self.members = {u: [r for r, i in self.infos.items() if i.unit == u] for u in units}
-        self.leaders = {i.unit: r for r, i in self.infos.items() if i.leader}
-        self.experts = sorted(r for r, i in self.infos.items() if i.role == "expert")
+            got += 1
 
     def _size_slots(self, max_num_seqs: int | None) -> int:
         budgets = [i.max_slots for i in self.infos.values() if i.max_slots is not None]
@@ -122,9 +141,12 @@ class ClusterExecutor:
     # --- steps ---------------------------------------------------------------------------
     def step(self, step_id: int, rows: dict[int, StepRows]) -> dict[int, list[int | None]]:
         """Sampled tokens per unit; raises UnitsLost when some units died in the step (with the
-        others' tokens) and EngineDead when the model cannot go on."""
+        others' tokens), ReplaceableRankLost when an expert rank died that replace_lost_ranks can
+        bring back, and EngineDead when the model cannot go on."""
         if self.dead:
             raise EngineDead(self.dead)
+        if self.replacing:
+            raise EngineDead(f"expert ranks {sorted(self.replacing)} are dead and not replaced yet")
         if self.lockstep:
             rows = {u: rows.get(u, StepRows.empty()) for u in range(self.num_units)}
         lost: dict[int, str] = {}
@@ -137,6 +159,9 @@ class ClusterExecutor:
                     break
                 except _ExpertLost as gone:  # every replica switches to its bridge without it; run the step again
                     self._route_around(gone.rank, gone.how, step_id, lost)
+        except ReplaceableRankLost:  # the survivors stay up for replace_lost_ranks
+            self._failed_step = step_id
+            raise
         except (control.ChannelTimeout, EngineDead) as err:
             self._fail(str(err))
         if lost:
@@ -216,8 +241,8 @@ class ClusterExecutor:
                 self._done.add(r)
             elif msg[2] in self.lost_units:  # the expert ranks' word on a replica already handled
                 return
-            # only a plan that can route around an expert rank needs to wait for one's exit to show
-            dead = self._dead_expert_rank(grace_s=1.0 if self._can_route_around() else 0.0)
+            # a separated plan routes around or replaces a dead expert rank: wait for an exit to show
+            dead = self._dead_expert_rank(grace_s=1.0 if self.plan.strategy == "separated" else 0.0)
             if dead is not None:
                 self._rank_gone(dead, self.procs.dead_ranks()[dead], lost)
             if kind == "failed":
@@ -263,8 +288,12 @@ class ClusterExecutor:
         if info.role == "expert" and self._can_route_around():
             raise _ExpertLost(r, how)
         if info.role == "expert":
-            raise EngineDead(f"expert rank {r} (experts {', '.join(map(str, info.experts))}) {how}; no other rank "
-                             "holds these experts, so no request can go on")
+            why = (f"expert rank {r} (experts {', '.join(map(str, info.experts))}) {how}; no other rank holds "
+                   "these experts, so no request in flight can go on")
+            if self._can_replace():
+                self.replacing = {x: self.gone[x] for x in self.experts if x in self.gone}
+                raise ReplaceableRankLost(why + "; a replacement rank is starting")
+            raise EngineDead(why)
         raise EngineDead(f"rank {r} ({info.role}) {how}; {self.plan.strategy} cannot go on without it")
 
     # --- a dead expert rank, routed around ----------------------------------------------
@@ -277,14 +306,70 @@ class ClusterExecutor:
         return len(self.experts) >= 2 and min(held.values()) >= 2
 
     def _dead_expert_rank(self, grace_s: float) -> int | None:
-        """An expert rank whose process has ended, waiting up to grace_s for its exit to show
-        (a survivor's failed transfer can be reported before the dead process is reaped)."""
+        """An expert rank whose process has ended, waiting up to grace_s for some rank's exit to
+        show (a survivor's failed transfer can be reported before the dead process is reaped)."""
         deadline = time.monotonic() + grace_s
         while True:
-            dead = [r for r in self.procs.dead_ranks() if r in self.experts and r not in self.lost_experts]
-            if dead or time.monotonic() > deadline or not hasattr(self.procs, "procs"):
+            ended = [r for r in self.procs.dead_ranks() if r not in self.gone]
+            dead = [r for r in ended if r in self.experts and r not in self.lost_experts]
+            if ended or time.monotonic() > deadline or not hasattr(self.procs, "procs"):
                 return dead[0] if dead else None
             time.sleep(0.02)
+
+    def _can_replace(self) -> bool:
+        """A separated plan whose ranks this process started, replacements allowed, and every
+        attention replica alive (a new world needs every rank; lost replicas are not restarted)."""
+        return (self.plan.strategy == "separated" and self.join_timeout_s > 0 and hasattr(self.procs, "replace")
+                and not self.lost_units and not self.dead)
+
+    # --- a dead expert rank, replaced -------------------------------------------------------
+    def replace_lost_ranks(self) -> dict:
+        """After ReplaceableRankLost: start one process for each dead expert rank (same rank id;
+        it loads only its part of the model) and have it and the survivors, once each has ended
+        the failed step, form a new world of the same ranks, with every group built again as at
+        start-up. The survivors keep their weights and KV caches. Returns {"ranks", "how",
+        "seconds"} (seconds from the death noticed to joined). Raises EngineDead, with every rank
+        stopped, when that fails or takes more than join_timeout_s."""
+        dead, noticed = dict(self.replacing), time.monotonic()
+        deadline = noticed + self.join_timeout_s
+        try:
+            self._join(dead, deadline)
+        except Exception as err:  # the caller starts every rank again
+            self.replacing = {}
+            why = err if isinstance(err, EngineDead) else f"{type(err).__name__}: {err}"
+            self._fail(f"the replacement of expert rank(s) {sorted(dead)} did not join within "
+                       f"{self.join_timeout_s:g} s: {why}")
+        self.replacing, self.lost_experts = {}, {}
+        for r in dead:
+            del self.gone[r]
+        self.joins.append({"ranks": sorted(dead), "how": dead, "seconds": time.monotonic() - noticed})
+        log.warning("expert rank(s) %s replaced; the new world formed in %.2f s", sorted(dead),
+                    self.joins[-1]["seconds"])
+        return self.joins[-1]
+
+    def _join(self, dead: dict[int, str], deadline: float) -> None:
+        survivors = [r for r in self.conns if r not in dead]
+        self._settle(self._failed_step, {}, deadline)
+        if self.lost_units or set(self.gone) - set(dead):
+            raise EngineDead(f"other ranks failed meanwhile: {self.gone}")
+        if self._store is None:  # this process hosts the new worlds' rendezvous, one prefix each
+            self._store = dist_store()
+        join = JoinPoint("127.0.0.1", self._store.port, f"masep/join{len(self.joins)}/")
+        listener, addr = control.listen()
+        try:
+            spec = RankSpec(self.run, addr, self._kv, (), self._mirror, join)  # no fault is injected twice
+            for r in sorted(dead):
+                self.conns.pop(r).close()
+                self.procs.replace(r, rank_main, spec)
+            for r in survivors:  # they leave the old world and wait in the new one for the replacements
+                control.send(self.conns[r], ("rejoin", join), f"front end -> rank {r}")
+            self._accept(listener, len(dead), max(0.0, deadline - time.monotonic()))
+        finally:
+            listener.close()
+        for r in sorted(dead):
+            control.send(self.conns[r], ("start", self.slots_per_unit, self.max_len), f"front end -> rank {r}")
+        for r in survivors + sorted(dead):
+            self._expect(r, "ready", max(0.1, deadline - time.monotonic()))
 
     def _route_around(self, r: int, how: str, step_id: int, lost: dict[int, str]) -> None:
         """Expert rank r is dead and every expert it held has another holder: let the step's
@@ -302,9 +387,9 @@ class ClusterExecutor:
                 self._expect(m, "ready", self.timeout_s)
         self.reroutes.append({"rank": r, "how": how, "seconds": time.monotonic() - self._in_step})
 
-    def _settle(self, step_id: int, lost: dict[int, str]) -> None:
+    def _settle(self, step_id: int, lost: dict[int, str], deadline: float | None = None) -> None:
         """Read until every live rank has ended the failed step (tokens, done or failed)."""
-        deadline = time.monotonic() + rank_wait_s(self.timeout_s)
+        deadline = deadline or time.monotonic() + rank_wait_s(self.timeout_s)
         while True:
             waiting = [m for m in self._sent if m not in self.gone and m not in self._done]
             if not waiting:
@@ -351,20 +436,26 @@ class ClusterExecutor:
 
     def rank_states(self) -> list[dict]:
         """Each rank's role, unit, pid and state ("alive", or how it ended) for /health."""
-        return [{"rank": r, "role": i.role, "unit": i.unit, "pid": i.pid, "state": self.gone.get(r, "alive")}
+        return [{"rank": r, "role": i.role, "unit": i.unit, "pid": i.pid,
+                 "state": (f"being replaced ({self.gone[r]})" if r in self.replacing else self.gone.get(r, "alive"))}
                 for r, i in sorted(self.infos.items())]
 
     # --- shutdown ------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> dict[int, dict]:
         """Stop every rank and collect its report; ranks that do not leave are terminated."""
-        if not self.dead:
-            try:
-                self._broadcast(("stop",))
-                for r in self.conns:
-                    if r not in self.gone:
-                        self.reports[r] = self._expect(r, "report", timeout_s)[1]
-            except (control.ChannelClosed, control.ChannelTimeout, EngineDead):
-                pass
+        if not self.dead:  # each rank on its own: one that is gone does not keep the others waiting
+            live = [r for r in self.conns if r not in self.gone]
+            for r in live:
+                try:
+                    control.send(self.conns[r], ("stop",), f"front end -> rank {r}")
+                except control.ChannelClosed:
+                    pass
+            deadline = time.monotonic() + timeout_s
+            for r in live:
+                try:
+                    self.reports[r] = self._expect(r, "report", max(0.1, deadline - time.monotonic()))[1]
+                except (control.ChannelClosed, control.ChannelTimeout, EngineDead):
+                    pass
         self.procs.join_or_terminate(timeout_s)
         for conn in self.conns.values():
             conn.close()
@@ -445,7 +536,14 @@ def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body, faults
             if errors:
                 raise errors[0]
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a rank gives its world up itself when an expert rank dies
+            dist.destroy_process_group()
+
+
+def dist_store():
+    """A TCPStore server in this process on a free loopback port (the ranks are local)."""
+    import torch.distributed as dist
+    return dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
 
 
 def _catching(errors: list, fn):

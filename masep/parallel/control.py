@@ -6,7 +6,7 @@ channel carries small pickled messages (step rows, sampled tokens, reports), nev
 activations move between ranks over torch.distributed, as before.
 
 Front end -> rank:  ("start", num_slots, max_len) | ("step", step_id, StepRows | None, units)
-                    | ("drop_expert", expert_group_index) | ("stop",)
+                    | ("drop_expert", expert_group_index) | ("rejoin", groups.JoinPoint) | ("stop",)
 Rank -> front end:  ("hello", RankInfo) | ("ready",) | ("tokens", step_id, [int | None])
                     | ("done", step_id) | ("beat",) | ("lost", step_id, unit, why)
                     | ("failed", step_id, why)

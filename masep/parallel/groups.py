@@ -28,12 +28,28 @@ class DistEnv:
     timeout: timedelta
 
 
-def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") -> DistEnv:
+@dataclass(frozen=True)
+class JoinPoint:
+    """Where a re-formed world meets: the front end's TCPStore and a prefix of its own (one per
+    re-formation), so no rank ever reads the keys, and dials the addresses, of a world before."""
+
+    host: str
+    port: int
+    prefix: str
+
+    def store(self, timeout: timedelta):
+        return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, None, False, timeout))
+
+
+def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto", join: JoinPoint | None = None
+                     ) -> DistEnv:
     """Join the world described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     backend "auto": gloo on CPU, NCCL on CUDA (one GPU per local rank). backend "gloo" with
     CUDA lets several ranks share one GPU (NCCL refuses that): the CUDA kernels then run under
-    the real multi-rank runtime, with gloo moving the CUDA tensors (collectives only)."""
+    the real multi-rank runtime, with gloo moving the CUDA tensors (collectives only).
+    join: meet at this store instead of MASTER_ADDR:MASTER_PORT (a replacement rank joining the
+    survivors of a world that lost it, rejoin_world)."""
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"backend={backend!r}: must be 'auto', 'gloo' or 'nccl'")
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -59,7 +75,7 @@ def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") 
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    store=_attempt_store(world, timeout))
+                                    store=join.store(timeout) if join else _attempt_store(world, timeout))
         except dist.DistError as err:
             # torch's own message ("1/3 clients joined") does not say which environment made this
             # process wait: with variables left over from another launch nobody else ever comes.
@@ -70,6 +86,33 @@ def init_distributed(device_kind: str, timeout_s: float, backend: str = "auto") 
                 "are left over from another launch: unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT "
                 "to let masep start its own ranks, or launch every rank with torchrun") from err
     return DistEnv(rank, world, local_rank, device, backend, timeout)
+
+
+def leave_world() -> None:
+    """Give up every process group of this process (NCCL: aborted first, where this torch can,
+    since a communicator with a dead peer never finishes on its own). gloo closes a group's
+    connections once nothing references it, so a peer still waiting on this rank inside any
+    group gets an error at once: callers drop their references to the groups and collect."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if dist.get_backend() == "nccl" and abort is not None:
+            abort()  # every group, the world's included
+        else:
+            dist.destroy_process_group()
+    except (RuntimeError, ValueError):  # already aborted by NCCL's watchdog
+        pass
+
+
+def rejoin_world(env: DistEnv, join: JoinPoint) -> None:
+    """Leave this process's world and form a fresh one of the same size and rank numbers with
+    the ranks that meet at `join` (the survivors and the replacements of the dead). Blocks until
+    every rank has come (env.timeout). The caller builds its groups again, as at start-up: group
+    names restart from 0 after the world is destroyed, on every rank alike."""
+    leave_world()
+    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=env.timeout,
+                            store=join.store(env.timeout))
 
 
 def _attempt_store(world: int, timeout: timedelta):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -137,18 +138,63 @@ def _rank_child(rank: int, world: int, port: int, fn: Callable, arg: Any) -> Non
         os._exit(1)
 
 
+_starter: "queue.Queue | None" = None
+_starter_lock = threading.Lock()
+
+
+def _start(proc) -> None:
+    """proc.start() from a thread that lives as long as this process. On Linux a rank's
+    PR_SET_PDEATHSIG fires when the *thread* that started it ends, and the engine thread that
+    starts a replacement or a restart ends before the ranks are told to stop."""
+    global _starter
+    if threading.current_thread() is threading.main_thread():
+        proc.start()
+        return
+    with _starter_lock:
+        if _starter is None:
+            _starter = queue.Queue()
+            threading.Thread(target=_start_forever, args=(_starter,), name="masep-rank-starter", daemon=True).start()
+    done: queue.Queue = queue.Queue()
+    _starter.put((proc, done))
+    err = done.get()
+    if err is not None:
+        raise err
+
+
+def _start_forever(jobs: queue.Queue) -> None:
+    while True:
+        proc, done = jobs.get()
+        try:
+            proc.start()
+            done.put(None)
+        except BaseException as err:  # handed to the thread that asked
+            done.put(err)
+
+
 class RankProcesses:
     """`world` local rank processes running fn(arg) with torchrun's environment, for a front end
     that stays in this process and talks to them over its own channel (unlike `spawn`, which
     waits for them to finish)."""
 
     def __init__(self, world: int, fn: Callable[[Any], Any], arg: Any):
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        self.procs = [ctx.Process(target=_rank_child, args=(r, world, port, fn, arg), daemon=True,
-                                  name=f"masep-rank{r}") for r in range(world)]
+        self.world, self.port = world, free_port()
+        self.procs = [self._process(r, fn, arg) for r in range(world)]
         for p in self.procs:
-            p.start()
+            _start(p)
+
+    def _process(self, rank: int, fn: Callable[[Any], Any], arg: Any):
+        return mp.get_context("spawn").Process(target=_rank_child, args=(rank, self.world, self.port, fn, arg),
+                                               daemon=True, name=f"masep-rank{rank}")
+
+    def replace(self, rank: int, fn: Callable[[Any], Any], arg: Any) -> int:
+        """Start a new process for `rank` (whose process has ended) running fn(arg) with the
+        same environment; `arg` tells it where the survivors meet. Returns its pid. On Linux it
+        dies with this process (PR_SET_PDEATHSIG), like the others."""
+        old = self.procs[rank]
+        assert not old.is_alive(), f"rank {rank} is still running"
+        self.procs[rank] = self._process(rank, fn, arg)
+        _start(self.procs[rank])
+        return self.procs[rank].pid
 
     def check_alive(self) -> None:
         """Raise naming the first rank that exited with an error (or was killed)."""

@@ -14,7 +14,10 @@ can tell a stuck rank (silent) from one waiting on a stuck peer (beating). An ex
 whose transfer on one replica's bridge fails drops that bridge, finishes the step for the
 other replicas and tells the front end ("lost", step_id, unit, why). The ranks' own transfer
 waits give up after `rank_wait_s(timeout)`, later than the front end's `timeout`, so the
-front end decides who is dead before any survivor gives up on it.
+front end decides who is dead before any survivor gives up on it. When an expert rank whose
+experts nobody else holds dies, the attention ranks give up their whole world at once (so no
+peer waits on them) and, told "rejoin", every survivor forms a new world with the replacement
+the front end started (reform_world), keeping its weights and KV cache.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from . import comm, control
 from . import mirror
 from .faults import FaultInjector
 from .ep import EpRuntime
-from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed
+from .groups import (JoinPoint, build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed,
+                     leave_world, rejoin_world)
 from .schedule import separated_schedule
 from .separated import SeparatedAttentionRuntime, _ExpertServer, guarded
 from .stepper import OpTimer
@@ -73,6 +77,7 @@ class RankSpec:
     kv: KvBudget
     faults: tuple = ()  # faults.FaultSpec to inject (tests, demos)
     mirror: bool = False  # separated: keep each replica's KV rows on a buddy replica (mirror.py)
+    join: JoinPoint | None = None  # a replacement rank: meet the survivors there (not MASTER_ADDR/PORT)
 
 
 class RankChannel:
@@ -125,6 +130,7 @@ class UnitMember:
     def __init__(self, runtime, info: control.RankInfo, timer: OpTimer, links=None):
         """links: mirror.MirrorLinks when this replica mirrors its KV rows to a buddy."""
         self.runtime, self.info, self.timer, self.links = runtime, info, timer, links
+        self.plan, self.cfg = runtime.plan, runtime.cfg
         self.shadow = None  # the previous replica's KV rows (mirror)
 
     def start(self, num_slots: int, max_len: int) -> None:
@@ -153,19 +159,34 @@ class UnitMember:
         failed = None
         try:
             logits = self.runtime.forward(rows, step_id)
-        except RuntimeError as err:  # a transfer failed: survivable where an expert rank can be routed around
-            if not getattr(self.runtime, "fallback", None):
+        except RuntimeError as err:  # a transfer failed: an expert rank is routed around or replaced
+            if not isinstance(self.runtime, SeparatedAttentionRuntime):
                 raise
             failed = StepFailed(error_line(err))
         if failed is not None:  # outside the except block: the step's transfers are freed by now
             self.runtime.in_step = False
-            comm.abandon_bridge(self.runtime.bridge)  # peers still waiting on this rank get an error now
+            if self.runtime.fallback:
+                comm.abandon_bridge(self.runtime.bridge)  # peers still waiting on this rank get an error now
+            else:  # nothing to route around with: the world is re-formed (or every rank stopped)
+                self.leave_world()
             gc.collect()
             return failed
         return sample(logits, rows.sample) if self.info.leader else None
 
     def drop_expert_rank(self, x: int) -> None:
         self.runtime.drop_expert_rank(x)
+
+    def leave_world(self) -> None:
+        """Give up every group, so that a peer waiting on this rank anywhere (the replica's own
+        group included) gets an error now instead of waiting out its timeout; the KV cache stays."""
+        leave_world()
+        self.runtime.bridge.group = self.runtime.bridge.back_group = self.runtime.replica_group = None
+        self.links = None
+        gc.collect()
+
+    def use_groups(self, groups, links) -> None:
+        self.runtime.use_groups(groups)
+        self.links = links
 
     def stop(self) -> dict:
         self.runtime.stopped = True  # every rank got "stop": no peer needs telling
@@ -236,8 +257,34 @@ class ExpertMember:
         self.server.graphs.clear()
         self.lost.clear()  # the failed step marked every bridge; the front end names live units
 
+    def leave_world(self) -> None:
+        leave_world()
+        for bridge in list(self.groups.bridges) + list(self.groups.fallback.values()):
+            if bridge is not None:
+                bridge.group = bridge.back_group = None
+        self.groups.expert_group = None
+        gc.collect()
+
+    def use_groups(self, groups, links) -> None:
+        """Serve every replica over the groups of a re-formed world (the plan's own bridges)."""
+        self.groups = groups
+        self.server.graphs.clear()
+        self.lost.clear()
+
     def stop(self) -> dict:
         return dict(role="expert", busy_s=dict(self.timer.busy_s), load=self.load_LE.tolist())
+
+
+def reform_world(member, spec: RankSpec, env, join: JoinPoint) -> None:
+    """A separated plan's survivor after an expert rank died: leave the old world, form a new one
+    of the same ranks with the replacement at `join`, and build every group again the way
+    build_member did at start-up (the replacement builds them there, in the same order); the
+    weights and the KV cache stay as they are."""
+    member.leave_world()
+    rejoin_world(env, join)
+    groups = build_separated_groups(member.plan, member.cfg, env)
+    links = mirror.build_mirror_links(member.plan, env) if spec.mirror else None
+    member.use_groups(groups, links)
 
 
 def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
@@ -270,12 +317,13 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
 
 def rank_main(spec: RankSpec) -> None:
     """A spawned rank (or a torchrun process): join the world, build, connect, serve steps."""
-    env = init_distributed(spec.run.device, rank_wait_s(spec.run.timeout_s), spec.run.backend)
+    env = init_distributed(spec.run.device, rank_wait_s(spec.run.timeout_s), spec.run.backend, spec.join)
     try:
         serve_front_end(spec, env, spec.address)
     finally:
         import torch.distributed as dist
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an attention rank gives its world up itself when an expert rank dies
+            dist.destroy_process_group()
 
 
 def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
@@ -286,7 +334,8 @@ def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
     channel.send(("hello", member.info))
     try:
         with _maybe_profile(spec.run.trace_dir, env.rank):  # --trace: a Chrome trace per rank
-            _loop(channel, member, FaultInjector(spec.faults, env.rank))
+            _loop(channel, member, FaultInjector(spec.faults, env.rank),
+                  lambda join: reform_world(member, spec, env, join))
     except control.ChannelClosed:
         return  # the front end is gone: nothing left to serve
     except BaseException:
@@ -299,7 +348,7 @@ def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
         channel.close()
 
 
-def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
+def _loop(channel: RankChannel, member, faults: FaultInjector, reform) -> None:
     while True:
         msg = channel.recv()
         kind = msg[0]
@@ -326,6 +375,9 @@ def _loop(channel: RankChannel, member, faults: FaultInjector) -> None:
                 channel.send(("done", step_id))
         elif kind == "drop_expert":
             member.drop_expert_rank(msg[1])
+            channel.send(("ready",))
+        elif kind == "rejoin":  # ("rejoin", JoinPoint): a replacement expert rank joins the survivors
+            reform(msg[1])
             channel.send(("ready",))
         elif kind == "stop":
             channel.send(("report", member.stop()))

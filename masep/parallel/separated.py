@@ -71,6 +71,14 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.graphs.clear()  # segment graphs bake in the old bridge's shapes
         self.in_step = False
 
+    def use_groups(self, groups: SeparatedGroups) -> None:
+        """Serve over the groups of a re-formed world (an expert rank was replaced): the same
+        members as at start-up, so the route is the plan's again; the KV cache stays."""
+        self.bridge, self.replica_group, self.fallback = groups.bridges[0], groups.replica_group, groups.fallback
+        self.route = expert_route(self.plan, self.cfg, self.role.replica, self.device)
+        self.graphs.clear()  # segment graphs bake in the old groups
+        self.in_step = False
+
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
         if not self.stopped and not self.in_step:  # mid-step (an error): peers see this rank exit

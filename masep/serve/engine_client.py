@@ -62,6 +62,12 @@ class EngineDead(RuntimeError):
     """The engine stopped (a rank failed, or shutdown): HTTP 503."""
 
 
+class ReplaceableRankLost(EngineDead):
+    """A rank died and the step's requests with it, but the executor's other ranks are alive and
+    waiting: `executor.replace_lost_ranks()` starts a replacement that joins them (raising
+    EngineDead, every rank stopped, when it cannot), and serving goes on without a restart."""
+
+
 class UnitsLost(RuntimeError):
     """Raised by an executor's step when some units' ranks died but others answered:
     `tokens` {unit: sampled tokens} of the units that finished the step, `units` {unit:
@@ -83,6 +89,7 @@ class EngineStats:
     steps: dict[str, dict[str, float]] = field(default_factory=dict)
     live_units: int = 1  # attention units (replicas, EP ranks) still serving
     failovers: int = 0  # units lost since start
+    joins: int = 0  # replacement ranks that joined the running engine since start
 
 
 class EngineClient(Protocol):

@@ -56,7 +56,10 @@ class _StepCounters:
         lost = CounterMetricFamily("masep:failovers", "Attention units lost since start (their requests were "
                                    "moved or failed).", labels=["model_name"])
         lost.add_metric([self.model_name], stats.failovers)
-        yield from (live, lost)
+        joins = CounterMetricFamily("masep:rank_joins", "Replacement ranks that joined the running engine (a dead "
+                                    "expert rank whose experts nobody else held).", labels=["model_name"])
+        joins.add_metric([self.model_name], getattr(stats, "joins", 0))
+        yield from (live, lost, joins)
         steps = stats.steps
         for field, doc in self.FIELDS:
             name = "masep:engine_steps" if field == "steps" else f"masep:engine_step_{field}"

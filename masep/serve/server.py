@@ -32,6 +32,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=3,
                    help="distributed strategies: times the server starts every rank again after a failure the "
                         "plan cannot survive (the requests in flight fail first, naming it)")
+    p.add_argument("--join-timeout", type=float, default=300.0,
+                   help="separated plans: seconds a replacement for a dead expert rank whose experts no other rank "
+                        "holds may take to load its part and join the other ranks, which stay up (0: start every "
+                        "rank again instead, as after other failures); if it does not join, every rank is started "
+                        "again")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     add_distributed_args(p)
@@ -52,6 +57,8 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             build_plan(args, cfg)
         if args.max_restarts < 0:
             raise ValueError(f"--max-restarts={args.max_restarts}: must be >= 0")
+        if not math.isfinite(args.join_timeout) or args.join_timeout < 0:
+            raise ValueError(f"--join-timeout={args.join_timeout}: must be a finite number of seconds >= 0")
         if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout={args.shutdown_timeout}: must be a finite number of seconds >= 0")
         if not 0 < args.port < 65536:
@@ -68,14 +75,14 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_protection(args, run.plan, parser)
     faults = fault_specs(args, run.plan, parser)
     executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None,
-                             faults=faults, mirror=args.protection == "mirror")
+                             faults=faults, mirror=args.protection == "mirror", join_timeout_s=args.join_timeout)
     from ..engine.async_engine import AsyncEngine
     # The engine thread releases the GIL while the GPU runs a step and must get it back the
     # moment the step ends; by default the event loop thread (streaming the last step's tokens)
     # may hold it for up to 5 ms first, which a 5 ms decode step cannot afford.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     def restart():  # every rank starts again and loads its part (no fault is injected twice)
-        return make_executor(run, kv, mirror=args.protection == "mirror")
+        return make_executor(run, kv, mirror=args.protection == "mirror", join_timeout_s=args.join_timeout)
 
     engine = AsyncEngine(executor, scheduler_config(kv, cfg, tokenizer, args.protection), tokenizer, name,
                          restart if run.plan is not None else None, args.max_restarts)
