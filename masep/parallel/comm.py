@@ -114,6 +114,20 @@ def abandon_bridge(bridge: Bridge) -> None:
     bridge.group = bridge.back_group = None
 
 
+def warm_up_bridge(bridge: Bridge) -> None:
+    """Connect every pair of the bridge's members now, on both groups, in the same order on
+    every member. NCCL creates a communicator at its first collective, and the point-to-point
+    connections of an all-to-all at the first all-to-all between each pair, both blocking the
+    host until the peer gets there too; a schedule whose two sides first use the return group
+    at different points (training's expert ranks send before the attention ranks' next
+    dispatch) would wait on each other there for the whole timeout."""
+    for group in (bridge.group, bridge.back_group):
+        if group is not None:
+            x = torch.zeros(bridge.size, device=bridge.device)
+            _wait_named(dist.all_to_all_single(torch.empty_like(x), x, group=group, async_op=True), bridge.timeout,
+                        f"connecting the bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
+
+
 def _stream_waits() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 

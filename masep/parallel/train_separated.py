@@ -74,6 +74,7 @@ class SeparatedAttentionTrain(TrainRank):
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
         self.bridge = groups.bridges[0]
+        comm.warm_up_bridge(self.bridge)
         heads = plan.head_split(cfg)[self.role.index]
         self.attn = torch.nn.ModuleList(shard_attention(b.attn, cfg, heads) for b in model.layers)
         for block in model.layers:  # the block keeps its norms, router and shared expert only
@@ -234,6 +235,8 @@ class SeparatedExpertTrain(TrainRank):
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.rank, self.role = plan, env, env.rank, groups.role
         self.bridges = groups.bridges
+        for bridge in self.bridges:  # replica by replica, as each replica's attention ranks do
+            comm.warm_up_bridge(bridge)
         self.my_experts = plan.expert_placement(cfg)[self.role.index]
         self.experts = torch.nn.ModuleList(shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers)
         self.modules = {"experts": self.experts}
