@@ -22,8 +22,8 @@ Per layer and micro-batch, on one rank (e = bytes per element of the weights and
                  hierarchical path when the set spans nodes with equal members per node;
                  int8 compression sends a quarter of the bytes, plus one fp32 scale per chunk,
                  and reads and writes each element about 16 bytes' worth to quantise it)
-  optimizer      AdamW over the rank's parameters: 28 bytes of HBM traffic per parameter (read
-                 gradient, master, two moments; write master, moments, weight)
+  optimizer      AdamW over the rank's parameters (`optimizer_bytes_per_param`: 44 bytes of HBM
+                 traffic per parameter with bf16 weights and fp32 masters, 32 in fp32)
 
 Memory per rank (`train_memory`): parameters x 16 bytes (bf16 weight 2 + gradient 2 + fp32
 master 4 + moments 8, the MA Separation paper's 14 bytes plus the gradient; fp32: 4 + 4 + 8) +
@@ -247,9 +247,17 @@ def _grad_sync(plan, cfg: ModelConfig, work: TrainWorkload, rank: int, hw: Hardw
     return OpCost(S.GRAD_SYNC, compute_s=quant, transfer_s=t, link_bytes=shared * e, hbm_bytes=16 * shared * (quant > 0))
 
 
+def optimizer_bytes_per_param(cfg: ModelConfig) -> int:
+    """HBM traffic of one optimizer step per parameter, as train/precision.py runs it: the norm
+    reads the gradient (4); AdamW reads gradient, master and two moments and writes master and
+    moments (28). With bf16/fp16 weights add the gradient's copy to fp32 (2 + 4) and the
+    master's copy back to the weight (4 + 2)."""
+    return 32 + (12 if elt_bytes(cfg) == 2 else 0)
+
+
 def _optimizer(plan, cfg: ModelConfig, rank: int, hw: Hardware) -> OpCost:
     params = sum(rank_params(plan, cfg, rank).values())
-    nbytes = 28 * params
+    nbytes = optimizer_bytes_per_param(cfg) * params
     return OpCost(S.OPTIMIZER, compute_s=nbytes / hw.hbm_rate("experts") + hw.latency("experts"), hbm_bytes=nbytes)
 
 
