@@ -32,6 +32,7 @@ from .engine import Request, random_prompts
 from .engine.executor import LocalExecutor
 from .logs import add_log_arg, progress, setup_logging
 from .model import BlockParts, MoETransformer, build_model, kv_heads_for
+from .options import HelpFormatter
 from .parallel.schedule import COMM_KINDS
 from .runtime import LocalRuntime
 
@@ -352,6 +353,8 @@ def describe_ranks(report: dict, plan, cfg: ModelConfig) -> dict:
 
 
 STRATEGIES = ("single", "separated", "tp_pp", "ep")
+STRATEGY_HELP = ("single: one device; separated: attention and experts on separate ranks; tp_pp: tensor x "
+                 "pipeline parallel; ep: expert parallel (every rank holds attention and a share of the experts)")
 
 
 # --- subcommand: run -----------------------------------------------------------------------
@@ -362,7 +365,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--model", metavar="DIR", default=None,
                        help="HF checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE: config.json + safetensors)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default=None, help="default: the model config's dtype")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: ranks talk over gloo; cuda: one GPU per rank, NCCL")
     p.add_argument("--seed", type=int, default=0, help="weights (presets), prompts and per-request sampling")
     p.add_argument("--eager", action="store_true",
                    help="CUDA: plain PyTorch, no CUDA graphs or Triton kernels (any strategy)")
@@ -372,20 +376,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     from .options import add_config_arg
     add_config_arg(p)
     add_model_args(p)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single", help=STRATEGY_HELP)
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a text prompt (repeat for several); default: --batch random prompts")
     p.add_argument("--prompts-file", metavar="JSONL", help='one {"prompt": text} or {"prompt_token_ids": [...]} '
                    'per line (optionally with "max_tokens")')
     p.add_argument("--batch", type=int, default=8, help="number of random prompts")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per random prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="output tokens per request at most")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same batch before the timed one")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of the tables")
     p.add_argument("--fused", action="store_true",
                    help="CUDA, --strategy single: also the fused Triton norm/RoPE/router kernels")
     p.add_argument("--check", action="store_true",
@@ -917,7 +921,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def bench_dist(argv: list[str]) -> int:
     """`masep bench dist`: decode TPOT of a distributed plan with the KV cache at --context."""
     from .options import DISTRIBUTED, add_config_arg, parse_args, resolve_args
-    p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=HelpFormatter)
     add_config_arg(p)
     add_model_args(p)
     p.add_argument("--strategy", choices=DISTRIBUTED, default=None, help="required, or --plan")
@@ -1043,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         spec.add_args(p)
         p.set_defaults(handler=spec.handler, subparser=p)
     from .perf.cli import add_perf_parsers  # plan, simulate, sweep, replan

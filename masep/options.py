@@ -23,6 +23,7 @@ STRATEGY_FLAGS = {
     "tp": ("tp_pp",), "pp": ("tp_pp",), "ep": ("ep",),
     "microbatches": DISTRIBUTED,
     "backend": DISTRIBUTED, "timeout": DISTRIBUTED, "inject_fault": DISTRIBUTED, "max_restarts": DISTRIBUTED,
+    "join_timeout": ("separated",),  # serve: a replacement expert rank joins the survivors of a separated plan
     "protection": ("separated",),  # failover of attention replicas; an EP or TP x PP failure ends the engine
     "grad_compression": DISTRIBUTED, "gpus_per_node": DISTRIBUTED,  # train: gradient sync among ranks
     "fused": ("single",),
@@ -40,6 +41,19 @@ WHY_NOT = {
     ("bench dist", "trace"): "bench dist writes no trace; use `masep run --trace DIR` with the same plan",
     ("bench dist", "seq_split"): "bench dist times decode steps only (no prefill to split)",
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, without the noise: no "(default: X)" where the help already
+    says what the default is, nor for None, False or an empty list (an unset flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is argparse.SUPPRESS or default is None or default is False
+                or default == []):
+            return text
+        return super()._get_help_string(action)
 
 
 # --- --config FILE -----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 in-process, before any rank would start (the commands are stopped at their first real work)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import masep.cli as cli
@@ -109,6 +111,10 @@ def test_bad_config_files_name_the_key(tmp_path, capsys, text, message):
     (["run", "--preset", "tiny", "--strategy", "ep", "--protection", "none"], "--protection none: a flag of strategy "
      "separated"),
     (["serve", "--preset", "tiny", "--trace", "t"], "with strategy single the model runs on the server's own threads"),
+    (["serve", "--preset", "tiny", "--join-timeout", "5"], "--join-timeout 5.0: a flag of strategy separated, but the "
+     "strategy is single (the default)"),
+    (["serve", "--preset", "tiny", "--strategy", "ep", "--ep", "2", "--join-timeout", "0"], "--join-timeout 0.0: a "
+     "flag of strategy separated"),
     (["train", "--preset", "tiny", "--grad-compression", "int8"], "--grad-compression int8: a flag of strategies"),
     (["train", "--preset", "tiny", "--strategy", "ep", "--tp", "2"], "--tp 2: a flag of strategy tp_pp"),
     (["bench", "dist", "--preset", "tiny", "--strategy", "ep", "--trace", "t"], "masep bench dist does not take it"),
@@ -142,3 +148,14 @@ def test_trace_of_strategy_single(tmp_path):
     assert main(["run", "--preset", "tiny", "--batch", "1", "--prompt-len", "3", "--max-new-tokens", "2",
                  "--warmup", "0", "--json", "--trace", str(trace)]) == 0
     assert [p.name for p in trace.iterdir()] == ["rank0.json"]
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "train", "plan", "simulate", "sweep", "replan", "calcheck"])
+def test_help_shows_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert not re.search(r"\(default[^()]*\) \(default:", text)  # "(default: small) (default: None)"
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    if command in ("run", "serve"):
+        assert "(default: small)" in text and "--strategy {ep,separated,single,tp_pp} single: one device" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import PRESETS, ModelConfig, from_hf_config, preset
 from ..logs import progress
+from ..options import HelpFormatter
 from ..plan import parse_plan as _parse_plan
 from ..plotting import require_matplotlib
 from ..report import document, profile_info
@@ -35,7 +36,7 @@ def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
     p.add_argument("--hardware", default=DEFAULT_HARDWARE,
                    help="a100-80g | h100 | h200, or a TOML/JSON profile file")
     p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="calibration JSON from masep.perf.bench (overrides the profile's rates)")
+                   help="calibration JSON from `masep bench calibrate` (overrides the profile's rates)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="NVLink domain size (default: the profile's)")
     p.add_argument("--batch", type=int, default=batch, help="sequences decoding together")
     p.add_argument("--context", type=int, default=2048, help="keys each sequence attends to")
@@ -43,7 +44,7 @@ def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
                    help="leave the lm_head out (as the floors of docs/reference.md do)")
     p.add_argument("--serial", action="store_true",
                    help="one stream per GPU (the blocking CPU/gloo runtime) instead of compute + comm streams")
-    p.add_argument("--max-microbatches", type=int, default=4)
+    p.add_argument("--max-microbatches", type=int, default=4, help="largest m tried for each plan")
     p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of a table")
 
 
@@ -252,7 +253,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="choose the parallel plan for N GPUs from simulated step times",
                               description="Enumerate legal plans (separated, tp_pp, ep), simulate them and rank "
                               "them by TPOT, or by tok/s under --tpot-limit-ms; explain the winner.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     _common(p)
     p.add_argument("--tpot-limit-ms", type=float, default=None,
                    help="rank by tok/s among plans (and batches up to --max-batch) under this TPOT")
@@ -319,7 +320,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                               description="Simulate one decode step of the MA Separation paper's splits and the "
                               "planner's best plan; print each beside its physical floor and MBU (the floors: "
                               "docs/reference.md).",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     _common(p)
     p.add_argument("--trace", metavar="DIR", default=None, help="write a Chrome trace + Gantt PNG per simulated row")
     p.add_argument("--plan", action="append", default=None,
@@ -365,16 +366,17 @@ def cmd_sweep(args) -> int:
     rows = [dict(axis=axis[len("over_"):], **point) for axis in ("over_batch", "over_context") for point in doc[axis]]
     meta = {k: v for k, v in doc.items() if k not in ("over_batch", "over_context", "model", "hardware",
                                                       "hardware_source", "gpus")}
-    return _emit(args, _doc("sweep", rows, args, cfg, hw, files=[str(f) for f in files], **meta), [_header(cfg, hw, args.gpus, work, args.serial), *summary_lines(doc),
-                             "speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation "
-                             "wins; split = its attention:expert GPUs"], files)
+    lines = [_header(cfg, hw, args.gpus, work, args.serial), *summary_lines(doc),
+             "speedup = best baseline (tp_pp, ep) TPOT / best separated TPOT: > 1 where separation "
+             "wins; split = its attention:expert GPUs"]
+    return _emit(args, _doc("sweep", rows, args, cfg, hw, files=[str(f) for f in files], **meta), lines, files)
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="plot TPOT and tok/s over batch and context for each strategy",
                               description="Best plan of each strategy over batch (at --context) and over context "
                               "(at --batch); writes sweep.json, sweep_batch.png and sweep_context.png.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     _common(p)
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
     p.add_argument("--batches", default=None, help="comma list (default 1,2,4,...,1024)")
@@ -416,15 +418,16 @@ def add_replan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("replan", help="refit the cost model to measured op times and propose a new plan",
                               description="Read a run's measured per-op times, refit the cost model's efficiencies "
                               "and propose a new plan when its predicted gain passes --threshold.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("--measured", metavar="FILE", required=True, help="JSON with the plan and busy_s or measurements")
     p.add_argument("--threshold", type=float, default=0.1, help="minimum predicted gain (fraction of TPOT)")
     p.add_argument("--hardware", default=None, help="profile (default: the file's, else a100-80g)")
-    p.add_argument("--calibration", metavar="FILE", default=None)
-    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="calibration JSON from `masep bench calibrate` (overrides the profile's rates)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="NVLink domain size (default: the profile's)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the running plan's)")
-    p.add_argument("--max-microbatches", type=int, default=4)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-microbatches", type=int, default=4, help="largest m tried for each plan")
+    p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of a table")
     p.set_defaults(func=cmd_replan)
     return p
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from masep.logs import add_log_arg, progress, setup_logging
 from masep.metrics import RequestOutput, compute_metrics
-from masep.options import add_config_arg, parse_args
+from masep.options import HelpFormatter, add_config_arg, parse_args
 
 log = logging.getLogger("masep.bench")
 
@@ -563,9 +563,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     a("--random-range-ratio", type=float, default=d.random_range_ratio,
       help="lengths uniform in [len*(1-r), len*(1+r)]")
     a("--random-vocab-size", type=int, default=d.random_vocab_size, help="token ids drawn from [0, this)")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=int, default=d.seed, help="random prompts and arrival times")
     a("--ignore-eos", action="store_true", help="send ignore_eos: generate max_tokens every time")
-    a("--temperature", type=float, default=d.temperature)
+    a("--temperature", type=float, default=d.temperature, help="sent with every request (0: greedy)")
     a("--goodput", nargs="+", default=[], metavar="KEY:VALUE",
       help="SLOs in ms, keys ttft, tpot, e2el; request_goodput counts the requests meeting all of them")
     a("--percentile-metrics", default=",".join(METRICS), help="comma-separated subset of ttft,tpot,itl,e2el")
@@ -610,7 +610,7 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
 
 
 def bench_serve_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="masep bench serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="masep bench serve", formatter_class=HelpFormatter,
                                 description="Load an OpenAI-compatible endpoint; report vLLM bench serve's metrics.")
     add_config_arg(p)
     add_bench_serve_args(p)

@@ -18,13 +18,14 @@ log = logging.getLogger("masep.serve")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import STRATEGIES, add_distributed_args, add_kv_args, add_model_args
+    from ..cli import STRATEGIES, STRATEGY_HELP, add_distributed_args, add_kv_args, add_model_args
+    from ..logs import add_log_arg
     from ..options import add_config_arg
     add_config_arg(p)
     add_model_args(p)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single", help=STRATEGY_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: preset or dir)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the KV slots; more get 429")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -37,7 +38,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "holds may take to load its part and join the other ranks, which stay up (0: start every "
                         "rank again instead, as after other failures); if it does not join, every rank is started "
                         "again")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    add_log_arg(p)
     p.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     add_distributed_args(p)
     add_kv_args(p, default_seqs="16")

@@ -15,11 +15,11 @@ log = logging.getLogger("masep.train")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import STRATEGIES, add_distributed_args, add_model_args
+    from ..cli import STRATEGIES, STRATEGY_HELP, add_distributed_args, add_model_args
     from ..options import add_config_arg
     add_config_arg(p)
     add_model_args(p)
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="single", help=STRATEGY_HELP)
     d = p.add_argument_group("data")
     d.add_argument("--data", action="append", metavar="PATH",
                    help=".txt files, .jsonl / .json.gz with a 'text' field, or directories of them (repeatable); "
@@ -37,7 +37,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     o.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr x this at --steps")
-    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay")
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm")
     o.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss weight")
     o.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (0: off)")
@@ -54,7 +54,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--resume", action="store_true", help="continue from --save-dir's newest checkpoint")
     c.add_argument("--export", metavar="DIR", default=None,
                    help="write the trained model as an HF checkpoint (with the tokenizer) that masep run/serve load")
-    c.add_argument("--json", action="store_true", help="print the step rows and summary as one JSON object")
+    c.add_argument("--json", action="store_true",
+                   help="print one JSON document ({meta, rows}: a row per step) instead of the summary")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     add_distributed_args(p, inference=False)
 
