@@ -852,13 +852,13 @@ def _tokenizer_or_exit(source: ModelSource, cfg: ModelConfig, parser):
 
 
 def print_texts(report: dict, tokenizer, limit: int = 4, width: int = 120) -> None:
-    """Prompt and output text of the first requests, one line each (control characters escaped)."""
+    """Prompt and output text of the first requests, one line each (Python string literals: control
+    characters escaped once, printable text as it is)."""
     def show(text: str) -> str:
-        text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-        return text if len(text) <= width else text[:width] + "..."
+        return repr(text[:width]) + ("..." if len(text) > width else "")
 
     for i, (prompt, text) in enumerate(zip(report["prompts"][:limit], report["texts"])):
-        print(f"request {i}: {show(tokenizer.decode(prompt))!r} -> {show(text)!r}")
+        print(f"request {i}: {show(tokenizer.decode(prompt))} -> {show(text)}")
 
 
 def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource, tokenizer,

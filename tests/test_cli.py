@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from masep.cli import STRATEGIES, main
+from masep.cli import STRATEGIES, main, print_texts
 from masep.engine import Request, generate, random_prompts
 from masep.runtime import LocalRuntime
 
@@ -37,6 +37,15 @@ def test_run_table_in_process(capsys):
     assert main(["run"] + TINY + ["--dtype", "bfloat16", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "dtype bfloat16" in out and "Mean TPOT (ms):" in out and "Output token throughput" in out
+
+
+def test_request_texts_are_escaped_once(capsys):
+    class Decoder:
+        def decode(self, ids):
+            return "a\tb\ufffd"
+
+    print_texts({"prompts": [[1]], "texts": ["x\x05y"]}, Decoder())
+    assert capsys.readouterr().out == "request 0: 'a\\tb\ufffd' -> 'x\\x05y'\n"
 
 
 @pytest.mark.timeout(60)
