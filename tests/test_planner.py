@@ -117,6 +117,25 @@ def test_plan_sweep_and_bad_arguments(capsys, tmp_path):
     assert [r["batch"] for r in data["over_batch"]] == [1, 64] and "tpot_ms" in data["over_batch"][0]["separated"]
 
 
+
+def test_sweep_table_columns_line_up():
+    from masep.perf.sweep import summary_lines
+    cell = lambda plan, ms: {"plan": plan, "tpot_ms": ms}  # noqa: E731
+    doc = {"strategies": ["tp_pp", "separated"], "fixed_context": 2048, "fixed_batch": 24,
+           "over_batch": [{"batch": 1, "tp_pp": cell("tp8pp2 m1", 0.7), "separated": cell("sep 12x1+4 m2", 1.0),
+                           "speedup": 0.7}, {"batch": 512, "tp_pp": cell("tp16pp1 m1", 9.9)}],
+           "over_context": [{"context": 32768, "tp_pp": cell("tp8pp2 m1", 4.3), "separated": cell("sep 5x2+6 m3", 4.4),
+                             "speedup": 0.98}]}
+    lines = summary_lines(doc)
+    for table in (lines[:3], lines[3:]):
+        header, rows = table[0], table[1:]
+        ends = [header.index("TPOT ms") + len("TPOT ms"), header.index("speedup x") + len("speedup x")]
+        for row in rows:  # each value ends where its column's header ends
+            assert row[ends[1] - 1] in "x-", (header, row)
+            assert row[ends[0] - 1].isdigit(), (header, row)
+    assert "does not fit" in lines[2]
+
+
 @pytest.mark.timeout(60)
 def test_replan_refits_and_proposes(tmp_path, capsys):
     a100 = get_profile("a100-80g")

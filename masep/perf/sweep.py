@@ -163,17 +163,26 @@ def write_sweep(doc: dict, out_dir: str | Path) -> list[Path]:
 
 
 def summary_lines(doc: dict) -> list[str]:
+    """Two tables (over batch, over context): each strategy's best plan and its TPOT, the speedup
+    of separation and its split; columns sized to their widest cell."""
     lines = []
+    plans = [c["plan"] for axis in ("over_batch", "over_context") for r in doc[axis] for c in r.values()
+             if isinstance(c, dict) and "plan" in c]
+    plan_w = max([len("does not fit"), *map(len, plans)])
+    cell_w = plan_w + 9
+    heads = [f"{s}: plan, TPOT ms" for s in doc["strategies"]]
+    widths = [max(cell_w, len(h)) for h in heads]
     for axis, key in (("over_batch", "batch"), ("over_context", "context")):
         fixed = f"context {doc['fixed_context']}" if key == "batch" else f"batch {doc['fixed_batch']}"
-        lines.append(f"{key:>8} ({fixed})  " + "  ".join(f"{s + ': plan, TPOT':>22}" for s in doc["strategies"])
-                     + "  speedup x  split A:E")
+        label = f"{key} ({fixed})"
+        lines.append(f"{label}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)) + "  speedup x  split A:E")
         for r in doc[axis]:
             cells = []
-            for s in doc["strategies"]:
+            for s, w in zip(doc["strategies"], widths):
                 c = r.get(s, {})
-                cells.append(f"{c['plan']:>13} {c['tpot_ms']:7.3f}ms" if "tpot_ms" in c else f"{'does not fit':>22}")
+                cell = f"{c['plan']:>{plan_w}} {c['tpot_ms']:8.3f}" if "tpot_ms" in c else "does not fit"
+                cells.append(f"{cell:>{w}}")
             sp = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
             split = r.get("separated", {}).get("attention_to_experts") or "-"
-            lines.append(f"{r[key]:>8}  {'':>{len(fixed) + 2}}" + "  ".join(cells) + f"  {sp}  {split}")
+            lines.append(f"{r[key]:>{len(label)}}  " + "  ".join(cells) + f"  {sp}  {split}")
     return lines
