@@ -143,6 +143,25 @@ def test_train_single_takes_microbatches_and_its_plan_notation(monkeypatch, caps
     assert "seq-split" in _exits_2(["train", "--preset", "tiny", "--plan", "sep 1x1+1 m2 seq-split"], capsys)
 
 
+def test_train_short_run_needs_no_warmup_flag(monkeypatch, capsys):
+    import masep.train.cli as train_cli
+    seen = {}
+
+    def stop(args, *_):
+        seen["warmup"] = args.warmup
+        raise Started
+
+    monkeypatch.setattr(train_cli, "_corpus", stop)
+    with pytest.raises(Started):  # the default warm-up (10) would exceed --steps 5
+        main(["train", "--preset", "tiny", "--steps", "5"])
+    assert seen["warmup"] == 2
+    with pytest.raises(Started):
+        main(["train", "--preset", "tiny", "--steps", "50"])
+    assert seen["warmup"] == 10
+    assert "--warmup 5: must be below --steps 5" in _exits_2(["train", "--preset", "tiny", "--steps", "5",
+                                                               "--warmup", "5"], capsys)
+
+
 def test_trace_of_strategy_single(tmp_path):
     trace = tmp_path / "trace"
     assert main(["run", "--preset", "tiny", "--batch", "1", "--prompt-len", "3", "--max-new-tokens", "2",

@@ -182,3 +182,11 @@ def test_loss_plot_resumed_and_skipped_steps(tmp_path):
     log = tmp_path / "train.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_losses(log, tmp_path / "loss.png").read_bytes()[:8] == PNG
+
+
+def test_loss_plot_of_a_short_run_has_whole_steps():
+    rows = [{"step": s, "loss": 8 - s / 4, "token_loss": 8 - s / 4 - 0.02, "balance_loss": 0.02} for s in range(1, 6)]
+    fig = loss_figure(rows)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[1].get_xticks() if 1 <= t <= 5]
+    assert ticks and all(float(t).is_integer() for t in ticks)

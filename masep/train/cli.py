@@ -35,7 +35,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=100, help="optimizer steps")
     o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    o.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    o.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps (default: 10, or half of --steps when --steps <= 10)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr x this at --steps")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay")
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm")
@@ -61,6 +62,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_numbers(args, parser) -> None:
+    if args.warmup is None:  # a short trial run (--steps 5) needs no --warmup of its own
+        args.warmup = 10 if args.steps > 10 else args.steps // 2
     for flag, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
                              ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                              ("--save-every", args.save_every, 0), ("--gpus-per-node", args.gpus_per_node, 1)):

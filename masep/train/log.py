@@ -137,6 +137,8 @@ def loss_figure(rows: list[dict]):
     ax.set_ylabel("loss (nats per token)")
     ax_router.set_ylabel("router terms\n(added to the loss)")
     ax_router.set_xlabel("optimizer step")
+    from matplotlib.ticker import MaxNLocator
+    ax_router.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on a short run
     for a in (ax, ax_router):
         a.grid(alpha=0.3)
         a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False)
