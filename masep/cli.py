@@ -1012,6 +1012,12 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .serve.server import cmd_serve
     resolve_args(args, parser, "serve")
     cfg, source = load_config(args, parser)
+    try:
+        plan_words = _plan_words(args, cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    log.info("masep serve: %s on %s (%s, %s), http://%s:%d", plan_words, cfg.name, args.device, cfg.dtype,
+             args.host, args.port)
     if args.trace is not None:
         try:
             check_trace_dir(args.trace)

@@ -178,3 +178,14 @@ def test_help_shows_each_default_once(command, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
     if command in ("run", "serve"):
         assert "(default: small)" in text and "--strategy {ep,separated,single,tp_pp} single: one device" in text
+
+
+def test_serve_logs_its_plan_before_any_check(monkeypatch, capsys):
+    def stop(*_):
+        raise Started
+
+    monkeypatch.setattr(cli, "check_serve_memory", stop)
+    with pytest.raises(Started):
+        main(["serve", "--preset", "tiny", "--plan", "sep 1x2+1 m2", "--port", "8765"])
+    assert "[front] INFO masep serve: plan sep 1x2+1 m2 (3 ranks) on tiny (cpu, float32), http://127.0.0.1:8765" in \
+        capsys.readouterr().err

@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or source.preset or source.path
     run = run_spec(args, cfg, source)
-    log.info("starting %s (%s) on %s", name, args.strategy, args.device)
+    log.debug("starting %s (%s) on %s", name, args.strategy, args.device)
     check_protection(args, run.plan, parser)
     faults = fault_specs(args, run.plan, parser)
     executor = make_executor(run, kv, single_model=source.build(cfg, args.device) if run.plan is None else None,
