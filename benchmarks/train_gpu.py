@@ -85,6 +85,7 @@ def masep_row(name: str, plan, cfg, windows, args, compression: str = "none") ->
     return dict(strategy=name, gpus=plan.world_size, precision="bf16 + fp32 masters", compression=compression,
                 tokens_per_s=tps, mfu=flops * tps / (peak * plan.world_size) if peak else None,
                 step_ms=1e3 * seconds / len(timed), final_loss=last["loss"],
+                grad_sync_started_in_backward=last.get("grad_sync_overlapped"),
                 grad_bytes_ratio=(last["grad_bytes_sent"] / last["grad_bytes_uncompressed"]
                                   if last["grad_bytes_uncompressed"] else None),
                 memory_rank0_gb=report["memory"]["total"] / 1e9 if report.get("memory") else None)

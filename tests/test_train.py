@@ -88,6 +88,8 @@ def test_plan_trains_like_single_device(name):
     extra = {"gpus_per_node": 2} if name == "ep4-two-nodes" else {}  # 2 "nodes" of 2 ranks
     report = launch_training(_spec(plan, **extra))
     _compare(report, *oracle(_spec(plan), replicas, plan.microbatches))
+    if plan.strategy == "ep" or plan.strategy == "separated" and plan.attn_replicas > 1:  # sums began in backward
+        assert all(r["grad_sync_overlapped"] > 0 for r in report["history"])
     if extra:  # the attention weights went through reduce-scatter / all-reduce / all-gather
         assert report["grad_sync"]["0 1 2 3"].startswith("hierarchical: 2 nodes x 2 ranks"), report["grad_sync"]
 

@@ -122,10 +122,11 @@ class SeparatedAttentionTrain(TrainRank):
             S.DISPATCH: lambda op: self._dispatch(live[op.mb], op, layout),
             S.COMBINE: lambda op: self._combine(live[op.mb], op.layer),
             S.HEAD: lambda op: self._head(live[op.mb], shape, stats, report),
-            S.HEAD_BWD: lambda op: self._head_bwd(live[op.mb], scale),
+            # the backward runs the last micro-batch first, so micro-batch 0 finishes each layer
+            S.HEAD_BWD: lambda op: self._head_bwd(live[op.mb], scale, op.mb == 0),
             S.DISPATCH_GRAD: lambda op: self._dispatch_grad(live[op.mb], op.layer),
             S.COMBINE_GRAD: lambda op: self._combine_grad(live[op.mb], op.layer),
-            S.ATTENTION_BWD: lambda op: self._attention_bwd(live[op.mb], op.layer),
+            S.ATTENTION_BWD: lambda op: self._attention_bwd(live[op.mb], op.layer, op.mb == 0),
         }
         ops = S.train_separated_schedule("attention", cfg.num_layers, self.plan.microbatches)
         S.execute([op for op in ops if op.kind not in (S.GRAD_SYNC, S.OPTIMIZER)], handlers)
@@ -182,10 +183,12 @@ class SeparatedAttentionTrain(TrainRank):
         st.loss = ce / shape.global_tokens + aux
 
     # --- backward --------------------------------------------------------------------------------
-    def _head_bwd(self, st: _Micro, scale: float) -> None:
+    def _head_bwd(self, st: _Micro, scale: float, last: bool) -> None:
         # keeps the graphs: the auxiliary losses reached part A of every layer, which runs again
         (st.loss * scale).backward(retain_graph=True)
         st.grad, st.loss = st.x.grad, None
+        if last and not self.cfg.tie_embeddings:  # a tied head's gradient also comes from the embedding
+            self.grads_ready([*self.model.norm.parameters(), *self.model.lm_head.parameters()])
 
     def _dispatch_grad(self, st: _Micro, layer: int) -> None:
         seg = st.layers[layer]
@@ -201,7 +204,7 @@ class SeparatedAttentionTrain(TrainRank):
         grad_z = z.grad if z.grad is not None else torch.zeros_like(z)
         seg.handle = grad_z.index_add(0, seg.rows.token_R, got)  # the rows z sent, their gradients summed
 
-    def _attention_bwd(self, st: _Micro, layer: int) -> None:
+    def _attention_bwd(self, st: _Micro, layer: int, last: bool) -> None:
         seg = st.layers.pop(layer)
         h_s, _, w_R, _ = seg.leaves
         outs, grads = [seg.h_s, seg.z], [_grad_or_zeros(h_s), seg.handle]
@@ -212,6 +215,11 @@ class SeparatedAttentionTrain(TrainRank):
         st.grad = seg.x_in.grad
         if layer == 0:
             torch.autograd.backward(st.embedded, st.grad)
+        if last:  # no micro-batch has this layer's backward left: its gradients can be summed now
+            ready = [*self.attn[layer].parameters(), *self.model.layers[layer].parameters()]
+            if layer == 0:
+                ready += [*self.model.embed.parameters(), *self.model.norm.parameters(), *self.model.lm_head.parameters()]
+            self.grads_ready(ready)
 
     def finish(self) -> None:
         """Tell the expert ranks training is over (they leave their loop)."""

@@ -191,11 +191,58 @@ def head_slice_syncs(name: str, p, attn, cfg, head_split: list[range], ranks_of_
     return out
 
 
+class LastBackwardHooks:
+    """Tells `ready(params)` when modules' gradients are final, from inside an autograd
+    backward. Armed for a step's last backward, each parameter's post-accumulate hook checks it
+    off its module; modules go to `ready` in the order given (the order the backward finishes
+    them: head, last layer, ..., embedding), each once it and all before it are complete, so
+    every rank and every step posts the same sums in the same order whatever order the hooks
+    fire in. A parameter listed by two modules (a tied embedding) belongs to the later one.
+    Only parameters for which `watch(param)` is true count: each must get a gradient in every
+    step on every rank (else the ranks' orders of sums would differ); the others (an EP rank's
+    experts, which get no rows in some steps) are left to the end-of-step sync."""
+
+    def __init__(self, modules, ready, watch=lambda p: True):
+        self.ready, self.armed = ready, False
+        self.owner: dict[int, int] = {}
+        params_of = [[p for p in m.parameters() if p.requires_grad and watch(p)] for m in modules]
+        for i, params in enumerate(params_of):
+            for p in params:
+                if id(p) not in self.owner:
+                    p.register_post_accumulate_grad_hook(self._accumulated)
+                self.owner[id(p)] = i  # the later module wins
+        self.params = [[p for p in params if self.owner[id(p)] == i] for i, params in enumerate(params_of)]
+        self.left: list[set[int]] = []
+        self.next = 0
+
+    def arm(self) -> None:
+        self.armed, self.next = True, 0
+        self.left = [{id(p) for p in params} for params in self.params]
+        self._flush()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _accumulated(self, p) -> None:
+        if self.armed:
+            self.left[self.owner[id(p)]].discard(id(p))
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.next < len(self.params) and not self.left[self.next]:
+            if self.params[self.next]:
+                self.ready(self.params[self.next])
+            self.next += 1
+
+
 # --- strategies --------------------------------------------------------------------------------
 class TrainRank:
     """A rank's part of training. Subclasses set `modules` (what this rank's optimizer sees)."""
 
     rank: int = 0
+
+    def grads_ready(self, params) -> None:
+        """The trainer replaces this: `params`' gradients are final for the step (sync may start)."""
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         seen, out = set(), []
@@ -279,8 +326,18 @@ class EpTrain(TrainRank):
         rows = [mb[:, :-1].numel() for mb in mbs]
         layout = comm.ep_begin_step(self.bridge, step, rows, False, cfg.hidden_size, self.model.dtype, idle=False)
         losses = [self._forward(mb, i, layout, shape, stats) for i, mb in enumerate(mbs)]
-        for loss in reversed(losses):
-            (loss * scale).backward()
+        if not hasattr(self, "_hooks"):  # a layer's sum starts once the last backward is past it
+            m = self.model
+            experts = {id(p) for block in m.layers for p in block.moe.experts.parameters()}
+            self._hooks = LastBackwardHooks([m.lm_head, m.norm, *reversed(m.layers), m.embed], self.grads_ready,
+                                            watch=lambda p: id(p) not in experts)
+        for i, loss in reversed(list(enumerate(losses))):
+            if i == 0:
+                self._hooks.arm()
+            try:
+                (loss * scale).backward()
+            finally:
+                self._hooks.disarm()
         return stats
 
     def _forward(self, mb_BT, i: int, layout, shape: StepShape, stats: MicroStats) -> torch.Tensor:

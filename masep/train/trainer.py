@@ -132,6 +132,7 @@ class Trainer:
         self.plan = spec.plan
         self.mp = MixedPrecision(rank.named_parameters(), spec.precision, spec.optim)
         self.syncer = GradSyncer(rank.syncs(), env.timeout, spec.grad_compression, spec.gpus_per_node, env.rank)
+        rank.grads_ready = self.syncer.ready  # ranks whose schedule knows when a layer is done call it
         self.batches = Batches(spec.windows, spec.batch_size, spec.data_seed)
         seq_len = spec.windows.shape[1] - 1
         replicas, m = groups or (data_replicas(self.plan), getattr(self.plan, "microbatches", 1))
@@ -153,6 +154,7 @@ class Trainer:
         self.mp.zero_grad()
         scale = self.mp.loss_scale()
         stats = self.rank.step(rank_rows(self.rank, self.plan, batch), self.shape, self.step_index, scale)
+        overlapped = self.syncer.early_elements
         self.syncer.sync()
         # The norm counts each element of the model once (ParamSync.owner), not once per replica;
         # the gradients still carry the loss scale (a power of two, so dividing is exact).
@@ -173,6 +175,7 @@ class Trainer:
                    grad_norm=result.grad_norm, lr=result.lr, loss_scale=result.scale, skipped=not result.ok,
                    tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                    grad_bytes_sent=self.syncer.bytes_sent, grad_bytes_uncompressed=self.syncer.bytes_uncompressed,
+                   grad_sync_overlapped=overlapped,
                    expert_load=load)
         self.step_index += 1
         self.history.append(row)
