@@ -921,14 +921,16 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def bench_dist(argv: list[str]) -> int:
     """`masep bench dist`: decode TPOT of a distributed plan with the KV cache at --context."""
     from .options import DISTRIBUTED, add_config_arg, parse_args, resolve_args
-    p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="masep bench dist", formatter_class=HelpFormatter,
+                                description="Decode steps of a distributed plan with the KV cache at --context: "
+                                "TPOT and output tokens/s under vLLM bench serve's names.")
     add_config_arg(p)
     add_model_args(p)
     p.add_argument("--strategy", choices=DISTRIBUTED, default=None, help="required, or --plan")
-    p.add_argument("--batch", type=int, default=24)
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=24, help="sequences decoding together")
+    p.add_argument("--context", type=int, default=2048, help="KV cache length every sequence attends to")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps")
     p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of the table")
     add_distributed_args(p)
     add_log_arg(p)

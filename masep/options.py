@@ -45,7 +45,8 @@ WHY_NOT = {
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter, without the noise: no "(default: X)" where the help already
-    says what the default is, nor for None, False or an empty list (an unset flag)."""
+    says what the default is, nor for None, False or an empty list (an unset flag); a list default
+    as it would be typed (1 8 24, not [1, 8, 24])."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -53,6 +54,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if ("default" in text.lower() or default is argparse.SUPPRESS or default is None or default is False
                 or default == []):
             return text
+        if isinstance(default, (list, tuple)):
+            shown = " ".join(map(str, default)).replace("%", "%%")
+            return f"{text} (default: {shown})"
         return super()._get_help_string(action)
 
 

@@ -73,7 +73,7 @@ from ..errors import error_line
 from ..fastpath import GraphedLocalRuntime, set_expert_impl, set_fused, triton
 from ..logs import add_log_arg, progress, setup_logging
 from ..model import Attention, Experts, KVCache, MoETransformer, build_model, kv_heads_for
-from ..options import add_config_arg, parse_args
+from ..options import HelpFormatter, add_config_arg, parse_args
 from ..plan import SeparatedPlan, TpPpPlan, format_plan
 
 LOG: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -670,25 +670,30 @@ def decode_markdown(rows: list[dict], title: str = "Decode, one GPU") -> str:
 
 # --- CLI -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m masep.perf.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="masep bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    dec = sub.add_parser("decode", help="decode TPOT sweep of our model (and transformers' as a peer)")
+    what = "decode TPOT sweep of one GPU (and transformers' as a peer): one JSON document ({meta, rows}) on stdout"
+    dec = sub.add_parser("decode", help=what, description=what, formatter_class=HelpFormatter)
     add_config_arg(dec)
-    dec.add_argument("--preset", nargs="+", default=["paper"])
-    dec.add_argument("--batch", type=int, nargs="+", default=[1, 8, 24, 64, 128, 256])
-    dec.add_argument("--context", type=int, default=2048)
+    dec.add_argument("--preset", nargs="+", default=["paper"], metavar="PRESET", help="built-in models to time")
+    dec.add_argument("--batch", type=int, nargs="+", default=[1, 8, 24, 64, 128, 256],
+                     help="sequences decoding together (one point each)")
+    dec.add_argument("--context", type=int, default=2048, help="KV cache length every sequence attends to")
     dec.add_argument("--impl", nargs="+", default=["grouped_mm"] + (["triton", "triton+fused"] if triton else []),
-                     choices=["grouped_mm", "triton", "grouped_mm+fused", "triton+fused"])
-    dec.add_argument("--steps", type=int, default=100)
+                     choices=["grouped_mm", "triton", "grouped_mm+fused", "triton+fused"],
+                     help="expert kernels (+fused: also the fused norm/RoPE/router kernels)")
+    dec.add_argument("--steps", type=int, default=100, help="timed decode steps per point")
     dec.add_argument("--peer", action="store_true", help="also time transformers' MixtralForCausalLM (SwiGLU presets)")
-    dec.add_argument("--out", default=None, help="JSON file for the rows (default: stdout)")
-    cal = sub.add_parser("calibrate", help="per-rank calibration file for the cost model")
+    dec.add_argument("--out", metavar="FILE", default=None, help="write the document to FILE (default: stdout)")
+    what = "per-rank op times of standard plans: the calibration file that --calibration and `masep calcheck` read"
+    cal = sub.add_parser("calibrate", help=what, description=what, formatter_class=HelpFormatter)
     add_config_arg(cal)
-    cal.add_argument("--preset", nargs="+", default=["paper", "paper-swiglu"])
-    cal.add_argument("--batch", type=int, nargs="+", default=[24])
-    cal.add_argument("--context", type=int, default=2048)
-    cal.add_argument("--impl", default="grouped_mm", choices=["grouped_mm", "triton"])
-    cal.add_argument("--out", default=None)
+    cal.add_argument("--preset", nargs="+", default=["paper", "paper-swiglu"], metavar="PRESET",
+                     help="built-in models to time")
+    cal.add_argument("--batch", type=int, nargs="+", default=[24], help="sequences decoding together")
+    cal.add_argument("--context", type=int, default=2048, help="KV cache length every sequence attends to")
+    cal.add_argument("--impl", default="grouped_mm", choices=["grouped_mm", "triton"], help="expert kernel")
+    cal.add_argument("--out", metavar="FILE", default=None, help="write the calibration file to FILE (default: stdout)")
     for p in (dec, cal):
         add_log_arg(p)
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)  # --config FILE of decode / calibrate
