@@ -808,6 +808,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         report.update(describe_ranks(report, build_plan(args, cfg), cfg))
     else:
         report.pop("reports")
+        report["plan_notation"] = "single"  # --json: meta.plan_notation for every strategy
     if args.check:
         log.info("--check: the same requests through the single-device model")
         report["check"] = check_against_single(args, cfg, source, tokenizer, requests, report["tokens"])

@@ -34,6 +34,7 @@ def test_run_plan_simulate_sweep_replan_calcheck(capsys, tmp_path):
                         "--warmup", "0", "--json"])
     assert run["meta"]["command"] == "run" and run["meta"]["model"]["name"] == "tiny"
     assert run["meta"]["hardware"]["device"] == "cpu" and run["meta"]["args"]["batch"] == 2
+    assert run["meta"]["plan_notation"] == "single"
     row, = run["rows"]
     assert all(name in row for name in VLLM_NAMES) and "duration_s" not in row and row["completed"] == 2
 
