@@ -858,8 +858,12 @@ def print_texts(report: dict, tokenizer, limit: int = 4, width: int = 120) -> No
     def show(text: str) -> str:
         return repr(text[:width]) + ("..." if len(text) > width else "")
 
+    if getattr(tokenizer, "builtin", False) and tokenizer.vocab_size > 256:
+        print(f"text: the built-in byte tokenizer gives ids 0-255 a byte each and ids 256-{tokenizer.vocab_size - 1} "
+              "no text, so a random-weight model's text is short noise")
     for i, (prompt, text) in enumerate(zip(report["prompts"][:limit], report["texts"])):
-        print(f"request {i}: {show(tokenizer.decode(prompt))} -> {show(text)}")
+        sizes = f"{len(prompt)} -> {len(report['tokens'][i])} tokens"
+        print(f"request {i} ({sizes}): {show(tokenizer.decode(prompt))} -> {show(text)}")
 
 
 def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: ModelSource, tokenizer,

@@ -44,8 +44,13 @@ def test_request_texts_are_escaped_once(capsys):
         def decode(self, ids):
             return "a\tb\ufffd"
 
-    print_texts({"prompts": [[1]], "texts": ["x\x05y"]}, Decoder())
-    assert capsys.readouterr().out == "request 0: 'a\\tb\ufffd' -> 'x\\x05y'\n"
+    print_texts({"prompts": [[1]], "texts": ["x\x05y"], "tokens": [[5, 6]]}, Decoder())
+    assert capsys.readouterr().out == "request 0 (1 -> 2 tokens): 'a\\tb\ufffd' -> 'x\\x05y'\n"
+    from masep.tokenizer import ByteTokenizer
+    print_texts({"prompts": [[104, 105]], "texts": [""], "tokens": [[3000]]}, ByteTokenizer(4096))
+    assert capsys.readouterr().out.splitlines() == [
+        "text: the built-in byte tokenizer gives ids 0-255 a byte each and ids 256-4095 no text, so a random-weight "
+        "model's text is short noise", "request 0 (2 -> 1 tokens): 'hi' -> ''"]
 
 
 @pytest.mark.timeout(60)
