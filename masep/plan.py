@@ -354,7 +354,8 @@ def parse_placement(text: str | None, what: str = "--placement"):
 
 
 def format_plan(plan) -> str:
-    """The plan in the one notation (NOTATION); parse_plan(format_plan(p)) == p."""
+    """The plan in masep's plan notation ('sep 2x4+8 m2', 'tp2pp2 m2', 'ep4 m2', 'single'; the grammar
+    is masep.plan.NOTATION); parse_plan(format_plan(p)) == p."""
     s, m = plan.strategy, plan.microbatches
     if s == "single":
         return "single" if m == 1 else f"single m{m}"
@@ -372,9 +373,11 @@ def format_plan(plan) -> str:
 
 
 def parse_plan(text: str):
-    """A plan from its notation (NOTATION). Without 'mM' the micro-batches are `masep run`'s
-    defaults: 2 for sep and ep, P for tpTppP, 1 for single. ValueError names the text and the
-    grammar; the plan is not validated against a model here (plan.validate does that)."""
+    """A plan from its notation ('sep 2x4+8 m2', 'tp2pp2 m2', 'ep4 m2', 'single', with 'seq-split' and
+    'placement=0-3;4-7' where they apply; the grammar is masep.plan.NOTATION). Without 'mM' the
+    micro-batches are `masep run`'s defaults: 2 for sep and ep, P for tpTppP, 1 for single.
+    ValueError names the text and the grammar; the plan is not validated against a model here
+    (plan.validate does that)."""
     spec = " ".join(str(text).strip().lower().split())
     for pattern, strategy in _SHAPES:
         shape = pattern.match(spec)
