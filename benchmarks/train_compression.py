@@ -26,7 +26,6 @@ MARGIN = 0.01  # relative difference of the final losses that counts as "the sam
 
 
 def run(args, windows: torch.Tensor, compression: str, device: str) -> dict:
-    from masep.config import preset
     from masep.plan import EpPlan, SeparatedPlan
     from masep.train.losses import LossConfig
     from masep.train.optim import OptimConfig

@@ -69,7 +69,6 @@ def masep_row(name: str, plan, cfg, windows, args, compression: str = "none") ->
     from masep.train.optim import OptimConfig
     from masep.train.log import peak_flops, train_flops_per_token
     from masep.train.trainer import TrainSpec, launch_training
-    from masep.config import preset
     spec = TrainSpec(plan=plan, windows=windows, config=cfg, precision="bf16", steps=args.steps,
                      batch_size=args.batch, optim=OptimConfig(lr=1e-4, warmup_steps=1, total_steps=args.steps + 1),
                      loss=LossConfig(0.01, 0.0), grad_compression=compression, device="cuda", quiet=True,
@@ -105,8 +104,8 @@ def main() -> int:
     p.add_argument("--only", nargs="*", default=None,
                    help="run only these strategies: single, separated, tp_pp, ep, plain (the PyTorch loop)")
     args = p.parse_args()
-    from masep.config import preset
     from masep.plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, format_plan
+    from masep.config import preset
     cfg = preset(args.preset)
     if args.layers:
         cfg = cfg.replace(name=f"{cfg.name}-{args.layers}l", num_layers=args.layers)

@@ -8,7 +8,6 @@ and the progress bar. Checkpoints (ckpt.py) and the HF export (assemble.py) at t
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -145,7 +144,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step; returns the step's row (the same on every rank)."""
-        spec, env = self.spec, self.env
+        env = self.env
         start = time.perf_counter()
         if env.device.type == "cuda":  # GPU time from CUDA events (the step ends with host reads anyway)
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
