@@ -115,17 +115,23 @@ def parse_plan(text: str):
 
 
 # --- plan ----------------------------------------------------------------------------------------------------
+def _strategies(args) -> tuple[str, ...]:
+    """--strategies as a tuple (default: all); ValueError naming an unknown one."""
+    from .planner import STRATEGY_NAMES
+    strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
+    bad = sorted(set(strategies) - set(STRATEGY_NAMES))
+    if bad:
+        raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(STRATEGY_NAMES)}")
+    return strategies
+
+
 def cmd_plan_train(args) -> int:
     """`masep plan --train`: rank plans by simulated training tokens/s (perf/trainsim.py)."""
-    from .planner import STRATEGY_NAMES
     from .traincost import TrainWorkload
     from .trainsim import explain_train, search_train
     try:
         cfg, hw, _ = _setup(args)
-        strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
-        bad = sorted(set(strategies) - set(STRATEGY_NAMES))
-        if bad:
-            raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(STRATEGY_NAMES)}")
+        strategies = _strategies(args)
         if args.tpot_limit_ms is not None:
             raise ValueError("--tpot-limit-ms is a decode limit; with --train plans are ranked by tokens/s")
         work = TrainWorkload(args.batch, args.seq_len, args.grad_compression)
@@ -164,15 +170,12 @@ def cmd_plan_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import STRATEGY_NAMES, explain, explain_text, search, search_throughput
+    from .planner import explain, explain_text, search, search_throughput
     if getattr(args, "train", False):
         return cmd_plan_train(args)
     try:
         cfg, hw, work = _setup(args)
-        strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else STRATEGY_NAMES
-        bad = sorted(set(strategies) - set(STRATEGY_NAMES))
-        if bad:
-            raise ValueError(f"--strategies {args.strategies}: unknown {bad}; choose from {list(STRATEGY_NAMES)}")
+        strategies = _strategies(args)
         if args.top < 1:
             raise ValueError(f"--top {args.top}: must be >= 1")
         overlap = not args.serial
