@@ -180,3 +180,17 @@ def test_train_cli_refuses_bad_input_before_work(capsys):
             main(["train", "--data", "/nonexistent.txt", *argv] if "257" not in words else ["train", *argv])
         assert exit_.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_training_that_cannot_fit_is_refused_before_any_rank_starts():
+    """The whole `paper` model on one 141 GB GPU: 9.1 B parameters x 16 bytes of training state
+    do not fit; the check names the rank and the numbers. Two layers do fit."""
+    from masep.train.trainer import check_training_memory
+    paper = preset("paper")
+    spec = TrainSpec(plan=SinglePlan(), config=paper, windows=_windows(8, 513), batch_size=8)
+    with pytest.raises(ValueError, match=r"rank 0 holds 9\.\d+ B parameters.*16 bytes per parameter"):
+        check_training_memory(spec, paper, [141 * 10**9])
+    check_training_memory(spec, paper.replace(num_layers=2), [141 * 10**9])
+    # separated 1+1: the expert rank holds every expert (137 GB of state): fits, with a warning
+    check_training_memory(TrainSpec(plan=SeparatedPlan(1, 1, 1, 2), config=paper, windows=_windows(8, 513),
+                                    batch_size=8), paper, [141 * 10**9] * 2)

@@ -263,12 +263,62 @@ def train_rank(spec: TrainSpec) -> dict | None:
     return in_world(run, lambda env, model: train_on(env, spec, model))
 
 
+def check_training_memory(spec: TrainSpec, cfg, device_bytes: list[int]) -> None:
+    """ValueError before any rank starts when a rank's optimizer states alone (16 bytes per
+    parameter: weight, gradient, fp32 master and moments; perf/traincost.py) exceed its GPU's
+    memory. Activations come on top; they depend on the kernels, so only the states are a
+    certain refusal."""
+    import logging
+    from ..perf.hardware import get_profile
+    from ..perf.traincost import TrainWorkload, rank_params, train_memory
+    from ..plan import format_plan
+    plan = spec.plan
+    work = TrainWorkload(spec.batch_size, spec.windows.shape[1] - 1)
+    for rank in range(plan.world_size):
+        if rank >= len(device_bytes):
+            break
+        params = sum(rank_params(plan, cfg, rank).values())
+        need = 16 * params
+        estimate = train_memory(plan, cfg, rank, work, get_profile("h200").replace(reserved_bytes=0)).total
+        if need <= device_bytes[rank] < estimate:
+            logging.getLogger("masep.train").warning(
+                "rank %d may run out of memory: about %.1f GB estimated (training state %.1f GB + activations of "
+                "%d sequences of %d) on a %.1f GB GPU", rank, estimate / 1e9, need / 1e9, work.batch, work.seq_len,
+                device_bytes[rank] / 1e9)
+        if need > device_bytes[rank]:
+            raise ValueError(
+                f"plan {format_plan(plan)}: rank {rank} holds {params / 1e9:.2f} B parameters, whose "
+                f"training state takes {need / 1e9:.1f} GB (16 bytes per parameter: bf16 weight and gradient, fp32 "
+                f"master and two moments), more than its GPU's {device_bytes[rank] / 1e9:.1f} GB; spread the model "
+                "over more ranks (masep plan --train finds a split that fits) or train fewer layers")
+
+
+def _local_gpu_bytes(world_size: int) -> list[int]:
+    """Memory of the GPU each local rank gets (rank i on device i)."""
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    return [torch.cuda.get_device_properties(i % n).total_memory for i in range(world_size)]
+
+
 def launch_training(spec: TrainSpec) -> dict:
     """Start plan.world_size local ranks (or, under torchrun, run this one)."""
     from ..parallel.launch import launched_by_torchrun, spawn
+    if spec.device == "cuda" and not launched_by_torchrun():
+        check_training_memory(spec, _spec_config(spec), _local_gpu_bytes(spec.plan.world_size))
     if launched_by_torchrun():
         return train_rank(spec)
     return spawn(spec.plan.world_size, train_rank, spec)
+
+
+def _spec_config(spec: TrainSpec):
+    if spec.config is not None:
+        return spec.config
+    if spec.model_dir is not None:
+        from ..config import from_hf_config
+        return from_hf_config(spec.model_dir)
+    from ..config import preset
+    return preset(spec.preset)
 
 
 def summary(report: dict) -> str:
