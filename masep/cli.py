@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .config import PRESETS, ModelConfig, from_hf_config, preset
+from .config import PRESET_HELP, PRESETS, ModelConfig, from_hf_config, preset
 from .engine import Request, random_prompts
 from .engine.executor import LocalExecutor
 from .logs import add_log_arg, progress, setup_logging
@@ -361,7 +361,8 @@ STRATEGY_HELP = ("single: one device; separated: attention and experts on separa
 def add_model_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help=f"built-in model with random weights from --seed (default: {DEFAULT_PRESET})")
+                       help=f"built-in model with random weights from --seed (default: {DEFAULT_PRESET}); "
+                            f"{PRESET_HELP}")
     which.add_argument("--model", metavar="DIR", default=None,
                        help="HF checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE: config.json + safetensors)")
     p.add_argument("--dtype", choices=RUN_DTYPES, default=None, help="default: the model config's dtype")

@@ -107,6 +107,8 @@ PRESETS: dict[str, ModelConfig] = {
                          expert_act="gelu", max_seq_len=2048, dtype="bfloat16"),
 }
 PRESETS["paper-swiglu"] = PRESETS["paper"].replace(name="paper-swiglu", expert_act="swiglu")
+PRESET_HELP = ("tiny: 0.35 M parameters (tests); small: 28 M (CPU demos); paper: 9.1 B, the MA Separation paper's "
+               "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts")  # for --help
 
 
 def preset(name: str) -> ModelConfig:

@@ -144,3 +144,11 @@ def test_to_hf_dict_round_trip(changes, model_type):
     raw = to_hf_dict(cfg)
     assert raw["model_type"] == model_type
     assert from_hf_dict(raw).replace(name="tiny") == cfg
+
+
+def test_preset_help_states_the_parameter_counts():
+    from masep.config import PRESET_HELP
+    from masep.model import build_model
+    for name, shown in (("tiny", "0.35 M"), ("small", "28 M")):
+        count = sum(p.numel() for p in build_model(preset(name)).parameters())
+        assert f"{name}: {shown}" in PRESET_HELP and f"{count / 1e6:.{2 if name == 'tiny' else 0}f} M" == shown

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import PRESETS, ModelConfig, from_hf_config, preset
+from ..config import PRESET_HELP, PRESETS, ModelConfig, from_hf_config, preset
 from ..logs import progress
 from ..options import HelpFormatter
 from ..plan import parse_plan as _parse_plan
@@ -30,7 +30,8 @@ log = logging.getLogger("masep.perf")
 # --- shared arguments ------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", choices=sorted(PRESETS), default=None, help="built-in model (default: paper)")
+    which.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help=f"built-in model (default: paper); {PRESET_HELP}")
     which.add_argument("--model", metavar="DIR", default=None, help="HF checkpoint dir or config.json")
     p.add_argument("--gpus", type=int, default=16, help="number of GPUs")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE,
