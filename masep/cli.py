@@ -1003,7 +1003,8 @@ def bench_dist_table(row: dict) -> str:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "run": Subcommand("generate for text or random prompts and print the text, TTFT / TPOT / throughput",
                       add_run_args, cmd_run),
-    "bench": Subcommand("benchmarks: one-GPU decode sweep, per-rank calibration, distributed decode steps",
+    "bench": Subcommand("benchmarks: one-GPU decode sweep, per-rank calibration, distributed decode steps, load "
+                        "generator for OpenAI-compatible servers",
                         add_bench_args, cmd_bench),
 }
 
