@@ -178,3 +178,8 @@ def test_replan_reads_bench_dist_rows():
     assert parse_measured({**row, "plan": "sep 1x2+2 m2"}).plan == plan  # the plan notation works too
     factors = refit_factors(m, h100)
     assert factors["experts"] == pytest.approx(1.5) and factors["attention"] == pytest.approx(1.0)
+
+
+def test_small_times_keep_their_digits():
+    from masep.perf.planner import ms
+    assert [ms(1.6884), ms(0.033), ms(0.000160886), ms(0.0)] == ["1.688", "0.033", "0.00016", "0.000"]

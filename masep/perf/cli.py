@@ -171,7 +171,7 @@ def cmd_plan_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import explain, explain_text, search, search_throughput
+    from .planner import explain, explain_text, ms, search, search_throughput
     if getattr(args, "train", False):
         return cmd_plan_train(args)
     try:
@@ -215,7 +215,7 @@ def cmd_plan(args) -> int:
           f"{'kernel* %':>9} {'GB/GPU':>6}")
     for i, s in enumerate(res.ranked, 1):
         d = s.summary()
-        print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {d['floor_ms']:8.3f} "
+        print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {ms(d['floor_ms']):>8} "
               f"{d['mbu']:5.0%} {d['busy_fraction_mean']:6.0%} {d['kernel_active_mean_nvidia_smi_style']:9.0%} "
               f"{d['memory_max_gb']:6.1f}")
     print(explain_text(res.best))

@@ -231,11 +231,17 @@ def explain(sim: Simulation) -> dict:
                 "for reference only: the conditions are about separated attention/expert groups")
 
 
+def ms(value: float) -> str:
+    """Milliseconds with three decimals, or two significant digits below 0.01 ms (a tiny model's
+    floor printed as 0.000 read as no floor at all)."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.0095 else f"{value:.2g}"
+
+
 def explain_text(sim: Simulation) -> str:
     x = explain(sim)
     d = sim.summary()
     lines = [f"winner: {x['plan']}  ({sim.plan.strategy}, {sim.num_gpus} GPUs)",
-             f"  TPOT {d['tpot_ms']:.3f} ms, {d['tps']:,.0f} tok/s; floor {d['floor_ms']:.3f} ms "
+             f"  TPOT {d['tpot_ms']:.3f} ms, {d['tps']:,.0f} tok/s; floor {ms(d['floor_ms'])} ms "
              f"({d['tpot_over_floor']:.2f}x floor); MBU {d['mbu']:.1%} (useful bytes {d['mbu_useful']:.1%}); "
              f"MFU {d['mfu']:.2%}",
              f"  per layer and micro-batch: T_attention {x['t_attention_ms']:.3f} ms, T_experts "
