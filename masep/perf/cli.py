@@ -79,9 +79,10 @@ def _header(cfg: ModelConfig, hw, gpus: int, work: Workload, serial: bool) -> st
 
 
 FOOTNOTES = """\
-floor   = HBM floor of the GPU split: sum over phases that must run one after another of max over the phase's
-          GPUs of (bytes it must read with one micro-batch) / spec HBM bandwidth; tp_pp: one phase per stage;
-          separated / ep: one phase (attention and experts overlapping perfectly)
+floor   = the plan's own floor at its m (masep/perf/floor.py): each op at max(bytes / spec HBM bandwidth, FLOPs /
+          spec matmul peak), experts re-read by every micro-batch that touches them; the slowest GPU's work plus
+          the chains that must come before and after it (tp_pp: pipeline fill and drain), or one micro-batch's
+          whole dependency chain, transfers at the cost model's times; the simulator never goes below it
 MBU     = bytes all GPUs read in the step / TPOT / (GPUs x spec HBM bandwidth); 'useful' counts only the bytes a
           step must read (weights touched by the batch once + KV + lm_head)
 busy    = compute time / TPOT, mean over GPUs

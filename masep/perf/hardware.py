@@ -75,10 +75,12 @@ class Hardware:
         return dict(self.op_efficiency).get(kind, 1.0)
 
     def hbm_rate(self, kind: str) -> float:
-        return self.hbm_bytes_per_s * self.hbm_efficiency * self.efficiency(kind)
+        """Achievable HBM rate of one op kind, never above the spec (a fitted efficiency over 1
+        must not let the simulator beat the floor, perf/floor.py)."""
+        return self.hbm_bytes_per_s * min(1.0, self.hbm_efficiency * self.efficiency(kind))
 
     def flop_rate(self, kind: str) -> float:
-        return self.matmul_flops_per_s * self.matmul_efficiency * self.efficiency(kind)
+        return self.matmul_flops_per_s * min(1.0, self.matmul_efficiency * self.efficiency(kind))
 
     def latency(self, kind: str) -> float:
         return dict(self.op_latency_s).get(kind, 0.0)

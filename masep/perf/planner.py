@@ -244,6 +244,7 @@ def explain_text(sim: Simulation) -> str:
              f"  TPOT {d['tpot_ms']:.3f} ms, {d['tps']:,.0f} tok/s; floor {ms(d['floor_ms'])} ms "
              f"({d['tpot_over_floor']:.2f}x floor); MBU {d['mbu']:.1%} (useful bytes {d['mbu_useful']:.1%}); "
              f"MFU {d['mfu']:.2%}",
+             f"  floor binds at {d['floor_binds']}",
              f"  per layer and micro-batch: T_attention {x['t_attention_ms']:.3f} ms, T_experts "
              f"{x['t_experts_ms']:.3f} ms, T_transfer {x['t_transfer_ms']:.3f} ms; head {x['t_head_ms']:.3f} ms",
              f"  balance T_a/T_e = {x['balance_ta_over_te']:.2f} ({x['bound']}-bound)",
@@ -356,5 +357,8 @@ def seeds_table(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, ma
 
 
 def _floor_of(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
-    from .simulator import floor_s
-    return floor_s(plan, cfg, work, hw)
+    """A claimed system's floor: bytes and FLOPs at the spec rates, no transfer time (its links are
+    not ours to model), so 'below the floor' is a statement about physics alone."""
+    from .floor import Rates, plan_floor
+    rates = Rates(hw.hbm_bytes_per_s, hw.matmul_flops_per_s, transfer_s={}, source=f"{hw.name} spec, no transfers")
+    return plan_floor(plan, cfg, work, hw, rates).seconds

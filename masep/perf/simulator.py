@@ -35,17 +35,14 @@ Metrics (per simulated step):
   MBU (useful)       bytes one step must read at least (weights touched by the whole batch once,
                      KV, lm_head once) / TPOT / (GPUs x spec HBM rate)
   MFU                FLOPs of all GPUs / TPOT / (GPUs x spec matmul rate)
-  floor              sum over phases that must run one after another of max over the phase's GPUs
-                     of (bytes that GPU must read with one micro-batch) / spec HBM rate. Phases:
-                     tp_pp = its pipeline stages (one stage streams at a time); separated, ep and
-                     single = one phase (attention and experts overlap perfectly at best).
-                     One-phase floors bound every m (more micro-batches only re-read weights);
-                     the tp_pp floor is docs/reference.md's definition: with m > 1 the stages do
-                     overlap, so it bounds the m = 1 pipeline, not every m.
+  floor              perf/floor.py's `plan_floor` at the profile's spec HBM and matmul rates, transfers
+                     at the cost model's times: a lower bound on any run of the plan's op lists at its
+                     m (bytes of the experts each micro-batch touches, per micro-batch), so the
+                     simulated TPOT is never below it. `floor_binds` / `floor_parts` say what binds.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -54,6 +51,7 @@ from ..config import ModelConfig
 from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, RECV_ACT,
                                  SEND, SEND_ACT, Op, ep_schedule, separated_schedule, tp_pp_schedule)
 from ..plan import SinglePlan
+from . import floor as floormod
 from .costmodel import (BACK, COMM, COMPUTE, MemoryUse, OpCost, Workload, check_memory, describe, op_cost,
                         rank_memory, rank_role)
 from .hardware import Hardware
@@ -155,8 +153,6 @@ class Simulation:
     overlap: bool
     records: list[OpRecord]
     memory: list[MemoryUse]
-    floor_s: float
-    floor_achievable_s: float
     min_step_bytes: float
     tpot_s: float = field(init=False)
 
@@ -166,6 +162,20 @@ class Simulation:
     @property
     def num_gpus(self) -> int:
         return self.plan.world_size
+
+    @functools.cached_property
+    def floor(self) -> floormod.Floor:
+        """The plan's floor at the spec rates (perf/floor.py); computed when first asked for."""
+        return floormod.plan_floor(self.plan, self.cfg, self.work, self.hw)
+
+    @property
+    def floor_s(self) -> float:
+        return self.floor.seconds
+
+    @functools.cached_property
+    def floor_achievable_s(self) -> float:
+        """The same floor at the profile's achievable rates (not a bound: fitted rates can beat it)."""
+        return floormod.plan_floor(self.plan, self.cfg, self.work, self.hw, floormod.Rates.achievable(self.hw)).seconds
 
     @property
     def tps(self) -> float:
@@ -237,6 +247,7 @@ class Simulation:
             batch=self.work.batch, context=self.work.context, microbatches=self.plan.microbatches,
             overlap=self.overlap, tpot_ms=self.tpot_s * 1e3, tps=self.tps, floor_ms=self.floor_s * 1e3,
             floor_achievable_ms=self.floor_achievable_s * 1e3, tpot_over_floor=self.tpot_s / self.floor_s,
+            floor_binds=self.floor.label, floor_parts=self.floor.to_dict(),
             mbu=self.mbu, mbu_useful=self.mbu_useful, mfu=self.mfu,
             busy_fraction_mean=sum(busy) / len(busy), busy_fraction=busy,
             kernel_active_mean_nvidia_smi_style=sum(active) / len(active), kernel_active_nvidia_smi_style=active,
@@ -253,13 +264,9 @@ def _rank_bytes(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
 
 
 def floor_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, achievable: bool = False) -> float:
-    """HBM floor of the plan's GPU split (module docstring): one micro-batch, spec bandwidth."""
-    one = dataclasses.replace(plan, microbatches=1)
-    rate = hw.hbm_bytes_per_s * (hw.hbm_efficiency if achievable else 1.0)
-    per_rank = [_rank_bytes(one, cfg, r, work, hw) for r in range(plan.world_size)]
-    if plan.strategy == "tp_pp":
-        return sum(max(per_rank[s * plan.tp:(s + 1) * plan.tp]) for s in range(plan.pp)) / rate
-    return max(per_rank) / rate
+    """The plan's floor (perf/floor.py) at the profile's spec (or achievable) rates."""
+    rates = floormod.Rates.achievable(hw) if achievable else floormod.Rates.spec(hw)
+    return floormod.plan_floor(plan, cfg, work, hw, rates).seconds
 
 
 def min_step_bytes(cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
@@ -379,5 +386,4 @@ def simulate(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool
     memory = check_memory(plan, cfg, work, hw) if check_fit else \
         [rank_memory(plan, cfg, r, work, hw) for r in range(plan.world_size)]
     return Simulation(plan, cfg, work, hw, overlap, _run(plan, cfg, work, hw, overlap, costs), memory,
-                      floor_s(plan, cfg, work, hw), floor_s(plan, cfg, work, hw, achievable=True),
                       min_step_bytes(cfg, work, hw))
