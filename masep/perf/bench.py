@@ -20,7 +20,8 @@ Decode row keys: device, torch, date, system ("masep" | "transformers"), impl, p
 expert_matrices, batch, context, dtype, tpot_ms_median, tpot_ms_p99, tpot_ms_mean, tps
 (= batch / median TPOT), floor_ms, floor_ms_expected, mbu (= floor_ms / tpot_ms_median),
 bytes_read, bytes_breakdown, copy_bw_measured (bytes read + written per second of a large
-device-to-device copy, measured in the same run), experts_touched_mean (per layer, from the
+device-to-device copy, measured in the same run), matmul_flops_measured (bf16 8192^3 matmul rate
+measured in the same sweep; absent when not measured), experts_touched_mean (per layer, from the
 routing of the timed steps), experts_touched_expected (E(1 - (1 - k/E)^B) = 16(1-(14/16)^B)),
 expert_load (per layer: tokens routed to each expert, summed over the input sets),
 check_rel_err (graph-replayed logits vs the eager F.grouped_mm reference, over the rows whose
@@ -33,6 +34,13 @@ Bytes a decode step must read (`decode_bytes`): per layer the attention weights 
 the router and the two norms, the experts actually touched (count from routing), the KV cache
 (batch x context keys and values); plus the final norm, the lm_head and one embedding row per
 sequence. Activations are ignored (under 0.1% here).
+
+floor_ms is `masep.perf.floor.plan_floor` of the one-GPU plan, the same function the simulator and
+the README use, given this run's numbers: Rates(copy_bw_measured, matmul_flops_measured or None,
+no transfers) and the experts touched counted from the routing of the timed steps; floor_ms_expected
+the same with the expected count. Its bytes are the cost model's (decode_bytes above plus activation
+rows and the fp32 logits written, without the embedding rows), so they differ from bytes_read by
+well under 1%.
 
 Calibration file (read by masep/perf/costmodel.py; keep it exactly so):
 
@@ -209,6 +217,19 @@ def decode_bytes(cfg: ModelConfig, batch: int, context: int, touched_per_layer: 
     return parts
 
 
+def one_gpu_floor_ms(cfg: ModelConfig, batch: int, context: int, copy_bw: float, matmul_flops: float | None = None,
+                     touched: float | None = None) -> float:
+    """perf/floor.py's floor of one GPU's decode step at this run's measured rates (module docstring)."""
+    from .costmodel import Workload
+    from .floor import Rates, plan_floor
+    from .hardware import PROFILES
+    from ..plan import SinglePlan
+    rates = Rates(copy_bw, matmul_flops, transfer_s={}, source="measured in the run (copy, matmul)")
+    # the profile only lays out ranks on nodes; one GPU has no transfers and the rates are the run's
+    return plan_floor(SinglePlan(), cfg, Workload(batch, context), PROFILES["h100"], rates,
+                      experts_touched_per_layer=touched).seconds * 1e3
+
+
 # --- our decode -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture_routing(model: MoETransformer):
@@ -258,7 +279,7 @@ def routing_check(ref_BV, got_BV, ref_ids: list[torch.Tensor], got_ids: list[tor
 @torch.inference_mode()
 def bench_decode(preset: str, batch: int, context: int, *, model: MoETransformer | None = None,
                  impl: str = "grouped_mm", steps: int = 100, warmup: int = 20, input_sets: int = 4,
-                 copy_bw: float | None = None, seed: int = 0, log=LOG) -> dict:
+                 copy_bw: float | None = None, seed: int = 0, log=LOG, matmul_flops: float | None = None) -> dict:
     """One decode point of our model (GraphedLocalRuntime) -> a row (module docstring).
     impl: "grouped_mm" | "triton" (expert matmuls), optionally + "+fused" (set_fused)."""
     own_model = model is None
@@ -310,8 +331,10 @@ def bench_decode(preset: str, batch: int, context: int, *, model: MoETransformer
                tps=batch / (med / 1e3), bytes_read=parts["total"], bytes_breakdown=parts,
                experts_touched_mean=touched, experts_touched_expected=expected,
                expert_load=[l.sum(0).tolist() for l in loads])
-    row["floor_ms"] = parts["total"] / copy_bw * 1e3
-    row["floor_ms_expected"] = decode_bytes(cfg, batch, context, expected)["total"] / copy_bw * 1e3
+    if matmul_flops:
+        row["matmul_flops_measured"] = matmul_flops
+    row["floor_ms"] = one_gpu_floor_ms(cfg, batch, context, copy_bw, matmul_flops, touched)
+    row["floor_ms_expected"] = one_gpu_floor_ms(cfg, batch, context, copy_bw, matmul_flops)
     row["mbu"] = row["floor_ms"] / med
     log(f"[masep {impl}] {preset} B={batch} ctx={context}: TPOT {med:.3f} ms (p99 "
         f"{row['tpot_ms_p99']:.3f}), floor {row['floor_ms']:.3f} ms, MBU {row['mbu']:.3f}, "
@@ -453,7 +476,7 @@ def bench_hf_decode(hf, cfg: ModelConfig, preset: str, batch: int, context: int,
     med = percentile(times, 50)
     row.update(tpot_ms_median=med, tpot_ms_p99=percentile(times, 99), tpot_ms_mean=sum(times) / len(times),
                tps=batch / (med / 1e3), bytes_read=parts["total"], bytes_breakdown=parts,
-               experts_touched_expected=expected, floor_ms=parts["total"] / copy_bw * 1e3)
+               experts_touched_expected=expected, floor_ms=one_gpu_floor_ms(cfg, batch, context, copy_bw))
     row["floor_ms_expected"] = row["floor_ms"]
     row["mbu"] = row["floor_ms"] / med
     log(f"[transformers] {preset} B={batch} ctx={context}: TPOT {med:.3f} ms (p99 {row['tpot_ms_p99']:.3f}),"
@@ -731,6 +754,7 @@ def decode_sweep(presets, batches, context: int, impls, *, steps: int = 100, pee
     """Every (preset, impl, batch) of our model; with peer, transformers on SwiGLU presets,
     once per transformers experts implementation in `hf_experts`."""
     copy_bw = copy_bw or measure_copy_bandwidth()
+    matmul_flops = measure_matmul_flops()
     rows = []
 
     def add(row):
@@ -743,7 +767,8 @@ def decode_sweep(presets, batches, context: int, impls, *, steps: int = 100, pee
         for impl in impls:
             for b in batches:
                 try:
-                    add(bench_decode(p, b, context, model=model, impl=impl, steps=steps, copy_bw=copy_bw, log=log))
+                    add(bench_decode(p, b, context, model=model, impl=impl, steps=steps, copy_bw=copy_bw, log=log,
+                                     matmul_flops=matmul_flops))
                 except Exception as err:  # record the failure (OOM above all) and go on with the sweep
                     add({**device_meta(), "system": "masep", "impl": f"graph+{impl}", "preset": p, "batch": b,
                          "context": context, "expert_matrices": model.cfg.expert_matrices,
