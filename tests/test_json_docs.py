@@ -54,7 +54,8 @@ def test_run_plan_simulate_sweep_replan_calcheck(capsys, tmp_path):
 
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(dict(plan="ep2 m1", preset="tiny", hardware="h100", batch=4, context=64, steps=1,
-                                        busy_s={"0": {"attention": 1e-4}, "1": {"attention": 1e-4}})))
+                                        busy_s={"0": {"attention": 1e-4}, "1": {"attention": 1e-4}},
+                                        timing="cuda_events")))
     replan = _doc(capsys, ["replan", "--measured", str(measured), "--json"])
     assert replan["rows"][0]["plan"] == "ep2 m1" and replan["meta"]["hardware"]["profile"] == "h100"
     cal = _doc(capsys, ["calcheck", "benchmarks/results/calibration_h200_20261127.json", "--hardware", "h200",

@@ -147,7 +147,7 @@ def test_replan_refits_and_proposes(tmp_path, capsys):
         if r.op.kind == "attention":
             busy.setdefault(str(r.rank), {"attention": 0.0})["attention"] += 2 * r.cost.compute_s * 10
     measured = dict(plan={"strategy": "separated", **plan_to_dict(plan)}, preset="paper", hardware="a100-80g",
-                    batch=24, context=2048, steps=10, busy_s=busy, tpot_ms=4.0)
+                    batch=24, context=2048, steps=10, busy_s=busy, tpot_ms=4.0, timing="cuda_events")
     path = tmp_path / "measured.json"
     path.write_text(json.dumps(measured))
     assert _run(["replan", "--measured", str(path), "--threshold", "0.1", "--json"]) == 0
@@ -172,12 +172,17 @@ def test_replan_reads_bench_dist_rows():
         kinds[r.op.kind] = kinds.get(r.op.kind, 0.0) + r.cost.compute_s * scale * 1e3
     row = dict(device="NVIDIA H100 80GB HBM3", strategy="separated", plan={"strategy": "separated",
                **plan_to_dict(plan)}, preset="paper", dtype="bfloat16", batch=8, context=1024, steps=20,
-               median_tpot_ms=9.9, busy_ms_per_step=json.loads(json.dumps(per_step)))
+               median_tpot_ms=9.9, busy_ms_per_step=json.loads(json.dumps(per_step)), timing="cuda_events")
     m = parse_measured(row)
     assert (m.hardware, m.tpot_ms, m.steps, m.work) == ("h100", 9.9, 1, work)
     assert parse_measured({**row, "plan": "sep 1x2+2 m2"}).plan == plan  # the plan notation works too
     factors = refit_factors(m, h100)
     assert factors["experts"] == pytest.approx(1.5) and factors["attention"] == pytest.approx(1.0)
+    # host-clock times (what `masep bench dist` writes today) and files that do not say are refused
+    with pytest.raises(ValueError, match="says `timing: 'host_clock'`.*CUDA events"):
+        parse_measured({**row, "timing": "host_clock"}, "bench.json")
+    with pytest.raises(ValueError, match="has no `timing` field"):
+        parse_measured({k: v for k, v in row.items() if k != "timing"}, "bench.json")
 
 
 def test_small_times_keep_their_digits():

@@ -8,6 +8,8 @@ synchronisation); rank 0 reports, per step, the slowest rank's time, and over th
 vLLM `bench serve`'s names for what they measure: one decode step gives every sequence one
 output token, so its time is the TPOT (mean_tpot_ms, median_tpot_ms, std_tpot_ms, p99_tpot_ms),
 `duration` is the timed steps' seconds and `output_throughput` batch x steps / duration.
+The row's `timing` field names the clock: "host_clock" (for the step times and the per-op busy
+times alike); `masep replan` refuses anything but "cuda_events".
 """
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
                 plan=dict(plan.__dict__, strategy=plan.strategy), plan_notation=format_plan(plan),
                 plan_text=plan.describe(),
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
-                context=spec.context, steps=spec.steps, duration=duration,
+                context=spec.context, steps=spec.steps, timing="host_clock", duration=duration,
                 total_output_tokens=spec.batch * spec.steps, output_throughput=spec.batch * spec.steps / duration,
                 mean_tpot_ms=float(ms.mean()), median_tpot_ms=float(np.median(ms)), std_tpot_ms=float(ms.std()),
                 p99_tpot_ms=float(np.percentile(ms, 99)),

@@ -16,7 +16,7 @@ don't change the bytes a decode step reads), every row decoding at position cont
 attending to `context` keys; `input_sets` different random token vectors rotate over the timed
 steps so routing varies. CUDA events around each step after warm-up; median and p99.
 
-Decode row keys: device, torch, date, system ("masep" | "transformers"), impl, preset,
+Decode row keys: device, torch, date, timing ("cuda_events": how the times were taken), system ("masep" | "transformers"), impl, preset,
 expert_matrices, batch, context, dtype, tpot_ms_median, tpot_ms_p99, tpot_ms_mean, tps
 (= batch / median TPOT), floor_ms, floor_ms_expected, mbu (= floor_ms / tpot_ms_median),
 bytes_read, bytes_breakdown, copy_bw_measured (bytes read + written per second of a large
@@ -288,7 +288,7 @@ def bench_decode(preset: str, batch: int, context: int, *, model: MoETransformer
     copy_bw = copy_bw or measure_copy_bandwidth()
     row = {**device_meta(), "system": "masep", "impl": f"graph+{impl}", "preset": preset,
            "expert_matrices": cfg.expert_matrices, "batch": batch, "context": context,
-           "dtype": str(model.dtype).replace("torch.", ""), "copy_bw_measured": copy_bw}
+           "dtype": str(model.dtype).replace("torch.", ""), "copy_bw_measured": copy_bw, "timing": "cuda_events"}
     runtime = GraphedLocalRuntime(model, expert_impl=None)  # kernels are set per step below
     try:
         runtime.start(batch, context)
@@ -450,7 +450,7 @@ def bench_hf_decode(hf, cfg: ModelConfig, preset: str, batch: int, context: int,
            "impl": f"hf-attn={hf.config._attn_implementation}-experts="
                    f"{getattr(hf.config, '_experts_implementation', None)}",
            "preset": preset, "expert_matrices": cfg.expert_matrices, "batch": batch, "context": context,
-           "dtype": str(hf.dtype).replace("torch.", ""), "copy_bw_measured": copy_bw}
+           "dtype": str(hf.dtype).replace("torch.", ""), "copy_bw_measured": copy_bw, "timing": "cuda_events"}
     cache = None
     try:
         gen = torch.Generator(device="cuda").manual_seed(seed + 1)

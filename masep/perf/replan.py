@@ -14,6 +14,12 @@ Measured file (JSON), any of:
     "busy_s": {"0": {"attention": 0.0123, ...}, ...}  (seconds summed over `steps` steps), or
     "measurements": [{"op": "attention", "rank": 0, "measured_ms": 0.31}, ...]  (per op)}.
 
+Every measured file must say how its times were taken: `"timing": "cuda_events"` (CUDA events
+recorded on the GPU's streams). Anything else is refused, files without the field included
+(`"host_clock"`, as `masep bench dist` writes today, and `masep run --json`, which records no
+source): a host clock around a step also counts kernel launches, host synchronisation and Python,
+which are not the op's cost, so a refit to them would move the cost model by the engine's overhead.
+
 Refit: for each compute op kind (attention, experts, head), factor = measured seconds / predicted
 seconds over every rank that reports it (busy_s: per step; measurements: per op, matched by rank
 and kind). The kind's efficiency is divided by the factor and its fixed latency multiplied by it,
@@ -102,8 +108,25 @@ def flatten_document(doc: dict, source: str = "measured") -> dict:
     return flat
 
 
+TIMING_FIELD, CUDA_EVENTS = "timing", "cuda_events"
+
+
+def check_timing(doc: dict, source: str) -> None:
+    """ValueError unless the document says its times come from CUDA events (module docstring)."""
+    timing = doc.get(TIMING_FIELD)
+    if timing == CUDA_EVENTS:
+        return
+    what = (f"has no `{TIMING_FIELD}` field, so how its times were taken is unknown (`masep run --json` records "
+            "none)" if timing is None else f"says `{TIMING_FIELD}: {timing!r}`")
+    raise ValueError(f"{source} {what}; replan refits the cost model only to times taken with CUDA events "
+                     f"(`\"{TIMING_FIELD}\": \"{CUDA_EVENTS}\"`): host-clock times include launch and "
+                     "synchronisation overhead that is not the ops' cost. Measure with CUDA events, or write "
+                     "the per-op times by hand with that field")
+
+
 def parse_measured(doc: dict, source: str = "measured") -> Measured:
     doc = flatten_document(doc, source)
+    check_timing(doc, source)
     if not isinstance(doc.get("plan"), (dict, str)):
         raise ValueError(f"{source}: needs a `plan`: the plan notation ('sep 12x1+4 m2') or an object with a "
                          "`strategy` field")
