@@ -327,7 +327,8 @@ def summary(report: dict) -> str:
         return "no steps"
     last = h[-1]
     mean_tps = sum(r["tokens_per_s"] for r in h) / len(h)
-    text = (f"{len(h)} steps: loss {h[0]['loss']:.4f} -> {last['loss']:.4f}, {mean_tps:,.0f} tokens/s, "
+    text = (f"{len(h)} steps: cross-entropy {h[0]['token_loss']:.4f} -> {last['token_loss']:.4f} (loss with the "
+            f"router terms {h[0]['loss']:.4f} -> {last['loss']:.4f}), {mean_tps:,.0f} tokens/s, "
             f"{report['skipped_steps']} skipped")
     if last["grad_bytes_uncompressed"]:
         text += f", gradient bytes sent {last['grad_bytes_sent'] / last['grad_bytes_uncompressed']:.2f}x of fp32"
