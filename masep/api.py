@@ -283,7 +283,7 @@ def serve_model(model: LoadedModel, plan=None, *, host: str = "127.0.0.1", port:
 def train_model(model: LoadedModel, plan=None, *, data=None, windows=None, steps: int = 100, seq_len: int = 128,
           batch_size: int = 8, vocab_size: int | None = None, precision: str | None = None, lr: float = 3e-3,
           warmup: int = 10, min_lr_ratio: float = 0.1, weight_decay: float = 0.1, max_grad_norm: float = 1.0,
-          aux_coef: float = 0.01, z_coef: float = 0.0, grad_compression: str = "none", gpus_per_node: int = 8,
+          aux_coef: float = 0.01, z_coef: float = 0.0, grad_compression: str = "none", gpus_per_node: int | None = None,
           data_seed: int = 0, log_dir: str | None = None, save_dir: str | None = None, save_every: int = 0,
           resume: bool = False, export: str | None = None, cache_dir: str | None = None, backend: str = "auto",
           timeout_s: float = 120.0, quiet: bool = True) -> dict:

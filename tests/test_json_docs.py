@@ -86,7 +86,7 @@ def test_bench_dist_and_train_documents_without_ranks(capsys, monkeypatch, tmp_p
     monkeypatch.setattr(train_cli, "_corpus", lambda *a: (torch.zeros(8, 17, dtype=torch.long), None))
     steps = [dict(step=i, loss=1.0, tokens_per_s=10.0) for i in (1, 2)]
     monkeypatch.setattr(trainer, "launch_training", lambda spec: dict(history=steps, memory={}, skipped_steps=0,
-                                                                      plan="single"))
+                                                                      plan="single", grad_sync={}))
     train = _doc(capsys, ["train", "--preset", "tiny", "--steps", "2", "--warmup", "0", "--seq-len", "16",
                           "--batch-size", "2", "--log-dir", str(tmp_path), "--json"])
     assert train["rows"] == steps and train["meta"]["command"] == "train" and train["meta"]["curve"] is None

@@ -47,7 +47,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(fp16 with dynamic loss scaling); default: fp32 on CPU, bf16 on CUDA")
     o.add_argument("--grad-compression", choices=("none", "int8"), default="none",
                    help="int8: all-reduce of replicated gradients in 8 bits with error feedback")
-    o.add_argument("--gpus-per-node", type=int, default=8, help="node size for the hierarchical all-reduce")
+    o.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per node for the hierarchical all-reduce (default: torchrun's LOCAL_WORLD_SIZE "
+                        "under torchrun, else every rank on one node)")
     c = p.add_argument_group("output")
     c.add_argument("--log-dir", default="runs/train", help="train.jsonl (one row per step) and loss.png")
     c.add_argument("--save-dir", default=None, help="torch.distributed.checkpoint directory (each rank its shards)")
@@ -67,7 +69,7 @@ def _check_numbers(args, parser) -> None:
     for flag, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
                              ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                              ("--save-every", args.save_every, 0), ("--gpus-per-node", args.gpus_per_node, 1)):
-        if value < low:
+        if value is not None and value < low:
             parser.error(f"{flag}={value}: must be >= {low}")
     if args.warmup >= args.steps and args.steps > 1:
         parser.error(f"--warmup {args.warmup}: must be below --steps {args.steps}")
@@ -139,13 +141,15 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              args.batch_size)
     started = time.time()
     report = launch_training(spec)
+    if report is None:  # under torchrun, a rank other than 0: rank 0 reports
+        return 0
     curve = Path(args.log_dir) / "loss.png"
     drawn = curve.is_file() and curve.stat().st_mtime >= started - 1  # not drawn without matplotlib
     if args.json:
         from ..report import device_info, document
         print(json.dumps(document("train", report["history"], args, model=dataclasses.asdict(cfg),
                                   hardware=device_info(args.device, args.backend), plan=format_plan(plan),
-                                  plan_text=report["plan"], memory=report["memory"],
+                                  plan_text=report["plan"], memory=report["memory"], grad_sync=report["grad_sync"],
                                   skipped_steps=report["skipped_steps"], export=report.get("export"),
                                   log=str(Path(args.log_dir) / "train.jsonl"), curve=str(curve) if drawn else None)))
         return 0

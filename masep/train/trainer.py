@@ -42,7 +42,7 @@ class TrainSpec:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     grad_compression: str = "none"
-    gpus_per_node: int = 8
+    gpus_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE, else every rank on one node
     device: str = "cpu"
     backend: str = "auto"
     timeout_s: float = 120.0
@@ -78,6 +78,16 @@ class TrainSpec:
         self.optim.validate()
         self.loss.validate()
         return self
+
+
+def node_size(gpus_per_node: int | None, world_size: int) -> int:
+    """Ranks per node for the gradient sums: the given value, else torchrun's LOCAL_WORLD_SIZE
+    (its agents start one node's ranks each; ranks are numbered node by node), else all ranks."""
+    import os
+    if gpus_per_node is not None:
+        return gpus_per_node
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else max(1, world_size)
 
 
 def check_batch(batch_size: int, plan) -> None:
@@ -130,7 +140,8 @@ class Trainer:
         self.spec, self.rank, self.env, self.cfg = spec, rank, env, cfg
         self.plan = spec.plan
         self.mp = MixedPrecision(rank.named_parameters(), spec.precision, spec.optim)
-        self.syncer = GradSyncer(rank.syncs(), env.timeout, spec.grad_compression, spec.gpus_per_node, env.rank)
+        self.syncer = GradSyncer(rank.syncs(), env.timeout, spec.grad_compression,
+                                 node_size(spec.gpus_per_node, env.world_size), env.rank)
         rank.grads_ready = self.syncer.ready  # ranks whose schedule knows when a layer is done call it
         self.batches = Batches(spec.windows, spec.batch_size, spec.data_seed)
         seq_len = spec.windows.shape[1] - 1
