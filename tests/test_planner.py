@@ -188,3 +188,20 @@ def test_replan_reads_bench_dist_rows():
 def test_small_times_keep_their_digits():
     from masep.perf.planner import ms
     assert [ms(1.6884), ms(0.033), ms(0.000160886), ms(0.0)] == ["1.688", "0.033", "0.00016", "0.000"]
+
+
+def test_head_parallel_groups_stay_inside_a_node():
+    """On 2 nodes of 4 GPUs, no candidate the planner keeps has a replica or a TP group across
+    the node boundary (sep 2x3+2 would put ranks 3-5 in one replica; tp8 spans both nodes)."""
+    from masep.perf.planner import check_head_groups_in_nodes, search
+    from masep.plan import SeparatedPlan, TpPpPlan
+    with pytest.raises(ValueError, match="ranks 3-5 spans two nodes of 4 GPUs"):
+        check_head_groups_in_nodes(SeparatedPlan(2, 3, 2, 1), 4)
+    with pytest.raises(ValueError, match="spans two nodes"):
+        check_head_groups_in_nodes(TpPpPlan(8, 1, 1), 4)
+    check_head_groups_in_nodes(SeparatedPlan(2, 4, 8, 1), 4)  # replicas of 4 on node boundaries
+    hw = get_profile("h100").replace(gpus_per_node=4)
+    res = search(preset("paper"), hw, 8, Workload(24, 2048), top=50)
+    assert any("spans two nodes" in why for _, why in res.rejected)
+    for sim in res.ranked:
+        check_head_groups_in_nodes(sim.plan, 4)

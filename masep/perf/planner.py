@@ -100,9 +100,22 @@ class Search:
                 f"{len(self.rejected)} of {self.candidates} candidates rejected; e.g. {why}")
 
 
+def check_head_groups_in_nodes(plan, gpus_per_node: int) -> None:
+    """ValueError when a head-parallel group (a separated replica's ranks, a TP×PP stage's TP
+    group) spans two nodes: its all-reduces run once per layer on the critical path, and over
+    the slower link between nodes they would set the step's pace."""
+    groups = ([plan.replica_ranks(r) for r in range(plan.attn_replicas)] if plan.strategy == "separated" else
+              [plan.stage_ranks(s) for s in range(plan.pp)] if plan.strategy == "tp_pp" else [])
+    for ranks in groups:
+        if len(ranks) > 1 and ranks[0] // gpus_per_node != ranks[-1] // gpus_per_node:
+            raise ValueError(f"plan {describe(plan)}: the head-parallel group of ranks {ranks[0]}-{ranks[-1]} spans "
+                             f"two nodes of {gpus_per_node} GPUs; keep each replica or TP group inside a node")
+
+
 def _fits(plan, cfg, work, hw, rejected) -> bool:
     try:
         plan.validate(cfg, plan.world_size)
+        check_head_groups_in_nodes(plan, hw.gpus_per_node)
         check_memory(plan, cfg, work, hw)
     except ValueError as err:
         rejected.append((describe(plan), str(err)))

@@ -174,8 +174,10 @@ def search_train(cfg: ModelConfig, hw: Hardware, gpus: int, work: TrainWorkload,
     if gpus == 1 and "single" in strategies:
         plans += [SinglePlan(m) for m in range(2, min(max_microbatches, work.batch) + 1)]
     ranked, rejected = [], []
+    from .planner import check_head_groups_in_nodes
     for plan in plans:
         try:
+            check_head_groups_in_nodes(plan, hw.gpus_per_node)
             ranked.append(simulate_train(plan, cfg, work, hw))
         except ValueError as err:
             rejected.append((describe(plan), str(err)))
