@@ -32,7 +32,7 @@ from . import comm, comm_grad, routing
 from . import schedule as S
 from .parts import shard_attention, shard_experts
 from .training import (MicroStats, ParamSync, StepShape, TrainRank, _aux_loss, _positions, _Recorder,
-                       attention_sublayer, head_slice_syncs, microbatches)
+                       attention_sublayer, head_slice_syncs, microbatches, moe_inputs, moe_output)
 
 
 @dataclass
@@ -146,11 +146,7 @@ class SeparatedAttentionTrain(TrainRank):
         """Part A: attention, this rank's token slice, MoE norm, router, rows sorted by expert rank."""
         block, x_in = self.model.layers[layer], st.x
         h = attention_sublayer(block, self.attn[layer], x_in, st.positions, st.rope, self.heads)
-        b, t, hidden = h.shape
-        splits = [len(r) for r in _split(b * t, self.heads.size)]
-        h_s = self.heads.split_rows(h.reshape(-1, hidden), splits)
-        z = block.moe_norm(h_s)
-        weights, ids = block.moe.router(z)
+        h_s, z, weights, ids, splits = moe_inputs(block, h, self.heads)
         st.records += self.recorder.take()
         rows = comm.sort_for_bridge(ids, weights, self.route, self.bridge)
         st.layers[layer] = _Layer(x_in, h_s, z, rows.weight_R, rows, splits)
@@ -165,11 +161,8 @@ class SeparatedAttentionTrain(TrainRank):
         out = comm.receive_outputs(seg.handle, self.cfg.hidden_size, self.model.dtype).requires_grad_()
         h_s, z, w_R = (t.detach().requires_grad_() for t in (seg.h_s, seg.z, seg.w_R))
         pos = torch.arange(out.shape[0], device=out.device)
-        y = routing.gather(out, pos, seg.rows.token_R, w_R, z.shape[0])
-        if block.moe.shared is not None:
-            y = y + block.moe.shared(z)
-        b, t, hidden = seg.x_in.shape
-        seg.x_next = self.heads.gather_rows(h_s + y, seg.splits).view(b, t, hidden)
+        routed = routing.gather(out, pos, seg.rows.token_R, w_R, z.shape[0])
+        seg.x_next = moe_output(block, h_s, z, routed, self.heads, seg.splits, seg.x_in.shape)
         seg.leaves = (h_s, z, w_R, out)
         st.x = seg.x_next.detach().requires_grad_()
 
@@ -228,11 +221,6 @@ class SeparatedAttentionTrain(TrainRank):
 
 def _grad_or_zeros(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-
-
-def _split(total: int, parts: int):
-    from ..plan import split_evenly
-    return split_evenly(total, parts)
 
 
 class SeparatedExpertTrain(TrainRank):

@@ -91,18 +91,29 @@ def attention_sublayer(block, attn, x_BTH, positions, rope, heads: comm_grad.Hea
     return x_BTH + heads.reduce_from_heads(attn(heads.copy_to_heads(block.attn_norm(x_BTH)), positions, rope=rope))
 
 
-def routed_moe_sublayer(block, h_BTH, heads: comm_grad.HeadGroup, experts_fn) -> torch.Tensor:
-    """The MoE on this rank's slice of the tokens (whole experts, wherever they live):
-    experts_fn(z [n, H], weights [n, k], ids [n, k]) -> sum_k w_k expert_k(z) [n, H]."""
+def moe_inputs(block, h_BTH, heads: comm_grad.HeadGroup):
+    """First half of the routed MoE sublayer: this rank's token slice h [n, H], the MoE norm's
+    output z [n, H] (the rows the experts see), the router's weights and ids [n, k], the splits."""
     b, t, hidden = h_BTH.shape
     splits = [len(r) for r in split_evenly(b * t, heads.size)]
     h = heads.split_rows(h_BTH.reshape(-1, hidden), splits)
     z = block.moe_norm(h)
     weights, ids = block.moe.router(z)
-    y = experts_fn(z, weights, ids)
-    if block.moe.shared is not None:
-        y = y + block.moe.shared(z)
-    return heads.gather_rows(h + y, splits).view(b, t, hidden)
+    return h, z, weights, ids, splits
+
+
+def moe_output(block, h_nH, z_nH, routed_nH, heads: comm_grad.HeadGroup, splits: list[int], shape_BTH) -> torch.Tensor:
+    """Second half: the routed experts' weighted sum plus the shared expert, the residual, and the
+    token slices gathered back into [B, T, H]."""
+    y = routed_nH if block.moe.shared is None else routed_nH + block.moe.shared(z_nH)
+    return heads.gather_rows(h_nH + y, splits).view(shape_BTH)
+
+
+def routed_moe_sublayer(block, h_BTH, heads: comm_grad.HeadGroup, experts_fn) -> torch.Tensor:
+    """The MoE on this rank's slice of the tokens (whole experts, wherever they live):
+    experts_fn(z [n, H], weights [n, k], ids [n, k]) -> sum_k w_k expert_k(z) [n, H]."""
+    h, z, weights, ids, splits = moe_inputs(block, h_BTH, heads)
+    return moe_output(block, h, z, experts_fn(z, weights, ids), heads, splits, h_BTH.shape)
 
 
 def sharded_moe_sublayer(block, experts, h_BTH, heads: comm_grad.HeadGroup, add_shared: bool) -> torch.Tensor:

@@ -41,8 +41,8 @@ from functools import lru_cache
 from ..config import ModelConfig
 from ..parallel import schedule as S
 from . import hardware as hwmod
-from .costmodel import (OpCost, allgather_s, allreduce_s, attention_tokens, comm_cost, elt_bytes, kv_heads_for,
-                        placement_of, rank_role, roofline_s)
+from .costmodel import (OpCost, _holder, allgather_s, allreduce_s, attention_tokens, comm_cost, describe, elt_bytes,
+                        kv_heads_for, placement_of, rank_role, roofline_s)
 from .hardware import Hardware
 
 COMPRESSIONS = ("none", "int8")
@@ -143,7 +143,6 @@ def expert_rows(plan, cfg: ModelConfig, work: TrainWorkload, rank: int, mb: int)
     p = cfg.top_k / cfg.num_experts
     if plan.strategy in ("single", "tp_pp"):
         return [replica_tokens(plan, cfg, work, mb)[0] * p for _ in role.experts]
-    from .costmodel import _holder
     placement = placement_of(plan, cfg)
     sources = replica_tokens(plan, cfg, work, mb)
     local = plan.strategy == "ep"
@@ -319,7 +318,6 @@ def train_memory(plan, cfg: ModelConfig, rank: int, work: TrainWorkload, hw: Har
 
 def check_train_memory(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware) -> list[TrainMemory]:
     """Training memory per rank; ValueError naming the rank and the numbers when one does not fit."""
-    from .costmodel import describe
     out = []
     for rank in range(plan.world_size):
         use = train_memory(plan, cfg, rank, work, hw)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..parallel import schedule as S
 from ..plan import SinglePlan
-from .costmodel import OpCost, describe, plan_to_dict, rank_role
+from .costmodel import BACK as BACK_STREAM, COMPUTE as COMPUTE_STREAM, OpCost, describe, plan_to_dict, rank_role
 from .hardware import Hardware
 from .simulator import OpRecord, _run, match
 from .traincost import TrainMemory, TrainWorkload, check_train_memory, train_memory, train_op_cost
@@ -74,8 +74,7 @@ LAUNCHED = (S.SEND, S.SEND_GRAD, S.DISPATCH_GRAD)  # launched, waited for later 
 
 
 def _train_stream(kind: str) -> int:
-    from .costmodel import BACK, COMPUTE
-    return BACK if kind in LAUNCHED else COMPUTE
+    return BACK_STREAM if kind in LAUNCHED else COMPUTE_STREAM
 
 
 def train_costs(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware, ops) -> list[list[OpCost]]:
