@@ -90,7 +90,8 @@ def write_row(out: Path, row: dict) -> None:
     with open(out / "multi_gpu.jsonl", "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
     print(json.dumps({k: row.get(k) for k in ("kind", "impl", "strategy", "plan_text", "preset", "batch", "context",
-                                              "median_tpot_ms", "predicted_tpot_ms", "match", "error")},
+                                              "median_tpot_ms", "floor_ms", "floor_ratio", "predicted_tpot_ms",
+                                              "joules_per_token", "match", "error")},
                      default=str), flush=True)
 
 
@@ -128,19 +129,19 @@ def bench_points(env, out: Path, args) -> None:
     gpus = env.world_size
     batches = args.batches or ((24,) if args.quick else (24, 128, 512))
     contexts = (2048,) if args.quick else (2048, 8192)
+    points = args.points or [(b, c) for c in contexts for b in batches]
     presets = args.presets
     traced = set()
     for name in presets:
-        for context in contexts:
-            for batch in batches:
-                cfg = preset(name).replace(max_seq_len=context + 64)
-                plans = separated_splits(gpus, limit=3) + baseline_plans(gpus)
-                best = best_separated(cfg, gpus, batch, context, args.hardware)
-                if best is not None and best not in plans:
-                    plans.insert(0, best)
-                for plan in [p for p in plans if args.plan_filter in p.describe()]:
-                    for impl in args.impls:
-                        bench_one(env, out, args, cfg, plan, impl, batch, context, best, traced)
+        for batch, context in points:
+            cfg = preset(name).replace(max_seq_len=context + 64)
+            plans = separated_splits(gpus, limit=3) + baseline_plans(gpus)
+            best = best_separated(cfg, gpus, batch, context, args.hardware)
+            if best is not None and best not in plans:
+                plans.insert(0, best)
+            for plan in [p for p in plans if args.plan_filter in p.describe()]:
+                for impl in args.impls:
+                    bench_one(env, out, args, cfg, plan, impl, batch, context, best, traced)
 
 
 def bench_one(env, out: Path, args, cfg, plan, impl: str, batch: int, context: int, best, traced: set) -> None:
@@ -186,6 +187,13 @@ class _profile:
         return False
 
 
+def _point(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition("x")
+    if not (batch.isdigit() and context.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 128x2048")
+    return int(batch), int(context)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -199,6 +207,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", choices=("fast", "eager"), default=["fast", "eager"],
                         help="fast: CUDA graphs per compute segment + Triton experts; eager: plain PyTorch")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
+    parser.add_argument("--points", type=_point, nargs="+", default=None,
+                        help="BATCHxCONTEXT points (e.g. 24x2048 2048x512) instead of --batches x the contexts")
     parser.add_argument("--plan-filter", default="", help="time only plans whose description contains this")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--no-trace", dest="trace", action="store_false")

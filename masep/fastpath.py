@@ -100,7 +100,8 @@ if triton is not None:
             first_block += blocks
             start = end
         if group >= 0:
-            rows = row0 + tl.arange(0, BLOCK_N)
+            # int64 row offsets: a prefill's rows x K can pass 2^31 elements
+            rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             ks = tl.arange(0, BLOCK_K)
             row_ok = rows < row1
@@ -182,7 +183,7 @@ if triton is not None:
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_o, BLOCK: tl.constexpr,
                          ROUND_BF16: tl.constexpr):
         """One row: float32 mean of squares, rsqrt, cast to x's dtype, times the weight (as RMSNorm)."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows x H of a long prefill passes 2^31 elements
         cols = tl.arange(0, BLOCK)
         ok = cols < H
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -252,8 +253,11 @@ if triton is not None:
                            s_ckb, s_ckh, s_cks, s_cvb, s_cvh, s_cvs, D: tl.constexpr, ROUND_BF16: tl.constexpr):
         """Program (b, h): rotate-half RoPE of query head h into q_out, or (h >= N) of KV head
         h - N into the cache at the row's position, with its value. Rounds like apply_rope:
-        x*cos and rotated*sin each to the storage dtype, then their sum."""
-        b = tl.program_id(0)
+        x*cos and rotated*sin each to the storage dtype, then their sum.
+
+        Offsets are int64: a cache layer [B, K, S, D] passes 2^31 elements at, e.g., batch 512 x
+        32 KV heads x 2048 positions x 128, and an int32 `b * s_ckb` wraps to an illegal address."""
+        b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         i = tl.arange(0, D)
         partner = (i + D // 2) % D

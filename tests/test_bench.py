@@ -129,3 +129,18 @@ def test_routing_check_ignores_rows_whose_routing_flipped():
     out = bench.routing_check(ref, got, ids, flipped)
     assert out["routing_agreement"] == 0.75
     assert out["check_rel_err"] == 0.0 and out["check_rel_err_all_rows"] > 0.1
+
+
+def test_energy_rows_sum_every_gpu_per_token_and_say_why_when_missing():
+    from masep.parallel.bench_dist import _energy
+    from masep.perf.energy import EnergyMeter
+    ranks = [dict(rank=0, energy=dict(joules=30.0, seconds=1.0, mean_watts=30.0)),
+             dict(rank=1, energy=dict(joules=10.0, seconds=1.2, mean_watts=8.3))]
+    row = _energy(ranks, tokens=400)
+    assert row["energy_joules"] == 40.0 and row["joules_per_token"] == 0.1 and row["energy_window_s"] == 1.2
+    cpu = EnergyMeter(torch.device("cpu"))
+    cpu.start()
+    missing = cpu.stop()
+    assert "cpu" in missing["unavailable"]
+    row = _energy([ranks[0], dict(rank=1, energy=missing)], tokens=400)
+    assert row["joules_per_token"] is None and "cpu" in row["energy_unavailable"]

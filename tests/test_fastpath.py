@@ -333,3 +333,36 @@ def test_fused_kernels_on_cuda_bf16():
     q_rot = fp.fused_rope_cache_write(q, k, v, cos, sin, pos[:, 0], got.k[0], got.v[0])
     assert torch.equal(q_rot, apply_rope(q[:, None].transpose(1, 2), cos, sin))
     assert torch.equal(got.k[0], ref.k[0]) and torch.equal(got.v[0], ref.v[0])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and triton")
+def test_fused_kernels_past_2_31_elements():
+    """A KV cache layer past 2^31 elements (batch 520 x 32 KV heads x 1024 positions x 128, as
+    batch 512 / context 2048 of `paper`): the RoPE + cache write reaches the last rows (an int32
+    offset wrapped to an illegal address before), and RMSNorm over a prefill of more than 2^31
+    elements reaches its last rows. Exact, as at small sizes (same kernels)."""
+    from masep import fastpath as fp
+    from masep.model import RMSNorm, apply_rope, rope_cos_sin
+
+    dev, dt = "cuda", torch.bfloat16
+    b, n, kv, d, s = 520, 32, 32, 128, 1024
+    assert b * kv * s * d > 2**31
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cache_k = torch.zeros(b, kv, s, d, device=dev, dtype=dt)
+    cache_v = torch.zeros_like(cache_k)
+    q, k, v = (torch.randn(b, h, d, device=dev, dtype=dt, generator=gen) for h in (n, kv, kv))
+    pos = torch.full((b, 1), s - 1, device=dev)
+    pos[: b // 2] = torch.randint(0, s, (b // 2, 1), device=dev, generator=gen)
+    cos, sin = rope_cos_sin(pos, d, 10000.0, dt)
+    q_rot = fp.fused_rope_cache_write(q, k, v, cos, sin, pos[:, 0], cache_k, cache_v)
+    torch.cuda.synchronize()
+    assert torch.equal(q_rot, apply_rope(q[:, None].transpose(1, 2), cos, sin))
+    rows = torch.arange(b, device=dev)
+    want_k = apply_rope(k[:, None].transpose(1, 2), cos, sin)[:, :, 0]  # [b, kv, d]
+    assert torch.equal(cache_k[rows, :, pos[:, 0]], want_k) and torch.equal(cache_v[rows, :, pos[:, 0]], v)
+    del cache_k, cache_v
+    torch.cuda.empty_cache()
+    norm = RMSNorm(4096, 1e-6, device=dev, dtype=dt)
+    x = torch.randn(2**31 // 4096 + 64, 4096, device=dev, dtype=dt, generator=gen)
+    tail = slice(x.shape[0] - 64, None)
+    torch.testing.assert_close(fp.fused_rms_norm(x, norm.weight, norm.eps)[tail], norm(x[tail]), rtol=8e-3, atol=1e-2)

@@ -70,7 +70,8 @@ def test_bench_dist_and_train_documents_without_ranks(capsys, monkeypatch, tmp_p
 
     def fake_bench(spec):  # bench_dist.summarize over made-up per-rank step times
         env = SimpleNamespace(device=torch.device("cpu"), backend="gloo", world_size=2)
-        reports = [dict(rank=r, times_s=[0.01, 0.02, 0.03], busy_s={"attention": 0.01}, max_memory_bytes=None)
+        reports = [dict(rank=r, times_s=[0.01, 0.02, 0.03], busy_s={"attention": 0.01}, max_memory_bytes=None,
+                        timing="host_clock", energy={"unavailable": "no NVML energy counter on cpu"})
                    for r in range(2)]
         return bench_dist.summarize(spec, spec.run.plan, preset("tiny"), env, reports)
 
@@ -81,6 +82,7 @@ def test_bench_dist_and_train_documents_without_ranks(capsys, monkeypatch, tmp_p
     assert dist["meta"]["plan_notation"] == "ep2 m2" and dist["meta"]["hardware"]["world_size"] == 2
     assert row["median_tpot_ms"] == pytest.approx(20.0) and row["duration"] == pytest.approx(0.06)
     assert row["output_throughput"] == pytest.approx(4 * 3 / 0.06) and "tps" not in row
+    assert row["timing"] == "host_clock" and row["joules_per_token"] is None and "cpu" in row["energy_unavailable"]
 
     from masep.train import cli as train_cli, trainer
     monkeypatch.setattr(train_cli, "_corpus", lambda *a: (torch.zeros(8, 17, dtype=torch.long), None))

@@ -178,7 +178,7 @@ def test_replan_reads_bench_dist_rows():
     assert parse_measured({**row, "plan": "sep 1x2+2 m2"}).plan == plan  # the plan notation works too
     factors = refit_factors(m, h100)
     assert factors["experts"] == pytest.approx(1.5) and factors["attention"] == pytest.approx(1.0)
-    # host-clock times (what `masep bench dist` writes today) and files that do not say are refused
+    # host-clock times (what `masep bench dist` writes on CPU) and files that do not say are refused
     with pytest.raises(ValueError, match="says `timing: 'host_clock'`.*CUDA events"):
         parse_measured({**row, "timing": "host_clock"}, "bench.json")
     with pytest.raises(ValueError, match="has no `timing` field"):

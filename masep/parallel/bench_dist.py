@@ -3,13 +3,24 @@
 Like the one-GPU benchmark (masep/perf/bench.py), the KV cache is filled with random values
 up to `context` instead of running a long prefill (the values do not change what a decode
 step reads or moves), then `warmup + steps` decode steps run with each row's position
-advancing. Each attention-side rank times its steps (host clock around a device
-synchronisation); rank 0 reports, per step, the slowest rank's time, and over the timed steps
-vLLM `bench serve`'s names for what they measure: one decode step gives every sequence one
-output token, so its time is the TPOT (mean_tpot_ms, median_tpot_ms, std_tpot_ms, p99_tpot_ms),
-`duration` is the timed steps' seconds and `output_throughput` batch x steps / duration.
-The row's `timing` field names the clock: "host_clock" (for the step times and the per-op busy
-times alike); `masep replan` refuses anything but "cuda_events".
+advancing. Each attention-side rank times its steps; rank 0 reports, per step, the slowest
+rank's time, and over the timed steps vLLM `bench serve`'s names for what they measure: one
+decode step gives every sequence one output token, so its time is the TPOT (mean_tpot_ms,
+median_tpot_ms, std_tpot_ms, p99_tpot_ms), `duration` is the timed steps' seconds and
+`output_throughput` batch x steps / duration.
+
+Clocks. On CUDA, step times and per-op busy times come from CUDA events on the rank's stream
+(`timing: "cuda_events"`, which `masep replan` accepts); the host only synchronises between
+steps, never inside one. On CPU the host clock is all there is (`timing: "host_clock"`).
+
+Beside the times, on CUDA, every row carries
+- `energy`: joules every GPU of the plan used over the timed steps (NVML's energy counter, read
+  before and after; perf/energy.py) and `joules_per_token` = their sum / tokens generated;
+- `floor_ms`: perf/floor.py's `plan_floor` of this plan and workload with the HBM rate measured
+  in the same run (a large device copy on rank 0) and transfers at the hardware profile's
+  collective times (fitted to measured NCCL latencies), and `floor_ms_no_transfers` (transfers
+  free: the bytes bound alone); `floor_ratio` = median TPOT / floor_ms;
+- `predicted_tpot_ms`: the simulator's step time for the same plan, workload and profile.
 """
 from __future__ import annotations
 
@@ -22,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from ..logs import progress
+from ..perf.bench import measure_copy_bandwidth
+from ..perf.energy import EnergyMeter
 from ..plan import format_plan, split_evenly
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
@@ -38,6 +51,7 @@ class DistBenchSpec:
     context: int = 2048
     warmup: int = 3
     steps: int = 20
+    hardware: str | None = None  # profile for the floor and the prediction; None: from the GPU's name
 
 
 def _attention_runtime(spec: DistBenchSpec, model, plan, env, timer, graphs: bool):
@@ -80,7 +94,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer) -> list[float]:
+def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer, energy) -> list[float]:
+    """Seconds of each timed decode step (CUDA events on CUDA, else the host clock)."""
     cfg = runtime.cfg
     runtime.start(rows, spec.context + spec.warmup + spec.steps + 1)
     gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
@@ -94,16 +109,40 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
     for i in range(spec.warmup + spec.steps):
         bar.update(1)
         if i == spec.warmup:  # busy times of the timed steps only (warm-up builds NCCL communicators)
+            _sync(device)
             timer.busy_s.clear()
-        _sync(device)
-        start = time.perf_counter()
-        logits = runtime.decode(tokens, positions, spec.context + i)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+            energy.start()
+        with _StepClock(device) as clock:
+            logits = runtime.decode(tokens, positions, spec.context + i)
+        times.append(clock.seconds)
         tokens, positions = logits.argmax(-1), positions + 1
     bar.close()
     runtime.finish()
     return times[spec.warmup:]
+
+
+class _StepClock:
+    """One step's time: CUDA events around it on CUDA (read after a synchronisation at its end,
+    so the next step starts from an idle GPU), the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.end.record()
+        _sync(self.device)
+        self.seconds = self.start.elapsed_time(self.end) * 1e-3 if self.cuda else time.perf_counter() - self.t0
 
 
 def bench_rank(spec: DistBenchSpec) -> dict | None:
@@ -114,21 +153,32 @@ def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
     """This rank's part of the benchmark in an initialised world (`model` is parallelized in
     place). Rank 0 returns the summary row."""
     plan = apply_plan(env, spec.run.plan, model)
-    if env.device.type == "cuda":
+    cuda = env.device.type == "cuda"
+    copy_bw = measure_copy_bandwidth() if cuda and env.rank == 0 else None  # before the weights grow the pool
+    if cuda:
         torch.cuda.reset_peak_memory_stats(env.device)
-    timer = OpTimer()
+    timer = OpTimer(cuda_events=cuda)
+    energy = EnergyMeter(env.device)
     graphs = use_fast_path(spec.run, model, env.device)
     part, rows = _attention_runtime(spec, model, plan, env, timer, graphs)
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
-        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs)
+        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start)
         times = None
     else:
-        times = _decode_steps(part, rows, spec, env.device, timer)
-    mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None
-    report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem)
+        times = _decode_steps(part, rows, spec, env.device, timer, energy)
+    _sync(env.device)
+    used = energy.stop()
+    mem = torch.cuda.max_memory_allocated(env.device) if cuda else None
+    report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem, energy=used,
+                  timing=timer.timing)
     gathered = gather_reports(env, dict(report))
-    return summarize(spec, plan, model.cfg, env, gathered) if env.rank == 0 else None
+    if env.rank != 0:
+        return None
+    row = summarize(spec, plan, model.cfg, env, gathered) | floor_and_prediction(spec, plan, model.cfg, env, copy_bw)
+    if "floor_ms" in row:
+        row["floor_ratio"] = row["median_tpot_ms"] / row["floor_ms"]
+    return row
 
 
 def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
@@ -142,13 +192,55 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
                 plan=dict(plan.__dict__, strategy=plan.strategy), plan_notation=format_plan(plan),
                 plan_text=plan.describe(),
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
-                context=spec.context, steps=spec.steps, timing="host_clock", duration=duration,
+                context=spec.context, steps=spec.steps, timing=reports[0]["timing"], duration=duration,
                 total_output_tokens=spec.batch * spec.steps, output_throughput=spec.batch * spec.steps / duration,
                 mean_tpot_ms=float(ms.mean()), median_tpot_ms=float(np.median(ms)), std_tpot_ms=float(ms.std()),
                 p99_tpot_ms=float(np.percentile(ms, 99)),
                 busy_ms_per_step={r["rank"]: {k: v * 1e3 / spec.steps for k, v in r["busy_s"].items()}
                                   for r in reports},
-                max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports})
+                max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports},
+                **_energy(reports, spec.batch * spec.steps))
+
+
+def _energy(reports: list[dict], tokens: int) -> dict:
+    """Joules of every GPU over the timed steps and their sum per generated token."""
+    per_rank = {r["rank"]: r["energy"] for r in reports}
+    if any("joules" not in e for e in per_rank.values()):
+        why = next(e["unavailable"] for e in per_rank.values() if "joules" not in e)
+        return dict(energy=per_rank, joules_per_token=None, energy_unavailable=why)
+    total = sum(e["joules"] for e in per_rank.values())
+    return dict(energy=per_rank, energy_joules=total, joules_per_token=total / tokens,
+                energy_window_s=max(e["seconds"] for e in per_rank.values()))
+
+
+def profile_for(spec: DistBenchSpec, device_name: str) -> str:
+    """The hardware profile of the floor and the prediction: the spec's, else the GPU's own."""
+    from ..perf.bench import hardware_tag
+    from ..perf.hardware import PROFILES
+    if spec.hardware:
+        return spec.hardware
+    tag = hardware_tag(device_name)
+    return tag if tag in PROFILES else "h100"
+
+
+def floor_and_prediction(spec: DistBenchSpec, plan, cfg, env, copy_bw: float | None) -> dict:
+    """The plan's floor at the run's measured HBM rate and the simulator's step time (CUDA only:
+    a CPU run has no meaningful floor)."""
+    if copy_bw is None:
+        return {}
+    from ..perf.costmodel import Workload
+    from ..perf.floor import Rates, plan_floor
+    from ..perf.hardware import get_profile
+    from ..perf.simulator import simulate
+    name = profile_for(spec, torch.cuda.get_device_name(env.device))
+    hw, work = get_profile(name), Workload(spec.batch, spec.context)
+    with_tr = plan_floor(plan, cfg, work, hw, Rates(copy_bw, None, None, f"copy measured in the run; {name} "
+                                                                            "profile's collective times"))
+    bare = plan_floor(plan, cfg, work, hw, Rates(copy_bw, None, {}, "copy measured in the run; transfers free"))
+    sim = simulate(plan, cfg, work, hw)
+    return dict(copy_bw_measured=copy_bw, floor_profile=name, floor_ms=with_tr.seconds * 1e3,
+                floor_ms_no_transfers=bare.seconds * 1e3, floor_binds=with_tr.label or with_tr.binds,
+                predicted_tpot_ms=sim.tpot_s * 1e3)
 
 
 def launch_bench(spec: DistBenchSpec) -> dict | None:

@@ -13,6 +13,7 @@ Per layer and micro-batch on an attention rank (replica of T head-parallel ranks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -174,10 +175,12 @@ class ExpertStats:
 
 
 def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                  timer: OpTimer | None = None, untimed_steps: int = 0, graphs: bool = False) -> ExpertStats:
+                  timer: OpTimer | None = None, untimed_steps: int = 0, graphs: bool = False,
+                  on_timed: Callable[[], None] | None = None) -> ExpertStats:
     """Answer every replica's bridge, step after step, until each has sent stop. The timer
     restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
-    communicators on first use).
+    communicators on first use), and `on_timed()` is called then (a benchmark starts its energy
+    reading).
 
     Each step starts by reading every live replica's handshake (the one host read per step);
     the op list then runs without reading anything on the host (padded steps; with `graphs`
@@ -192,6 +195,8 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     while live:
         if stats.steps == untimed_steps:
             timer.busy_s.clear()
+            if on_timed is not None:
+                on_timed()
         layouts = [comm.expert_begin_step(b, stats.steps, plan.microbatches, cfg.hidden_size, server.dtype)
                    for b in live]
         working = [(b, lay) for b, lay in zip(live, layouts) if lay.flags[0] != comm.FLAG_STOP]

@@ -78,6 +78,7 @@ import torch
 
 from ..config import ModelConfig, preset as get_preset, to_hf_dict
 from ..errors import error_line
+from .energy import EnergyMeter
 from ..fastpath import GraphedLocalRuntime, set_expert_impl, set_fused, triton
 from ..logs import add_log_arg, progress, setup_logging
 from ..model import Attention, Experts, KVCache, MoETransformer, build_model, kv_heads_for
@@ -109,13 +110,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def time_steps(step: Callable[[int], object], warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` calls of step(i), by CUDA events, after `warmup` calls."""
+def time_steps(step: Callable[[int], object], warmup: int, steps: int,
+               on_timed: Callable[[], None] | None = None) -> list[float]:
+    """Milliseconds of each of `steps` calls of step(i), by CUDA events, after `warmup` calls.
+    `on_timed()` runs when the GPU is idle just before the first timed call (an energy reading
+    starts there; the energy window then ends at the synchronisation after the last call)."""
     for i in range(warmup):
         step(i)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
     torch.cuda.synchronize()
+    if on_timed is not None:
+        on_timed()
     for i in range(steps):
         starts[i].record()
         step(i)
@@ -312,8 +318,10 @@ def bench_decode(preset: str, batch: int, context: int, *, model: MoETransformer
         row.update(routing_check(refs[0], graphed, [l[0] for l in seen], [l[0] for l in seen_fast]))
         row["check_graph_vs_eager"] = _rel_err(graphed, eager)
         del refs, eager, graphed
+        meter = EnergyMeter(torch.device("cuda"))
         times = time_steps(lambda i: runtime.decode(tokens[i % input_sets], positions, context),
-                           warmup=warmup, steps=steps)
+                           warmup=warmup, steps=steps, on_timed=meter.start)
+        energy = meter.stop()
     finally:
         runtime.finish()
         set_expert_impl(model, "grouped_mm")
@@ -330,7 +338,8 @@ def bench_decode(preset: str, batch: int, context: int, *, model: MoETransformer
     row.update(tpot_ms_median=med, tpot_ms_p99=percentile(times, 99), tpot_ms_mean=sum(times) / len(times),
                tps=batch / (med / 1e3), bytes_read=parts["total"], bytes_breakdown=parts,
                experts_touched_mean=touched, experts_touched_expected=expected,
-               expert_load=[l.sum(0).tolist() for l in loads])
+               expert_load=[l.sum(0).tolist() for l in loads], energy=energy,
+               joules_per_token=energy["joules"] / (batch * steps) if "joules" in energy else None)
     if matmul_flops:
         row["matmul_flops_measured"] = matmul_flops
     row["floor_ms"] = one_gpu_floor_ms(cfg, batch, context, copy_bw, matmul_flops, touched)
