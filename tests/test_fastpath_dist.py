@@ -12,8 +12,9 @@ Tolerances:
   a wide margin while one misrouted token moves logits by O(1e-2).
 - bf16 (graphs + Triton experts) against a bf16 oracle: every op rounds to bf16 (eps 2^-8 =
   0.4%) and the orders differ as above; along the ~20 ops of 2 layers the roundings add up like
-  a random walk, to ~1-2% of the logits' scale. So the check is relative to the scale:
-  ||got - want|| / ||want|| <= 3e-2 per step. An absolute atol does not work here: the tiny
+  a random walk, to ~1% of the logits' scale (the largest we measured on H200, over every
+  plan and step: 0.52%, tp2). So the check is relative to the scale:
+  ||got - want|| / ||want|| <= 1.5e-2 per step. An absolute atol does not work here: the tiny
   model's logits are ~0.16 (hidden 64, weights 0.02), so the old atol 0.1 accepted two swapped
   experts (logits moved 0.03). The mutation test swaps two experts of layer 0 on the
   distributed model and asserts the same check fails.
@@ -37,7 +38,7 @@ PLANS = {"separated": SeparatedPlan(1, 1, 1, 2), "ep": EpPlan(2, 2), "tp2": TpPp
          "pp2": TpPpPlan(1, 2, 2)}
 
 
-BF16_REL = 3e-2  # relative error bound of bf16 logits (module docstring)
+BF16_REL = 1.5e-2  # relative error bound of bf16 logits (module docstring)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol) -> float:

@@ -1,0 +1,56 @@
+"""Markdown table of the decode-at-floor runs (benchmarks/run_dist_floor.sh).
+
+    python benchmarks/dist_floor_report.py ONE_GPU.json TWO_GPU.jsonl > OUT.md
+
+ONE_GPU.json: `masep bench decode` rows (one GPU, best kernel set per point); TWO_GPU.jsonl:
+benchmarks/multi_gpu.py rows. Every row: median TPOT (CUDA events), tokens/s, the plan's floor at
+the copy bandwidth measured in the same run, their ratio, the simulator's prediction, and joules
+per token over every GPU of the plan (NVML energy counter).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _one_gpu(path: str) -> dict:
+    best = {}
+    for r in json.load(open(path))["rows"]:
+        key = (r["batch"], r["context"])
+        if key not in best or r["tpot_ms_median"] < best[key]["tpot_ms_median"]:
+            best[key] = r
+    return best
+
+
+def main(one_path: str, two_path: str) -> None:
+    one = _one_gpu(one_path)
+    two = [json.loads(line) for line in open(two_path) if line.strip()]
+    meta = two[0]
+    print(f"# Decode at each plan's floor: `paper` (bf16) on {meta['device']} x2, {meta['date']}\n")
+    print(f"torch {meta['torch']}, NCCL {meta.get('nccl')}, CUDA-event times, {meta['steps']} timed steps per row. "
+          "floor = perf/floor.py `plan_floor` at the HBM copy bandwidth measured in the same run "
+          "(one-GPU runs: 4.28 TB/s; two-GPU runs: 3.82-4.28 TB/s, measured on rank 0 before each point) with "
+          "transfers at the h200 profile's collective times; ratio = TPOT / floor; predicted = `masep simulate` "
+          "(h200 profile). J/token: the energy of every GPU of the plan over the timed steps / tokens.\n")
+    print("| batch x context | plan | TPOT ms | tokens/s | vs one GPU | floor ms | ratio | predicted ms | J/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (batch, context), r1 in sorted(one.items(), key=lambda kv: (kv[0][1] != 2048, kv[0][0])):
+        rows = [r for r in two if (r["batch"], r["context"]) == (batch, context)]
+        if not rows:
+            continue
+        base = r1["tpot_ms_median"]
+        print(f"| {batch} x {context} | one GPU ({r1['impl']}) | {base:.2f} | {r1['tps']:.0f} | 1.00x | "
+              f"{r1['floor_ms']:.2f} | {base / r1['floor_ms']:.2f} | - | {r1['joules_per_token']:.3f} |")
+        for r in rows:
+            if r.get("error"):
+                print(f"| {batch} x {context} | {r.get('plan_notation', r['plan_text'])} | error: {r['error'][:60]} |")
+                continue
+            t = r["median_tpot_ms"]
+            jpt = r.get("joules_per_token")
+            print(f"| {batch} x {context} | {r['plan_notation']} | {t:.2f} | {batch / t * 1e3:.0f} | {base / t:.2f}x | "
+                  f"{r['floor_ms']:.2f} | {r['floor_ratio']:.2f} | {r['predicted_tpot_ms']:.2f} | "
+                  f"{jpt:.3f} |" if jpt is not None else "- |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
