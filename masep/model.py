@@ -24,7 +24,6 @@ from torch import nn
 from .config import ModelConfig
 
 # SDPA grew `enable_gqa` in torch 2.5; feature-check rather than pin a version.
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 class RMSNorm(nn.Module):
@@ -133,10 +132,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n * d, h, bias=False, **kw)
         self.q_norm = RMSNorm(d, cfg.rms_eps, **kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_eps, **kw) if cfg.qk_norm else None
-        # Local KV index of each local query head; uneven head splits make it non-uniform.
-        kv_of_q = torch.tensor([q // cfg.kv_group - self.kv_heads.start for q in self.heads])
-        self.register_buffer("kv_of_q", kv_of_q.to(device), persistent=False)
-        self.uniform_groups = self.heads.start % cfg.kv_group == 0 and len(self.heads) % cfg.kv_group == 0
+        # Where each local query head sits in a [local KV heads x kv_group] grid (its KV head's row,
+        # its place in that KV head's group): _attend lays the queries out on this grid so every
+        # KV head is read in place, also when the head split cuts a group (see _attend).
+        g = cfg.kv_group
+        slot_of_q = torch.tensor([(q // g - self.kv_heads.start) * g + q % g for q in self.heads])
+        self.register_buffer("slot_of_q", slot_of_q.to(device), persistent=False)
+        self.full_grid = self.heads.start % g == 0 and len(self.heads) % g == 0
 
     def forward(self, x_BTH: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, attend_len: int | None = None, rope=None) -> torch.Tensor:
@@ -164,23 +166,33 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
 
     def _attend(self, q_BNTD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS) -> torch.Tensor:
+        """Attention of the local query heads over the local KV heads, reading K and V in place.
+
+        GQA without copying the cache: the g query heads of KV head j are folded into the query
+        length, q [B, K, g*T, D] against k, v [B, K, S, D], one SDPA call in which every KV head
+        serves its own g*T queries. Where a head split cuts a group (an uneven split, e.g. 32
+        heads over 12 ranks), the missing heads of the edge groups are zero queries whose
+        outputs are dropped: padding copies queries, never the cache. The mask is the same for
+        the g heads of a group, so it is repeated along the query length (B x g*T x S booleans).
+        """
         # An explicit mask, never is_causal: with a cache, is_causal=True aligns the mask top-left
         # and a single decode query would attend only to key 0.
-        mask = k_pos_BS[:, None, None, :] <= q_pos_BT[:, None, :, None]
+        mask = k_pos_BS[:, None, None, :] <= q_pos_BT[:, None, :, None]  # [B, 1, T, S]
         scale = 1.0 / math.sqrt(self.cfg.head_dim)
-        if self.uniform_groups and self.cfg.kv_group == 1:
-            # One query head per KV head: read the cache in place (repeat_interleave would copy it).
-            k_BNSD, v_BNSD = k_BKSD, v_BKSD
-        elif self.uniform_groups and q_BNTD.is_cuda and _SDPA_HAS_GQA:
-            # On CUDA let SDPA broadcast KV heads instead of materialising a copy of the cache.
-            return F.scaled_dot_product_attention(q_BNTD, k_BKSD, v_BKSD, attn_mask=mask, scale=scale,
-                                                  enable_gqa=True)
-        elif self.uniform_groups:
-            k_BNSD = k_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
-            v_BNSD = v_BKSD.repeat_interleave(self.cfg.kv_group, dim=1)
+        g = self.cfg.kv_group
+        if g == 1:  # one query head per KV head: nothing to fold
+            return F.scaled_dot_product_attention(q_BNTD, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
+        b, n, t, d = q_BNTD.shape
+        kv = k_BKSD.shape[1]
+        if self.full_grid:
+            grid = q_BNTD
         else:
-            k_BNSD, v_BNSD = k_BKSD[:, self.kv_of_q], v_BKSD[:, self.kv_of_q]
-        return F.scaled_dot_product_attention(q_BNTD, k_BNSD, v_BNSD, attn_mask=mask, scale=scale)
+            grid = q_BNTD.new_zeros(b, kv * g, t, d)
+            grid[:, self.slot_of_q] = q_BNTD
+        out = F.scaled_dot_product_attention(grid.reshape(b, kv, g * t, d), k_BKSD, v_BKSD,
+                                             attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
+        out = out.view(b, kv * g, t, d)
+        return out if self.full_grid else out[:, self.slot_of_q]
 
 
 def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,26 @@ def _swap_experts_0_1(model) -> None:
             w.data[[0, 1]] = w.data[[1, 0]].clone()
 
 
+def _steps_without_host_sync(runtime, tokens, positions) -> None:
+    """Decode steps replayed from the whole-step graph (compute, NCCL collectives, logits) under
+    set_sync_debug_mode("error"): any host synchronisation inside the step raises. The inputs
+    are laid out on the host first (an engine samples there), outside the checked region."""
+    from masep.runtime import lay_out, static_rows
+    for _ in range(3):
+        rows = static_rows(tokens.cpu(), positions_B=positions.cpu())
+        st = lay_out(rows, runtime.cache.scratch_position, runtime.device, runtime._dense_rows(rows))
+        runtime.decoding = True
+        before = runtime.graphs.captures
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = runtime._graphed_step(st)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert runtime.graphs.captures == before, "the step was captured, not replayed"
+        tokens, positions = logits.argmax(-1), positions + 1
+
+
 def _rank(arg):
     """Prefill, then STEPS decode steps fed the oracle's greedy tokens; compare logits each step.
     With `mutate`, layer 0's experts 0 and 1 are swapped on the distributed model first, and the
@@ -106,6 +126,8 @@ def _rank(arg):
         want = oracle.decode(tokens, positions, int(positions.max()) + 1)
         check(got, want)
         tokens, positions = want.argmax(-1), positions + 1
+    if runtime.whole_step_graphs and not mutate:
+        _steps_without_host_sync(runtime, tokens, positions)
     captured = runtime.graphs.captures
     runtime.finish()
     assert captured > 0, "no compute segment was replayed from a CUDA graph"

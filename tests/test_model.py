@@ -141,3 +141,42 @@ def test_init_is_deterministic():
         assert torch.equal(pa, pb), name
         if not name.endswith("norm.weight"):
             assert not torch.equal(pa, pc), name
+
+
+@pytest.mark.parametrize("heads", [range(0, 8), range(2, 7), range(3, 4)], ids=["all", "straddles", "one"])
+def test_attention_reads_the_kv_cache_in_place(monkeypatch, heads):
+    """GQA over the cache passes the cache's own K and V to SDPA (no gather, no repeat), also
+    when the head slice cuts KV groups; the local heads' output equals the full attention's."""
+    import masep.model as M
+    cfg = preset("tiny")  # 8 heads, 2 KV heads: groups of 4
+    full = M.Attention(cfg)
+    torch.manual_seed(0)
+    for p in full.parameters():
+        p.data.normal_(0, 0.1)
+    part = M.Attention(cfg, heads)
+    kv = M.kv_heads_for(cfg, heads)
+    d = cfg.head_dim
+    part.q_proj.weight.data = full.q_proj.weight.data[heads.start * d:heads.stop * d]
+    part.k_proj.weight.data = full.k_proj.weight.data[kv.start * d:kv.stop * d]
+    part.v_proj.weight.data = full.v_proj.weight.data[kv.start * d:kv.stop * d]
+    x, pos = torch.randn(3, 1, cfg.hidden_size), torch.tensor([[5], [2], [7]])
+    caches = [M.KVCache.empty(1, 3, len(a.kv_heads), 16, d, torch.float32, "cpu") for a in (full, part)]
+    for c in caches:  # earlier positions hold values, as after a prefill
+        c.k[0].normal_()
+        c.v[0].normal_()
+    caches[1].k[0].copy_(caches[0].k[0][:, kv.start:kv.stop])
+    caches[1].v[0].copy_(caches[0].v[0][:, kv.start:kv.stop])
+    seen = []
+    sdpa = M.F.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.untyped_storage().data_ptr(),
+                                                           v.untyped_storage().data_ptr())) or sdpa(q, k, v, **kw))
+    part(x, pos, caches[1], 0, attend_len=10)
+    assert seen == [(caches[1].k[0].untyped_storage().data_ptr(), caches[1].v[0].untyped_storage().data_ptr())]
+    # the local heads' attention (before o_proj) equals the full model's for those heads
+    got, want = [], []
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", sdpa)
+    for attn, cache, out in ((full, caches[0], want), (part, caches[1], got)):
+        attn.o_proj = torch.nn.Identity()
+        out.append(attn(x, pos, cache, 0, attend_len=10).view(3, 1, -1, d))
+    torch.testing.assert_close(got[0], want[0][:, :, heads.start:heads.stop], atol=1e-6, rtol=1e-5)

@@ -19,6 +19,16 @@ from step to step, so most are not copied at all.
 
 With `enabled=False` (CPU, or --eager) `run` just calls `fn`: the CPU tests exercise the same
 segment code the GPU replays.
+
+A runtime whose decode step reads nothing on the host (tp_pp: compute and NCCL collectives only)
+captures the whole step, collectives included, as one entry (stepper.py `whole_step_graphs`);
+NCCL collectives and point-to-point transfers can be captured once their communicator exists,
+which the eager warm-up call makes sure of.
+
+Every graph allocates from one memory pool (as vLLM's do): replays run one after another on one
+stream, so a later graph may reuse what an earlier one freed. The cache is bounded
+(`max_graphs`): past it, the entries are dropped and captured again as needed (a tensor a
+dropped graph produced stays valid while referenced).
 """
 from __future__ import annotations
 
@@ -36,12 +46,16 @@ class _Captured:
 
 
 class SegmentGraphs:
-    def __init__(self, enabled: bool, device: torch.device):
+    def __init__(self, enabled: bool, device: torch.device, max_graphs: int = 4096):
         if enabled and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs={max_graphs}: must be a positive integer")
         self.enabled = enabled
         self.device = device
+        self.max_graphs = max_graphs
         self._graphs: dict[Hashable, _Captured] = {}
+        self._pool = None
         self.captures = 0
 
     def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor):
@@ -49,6 +63,8 @@ class SegmentGraphs:
             return fn(*inputs)
         entry = self._graphs.get(key)
         if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.clear()
             entry = self._graphs[key] = self._capture(fn, inputs)
             self.captures += 1
         else:
@@ -58,6 +74,10 @@ class SegmentGraphs:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def _load(self, key, entry: _Captured, inputs) -> None:
         for i, (static, given) in enumerate(zip(entry.inputs, inputs)):
@@ -75,6 +95,7 @@ class SegmentGraphs:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog thread polls events while we capture; under the
         # default "global" mode that would invalidate the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = fn(*inputs)
+        self._pool = graph.pool()
         return _Captured(graph, tuple(inputs), outputs)

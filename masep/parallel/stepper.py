@@ -62,7 +62,8 @@ class OpTimer:
         def labelled(fn):
             def run(op):
                 with self.label(op):
-                    if not self.cuda_events:
+                    # inside a whole-step capture an op has no time of its own (one replay runs all)
+                    if not self.cuda_events or torch.cuda.is_current_stream_capturing():
                         return fn(op)
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
@@ -88,9 +89,16 @@ class MicroBatch:
 
 class MicroBatchRuntime(StaticBatchMixin):
     """Base of the distributed runtimes. Subclasses set cfg, device, env, plan, timer and call
-    `_init_steps(num_cache_layers, num_kv_heads, dtype)`."""
+    `_init_steps(num_cache_layers, num_kv_heads, dtype)`.
+
+    With graphs, a decode step replays each compute segment from its CUDA graph (graphs.py), or,
+    where the subclass says its step reads nothing on the host (`whole_step_graphs`), the whole
+    step from one graph per (batch bucket, attention bucket): compute, collectives and the
+    logits, with no launch between ops. Per-op busy times then do not exist (OpTimer records
+    none inside the capture); the step's time does."""
 
     cfg: ModelConfig
+    whole_step_graphs = False
 
     def _init_steps(self, num_cache_layers: int, num_kv_heads: int, dtype: torch.dtype, graphs: bool = False) -> None:
         """graphs: replay each decode step's compute segments from CUDA graphs (graphs.py)."""
@@ -101,6 +109,7 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.graphs = SegmentGraphs(graphs, self.device)
         self.graphable = False  # this step's segments are replayed from graphs
         self.decoding = False  # this step is a decode step (set per step by forward)
+        self.whole_step = False  # this step is being captured (or warmed up) as one graph
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
@@ -118,6 +127,9 @@ class MicroBatchRuntime(StaticBatchMixin):
             self.step = step_id
         st = lay_out(rows, self.cache.scratch_position, self.device, self._dense_rows(rows))
         self.decoding = st.decode  # decode steps use padded transfers and graphs; prefill steps exact ones
+        if (st.decode and self.graphs.enabled and self.whole_step_graphs
+                and st.ids_BT.shape[0] >= self.plan.microbatches):
+            return self._graphed_step(st)
         if not st.decode and getattr(self.plan, "seq_split", False):
             mbs = self._sequence_chunks(st, rows)
             dim = 1
@@ -128,6 +140,26 @@ class MicroBatchRuntime(StaticBatchMixin):
             dim = 0
         out = self._step(mbs, dim)
         return self._logits(out, st.logit_rows_B, st.logit_index_B)
+
+    def _graphed_step(self, st: StepTensors) -> torch.Tensor:
+        """The decode step replayed from one graph; logits [B, V] of the step's live rows."""
+        n = st.ids_BT.shape[0]
+        attend = bucket_len(st.attend_len, self.cache.max_len)
+
+        def step(ids_n1, positions_n1):
+            self.whole_step = True
+            try:
+                mbs = [self._mb(ids_n1[r.start:r.stop], positions_n1[r.start:r.stop], slice(r.start, r.stop), attend)
+                       for r in split_evenly(n, self.plan.microbatches)]
+                out = self._step(mbs, 0)
+                rows = torch.arange(n, device=self.device)
+                return self._logits(out, rows, torch.zeros_like(rows))
+            finally:
+                self.whole_step = False
+        number = self.step  # _step counts the step only where it runs: in the capture, not in a replay
+        logits_nV = self.graphs.run(("step", n, attend, self.plan.microbatches), step, st.ids_BT, st.positions_BT)
+        self.step = number + 1
+        return logits_nV[st.logit_rows_B]  # a copy: the next replay overwrites the graph's output
 
     def _dense_rows(self, rows: StepRows) -> int | None:
         """Rows of a decode step: the slots up to the highest one, rounded up to a batch-size
@@ -155,7 +187,8 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.in_step = True
         # decode steps only; an empty micro-batch (batch < m, an idle EP rank) runs eagerly:
         # nothing to gain, and no zero-size shapes to capture
-        self.graphable = self.graphs.enabled and self.decoding and all(mb.ids.shape[0] > 0 for mb in mbs)
+        self.graphable = (self.graphs.enabled and self.decoding and not self.whole_step
+                          and all(mb.ids.shape[0] > 0 for mb in mbs))
         self._begin_step(mbs)
         execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
         self._end_step()
@@ -182,7 +215,7 @@ class MicroBatchRuntime(StaticBatchMixin):
     def _attend_len(self, mb: MicroBatch) -> int:
         """Keys a micro-batch attends over: rounded up to a bucket when replaying graphs, so one
         graph serves many steps (keys past a row's position are masked either way)."""
-        if not self.graphable or self.cache is None:
+        if not (self.graphable or self.whole_step) or self.cache is None:
             return mb.attend_len
         return bucket_len(mb.attend_len, self.cache.max_len)
 

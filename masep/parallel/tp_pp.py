@@ -21,6 +21,10 @@ from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
 class TpPpRuntime(MicroBatchRuntime):
+    # a decode step is compute, NCCL all-reduces, stage-to-stage transfers and the logits
+    # broadcast, with no host read: it is captured whole (stepper.py)
+    whole_step_graphs = True
+
     def __init__(self, model: MoETransformer, plan: TpPpPlan, groups: TpPpGroups, env: DistEnv,
                  timer: OpTimer | None = None, graphs: bool = False):
         cfg = self.cfg = model.cfg

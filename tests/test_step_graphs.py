@@ -1,0 +1,73 @@
+"""The whole-step CUDA-graph path of a distributed decode step (stepper.py `_graphed_step`), on CPU.
+
+CUDA graphs need a GPU (tests/test_fastpath_dist.py replays them on 2 GPUs); here the graph
+cache is a stand-in that calls the step instead of capturing it, so the logic around the capture
+(micro-batches cut from static buffers, bucketed attention length, logits of every row then the
+live ones, the step counter) runs on real gloo ranks against the single-device model. fp32 and
+the same kernels as the oracle, except that attention runs over a bucketed key length (masked
+keys add exact zeros, the sum's order changes): atol 1e-5 on logits of size ~0.1.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from masep.config import preset
+from masep.model import build_model
+from masep.plan import TpPpPlan
+from masep.runtime import LocalRuntime, StepRows
+
+CFG = preset("tiny").replace(max_seq_len=64)
+PLANS = {"tp2": TpPpPlan(2, 1, 1), "pp2 m2": TpPpPlan(1, 2, 2)}
+
+
+class _CallingGraphs:
+    """SegmentGraphs' interface, enabled, without CUDA: runs each entry instead of replaying it."""
+    enabled = True
+
+    def __init__(self):
+        self.keys = []
+
+    def run(self, key, fn, *inputs):
+        self.keys.append(key)
+        return fn(*inputs)
+
+    def clear(self):
+        pass
+
+
+def _rank(name):
+    from masep.parallel.groups import build_tp_pp_groups, init_distributed
+    from masep.parallel.tp_pp import TpPpRuntime
+    from masep.parallel.worker import apply_plan
+    env = init_distributed("cpu", timeout_s=60)
+    model = build_model(CFG, seed=4)
+    oracle = LocalRuntime(build_model(CFG, seed=4))
+    plan = apply_plan(env, PLANS[name], model)
+    runtime = TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env)
+    runtime.graphs = _CallingGraphs()
+    gen = torch.Generator().manual_seed(0)
+    for rt in (runtime, oracle):
+        rt.start(6, CFG.max_seq_len)
+    prompts = [torch.randint(0, CFG.vocab_size, (3 + s,), generator=gen).tolist() for s in (0, 2, 4)]
+    rows = StepRows([0, 2, 4], prompts, [0, 0, 0], prefill=True)  # slots 1, 3, 5 stay empty
+    torch.testing.assert_close(runtime.forward(rows), oracle.forward(rows), atol=1e-5, rtol=1e-4)
+    live = {s: (p[-1], len(p)) for s, p in zip((0, 2, 4), prompts)}
+    for _ in range(4):
+        slots = sorted(live)
+        rows = StepRows(slots, [[live[s][0]] for s in slots], [live[s][1] for s in slots])
+        got, want = runtime.forward(rows, step_id=None), oracle.forward(rows)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        live = {s: (int(t), live[s][1] + 1) for s, t in zip(slots, want.argmax(-1))}
+    keys = [k for k in runtime.graphs.keys if k[0] == "step"]
+    # slots up to 4 (the highest live one) -> 5 rows -> batch bucket 8, capped at the 6 slots
+    assert len(keys) == 4 and all(k[1] == 6 for k in keys), keys
+    assert runtime.step == 5  # the prefill and four decode steps
+    return {}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_whole_step_path_matches_single_device(name):
+    from masep.parallel.launch import spawn
+    spawn(2, _rank, name, timeout_s=100)
