@@ -37,7 +37,11 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-EXPERT_IMPLS = ("grouped_mm", "triton")
+EXPERT_IMPLS = ("grouped_mm", "triton", "auto")
+# From this many token-expert rows on, F.grouped_mm (CUTLASS) beats our Triton kernel: on an H200
+# (`paper`, bf16) 28.5 vs 34.4 ms a step at 4096 rows (batch 2048), 21.5 vs 21.8 at 1024 rows;
+# below, the Triton kernel's deep weight pipeline wins (1.4x at batch 24).
+GROUPED_MM_FROM_ROWS = 1024
 
 
 def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
@@ -415,24 +419,35 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
             module.forward = functools.partial(patch, module)
 
 
+def auto_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """The faster kernel for this many rows (GROUPED_MM_FROM_ROWS): a host-side choice from the
+    shape, so it adds no sync and each CUDA graph holds one kernel. fp32 always takes the Triton
+    kernel (F.grouped_mm has no fp32 CUDA kernel)."""
+    if x_NK.shape[0] >= GROUPED_MM_FROM_ROWS and x_NK.dtype != torch.float32:
+        return torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
+    return triton_grouped_mm(x_NK, w_EKM, offs_E)
+
+
 def auto_expert_impl(model: torch.nn.Module) -> str | None:
-    """"triton" for a model on CUDA where triton is installed, else None (keep the model's
-    F.grouped_mm). Also for fp32: F.grouped_mm has no fp32 CUDA kernel, and its fallback copies
+    """"auto" (Triton below GROUPED_MM_FROM_ROWS rows, F.grouped_mm from there) for a model on
+    CUDA where triton is installed, else None (keep the model's F.grouped_mm). fp32 takes the
+    Triton kernel at every size: F.grouped_mm has no fp32 CUDA kernel, and its fallback copies
     the offsets to the host, which a CUDA graph cannot hold; the Triton kernel runs fp32 in
     full (IEEE) precision, so fp32 stays the dtype we check against the oracle."""
     param = next(model.parameters())
-    return "triton" if param.is_cuda and triton is not None else None
+    return "auto" if param.is_cuda and triton is not None else None
 
 
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
-    """Use `impl` ("grouped_mm" or "triton") for every Experts module in `model`."""
+    """Use `impl` ("grouped_mm", "triton" or "auto": by row count) for every Experts module."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert impl {impl!r}: choose one of {EXPERT_IMPLS}")
-    if impl == "triton" and triton is None:
-        raise ValueError("expert impl 'triton' needs triton, which is not installed: use 'grouped_mm'")
+    if impl != "grouped_mm" and triton is None:
+        raise ValueError(f"expert impl {impl!r} needs triton, which is not installed: use 'grouped_mm'")
+    fn = {"grouped_mm": None, "triton": triton_grouped_mm, "auto": auto_grouped_mm}[impl]
     for module in model.modules():
         if isinstance(module, Experts):
-            module.grouped_mm_fn = triton_grouped_mm if impl == "triton" else None
+            module.grouped_mm_fn = fn
 
 
 # --- the runtime --------------------------------------------------------------------------------

@@ -131,6 +131,21 @@ def test_set_expert_impl_validates():
     assert all(b.moe.experts.grouped_mm_fn is None for b in model.layers)
 
 
+def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
+    """Below GROUPED_MM_FROM_ROWS rows the Triton kernel, from there F.grouped_mm (16-bit); fp32
+    always Triton (no fp32 F.grouped_mm on CUDA). The choice reads only the shape."""
+    from masep import fastpath as fp
+    calls = []
+    monkeypatch.setattr(fp, "triton_grouped_mm", lambda x, w, o: calls.append("triton"))
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda x, w, offs: calls.append("grouped_mm"),
+                        raising=False)
+    w, offs = torch.zeros(2, 4, 4), torch.tensor([1, 2], dtype=torch.int32)
+    for rows, dtype in ((fp.GROUPED_MM_FROM_ROWS - 1, torch.bfloat16), (fp.GROUPED_MM_FROM_ROWS, torch.bfloat16),
+                        (fp.GROUPED_MM_FROM_ROWS, torch.float32)):
+        fp.auto_grouped_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
+    assert calls == ["triton", "grouped_mm", "triton"]
+
+
 def _run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh process with Triton's CPU interpreter; it must print "ok"."""
     env = dict(os.environ, TRITON_INTERPRET="1")

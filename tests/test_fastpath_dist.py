@@ -73,7 +73,8 @@ def _steps_without_host_sync(runtime, tokens, positions) -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            logits = runtime._graphed_step(st)
+            with torch.inference_mode():  # as forward() runs it
+                logits = runtime._graphed_step(st)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert runtime.graphs.captures == before, "the step was captured, not replayed"

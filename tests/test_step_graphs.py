@@ -28,7 +28,7 @@ class _CallingGraphs:
     def __init__(self):
         self.keys = []
 
-    def run(self, key, fn, *inputs):
+    def run(self, key, fn, *inputs, shared_pool=False):
         self.keys.append(key)
         return fn(*inputs)
 

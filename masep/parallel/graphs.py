@@ -25,8 +25,12 @@ captures the whole step, collectives included, as one entry (stepper.py `whole_s
 NCCL collectives and point-to-point transfers can be captured once their communicator exists,
 which the eager warm-up call makes sure of.
 
-Every graph allocates from one memory pool (as vLLM's do): replays run one after another on one
-stream, so a later graph may reuse what an earlier one freed. The cache is bounded
+Segment graphs each keep a private memory pool. They must not share one: micro-batches
+interleave, so the output of one segment (micro-batch 1's hidden state) must survive the replay
+of another (micro-batch 0's next layer), and a shared pool lets a later capture place its output
+where an earlier graph keeps its scratch. Whole-step graphs (`run(..., shared_pool=True)`) share
+one pool, as vLLM's do: each one's output (the logits) is consumed before any other replays. The
+cache is bounded
 (`max_graphs`): past it, the entries are dropped and captured again as needed (a tensor a
 dropped graph produced stays valid while referenced).
 """
@@ -58,14 +62,14 @@ class SegmentGraphs:
         self._pool = None
         self.captures = 0
 
-    def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor):
+    def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor, shared_pool: bool = False):
         if not self.enabled:
             return fn(*inputs)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.clear()
-            entry = self._graphs[key] = self._capture(fn, inputs)
+            entry = self._graphs[key] = self._capture(fn, inputs, shared_pool)
             self.captures += 1
         else:
             self._load(key, entry, inputs)
@@ -88,14 +92,15 @@ class SegmentGraphs:
                                  f"{tuple(static.shape)} {static.dtype} (the key must name every shape)")
             static.copy_(given)
 
-    def _capture(self, fn: Callable, inputs) -> _Captured:
+    def _capture(self, fn: Callable, inputs, shared_pool: bool) -> _Captured:
         # Keep the given tensors as the graph's inputs: most are outputs of an earlier segment's
         # graph, whose address never changes, so later replays need no copy.
         fn(*inputs)  # warm-up: autotuning, cuBLAS workspaces, lazy allocations
         graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog thread polls events while we capture; under the
         # default "global" mode that would invalidate the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool if shared_pool else None, capture_error_mode="thread_local"):
             outputs = fn(*inputs)
-        self._pool = graph.pool()
+        if shared_pool:
+            self._pool = graph.pool()
         return _Captured(graph, tuple(inputs), outputs)

@@ -157,7 +157,8 @@ class MicroBatchRuntime(StaticBatchMixin):
             finally:
                 self.whole_step = False
         number = self.step  # _step counts the step only where it runs: in the capture, not in a replay
-        logits_nV = self.graphs.run(("step", n, attend, self.plan.microbatches), step, st.ids_BT, st.positions_BT)
+        logits_nV = self.graphs.run(("step", n, attend, self.plan.microbatches), step, st.ids_BT, st.positions_BT,
+                                    shared_pool=True)
         self.step = number + 1
         return logits_nV[st.logit_rows_B]  # a copy: the next replay overwrites the graph's output
 
