@@ -191,7 +191,7 @@ class Attention(nn.Module):
             grid[:, self.slot_of_q] = q_BNTD
         out = F.scaled_dot_product_attention(grid.reshape(b, kv, g * t, d), k_BKSD, v_BKSD,
                                              attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
-        out = out.view(b, kv * g, t, d)
+        out = out.reshape(b, kv * g, t, d)  # SDPA may return a non-contiguous layout (fp32 prefill)
         return out if self.full_grid else out[:, self.slot_of_q]
 
 
