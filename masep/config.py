@@ -305,9 +305,9 @@ PRESETS["deepseek-tiny"] = ModelConfig(
     rope_type="yarn", rope_factor=4.0, rope_original_max_len=64, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
     hf_model_type="deepseek_v3")
 PRESET_HELP = ("tiny: 0.35 M parameters (tests); small: 28 M (CPU demos); paper: 9.1 B, the MA Separation paper's "
-               "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts; deepseek-tiny: 0.32 M, "
+               "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts; deepseek-tiny: 0.31 M, "
                "DeepSeek-V3's shape (MLA, a dense first layer, grouped sigmoid routing; tests); deepseek-v3: 671 B, "
-               "37 B active (the planner)")  # for --help
+               "37.6 B active per token (the planner)")  # for --help
 
 
 def preset(name: str) -> ModelConfig:

@@ -6,9 +6,15 @@ test_deepseek_dist.py.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from masep.config import ModelConfig, from_hf_dict, preset, to_hf_dict
+from masep.mla import MLAttention, softmax_scale as mla_softmax_scale
+from masep.model import (BlockParts, CacheLayout, DenseMLP, KVCache, MoETransformer, init_random_, rope_tables,
+                         yarn_inv_freq)
 
 TINY = preset("deepseek-tiny")
 
@@ -121,3 +127,115 @@ def test_deepseek_v3_sizes_by_hand():
     assert v3.dense_mlp_params() == 3 * h * 18432 and v3.shared_expert_params() == 3 * h * 2048
     assert 670e9 < v3.total_params() < 672e9
     assert 36.5e9 < v3.active_params() < 38e9
+
+
+# --- the model -----------------------------------------------------------------------------------
+def _tiny_model(seed: int = 0, **changes):
+    # std 0.1 rather than build_model's 0.02: scores far apart, so routing is decisive
+    return init_random_(MoETransformer(TINY.replace(**changes)), seed, std=0.1).eval()
+
+
+def test_layers_dense_first_then_moe_with_ungated_shared_experts():
+    model = _tiny_model()
+    first, second = model.layers[0], model.layers[1]
+    assert first.moe is None and isinstance(first.mlp, DenseMLP) and first.mlp.gate_proj.out_features == 96
+    assert second.mlp is None and second.moe.shared.gate is None and second.moe.shared.up_proj.out_features == 32
+    assert isinstance(first.attn, MLAttention) and second.moe.router.e_score_correction_bias.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_cache_holds_the_normed_latent_and_the_roped_key():
+    model = _tiny_model()
+    cache = model.new_cache(2, 16)
+    assert cache.k[0].shape == (2, 1, 17, 32) and cache.v[0].shape == (2, 1, 17, 8)  # not [2, 4 heads, 17, 24]
+    layout = CacheLayout.of(TINY, TINY.num_kv_heads)
+    assert layout.bytes_per_position(torch.float32) == TINY.kv_bytes_per_token_per_layer() == (32 + 8) * 4
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    model(ids, torch.arange(5).expand(2, 5), cache, attend_len=5)
+    attn, x = model.layers[0].attn, model.layers[0].attn_norm(model.embed(ids))
+    latent = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x)[..., :32])
+    torch.testing.assert_close(cache.k[0][:, 0, :5], latent)
+    assert cache.k[0][:, 0, 5:].abs().sum() == 0
+
+
+@torch.no_grad()
+def test_prefill_then_decode_through_the_cache_equals_one_forward():
+    model = _tiny_model()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    whole = model(ids)
+    cache = model.new_cache(2, 16)
+    got = [model(ids[:, :6], torch.arange(6).expand(2, 6), cache, attend_len=6)[:, -1]]
+    for p in range(6, 9):
+        got.append(model(ids[:, p:p + 1], torch.full((2, 1), p), cache, attend_len=p + 1)[:, 0])
+    # fp32, the same products in another grouping (one query vs all): a few ulps
+    torch.testing.assert_close(torch.stack(got, 1), whole[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_head_slices_sum_to_the_whole_and_each_keeps_the_whole_latent():
+    """Head parallelism: q_b / kv_b rows and o_proj columns by head; every slice writes the same
+    latent cache (replicated), and the partial outputs add up to the whole attention."""
+    whole = _tiny_model().layers[1].attn
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(5).expand(2, 5)
+    full_cache = KVCache.allocate(1, 2, whole.cache_layout, 8, torch.float32, "cpu")
+    want = whole(x, pos, full_cache, 0, 5)
+    parts = []
+    for heads in (range(0, 3), range(3, 4)):
+        part = MLAttention(TINY, heads).copy_heads_from_(whole)
+        drawn = init_random_(MoETransformer(TINY, parts=[BlockParts(heads, None)] * 3), 0, std=0.1).layers[1].attn
+        for (name, a), (_, b) in zip(part.named_parameters(), drawn.named_parameters()):
+            assert torch.equal(a, b), name  # a rank's draw is its slice of the whole model's
+        cache = KVCache.allocate(1, 2, part.cache_layout, 8, torch.float32, "cpu")
+        parts.append(part(x, pos, cache, 0, 5))
+        assert torch.equal(cache.k[0], full_cache.k[0]) and torch.equal(cache.v[0], full_cache.v[0])
+    torch.testing.assert_close(parts[0] + parts[1], want, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_sigmoid_router_bias_chooses_but_does_not_weigh():
+    router = _tiny_model().layers[1].moe.router
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    scores = torch.sigmoid(x @ router.weight.T)
+    router.e_score_correction_bias.zero_()
+    router.e_score_correction_bias[13] = 10.0  # expert 13 (group 3) wins every token's choice
+    weights, ids = router(x)
+    assert (ids == 13).any(dim=1).all()
+    chosen = scores.gather(1, ids)
+    torch.testing.assert_close(weights, chosen / chosen.sum(1, keepdim=True) * 2.5)  # plain scores, scaled
+    groups = ids // 4  # experts come from at most topk_groups=2 of the 4 groups, one of them group 3
+    assert all(len(set(g.tolist())) <= 2 and 3 in g.tolist() for g in groups)
+
+
+@torch.no_grad()
+def test_grouped_choice_differs_from_a_plain_top_k():
+    """Some token's plain top-4 spans more than 2 groups; the grouped choice never does."""
+    router = _tiny_model().layers[1].moe.router
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
+    plain = (torch.sigmoid(x @ router.weight.T) + router.e_score_correction_bias).topk(4).indices
+    _, ids = router(x)
+    assert max(len(set((plain[i] // 4).tolist())) for i in range(64)) > 2
+    assert max(len(set((ids[i] // 4).tolist())) for i in range(64)) <= 2
+
+
+def test_yarn_frequencies_by_hand():
+    """rope_dim 8 -> 4 frequencies theta^(-2i/8); original context 64: a frequency turning
+    more than beta_fast=32 times is kept, fewer than beta_slow=1 times divided by the factor 4."""
+    inv = yarn_inv_freq(TINY)
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    turns = 64 * plain / (2 * math.pi)  # 10.2, 1.02, 0.10, 0.01
+    assert turns[0] < 32 and turns[-1] < 1
+    # the correction range is dims [floor(d(32)), ceil(d(1))] = [0, 2]: ramp 0, 0.5, 1, 1
+    ramp = torch.tensor([0.0, 0.5, 1.0, 1.0])
+    torch.testing.assert_close(inv, plain / 4 * ramp + plain * (1 - ramp))
+    cos, _ = rope_tables(TINY, torch.zeros(1, 1, dtype=torch.long), torch.float32)
+    assert torch.allclose(cos, torch.ones_like(cos))  # mscale == mscale_all_dim: attention factor 1
+    assert mla_softmax_scale(TINY) == pytest.approx(24 ** -0.5 * (0.1 * math.log(4) + 1) ** 2)
+
+
+def test_preset_help_states_deepseek_sizes():
+    from masep.config import PRESET_HELP
+    count = sum(p.numel() for p in MoETransformer(TINY, device="meta").parameters())
+    assert count == TINY.total_params() and f"deepseek-tiny: {count / 1e6:.2f} M" in PRESET_HELP
+    v3 = preset("deepseek-v3")
+    assert f"deepseek-v3: {v3.total_params() / 1e9:.0f} B, {v3.active_params() / 1e9:.1f} B active" in PRESET_HELP
