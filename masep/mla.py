@@ -46,6 +46,14 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
+def per_head_weights(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The weights split by head: name -> (width per head, dim): dim 0 splits the rows of an
+    (out, in) weight, dim 1 o_proj's columns. The other weights are whole on every head slice."""
+    q = "q_b_proj.weight" if cfg.q_lora_rank else "q_proj.weight"
+    return {q: (cfg.head_dim, 0), "kv_b_proj.weight": (cfg.qk_nope_head_dim + cfg.v_head_dim, 0),
+            "o_proj.weight": (cfg.v_head_dim, 1)}
+
+
 class MLAttention(nn.Module):
     """MLA over query heads `heads` (all by default; a contiguous slice for head parallelism).
     The same forward signature and partial-output contract as model.Attention."""
@@ -126,12 +134,7 @@ class MLAttention(nn.Module):
 
     # --- slices and random init ---------------------------------------------------------------
     def head_rows(self) -> dict[str, tuple[int, int]]:
-        """Per-head weight: (rows per head, dim) of the tensors split by head (dim 0: rows of an
-        (out, in) weight; dim 1: o_proj's columns). The rest is whole on every head slice."""
-        c = self.cfg
-        q = "q_b_proj.weight" if c.q_lora_rank else "q_proj.weight"
-        return {q: (c.head_dim, 0), "kv_b_proj.weight": (c.qk_nope_head_dim + c.v_head_dim, 0),
-                "o_proj.weight": (c.v_head_dim, 1)}
+        return per_head_weights(self.cfg)
 
     @torch.no_grad()
     def copy_heads_from_(self, full: "MLAttention") -> "MLAttention":
