@@ -397,7 +397,7 @@ def load_block(ckpt: CheckpointReader | str | Path, layer: int, parts: BlockPart
     out["moe.router.weight"] = r.read(f"{moe}gate.weight")
     if r.cfg.router_scoring == "sigmoid":
         out["moe.router.e_score_correction_bias"] = r.read(f"{moe}gate.e_score_correction_bias")
-    if r.cfg.shared_expert_hidden:
+    if r.cfg.shared_expert_hidden and parts.heads is not None:  # held beside the attention (model.MoE)
         for name in ("gate_proj", "up_proj", "down_proj"):
             out[f"moe.shared.{name}.weight"] = r.read(f"{r.shared_prefix(layer)}{name}.weight")
         if r.cfg.shared_expert_gate:

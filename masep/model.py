@@ -455,7 +455,10 @@ class MoE(nn.Module):
         self.router = Router(cfg, device, dtype)
         self.experts = (Experts(cfg, parts.experts, device, dtype, parts.hidden_cols)
                         if parts.experts is not None else None)
-        self.shared = SharedExpert(cfg, device, dtype) if cfg.shared_expert_hidden else None
+        # the shared expert runs where the tokens are settled, beside the attention: a rank with
+        # experts only (a separated expert rank) does not hold it
+        held = cfg.shared_expert_hidden and parts.heads is not None
+        self.shared = SharedExpert(cfg, device, dtype) if held else None
 
     def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         x_XH = x_BTH.reshape(-1, x_BTH.shape[-1])

@@ -208,7 +208,7 @@ class ExpertMember:
         self.server = _ExpertServer(model, plan, groups, env, graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
-        self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches)
+        self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches, self.cfg.first_dense_layers)
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
 
