@@ -140,13 +140,20 @@ class ModelConfig:
 
     def attention_params_per_layer(self) -> int:
         """Projection weights of one layer's attention (all heads); MLA adds its two latent norms."""
+        return self.attention_params(self.num_heads, self.num_kv_heads)
+
+    def attention_params(self, heads: int, kv_heads: int) -> int:
+        """What a rank holding `heads` query heads (and `kv_heads` KV heads) holds of one layer's
+        attention: GQA's q/o rows of its heads and k/v rows of its KV heads; MLA's per-head q,
+        kv_b rows and o_proj columns, plus the latent projections and their norms, which every
+        head slice holds whole."""
         h, d = self.hidden_size, self.head_dim
         if not self.is_mla:
-            return h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        n, r, rope = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
-        q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * d) if self.q_lora_rank else h * n * d
-        kv = h * (r + rope) + r + r * n * (self.qk_nope_head_dim + self.v_head_dim)
-        return q + kv + n * self.v_head_dim * h
+            return h * d * (2 * heads + 2 * kv_heads)
+        r, rope, qr = self.kv_lora_rank, self.qk_rope_head_dim, self.q_lora_rank
+        per_head = (qr or h) * d + r * (self.qk_nope_head_dim + self.v_head_dim) + self.v_head_dim * h
+        whole = (h * qr + qr if qr else 0) + h * (r + rope) + r
+        return heads * per_head + whole
 
     def expert_params(self) -> int:
         return self.expert_matrices * self.hidden_size * self.expert_hidden
@@ -179,6 +186,19 @@ class ModelConfig:
         moe = self.router_params() + experts_per_layer * self.expert_params() + self.shared_expert_params()
         return (embed + self.num_layers * per_layer + self.first_dense_layers * self.dense_mlp_params()
                 + self.num_moe_layers * moe)
+
+    def training_refusal(self) -> str | None:
+        """Why `masep train` / `plan --train` refuse this config (None: they take it). The
+        training paths (parallel/training.py, train_separated.py) and their cost model know GQA
+        attention and MoE layers with softmax routing only; the single-device model runs the rest."""
+        missing = [what for what, on in (("multi-head latent attention", self.is_mla),
+                                         ("dense layers", self.first_dense_layers > 0),
+                                         ("sigmoid routing with a correction bias", self.router_scoring == "sigmoid"))
+                   if on]
+        if not missing:
+            return None
+        return (f"training {self.name} is not supported: {', '.join(missing)} (DeepSeek-V3-class) run for "
+                "inference only; training needs a GQA model with softmax routing")
 
     def kv_bytes_per_token_per_layer(self) -> int:
         """Cache bytes one token adds to one layer (all heads): K and V of every KV head, or MLA's

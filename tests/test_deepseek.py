@@ -11,10 +11,20 @@ import math
 import pytest
 import torch
 
+from masep import model as model_module
+from masep.checkpoint import from_pretrained, save_pretrained
 from masep.config import ModelConfig, from_hf_dict, preset, to_hf_dict
 from masep.mla import MLAttention, softmax_scale as mla_softmax_scale
-from masep.model import (BlockParts, CacheLayout, DenseMLP, KVCache, MoETransformer, init_random_, rope_tables,
-                         yarn_inv_freq)
+from masep.model import (BlockParts, CacheLayout, DenseMLP, KVCache, MoETransformer, build_model, init_random_,
+                         init_scratch_numel, rope_tables, yarn_inv_freq)
+from masep.parallel.parts import apply_parts, rank_parts
+from masep.parallel.worker import RunSpec, load_model
+from masep.parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, RECV, SEND,
+                                     SEND_ACT, comm_sequence, ep_schedule, separated_schedule, tp_pp_schedule)
+from masep.perf.costmodel import Workload, attention_cost, op_cost, rank_memory
+from masep.perf.hardware import get_profile
+from masep.perf.simulator import simulate
+from masep.plan import EpPlan, SeparatedPlan, TpPpPlan
 
 TINY = preset("deepseek-tiny")
 
@@ -239,3 +249,102 @@ def test_preset_help_states_deepseek_sizes():
     assert count == TINY.total_params() and f"deepseek-tiny: {count / 1e6:.2f} M" in PRESET_HELP
     v3 = preset("deepseek-v3")
     assert f"deepseek-v3: {v3.total_params() / 1e9:.0f} B, {v3.active_params() / 1e9:.1f} B active" in PRESET_HELP
+
+
+# --- schedules: dense layers run beside the attention, with no transfer ---------------------------------
+def test_dense_layers_have_no_transfer_in_any_schedule():
+    attention = separated_schedule("attention", 4, 2, dense_layers=2)
+    expert = separated_schedule("expert", 4, 2, dense_layers=2)
+    assert comm_sequence(attention) == comm_sequence(expert)  # the bridge sees the MoE layers only
+    assert {op.layer for op in expert} == {2, 3}
+    assert [op.kind for op in attention if op.layer == 0] == [ATTENTION, MLP, ATTENTION, MLP]  # both mbs
+    ep = ep_schedule(4, 1, dense_layers=2)
+    assert [op.kind for op in ep if op.layer in (0, 1)] == [ATTENTION, MLP, ATTENTION, MLP]
+    assert [op.kind for op in tp_pp_schedule(range(0, 2), 0, 2, 1, dense_layers=1) if op.layer >= 0] == \
+        [ATTENTION, ALLREDUCE, MLP, ALLREDUCE, ATTENTION, ALLREDUCE, EXPERTS, ALLREDUCE, SEND_ACT]
+
+
+def test_simulator_sees_no_transfer_for_dense_layers():
+    v3 = preset("deepseek-v3")
+    sim = simulate(SeparatedPlan(1, 8, 16, 2), v3, Workload(16, 1024), get_profile("h200"))
+    dense = [r for r in sim.records if r.op.layer in (0, 1, 2)]
+    assert {r.op.kind for r in dense} == {ATTENTION, MLP} and {r.rank for r in dense} == set(range(8))
+    assert all(r.op.kind in (ATTENTION, MLP, HEAD) or r.op.layer >= 3 for r in sim.records)
+    moe = {r.op.kind for r in sim.records if r.op.layer == 3}
+    assert {DISPATCH, COMBINE, RECV, SEND, EXPERTS} <= moe and MLP not in moe
+
+
+# --- the cost model, by hand ----------------------------------------------------------------------------
+def test_mla_attention_cost_by_hand():
+    """deepseek-v3, 16 of its 128 heads (a head-parallel rank of 8), 8 sequences at 1000 keys, bf16."""
+    v3, hw = preset("deepseek-v3"), get_profile("h200")
+    c = attention_cost(v3, hw, tokens=8, context=1000, heads=16, kv_heads=16)
+    # per head: q_b 1536 x 192, kv_b 512 x (128 + 128), o 128 x 7168; whole: q_a, its norm, kv_a, its norm
+    proj = 16 * (1536 * 192 + 512 * 256 + 128 * 7168) + (7168 * 1536 + 1536 + 7168 * 576 + 512)
+    assert proj == v3.attention_params(16, 16) == 36_636_672
+    assert c.kv_bytes == 8 * 1000 * (512 + 64) * 2  # the latent, not 16 heads x (192 + 128)
+    assert c.weight_bytes == (proj + 256 * 7168 + 256 + 2 * 7168) * 2  # + router (and its bias), 2 norms
+    up = 2 * 8 * 1000 * 512 * 16 * 256  # every cached latent projected up to 16 heads' keys and values
+    assert c.flops == 2 * 8 * proj + 2 * 8 * 7168 * 256 + up + 2 * 8 * 16 * 1000 * (192 + 128)
+    # its up-projected keys and values [1000, 16, 128 + 128 + 192] written and read back, per sequence
+    assert c.hbm_bytes == c.weight_bytes + c.kv_bytes + 2 * 8 * 7168 * 2 + 8 * 1000 * 16 * 448 * 2 * 2
+
+
+def test_dense_mlp_and_shared_expert_costs_by_hand():
+    v3, hw, work = preset("deepseek-v3"), get_profile("h200"), Workload(8, 1000)
+    sep, tp = SeparatedPlan(1, 8, 8, 1), TpPpPlan(8, 1, 1)
+    # a dense layer's MLP: whole on every head-parallel rank, on the replica's 8 tokens
+    mlp = op_cost("mlp", 0, 0, sep, 3, v3, work, hw)
+    assert mlp.weight_bytes == 3 * 7168 * 18432 * 2 and mlp.flops == 2 * 8 * 3 * 7168 * 18432
+    assert op_cost("mlp", 0, 0, tp, 3, v3, work, hw).weight_bytes == 3 * 7168 * 18432 / 8 * 2  # its columns
+    # the shared expert: with the attention of an MoE layer, on the rank's slice (1 of 8 tokens)
+    moe_attn, dense_attn = (op_cost("attention", layer, 0, sep, 3, v3, work, hw) for layer in (3, 0))
+    router = (256 * 7168 + 256) * 2
+    assert moe_attn.weight_bytes - dense_attn.weight_bytes == 3 * 7168 * 2048 * 2 + router
+    assert moe_attn.flops - dense_attn.flops == 2 * 1 * 3 * 7168 * 2048 + 2 * 8 * 7168 * 256
+    # tp_pp: in the experts op of TP rank 0 only
+    assert op_cost("experts", 3, 0, tp, 0, v3, work, hw).flops - op_cost("experts", 3, 0, tp, 1, v3, work, hw).flops \
+        == 2 * 8 * 3 * 7168 * 2048
+
+
+def test_memory_check_counts_the_compressed_cache_on_every_head_rank():
+    v3, hw, work = preset("deepseek-v3"), get_profile("h200"), Workload(8, 1000)
+    plan = SeparatedPlan(1, 8, 8, 1)
+    uses = [rank_memory(plan, v3, r, work, hw) for r in range(16)]
+    assert {u.kv_cache for u in uses[:8]} == {61 * 8 * 1000 * 1152} and {u.kv_cache for u in uses[8:]} == {0}
+    attn = v3.attention_params(16, 16) + 2 * 7168
+    moe = v3.router_params() + v3.shared_expert_params()
+    vocab = 2 * 129280 * 7168
+    assert uses[0].weights == (61 * attn + 58 * moe + 3 * v3.dense_mlp_params() + vocab) * 2
+    assert uses[8].weights == 58 * 32 * v3.expert_params() * 2  # 32 of 256 experts, MoE layers only
+
+
+# --- rank parts: reading, drawing and slicing give a rank the same tensors ---------------------------
+@pytest.mark.parametrize("plan", [SeparatedPlan(1, 3, 2, 2), TpPpPlan(2, 2, 2), EpPlan(3, 2)],
+                         ids=["separated-3+2", "tp2xpp2", "ep3"])
+def test_a_rank_reads_and_draws_its_slice(plan, tmp_path, monkeypatch):
+    """Heads 2/1/1 (MLA rows by head, latents whole), dense-MLP and expert columns over 2 TP
+    ranks, experts 6/5/5: from the checkpoint, from the seed, and by slicing the whole model."""
+    whole = init_random_(MoETransformer(TINY), 5, std=0.1).eval()
+    path = save_pretrained(whole, tmp_path)
+    sizes: list[int] = []
+    real = model_module._Draws.__call__
+    monkeypatch.setattr(model_module._Draws, "__call__", lambda self, name, shape: sizes.append(math.prod(shape))
+                        or real(self, name, shape))
+    for rank in range(plan.world_size):
+        parts = rank_parts(plan, TINY, rank)
+        want = apply_parts(init_random_(MoETransformer(TINY), 5, std=0.1), parts).state_dict()
+        read = from_pretrained(path, parts=parts).state_dict()
+        sizes.clear()
+        drawn = load_model(RunSpec(plan=plan, requests=[], config=TINY, seed=5), torch.device("cpu"), rank)
+        assert max(sizes) <= init_scratch_numel(TINY, parts)
+        drawn_want = apply_parts(build_model(TINY, seed=5), parts).state_dict()
+        assert read.keys() == want.keys() == drawn.state_dict().keys(), f"rank {rank}"
+        for name in want:
+            assert torch.equal(read[name], want[name]), f"rank {rank}: {name}"
+            assert torch.equal(drawn.state_dict()[name], drawn_want[name]), f"rank {rank}: {name}"
+    if plan.strategy == "separated":  # an expert rank: no attention, no dense MLP, no shared expert
+        assert set(read) == {f"layers.{i}.{n}" for i in (1, 2) for n in (
+            "attn_norm.weight", "moe_norm.weight", "moe.router.weight", "moe.router.e_score_correction_bias",
+            "moe.experts.w_gate", "moe.experts.w_up", "moe.experts.w_down")} | {
+            "layers.0.attn_norm.weight", "layers.0.moe_norm.weight", "embed.weight", "norm.weight", "lm_head.weight"}
