@@ -150,8 +150,10 @@ def print_report(report: dict, file=None) -> None:
     c, m = report["config"], report["config"]["model"]
     print(f"masep {c['masep_version']}  torch {c['torch_version']}  device {c['device']} ({c['device_name']})"
           f"  dtype {c['dtype']}  strategy {c['strategy']}  seed {c['seed']}", file=file)
+    kv = (f"MLA, {m['kv_lora_rank']} + {m['qk_rope_head_dim']} cached per token" if m.get("kv_lora_rank")
+          else f"kv {m['num_kv_heads']}")
     print(f"model {m['name']}: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_heads']}"
-          f" (kv {m['num_kv_heads']}, dim {m['head_dim']}), {m['num_experts']} experts top-{m['top_k']}"
+          f" ({kv}, dim {m['head_dim']}), {m['num_experts']} experts top-{m['top_k']}"
           f" ({m['expert_act']}, hidden {m['expert_hidden']}), vocab {m['vocab_size']}", file=file)
     print(f"workload: batch {c['batch']}, prompt {c['prompt_len']}, max new tokens {c['max_new_tokens']},"
           f" temperature {c['temperature']}, top-p {c['top_p']}, top-k {c['top_k']},"

@@ -348,3 +348,19 @@ def test_a_rank_reads_and_draws_its_slice(plan, tmp_path, monkeypatch):
             "attn_norm.weight", "moe_norm.weight", "moe.router.weight", "moe.router.e_score_correction_bias",
             "moe.experts.w_gate", "moe.experts.w_up", "moe.experts.w_down")} | {
             "layers.0.attn_norm.weight", "layers.0.moe_norm.weight", "embed.weight", "norm.weight", "lm_head.weight"}
+
+
+def test_run_memory_needs_size_the_latent_cache():
+    """`masep run`'s check: each head-parallel rank allocates the whole latent cache."""
+    from masep.cli import rank_memory_needs
+    needs = rank_memory_needs(TINY, SeparatedPlan(1, 2, 1, 1), slots=4, max_len=16)
+    assert [n.kv_cache for n in needs] == [4 * 17 * 3 * (32 + 8) * 4] * 2 + [0]
+
+
+def test_training_refuses_deepseek_class_models():
+    from masep.perf.traincost import TrainWorkload
+    from masep.perf.trainsim import simulate_train
+    why = TINY.training_refusal()
+    assert "multi-head latent attention, dense layers, sigmoid routing" in why and preset("tiny").training_refusal() is None
+    with pytest.raises(ValueError, match="training deepseek-v3 is not supported"):
+        simulate_train(EpPlan(64), preset("deepseek-v3"), TrainWorkload(64, 1024), get_profile("h200"))
