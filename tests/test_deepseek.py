@@ -64,6 +64,30 @@ def test_hf_config_maps_every_deepseek_field():
     assert (two.yarn_mscale, two.yarn_mscale_all_dim) == (0.0, 0.0)  # absent: not 1
 
 
+# DeepSeek-V3's own config.json (transformers 4.33 era: rope_scaling, its routing keys, fp8 weights)
+DEEPSEEK_V3_RAW = dict(
+    architectures=["DeepseekV3ForCausalLM"], attention_bias=False, attention_dropout=0.0, aux_loss_alpha=0.001,
+    bos_token_id=0, eos_token_id=1, ep_size=1, first_k_dense_replace=3, hidden_act="silu", hidden_size=7168,
+    initializer_range=0.02, intermediate_size=18432, kv_lora_rank=512, max_position_embeddings=163840,
+    model_type="deepseek_v3", moe_intermediate_size=2048, moe_layer_freq=1, n_group=8, n_routed_experts=256,
+    n_shared_experts=1, norm_topk_prob=True, num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61,
+    num_key_value_heads=128, num_nextn_predict_layers=1, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                         "weight_block_size": [128, 128]},
+    rms_norm_eps=1e-06, rope_theta=10000, routed_scaling_factor=2.5, scoring_func="sigmoid", seq_aux=True,
+    tie_word_embeddings=False, topk_group=4, topk_method="noaux_tc", torch_dtype="bfloat16", use_cache=True,
+    v_head_dim=128, vocab_size=129280,
+    rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                  "original_max_position_embeddings": 4096, "type": "yarn"})
+
+
+def test_deepseek_v3_own_config_is_the_preset_once_dequantized():
+    with pytest.raises(ValueError, match=r"quant_method='fp8'.*dequantize the checkpoint to bf16 first"):
+        from_hf_dict(DEEPSEEK_V3_RAW)
+    raw = {k: v for k, v in DEEPSEEK_V3_RAW.items() if k != "quantization_config"}
+    assert from_hf_dict(raw).replace(name="deepseek-v3") == preset("deepseek-v3")
+
+
 @pytest.mark.parametrize("name", ["deepseek-tiny", "deepseek-v3"])
 def test_to_hf_dict_round_trip(name):
     cfg = preset(name)
