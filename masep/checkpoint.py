@@ -1,4 +1,4 @@
-"""HF safetensors checkpoints in and out (Mixtral, Qwen2-MoE, Qwen3-MoE), read by slice.
+"""HF safetensors checkpoints in and out (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3), read by slice.
 
 `CheckpointReader` reads every file's header once (names, shapes, dtypes; no tensor data),
 checks them against the config, and then reads tensors by slice with
@@ -15,10 +15,20 @@ HF names -> ours, per layer i (prefix `model.layers.{i}.`):
                                                  -> the same, fused layout
   mlp.shared_expert.*, mlp.shared_expert_gate    -> moe.shared.{gate,up,down}_proj, moe.shared.gate
 {moe} is `block_sparse_moe` for Mixtral files (what transformers 5 still writes) or `mlp`.
+DeepSeek-V3 (deepseek_v3) differs in:
+  self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}, kv_a_proj_with_mqa, kv_a_layernorm,
+    kv_b_proj, o_proj                            -> attn.* (mla.MLAttention; the same names)
+  mlp.{gate,up,down}_proj of the dense layers    -> mlp.* (model.DenseMLP)
+  mlp.gate.e_score_correction_bias               -> moe.router.e_score_correction_bias
+  mlp.shared_experts.{gate,up,down}_proj         -> moe.shared.* (ungated)
+  model.layers.{i >= num_hidden_layers}.*        multi-token-prediction modules: skipped, with a
+                                                 log line (only speculative decoding reads them)
 """
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +37,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DTYPES, ModelConfig, from_hf_config, to_hf_dict
+from .hf_deepseek import MODEL_TYPE as DEEPSEEK
+from .mla import MLAttention, per_head_weights
 from .model import BlockParts, MoETransformer, kv_heads_for
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,6 +73,11 @@ class CheckpointReader:
         self.moe_prefix = [self._moe_prefix(i, moe) for i in range(self.cfg.num_layers)]
         self.fused = [f"{p}experts.gate_up_proj" in self.file_of for p in self.moe_prefix]
         self._validate()
+        extra = sorted({int(m.group(1)) for k in self.file_of if (m := self._mtp_layer(k))})
+        if extra:
+            log.info("%s: skipping the multi-token-prediction layer(s) %s (%d tensors): masep decodes one token "
+                     "per step and the model's logits do not read them", self.path, extra,
+                     sum(1 for k in self.file_of if self._mtp_layer(k)))
 
     # --- index ---------------------------------------------------------------------------------
     def _index(self) -> None:
@@ -128,18 +147,28 @@ class CheckpointReader:
         out = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
         if not c.tie_embeddings:
             out["lm_head.weight"] = (c.vocab_size, h)
+        mla = {name: tuple(p.shape) for name, p in MLAttention(c, device="meta").named_parameters()} if c.is_mla \
+            else {}
         for layer in range(c.num_layers):
             p, moe = f"model.layers.{layer}.", self.moe_prefix[layer]
+            out.update({f"{p}self_attn.{name}": shape for name, shape in mla.items()})
             attn = {"q_proj": c.num_heads * d, "k_proj": c.num_kv_heads * d, "v_proj": c.num_kv_heads * d}
-            for name, rows in attn.items():
+            for name, rows in attn.items() if not c.is_mla else ():
                 out[f"{p}self_attn.{name}.weight"] = (rows, h)
                 if c.qkv_bias:
                     out[f"{p}self_attn.{name}.bias"] = (rows,)
-            out[f"{p}self_attn.o_proj.weight"] = (h, c.num_heads * d)
+            if not c.is_mla:
+                out[f"{p}self_attn.o_proj.weight"] = (h, c.num_heads * d)
             if c.qk_norm:
                 out[f"{p}self_attn.q_norm.weight"] = out[f"{p}self_attn.k_norm.weight"] = (d,)
             out[f"{p}input_layernorm.weight"] = out[f"{p}post_attention_layernorm.weight"] = (h,)
+            if c.is_dense_layer(layer):
+                out[f"{p}mlp.gate_proj.weight"] = out[f"{p}mlp.up_proj.weight"] = (c.dense_hidden, h)
+                out[f"{p}mlp.down_proj.weight"] = (h, c.dense_hidden)
+                continue
             out[f"{moe}gate.weight"] = (e, h)
+            if c.router_scoring == "sigmoid":
+                out[f"{moe}gate.e_score_correction_bias"] = (e,)
             if self.fused[layer]:
                 out[f"{moe}experts.gate_up_proj"], out[f"{moe}experts.down_proj"] = (e, 2 * i, h), (e, h, i)
             else:
@@ -147,11 +176,22 @@ class CheckpointReader:
                     gate, up, down = self.expert_names(layer, j)
                     out[gate], out[up], out[down] = (i, h), (i, h), (h, i)
             if c.shared_expert_hidden:
-                s = c.shared_expert_hidden
-                out[f"{p}mlp.shared_expert.gate_proj.weight"] = out[f"{p}mlp.shared_expert.up_proj.weight"] = (s, h)
-                out[f"{p}mlp.shared_expert.down_proj.weight"] = (h, s)
-                out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
+                s, shared = c.shared_expert_hidden, self.shared_prefix(layer)
+                out[f"{shared}gate_proj.weight"] = out[f"{shared}up_proj.weight"] = (s, h)
+                out[f"{shared}down_proj.weight"] = (h, s)
+                if c.shared_expert_gate:
+                    out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
         return out
+
+    def shared_prefix(self, layer: int) -> str:
+        """Qwen2-MoE's `shared_expert.` or DeepSeek's `shared_experts.` (one of n times the width)."""
+        kind = "shared_experts." if self.cfg.hf_model_type == DEEPSEEK else "shared_expert."
+        return f"model.layers.{layer}.mlp.{kind}"
+
+    def _mtp_layer(self, key: str):
+        """The layer-number match of a multi-token-prediction tensor of a DeepSeek-V3 file, else None."""
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        return m if m and self.cfg.hf_model_type == DEEPSEEK and int(m.group(1)) >= self.cfg.num_layers else None
 
     def _validate(self) -> None:
         expected, where = self.expected(), self._where()
@@ -173,7 +213,8 @@ class CheckpointReader:
                                  f"expected a floating-point dtype ({sorted(FLOAT_DTYPES)})")
 
     def _ignorable(self, key: str) -> bool:
-        return key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.cfg.tie_embeddings)
+        return (key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.cfg.tie_embeddings)
+                or self._mtp_layer(key) is not None)
 
     def _where(self) -> Path:
         return self.path / (SINGLE_FILE if (self.path / SINGLE_FILE).exists() else INDEX_FILE)
@@ -292,6 +333,8 @@ def load_attention(ckpt: CheckpointReader | str | Path, layer: int,
     heads = heads if heads is not None else range(c.num_heads)
     if not (0 <= heads.start < heads.stop <= c.num_heads and heads.step == 1):
         raise ValueError(f"heads={heads}: must be a non-empty contiguous range within [0, {c.num_heads})")
+    if c.is_mla:
+        return _load_mla(r, layer, heads)
     kv, d = kv_heads_for(c, heads), c.head_dim
     q_rows, kv_rows = slice(heads.start * d, heads.stop * d), slice(kv.start * d, kv.stop * d)
     p = f"model.layers.{layer}.self_attn."
@@ -303,6 +346,30 @@ def load_attention(ckpt: CheckpointReader | str | Path, layer: int,
     if c.qk_norm:
         out["q_norm.weight"], out["k_norm.weight"] = r.read(f"{p}q_norm.weight"), r.read(f"{p}k_norm.weight")
     return out
+
+
+def _load_mla(r: CheckpointReader, layer: int, heads: range) -> dict[str, torch.Tensor]:
+    """MLA weights as `MLAttention(cfg, heads)` names them: the per-head rows (q, kv_b) and o_proj
+    columns of `heads`; the latent projections and norms whole."""
+    p, per_head = f"model.layers.{layer}.self_attn.", per_head_weights(r.cfg)
+    out = {}
+    for name, _ in MLAttention(r.cfg, device="meta").named_parameters():
+        if name not in per_head:
+            out[name] = r.read(p + name)
+            continue
+        width, dim = per_head[name]
+        rows = slice(heads.start * width, heads.stop * width)
+        out[name] = r.read(p + name, (rows,) if dim == 0 else (slice(None), rows))
+    return out
+
+
+def _load_dense_mlp(r: CheckpointReader, layer: int, cols: range | None) -> dict[str, torch.Tensor]:
+    """A dense layer's MLP as `DenseMLP` names it: hidden columns `cols` (all by default)."""
+    p = f"model.layers.{layer}.mlp."
+    c = slice(None) if cols is None else slice(cols.start, cols.stop)
+    return {"mlp.gate_proj.weight": r.read(f"{p}gate_proj.weight", (c,)),
+            "mlp.up_proj.weight": r.read(f"{p}up_proj.weight", (c,)),
+            "mlp.down_proj.weight": r.read(f"{p}down_proj.weight", (slice(None), c))}
 
 
 def load_block(ckpt: CheckpointReader | str | Path, layer: int, parts: BlockParts | None = None
@@ -317,19 +384,24 @@ def load_block(ckpt: CheckpointReader | str | Path, layer: int, parts: BlockPart
     out = {}
     if parts.heads is not None:
         out |= {f"attn.{k}": v for k, v in load_attention(r, layer, parts.heads).items()}
+    out["attn_norm.weight"] = r.read(f"{p}input_layernorm.weight")
+    out["moe_norm.weight"] = r.read(f"{p}post_attention_layernorm.weight")
+    if r.cfg.is_dense_layer(layer):  # held with the attention (model.Block)
+        return out | (_load_dense_mlp(r, layer, parts.dense_cols) if parts.heads is not None else {})
     if parts.experts is not None:
         experts = load_experts(r, layer, parts.experts)
         if parts.hidden_cols is not None:  # gate/up rows and down columns of those hidden units
             c = slice(parts.hidden_cols.start, parts.hidden_cols.stop)
             experts = {k: (v[:, :, c] if k == "w_down" else v[:, c]) for k, v in experts.items()}
         out |= {f"moe.experts.{k}": v for k, v in experts.items()}
-    out["attn_norm.weight"] = r.read(f"{p}input_layernorm.weight")
-    out["moe_norm.weight"] = r.read(f"{p}post_attention_layernorm.weight")
     out["moe.router.weight"] = r.read(f"{moe}gate.weight")
-    if r.cfg.shared_expert_hidden:
+    if r.cfg.router_scoring == "sigmoid":
+        out["moe.router.e_score_correction_bias"] = r.read(f"{moe}gate.e_score_correction_bias")
+    if r.cfg.shared_expert_hidden and parts.heads is not None:  # held beside the attention (model.MoE)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"moe.shared.{name}.weight"] = r.read(f"{p}mlp.shared_expert.{name}.weight")
-        out["moe.shared.gate.weight"] = r.read(f"{p}mlp.shared_expert_gate.weight")
+            out[f"moe.shared.{name}.weight"] = r.read(f"{r.shared_prefix(layer)}{name}.weight")
+        if r.cfg.shared_expert_gate:
+            out["moe.shared.gate.weight"] = r.read(f"{p}mlp.shared_expert_gate.weight")
     return out
 
 
@@ -393,16 +465,23 @@ def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
         out[f"{p}post_attention_layernorm.weight"] = block.moe_norm.weight
         for name, tensor in block.attn.named_parameters():
             out[f"{p}self_attn.{name}"] = tensor
+        if block.moe is None:  # a dense layer
+            out |= {f"{p}mlp.{name}": tensor for name, tensor in block.mlp.named_parameters()}
+            continue
         out[f"{moe}gate.weight"] = block.moe.router.weight
+        if block.moe.router.e_score_correction_bias is not None:
+            out[f"{moe}gate.e_score_correction_bias"] = block.moe.router.e_score_correction_bias
         ex = block.moe.experts
         names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
         for j in range(cfg.num_experts):
             for name, w in zip(names, (ex.w_gate, ex.w_up, ex.w_down)):
                 out[f"{moe}experts.{j}.{name}.weight"] = w[j]
         if block.moe.shared is not None:
+            shared = "shared_experts" if model_type == DEEPSEEK else "shared_expert"
             for name in ("gate_proj", "up_proj", "down_proj"):
-                out[f"{p}mlp.shared_expert.{name}.weight"] = getattr(block.moe.shared, name).weight
-            out[f"{p}mlp.shared_expert_gate.weight"] = block.moe.shared.gate.weight
+                out[f"{p}mlp.{shared}.{name}.weight"] = getattr(block.moe.shared, name).weight
+            if block.moe.shared.gate is not None:
+                out[f"{p}mlp.shared_expert_gate.weight"] = block.moe.shared.gate.weight
     # safetensors refuses tensors that share storage (expert rows of one stacked parameter): copy.
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
@@ -410,10 +489,14 @@ def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
 def _check_saveable(model: MoETransformer, model_type: str) -> None:
     cfg = model.cfg
     for layer, block in enumerate(model.layers):
-        if block.attn.heads != range(cfg.num_heads) or block.moe.experts.expert_ids != list(range(cfg.num_experts)):
+        sliced = block.attn is None or block.attn.heads != range(cfg.num_heads) or (
+            block.moe.experts is None or block.moe.experts.expert_ids != list(range(cfg.num_experts))
+            if block.moe is not None else block.mlp is None or block.mlp.cols is not None)
+        if sliced:
             raise ValueError(f"layer {layer} holds a slice of heads or experts: save_pretrained needs the whole model")
     unsupported = {"mixtral": cfg.qk_norm or cfg.qkv_bias or cfg.shared_expert_hidden or not cfg.norm_topk_prob,
-                   "qwen2_moe": cfg.qk_norm, "qwen3_moe": cfg.qkv_bias or cfg.shared_expert_hidden}[model_type]
+                   "qwen2_moe": cfg.qk_norm, "qwen3_moe": cfg.qkv_bias or cfg.shared_expert_hidden,
+                   DEEPSEEK: False}[model_type]  # config.to_hf_dict refused what deepseek_v3 cannot express
     if unsupported:
         raise ValueError(f"model_type={model_type!r} cannot express qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}, "
                          f"shared_expert_hidden={cfg.shared_expert_hidden}, norm_topk_prob={cfg.norm_topk_prob}")

@@ -31,7 +31,7 @@ from .config import PRESET_HELP, PRESETS, ModelConfig, from_hf_config, preset
 from .engine import Request, random_prompts
 from .engine.executor import LocalExecutor
 from .logs import add_log_arg, progress, setup_logging
-from .model import BlockParts, MoETransformer, build_model, kv_heads_for
+from .model import BlockParts, CacheLayout, MoETransformer, build_model, kv_heads_for
 from .options import HelpFormatter
 from .parallel.schedule import COMM_KINDS
 from .runtime import LocalRuntime
@@ -150,8 +150,10 @@ def print_report(report: dict, file=None) -> None:
     c, m = report["config"], report["config"]["model"]
     print(f"masep {c['masep_version']}  torch {c['torch_version']}  device {c['device']} ({c['device_name']})"
           f"  dtype {c['dtype']}  strategy {c['strategy']}  seed {c['seed']}", file=file)
+    kv = (f"MLA, {m['kv_lora_rank']} + {m['qk_rope_head_dim']} cached per token" if m.get("kv_lora_rank")
+          else f"kv {m['num_kv_heads']}")
     print(f"model {m['name']}: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_heads']}"
-          f" (kv {m['num_kv_heads']}, dim {m['head_dim']}), {m['num_experts']} experts top-{m['top_k']}"
+          f" ({kv}, dim {m['head_dim']}), {m['num_experts']} experts top-{m['top_k']}"
           f" ({m['expert_act']}, hidden {m['expert_hidden']}), vocab {m['vocab_size']}", file=file)
     print(f"workload: batch {c['batch']}, prompt {c['prompt_len']}, max new tokens {c['max_new_tokens']},"
           f" temperature {c['temperature']}, top-p {c['top_p']}, top-k {c['top_k']},"
@@ -644,15 +646,16 @@ def rank_memory_needs(cfg: ModelConfig, plan, slots: int, max_len: int) -> list[
     """Per rank of `plan` (None: the single-device model): the parameters of its part, counted on
     the meta device (so exactly what it builds, embeddings and norms included), and its KV cache:
     `slots` slots of max_len + 1 positions (one scratch) for the layers and KV heads its attention
-    holds (expert ranks hold none)."""
+    holds (expert ranks hold none; an MLA layer's cache is one latent per token, on every
+    head-parallel rank)."""
     from .parallel.parts import rank_parts
     elt = torch.finfo(cfg.torch_dtype).bits // 8
     needs = []
     for rank in range(plan.world_size if plan is not None else 1):
         parts = rank_parts(plan, cfg, rank) if plan is not None else [BlockParts.everything(cfg)] * cfg.num_layers
         weights = sum(p.numel() for p in MoETransformer(cfg, device="meta", parts=parts).parameters()) * elt
-        kv = sum(2 * slots * len(kv_heads_for(cfg, p.heads)) * (max_len + 1) * cfg.head_dim * elt
-                 for p in parts if p.active and p.heads is not None)
+        kv = sum(slots * (max_len + 1) * CacheLayout.of(cfg, len(kv_heads_for(cfg, p.heads))).bytes_per_position(
+            cfg.torch_dtype) for p in parts if p.active and p.heads is not None)
         needs.append(MemoryNeed(weights, kv))
     return needs
 
@@ -873,7 +876,6 @@ def check_against_single(args: argparse.Namespace, cfg: ModelConfig, source: Mod
     settings; greedy and seeded tokens must be identical (a mismatch makes `masep run` exit 1)."""
     from .engine.generate import run_requests
     from .launcher import scheduler_config
-    from .runtime import LocalRuntime
     kv = kv_settings(args, cfg, requests)
     oracle = FiniteLogitsRuntime(source.build(cfg, args.device))
     executor = LocalExecutor(oracle, max(1, len(requests)), kv.max_model_len)

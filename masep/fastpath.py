@@ -386,7 +386,8 @@ def _norm_forward(norm, x):
 
 
 def _router_forward(router, x_XH):
-    if not x_XH.is_cuda or x_XH.shape[0] == 0:
+    # the fused kernel is softmax top-k: DeepSeek's sigmoid scoring keeps the model's own code
+    if not x_XH.is_cuda or x_XH.shape[0] == 0 or router.e_score_correction_bias is not None:
         return type(router).forward(router, x_XH)
     logits = torch.nn.functional.linear(x_XH, router.weight)
     return fused_topk_softmax(logits, router.cfg.top_k, router.cfg.norm_topk_prob, x_XH.dtype)

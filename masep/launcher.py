@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .engine.executor import LocalExecutor
 from .engine.scheduler import SchedulerConfig
+from .model import CacheLayout
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def single_slots(kv: KvSettings, model) -> int:
     from .parallel.rank_loop import KvBudget
     cfg = model.cfg
     fit = KvBudget(kv.max_model_len, kv.gpu_memory_utilization).slots_that_fit(
-        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device)
+        cfg.num_layers, CacheLayout.of(cfg, cfg.num_kv_heads), model.dtype, model.device)
     if fit is not None and fit < 1:
         raise ValueError(f"not even one KV slot of --max-model-len={kv.max_model_len} fits in "
                          f"--gpu-memory-utilization={kv.gpu_memory_utilization}")

@@ -40,12 +40,48 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, 1, T, D] for rotate-half RoPE, computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim))
-    freqs = positions_BT.float()[..., None] * inv_freq
+def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 inv_freq: torch.Tensor | None = None, scale: float = 1.0):
+    """cos, sin [B, 1, T, D] for rotate-half RoPE, computed in float32 (times `scale`, YaRN's
+    attention factor). inv_freq [D/2]: the frequencies when scaled (rope_tables), else theta's."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim))
+    freqs = positions_BT.float()[..., None] * inv_freq.to(positions_BT.device)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if scale == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `factor` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """YaRN frequencies [rope_dim / 2]: dimensions that turn fewer than beta_slow times over the
+    original context are interpolated (divided by the factor), those turning more than beta_fast
+    times are kept, and a linear ramp blends the ones between."""
+    d, base, factor = cfg.rope_dim, cfg.rope_theta, cfg.rope_factor
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+
+    def turning_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(turning_dim(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(turning_dim(cfg.yarn_beta_slow)), d - 1)
+    ramp = ((torch.arange(d // 2).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # the share of the original (extrapolated) frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_tables(cfg: ModelConfig, positions_BT: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, 1, T, rope_dim] for every layer of `cfg` (YaRN-scaled when configured)."""
+    if cfg.rope_type != "yarn":
+        return rope_cos_sin(positions_BT, cfg.rope_dim, cfg.rope_theta, dtype)
+    f, m, m_all = cfg.rope_factor, cfg.yarn_mscale, cfg.yarn_mscale_all_dim
+    scale = yarn_mscale(f, m) / yarn_mscale(f, m_all) if m and m_all else yarn_mscale(f)
+    return rope_cos_sin(positions_BT, cfg.rope_dim, cfg.rope_theta, dtype, yarn_inv_freq(cfg), scale)
 
 
 def apply_rope(x_BNTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,9 +95,33 @@ def kv_heads_for(cfg: ModelConfig, heads: range) -> range:
     return range(heads.start // cfg.kv_group, (heads.stop - 1) // cfg.kv_group + 1)
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one layer's cache holds per slot and position: k [heads, k_dim] and v [heads, v_dim].
+
+    GQA: keys and values of the KV heads held. MLA (mla.py): k is the token's compressed latent
+    [1, kv_lora_rank] (after its norm) and v its roped key [1, qk_rope_head_dim]; every head
+    reads them, so every head-parallel rank of a replica holds the whole of it (replicated)."""
+
+    heads: int
+    k_dim: int
+    v_dim: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, kv_heads: int) -> "CacheLayout":
+        """The layout of an attention holding `kv_heads` KV heads (MLA: always the one latent)."""
+        if cfg.is_mla:
+            return cls(1, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        return cls(kv_heads, cfg.head_dim, cfg.head_dim)
+
+    def bytes_per_position(self, dtype: torch.dtype) -> int:
+        return self.heads * (self.k_dim + self.v_dim) * torch.finfo(dtype).bits // 8
+
+
 @dataclass
 class KVCache:
-    """Per-layer key/value tensors [slots, K, S_max + 1, D] for the local KV heads.
+    """Per-layer key/value tensors [slots, K, S_max + 1, D] for the local KV heads (an MLA
+    layer's k and v are its latent and roped key instead: CacheLayout).
 
     Position S_max is a scratch column: rows that only pad a batch (a free slot inside a decode
     batch, the right padding of a prefill chunk) write there, and no real query ever attends to
@@ -77,9 +137,13 @@ class KVCache:
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, max_len + 1, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+        return cls.allocate(num_layers, batch, CacheLayout(kv_heads, head_dim, head_dim), max_len, dtype, device)
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, layout: CacheLayout, max_len: int, dtype, device):
+        def zeros(dim):
+            return torch.zeros((batch, layout.heads, max_len + 1, dim), dtype=dtype, device=device)
+        return cls([zeros(layout.k_dim) for _ in range(num_layers)], [zeros(layout.v_dim) for _ in range(num_layers)])
 
     @property
     def max_len(self) -> int:
@@ -140,6 +204,10 @@ class Attention(nn.Module):
         self.register_buffer("slot_of_q", slot_of_q.to(device), persistent=False)
         self.full_grid = self.heads.start % g == 0 and len(self.heads) % g == 0
 
+    @property
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout.of(self.cfg, len(self.kv_heads))
+
     def forward(self, x_BTH: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, attend_len: int | None = None, rope=None) -> torch.Tensor:
         """Partial attention output [B, T, H] of the local heads (already through o_proj).
@@ -153,7 +221,7 @@ class Attention(nn.Module):
         v = self.v_proj(x_BTH).view(b, t, kv, d).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope if rope is not None else rope_cos_sin(positions_BT, d, self.cfg.rope_theta, x_BTH.dtype)
+        cos, sin = rope if rope is not None else rope_tables(self.cfg, positions_BT, x_BTH.dtype)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is None:
             keys, values, key_pos = k, v, positions_BT
@@ -200,18 +268,26 @@ def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -
 
 
 class Router(nn.Module):
-    """Softmax over all experts, top-k, optional renormalisation (Mixtral / Qwen semantics)."""
+    """Softmax over all experts, top-k, optional renormalisation (Mixtral / Qwen semantics); or
+    DeepSeek-V3's sigmoid scoring (`cfg.router_scoring`, see `_sigmoid_topk`)."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype))
+        # DeepSeek-V3's per-expert bias added to the scores only to choose experts; set by a
+        # load-balancing rule, not by gradients; float32 as transformers keeps it.
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(cfg.num_experts, device=device, dtype=torch.float32), requires_grad=False)
+            if cfg.router_scoring == "sigmoid" else None)
         # A trainer sets a list here to receive (logits [X, E] float32, ids [X, k]) of every call:
         # the auxiliary losses need the router's logits, which forward() does not return.
         self.record: list | None = None
 
     def forward(self, x_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """weights [X, k] (x's dtype) and expert ids [X, k] (int64)."""
+        if self.e_score_correction_bias is not None:
+            return self._sigmoid_topk(x_XH)
         logits = F.linear(x_XH, self.weight).float()
         probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
@@ -220,6 +296,29 @@ class Router(nn.Module):
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x_XH.dtype), ids
+
+    def _sigmoid_topk(self, x_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3: scores = sigmoid(logits) in float32; the experts are chosen by scores +
+        bias, first the best `topk_groups` groups (a group's merit: its two best biased scores),
+        then the top-k inside them; the weights are the chosen plain scores (renormalised when
+        norm_topk_prob) times routed_scaling_factor."""
+        c = self.cfg
+        logits = F.linear(x_XH.float(), self.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if c.topk_groups < c.expert_groups:
+            grouped = choice.view(-1, c.expert_groups, c.num_experts // c.expert_groups)
+            merit = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            best = merit.topk(c.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(merit, dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, c.num_experts)
+        ids = choice.topk(c.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.record is not None:
+            self.record.append((logits, ids))
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * c.routed_scaling_factor).to(x_XH.dtype), ids
 
 
 class Experts(nn.Module):
@@ -308,18 +407,36 @@ class Experts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    """Qwen2-MoE's always-on SwiGLU expert, scaled by sigmoid(gate(x))."""
+    """The always-on SwiGLU expert of an MoE layer: Qwen2-MoE's, scaled by sigmoid(gate(x));
+    DeepSeek's (its n shared experts as one of n times the width), ungated."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
         h, i = cfg.hidden_size, cfg.shared_expert_hidden
         self.gate_proj, self.up_proj = nn.Linear(h, i, **kw), nn.Linear(h, i, **kw)
-        self.down_proj, self.gate = nn.Linear(i, h, **kw), nn.Linear(h, 1, **kw)
+        self.down_proj = nn.Linear(i, h, **kw)
+        self.gate = nn.Linear(h, 1, **kw) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return torch.sigmoid(self.gate(x)) * y
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
+class DenseMLP(nn.Module):
+    """The SwiGLU MLP of a dense layer (DeepSeek's first layers), or the hidden columns `cols`
+    of it (tensor parallelism: gate/up rows and down columns; the slices' outputs sum to the
+    whole, as the experts' do)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, cols: range | None = None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.cols, self.full_hidden = cols, cfg.dense_hidden  # init_random_ draws whole matrices
+        h, i = cfg.hidden_size, len(cols) if cols is not None else cfg.dense_hidden
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, **kw), nn.Linear(h, i, **kw), nn.Linear(i, h, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass(frozen=True)
@@ -328,12 +445,15 @@ class BlockParts:
 
     heads: query heads of the attention (None: no attention). experts: global ids of the experts
     held (None: none). hidden_cols: each held expert's hidden columns (None: all). active: False
-    when the whole layer lives elsewhere (another pipeline stage): nothing is held."""
+    when the whole layer lives elsewhere (another pipeline stage): nothing is held.
+    dense_cols: a dense layer's MLP columns held (None: all); its MLP is held where its
+    attention is (heads not None): it runs on the attention side, nothing crosses to experts."""
 
     heads: range | None
     experts: tuple[int, ...] | None
     hidden_cols: range | None = None
     active: bool = True
+    dense_cols: range | None = None
 
     @classmethod
     def everything(cls, cfg: ModelConfig) -> "BlockParts":
@@ -347,7 +467,10 @@ class MoE(nn.Module):
         self.router = Router(cfg, device, dtype)
         self.experts = (Experts(cfg, parts.experts, device, dtype, parts.hidden_cols)
                         if parts.experts is not None else None)
-        self.shared = SharedExpert(cfg, device, dtype) if cfg.shared_expert_hidden else None
+        # the shared expert runs where the tokens are settled, beside the attention: a rank with
+        # experts only (a separated expert rank) does not hold it
+        held = cfg.shared_expert_hidden and parts.heads is not None
+        self.shared = SharedExpert(cfg, device, dtype) if held else None
 
     def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         x_XH = x_BTH.reshape(-1, x_BTH.shape[-1])
@@ -358,20 +481,39 @@ class MoE(nn.Module):
         return y.view_as(x_BTH)
 
 
+def make_attention(cfg: ModelConfig, heads: range | None = None, device=None, dtype=None) -> nn.Module:
+    """The attention class the config asks for, over query heads `heads`: GQA, or multi-head
+    latent attention (mla.py, which builds on this file: imported here, when first needed)."""
+    if cfg.is_mla:
+        from .mla import MLAttention
+        return MLAttention(cfg, heads, device, dtype)
+    return Attention(cfg, heads, device, dtype)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
+    """One layer: attention, then the MoE; or, in a dense layer (`cfg.is_dense_layer`), a dense
+    MLP in the MoE's place (`moe` is None, `mlp` is set; `moe_norm` is the norm before either)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None, layer: int = -1):
         super().__init__()
         parts = parts or BlockParts.everything(cfg)
+        self.mlp = None
         if not parts.active:
             self.attn_norm = self.attn = self.moe_norm = self.moe = None
             return
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.attn = Attention(cfg, parts.heads, device, dtype) if parts.heads is not None else None
+        self.attn = make_attention(cfg, parts.heads, device, dtype) if parts.heads is not None else None
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.moe = MoE(cfg, device, dtype, parts)
+        if cfg.is_dense_layer(layer):
+            self.moe = None
+            self.mlp = DenseMLP(cfg, device, dtype, parts.dense_cols) if parts.heads is not None else None
+        else:
+            self.moe = MoE(cfg, device, dtype, parts)
 
     def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True, rope=None):
         h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len, rope)
+        if self.moe is None:
+            return h + self.mlp(self.moe_norm(h))
         return h + self.moe(self.moe_norm(h), grouped=grouped)
 
 
@@ -388,7 +530,7 @@ class MoETransformer(nn.Module):
         if len(parts) != cfg.num_layers:
             raise ValueError(f"parts: {len(parts)} entries for {cfg.num_layers} layers")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, device, dtype, p) for p in parts)
+        self.layers = nn.ModuleList(Block(cfg, device, dtype, p, layer) for layer, p in enumerate(parts))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         if cfg.tie_embeddings:
@@ -404,8 +546,8 @@ class MoETransformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache.empty(c.num_layers, batch, c.num_kv_heads, max_len or c.max_seq_len, c.head_dim,
-                             self.dtype, self.device)
+        return KVCache.allocate(c.num_layers, batch, CacheLayout.of(c, c.num_kv_heads), max_len or c.max_seq_len,
+                                self.dtype, self.device)
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
                 cache: KVCache | None = None, attend_len: int | None = None,
@@ -416,7 +558,7 @@ class MoETransformer(nn.Module):
             positions_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
         x = self.embed(input_ids_BT)
         # RoPE tables once per call, not once per layer (a decode step is launch-bound on small ops).
-        rope = rope_cos_sin(positions_BT, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rope = rope_tables(self.cfg, positions_BT, x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, positions_BT, cache, i, attend_len, grouped, rope)
         if logits_at_B is not None:
@@ -479,6 +621,16 @@ def _init_experts_(experts: Experts, prefix: str, draw: _Draws) -> None:
         experts.w_down[local] = draw(f"{prefix}.w_down[{e}]", (h, i))[:, cols]
 
 
+def _init_dense_mlp_(mlp: DenseMLP, prefix: str, draw: _Draws) -> None:
+    """Each matrix one unit, drawn whole and cut to the held columns (the whole MLP draws the
+    same values under the same names)."""
+    h, i = mlp.gate_proj.in_features, mlp.full_hidden
+    cols = slice(None) if mlp.cols is None else slice(mlp.cols.start, mlp.cols.stop)
+    mlp.gate_proj.weight.copy_(draw(f"{prefix}.gate_proj.weight", (i, h))[cols])
+    mlp.up_proj.weight.copy_(draw(f"{prefix}.up_proj.weight", (i, h))[cols])
+    mlp.down_proj.weight.copy_(draw(f"{prefix}.down_proj.weight", (h, i))[:, cols])
+
+
 @torch.no_grad()
 def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoETransformer:
     """Deterministic random weights (normal(0, std); norms at 1) drawn on the model's device.
@@ -496,6 +648,10 @@ def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoE
             _init_attention_(module, prefix, draw)
         elif isinstance(module, Experts):
             _init_experts_(module, prefix, draw)
+        elif isinstance(module, DenseMLP):
+            _init_dense_mlp_(module, prefix, draw)
+        elif hasattr(module, "init_units_"):  # mla.MLAttention: per-head units, like Attention's
+            module.init_units_(prefix, draw)
         else:
             continue
         done.update(id(p) for p in module.parameters())
@@ -518,8 +674,21 @@ def init_scratch_numel(cfg: ModelConfig, parts: Sequence[BlockParts] | None = No
     shared = cfg.hidden_size * cfg.shared_expert_hidden
     held = [p for p in parts if p.active]
     expert = cfg.expert_hidden * cfg.hidden_size if any(p.experts for p in held) else 0
-    return max(embed, shared, expert, cfg.num_experts * cfg.hidden_size if held else 0,
-               cfg.head_dim * cfg.hidden_size if any(p.heads is not None for p in held) else 0)
+    with_attention = [i for i, p in enumerate(parts) if p.active and p.heads is not None]
+    dense = cfg.dense_hidden * cfg.hidden_size if any(cfg.is_dense_layer(i) for i in with_attention) else 0
+    return max(embed, shared, expert, dense, cfg.num_experts * cfg.hidden_size if held else 0,
+               _attention_unit_numel(cfg) if with_attention else 0)
+
+
+def _attention_unit_numel(cfg: ModelConfig) -> int:
+    """The largest attention draw unit: one head's q (or k, v, o) rows; MLA: also its latent
+    projections, drawn whole (mla.MLAttention.init_units_)."""
+    h = cfg.hidden_size
+    if not cfg.is_mla:
+        return cfg.head_dim * h
+    r, q_in = cfg.kv_lora_rank, cfg.q_lora_rank or h
+    return max(cfg.q_lora_rank * h, (r + cfg.qk_rope_head_dim) * h, cfg.head_dim * q_in,
+               (cfg.qk_nope_head_dim + cfg.v_head_dim) * r, h * cfg.v_head_dim)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None,

@@ -214,6 +214,9 @@ class TpPpPlan:
         if self.tp > cfg.expert_hidden:
             _fail("tp", self.tp, f"more tensor-parallel ranks than expert hidden columns ({cfg.expert_hidden})",
                   f"use --tp <= {cfg.expert_hidden}")
+        if cfg.first_dense_layers and self.tp > cfg.dense_hidden:
+            _fail("tp", self.tp, f"more tensor-parallel ranks than dense-layer MLP columns ({cfg.dense_hidden})",
+                  f"use --tp <= {cfg.dense_hidden}")
         if self.pp > cfg.num_layers:
             _fail("pp", self.pp, f"more pipeline stages than layers ({cfg.num_layers})",
                   f"use --pp <= {cfg.num_layers}")
@@ -225,6 +228,10 @@ class TpPpPlan:
 
     def head_split(self, cfg: ModelConfig) -> list[range]:
         return split_evenly(cfg.num_heads, self.tp)
+
+    def dense_split(self, cfg: ModelConfig) -> list[range]:
+        """Each TP rank's columns of a dense layer's MLP (DeepSeek's first layers)."""
+        return split_evenly(cfg.dense_hidden, self.tp)
 
     def hidden_split(self, cfg: ModelConfig) -> list[range]:
         """Columns of each expert's hidden dimension per TP rank (column- then row-parallel)."""

@@ -78,9 +78,9 @@ def _check_cache_fits(spec: DistBenchSpec, runtime, rows: int, env, headroom: in
     of leaving its peers waiting in a collective."""
     need = 0
     if runtime is not None:
-        layers, kv_heads, dtype = runtime._cache_shape
+        layers, _, dtype = runtime._cache_shape
         positions = spec.context + spec.warmup + spec.steps + 1
-        need = 2 * layers * rows * kv_heads * positions * runtime.cfg.head_dim * torch.finfo(dtype).bits // 8
+        need = layers * rows * positions * runtime._cache_layout.bytes_per_position(dtype)
     free = torch.cuda.mem_get_info(env.device)[0] - headroom if env.device.type == "cuda" else need
     verdict = torch.tensor([1 if need <= free else 0], device=env.device)
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN)

@@ -7,6 +7,7 @@ one micro-batch's transfer with the other's compute (two-batch overlap).
 
 A rank whose own sequences are done keeps serving its experts with empty micro-batches
 (flag "idle") until every rank is idle, so no peer is left waiting in a collective.
+A dense layer (DeepSeek's first layers) runs its MLP locally after attention: no all-to-all.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..plan import EpPlan
 from ..runtime import StepRows
 from . import comm, routing
 from .groups import DistEnv, EpGroups
-from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, Op, ep_schedule
+from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, Op, ep_schedule
 from .parts import shard_experts
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
@@ -38,7 +39,8 @@ class EpRuntime(MicroBatchRuntime):
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
         self.blocks = list(model.layers)  # attention, norms, router, shared expert: whole
         self.my_experts = plan.expert_placement(cfg)[env.rank]
-        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
+        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) if b.moe is not None else None
+                        for b in model.layers]  # None: a dense layer (its MLP is whole in self.blocks)
         self.route = ep_route(plan, cfg, env.rank, env.device)
         self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype, graphs)
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
@@ -73,7 +75,7 @@ class EpRuntime(MicroBatchRuntime):
         return load
 
     def _schedule(self, microbatches: int) -> list[Op]:
-        return ep_schedule(self.cfg.num_layers, microbatches)
+        return ep_schedule(self.cfg.num_layers, microbatches, self.cfg.first_dense_layers)
 
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
         """Agree on the step with every EP rank (the one host read per step), after reading the
@@ -92,7 +94,7 @@ class EpRuntime(MicroBatchRuntime):
             return lambda op: None if self.all_idle else fn(mbs[op.mb], op.layer, op.mb)
         return {ATTENTION: guard(self._attention), DISPATCH: guard(self._dispatch),
                 EXPERTS: guard(self._experts), COMBINE: guard(self._combine_launch),
-                HEAD: guard(lambda mb, layer, i: self._head(mb, i))}
+                HEAD: guard(lambda mb, layer, i: self._head(mb, i)), MLP: guard(self._mlp)}
 
     def _logits(self, out, rows_B, index_B):
         if rows_B.numel() == 0:
@@ -119,6 +121,8 @@ class EpRuntime(MicroBatchRuntime):
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
         """The previous layer's combine, attention over this rank's sequences, the MoE norm and
         the router; in a padded step also the blocks for every rank."""
+        if self.blocks[layer].moe is None:
+            return self._dense_attention(mb, layer, i)
         block, w, shape = self.blocks[layer], mb.work, mb.x.shape
         settle, settle_in = self._settle(mb, layer - 1) if layer > 0 else self._settle(mb, -1)
         attend, cache, padded = self._attend_len(mb), mb.cache, self.layout.padded
@@ -136,6 +140,20 @@ class EpRuntime(MicroBatchRuntime):
 
         w["h"], w["z"], w["routed"] = self._segment(("attention", layer, i, attend, cap), run, mb.positions,
                                                     self.heads.get(layer, i), *settle_in)
+
+    def _dense_attention(self, mb: MicroBatch, layer: int, i: int) -> None:
+        """A dense layer's attention (dense layers come first: no previous combine to settle)."""
+        block, shape, attend, cache = self.blocks[layer], mb.x.shape, self._attend_len(mb), mb.cache
+
+        def run(x, positions):
+            return x + block.attn(block.attn_norm(x), positions, cache, layer, attend) if shape[0] else x
+
+        mb.work["h"] = self._segment(("attention", layer, i, attend), run, mb.x, mb.positions)
+
+    def _mlp(self, mb: MicroBatch, layer: int, i: int) -> None:
+        """A dense layer's MLP on this rank's own tokens, with the residual."""
+        block = self.blocks[layer]
+        mb.x = self._segment(("mlp", layer, i), lambda h: h + block.mlp(block.moe_norm(h)), mb.work.pop("h"))
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         w, num_local = mb.work, len(self.my_experts)

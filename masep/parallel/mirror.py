@@ -69,22 +69,23 @@ def build_mirror_links(plan, env) -> MirrorLinks | None:
 
 
 def _gather(cache: KVCache, rows: MirrorRows) -> torch.Tensor:
-    """[tokens, layers, 2, kv_heads, head_dim] of the rows, in row order."""
+    """[tokens, layers, kv_heads, k_dim + v_dim] of the rows, in row order (k and v side by side:
+    an MLA layer's latent and roped key differ in width)."""
     parts = []
     for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
-        k = torch.stack([layer[slot, :, start:start + count] for layer in cache.k])  # [L, K, n, D]
-        v = torch.stack([layer[slot, :, start:start + count] for layer in cache.v])
-        parts.append(torch.stack([k, v], 1).permute(3, 0, 1, 2, 4))  # [n, L, 2, K, D]
+        kv = torch.stack([torch.cat((k[slot, :, start:start + count], v[slot, :, start:start + count]), -1)
+                          for k, v in zip(cache.k, cache.v)])  # [L, K, n, Dk + Dv]
+        parts.append(kv.permute(2, 0, 1, 3))  # [n, L, K, Dk + Dv]
     return torch.cat(parts).contiguous()
 
 
 def _scatter(shadow: KVCache, rows: MirrorRows, data: torch.Tensor) -> None:
-    offset = 0
+    offset, dk = 0, shadow.k[0].shape[-1]
     for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
-        block = data[offset:offset + count].permute(1, 2, 3, 0, 4)  # [L, 2, K, n, D]
+        block = data[offset:offset + count].permute(1, 2, 0, 3)  # [L, K, n, Dk + Dv]
         for layer in range(len(shadow.k)):
-            shadow.k[layer][slot, :, start:start + count] = block[layer, 0]
-            shadow.v[layer][slot, :, start:start + count] = block[layer, 1]
+            shadow.k[layer][slot, :, start:start + count] = block[layer, ..., :dk]
+            shadow.v[layer][slot, :, start:start + count] = block[layer, ..., dk:]
         offset += count
 
 
@@ -98,8 +99,8 @@ def exchange(links: MirrorLinks, cache: KVCache, shadow: KVCache, mine: MirrorRo
         works.append(dist.isend(out, links.next_rank, group=links.next_group))
     buf = None
     if theirs is not None and theirs.num_tokens:
-        L, (_, K, _, D) = len(shadow.k), shadow.k[0].shape
-        buf = torch.empty(theirs.num_tokens, L, 2, K, D, dtype=shadow.k[0].dtype, device=shadow.k[0].device)
+        L, (_, K, _, Dk), Dv = len(shadow.k), shadow.k[0].shape, shadow.v[0].shape[-1]
+        buf = torch.empty(theirs.num_tokens, L, K, Dk + Dv, dtype=shadow.k[0].dtype, device=shadow.k[0].device)
         works.append(dist.irecv(buf, links.prev_rank, group=links.prev_group))
     for work in works:
         work.wait()

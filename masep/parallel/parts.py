@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..model import Attention, BlockParts, Experts, MoETransformer
+from ..mla import MLAttention
+from ..model import Attention, BlockParts, DenseMLP, Experts, MoETransformer
 
 
 def rank_parts(plan, cfg: ModelConfig, rank: int) -> list[BlockParts]:
@@ -26,17 +27,22 @@ def rank_parts(plan, cfg: ModelConfig, rank: int) -> list[BlockParts]:
         return [BlockParts(range(cfg.num_heads), tuple(plan.expert_placement(cfg)[rank]))] * cfg.num_layers
     if plan.strategy == "tp_pp":
         mine = plan.stage_layers(cfg)[role.replica]
+        dense_cols = plan.dense_split(cfg)[role.index] if cfg.first_dense_layers else None
         held = BlockParts(plan.head_split(cfg)[role.index], tuple(range(cfg.num_experts)),
-                          plan.hidden_split(cfg)[role.index])
+                          plan.hidden_split(cfg)[role.index], dense_cols=dense_cols)
         return [held if layer in mine else BlockParts(None, None, active=False) for layer in range(cfg.num_layers)]
     return [BlockParts.everything(cfg)] * cfg.num_layers
 
 
-def shard_attention(full: Attention, cfg: ModelConfig, heads: range) -> Attention:
-    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read
-    (`full` itself when it already is that slice)."""
+def shard_attention(full: Attention | MLAttention, cfg: ModelConfig, heads: range) -> Attention | MLAttention:
+    """A head-parallel slice of `full`: q/o for `heads`, k/v for the KV heads they read (MLA:
+    per-head rows and columns, the latent projections whole); `full` itself when it already
+    is that slice."""
     if full.heads == heads:
         return full
+    if isinstance(full, MLAttention):
+        return MLAttention(cfg, heads, device=full.o_proj.weight.device, dtype=full.o_proj.weight.dtype
+                           ).copy_heads_from_(full)
     part = Attention(cfg, heads, device=full.q_proj.weight.device, dtype=full.q_proj.weight.dtype)
     d = cfg.head_dim
     q_rows = slice(heads.start * d, heads.stop * d)
@@ -73,14 +79,34 @@ def shard_experts(full: Experts, cfg: ModelConfig, expert_ids, hidden_cols: rang
     return part
 
 
+def shard_dense_mlp(full: DenseMLP, cfg: ModelConfig, cols: range | None) -> DenseMLP:
+    """Hidden columns `cols` of a dense layer's MLP (`full` itself when it already is that)."""
+    if full.cols == cols:
+        return full
+    assert full.cols is None, "slicing needs the MLP's full hidden dimension"
+    w = full.gate_proj.weight
+    part = DenseMLP(cfg, device=w.device, dtype=w.dtype, cols=cols)
+    c = slice(cols.start, cols.stop)
+    with torch.no_grad():
+        part.gate_proj.weight.copy_(full.gate_proj.weight[c])
+        part.up_proj.weight.copy_(full.up_proj.weight[c])
+        part.down_proj.weight.copy_(full.down_proj.weight[:, c])
+    return part
+
+
 def apply_parts(model: MoETransformer, parts: list[BlockParts]) -> MoETransformer:
     """In place: keep in each block only its parts, dropping the rest (torchtitan's parallelize_*)."""
     cfg = model.cfg
     for block, p in zip(model.layers, parts):
         if not p.active:
-            block.attn_norm = block.attn = block.moe_norm = block.moe = None
+            block.attn_norm = block.attn = block.moe_norm = block.moe = block.mlp = None
             continue
         block.attn = shard_attention(block.attn, cfg, p.heads) if p.heads is not None else None
+        if block.moe is None:  # a dense layer: its MLP lives with the attention
+            block.mlp = shard_dense_mlp(block.mlp, cfg, p.dense_cols) if p.heads is not None else None
+            continue
         block.moe.experts = (shard_experts(block.moe.experts, cfg, p.experts, p.hidden_cols)
                              if p.experts is not None else None)
+        if p.heads is None:  # the shared expert runs beside the attention (model.MoE)
+            block.moe.shared = None
     return model

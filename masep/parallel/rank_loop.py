@@ -31,6 +31,7 @@ import torch
 
 from ..engine.sampling import sample
 from ..errors import error_line
+from ..model import CacheLayout
 from . import comm, control
 from . import mirror
 from .faults import FaultInjector
@@ -51,13 +52,14 @@ class KvBudget:
     max_len: int
     gpu_memory_utilization: float = 0.9  # CUDA: the share of the GPU's memory the process may use
 
-    def slots_that_fit(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> int | None:
-        """Slots within the memory budget (CUDA), or None (CPU: the front end's max_num_seqs decides)."""
+    def slots_that_fit(self, layers: int, layout: CacheLayout, dtype: torch.dtype, device) -> int | None:
+        """Slots within the memory budget (CUDA), or None (CPU: the front end's max_num_seqs decides).
+        layout: one layer's cache per position (an MLA layer's is its compressed latent)."""
         if device.type != "cuda":
             return None
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        per_slot = 2 * layers * kv_heads * (self.max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
+        per_slot = layers * (self.max_len + 1) * layout.bytes_per_position(dtype)
         return max(0, int((self.gpu_memory_utilization * total - used) // per_slot))
 
 
@@ -206,7 +208,7 @@ class ExpertMember:
         self.server = _ExpertServer(model, plan, groups, env, graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
-        self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches)
+        self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches, self.cfg.first_dense_layers)
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
 
@@ -308,8 +310,8 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
     else:
         runtime = TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer, graphs)
         info = ("tp_pp", 0, env.rank == 0)
-    layers, kv_heads, dtype = runtime._cache_shape
-    slots = kv.slots_that_fit(layers, kv_heads, cfg.head_dim, dtype, env.device)
+    layers, _, dtype = runtime._cache_shape
+    slots = kv.slots_that_fit(layers, runtime._cache_layout, dtype, env.device)
     if links is not None and slots is not None:
         slots //= 2  # the shadow cache takes as much memory as the cache
     return UnitMember(runtime, control.RankInfo(env.rank, *info, slots, os.getpid()), timer, links)

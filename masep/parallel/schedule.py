@@ -18,6 +18,10 @@ from typing import Callable, Iterable
 # residual, gather the replica's tokens). Expert side: recv, experts, send. Both: head (final
 # norm + lm_head), only on attention ranks.
 ATTENTION, DISPATCH, COMBINE, HEAD = "attention", "dispatch", "combine", "head"
+# A dense layer (DeepSeek's first layers, layer < dense_layers below) has no experts: its MLP
+# (norm + SwiGLU + residual) runs where its attention ran, and nothing crosses to the experts:
+# attention(l) mlp(l), no dispatch, no yield (tp_pp: column-split, then its all-reduce).
+MLP = "mlp"
 RECV, EXPERTS, SEND = "recv", "experts", "send"
 # tp_pp: head-parallel attention and hidden-split experts, each followed by an all-reduce in the
 # TP group; activations move between pipeline stages with send_act / recv_act.
@@ -45,11 +49,15 @@ class Op:
         return f"{self.kind}(l{self.layer},mb{self.mb})" if self.layer >= 0 else f"{self.kind}(mb{self.mb})"
 
 
-def attention_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
-    """One micro-batch on an attention rank: yield while the experts work on it."""
+def attention_microbatch_ops(num_layers: int, mb: int, dense_layers: int = 0) -> list[Op]:
+    """One micro-batch on an attention rank: yield while the experts work on it (layers
+    [0, dense_layers) are dense: their MLP runs here, no transfer)."""
     ops: list[Op] = []
     for layer in range(num_layers):
-        ops += [Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(YIELD, layer, mb), Op(COMBINE, layer, mb)]
+        if layer < dense_layers:
+            ops += [Op(ATTENTION, layer, mb), Op(MLP, layer, mb)]
+        else:
+            ops += [Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(YIELD, layer, mb), Op(COMBINE, layer, mb)]
     return ops + [Op(HEAD, -1, mb)]
 
 
@@ -87,39 +95,44 @@ def interleave(per_mb: list[list[Op]]) -> list[Op]:
     return out
 
 
-def separated_schedule(role_kind: str, num_layers: int, microbatches: int) -> list[Op]:
-    attention = interleave([attention_microbatch_ops(num_layers, mb) for mb in range(microbatches)])
+def separated_schedule(role_kind: str, num_layers: int, microbatches: int, dense_layers: int = 0) -> list[Op]:
+    attention = interleave([attention_microbatch_ops(num_layers, mb, dense_layers) for mb in range(microbatches)])
     return attention if role_kind == "attention" else expert_ops_following(attention)
 
 
-def ep_microbatch_ops(num_layers: int, mb: int) -> list[Op]:
+def ep_microbatch_ops(num_layers: int, mb: int, dense_layers: int = 0) -> list[Op]:
     """Colocated EP: every rank runs attention on its own sequences and a share of the experts.
     Yields after each all-to-all launch, so one micro-batch's transfer hides under the other's
-    compute (two-batch overlap when m = 2)."""
+    compute (two-batch overlap when m = 2). A dense layer's MLP runs locally, no all-to-all."""
     ops: list[Op] = []
     for layer in range(num_layers):
+        if layer < dense_layers:
+            ops += [Op(ATTENTION, layer, mb), Op(MLP, layer, mb)]
+            continue
         ops += [Op(ATTENTION, layer, mb), Op(DISPATCH, layer, mb), Op(YIELD, layer, mb),
                 Op(EXPERTS, layer, mb), Op(COMBINE, layer, mb), Op(YIELD, layer, mb)]
     return ops + [Op(HEAD, -1, mb)]
 
 
-def ep_schedule(num_layers: int, microbatches: int) -> list[Op]:
-    return interleave([ep_microbatch_ops(num_layers, mb) for mb in range(microbatches)])
+def ep_schedule(num_layers: int, microbatches: int, dense_layers: int = 0) -> list[Op]:
+    return interleave([ep_microbatch_ops(num_layers, mb, dense_layers) for mb in range(microbatches)])
 
 
-def tp_pp_stage_ops(layers: range, stage: int, stages: int, mb: int) -> list[Op]:
-    """One micro-batch on one rank of pipeline stage `stage` (layers of that stage only)."""
+def tp_pp_stage_ops(layers: range, stage: int, stages: int, mb: int, dense_layers: int = 0) -> list[Op]:
+    """One micro-batch on one rank of pipeline stage `stage` (layers of that stage only); a
+    dense layer's column-split MLP takes the experts' place."""
     ops: list[Op] = [Op(RECV_ACT, layers.start, mb)] if stage > 0 else []
     for layer in layers:
-        ops += [Op(ATTENTION, layer, mb), Op(ALLREDUCE, layer, mb), Op(EXPERTS, layer, mb), Op(ALLREDUCE, layer, mb)]
+        ffn = MLP if layer < dense_layers else EXPERTS
+        ops += [Op(ATTENTION, layer, mb), Op(ALLREDUCE, layer, mb), Op(ffn, layer, mb), Op(ALLREDUCE, layer, mb)]
     ops.append(Op(SEND_ACT, layers.stop - 1, mb) if stage < stages - 1 else Op(HEAD, -1, mb))
     return ops + [Op(YIELD, layers.stop - 1, mb)]
 
 
-def tp_pp_schedule(layers: range, stage: int, stages: int, microbatches: int) -> list[Op]:
+def tp_pp_schedule(layers: range, stage: int, stages: int, microbatches: int, dense_layers: int = 0) -> list[Op]:
     """GPipe order for inference: a stage runs micro-batch 0, then 1, ...; the stages overlap
     because stage s works on micro-batch i+1 while stage s+1 works on i."""
-    return interleave([tp_pp_stage_ops(layers, stage, stages, mb) for mb in range(microbatches)])
+    return interleave([tp_pp_stage_ops(layers, stage, stages, mb, dense_layers) for mb in range(microbatches)])
 
 
 # --- training: a step is every micro-batch's forward, then their backwards in reverse (GPipe) ----------

@@ -9,6 +9,8 @@ Per layer and micro-batch on an attention rank (replica of T head-parallel ranks
              z = moe_norm(h); router(z) -> ids, weights [b*t, k]
   dispatch:  this rank's slice of the b*t tokens (split_evenly over T) goes to the expert ranks
   combine:   expert outputs for the slice -> h_slice + y (+ shared expert) -> all-gather -> x
+A dense layer (DeepSeek's first layers) has attention, then `mlp`: every rank of the replica
+runs the whole MLP on the whole micro-batch; nothing crosses the bridge.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from . import comm, routing
 from .groups import DistEnv, SeparatedGroups
 from .parts import shard_attention, shard_experts
 from .graphs import SegmentGraphs
-from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, SEND, Op, execute,
+from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, RECV, SEND, Op, execute,
                        separated_schedule)
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
@@ -88,7 +90,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.cache = None
 
     def _schedule(self, microbatches: int) -> list[Op]:
-        return separated_schedule("attention", self.cfg.num_layers, microbatches)
+        return separated_schedule("attention", self.cfg.num_layers, microbatches, self.cfg.first_dense_layers)
 
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
         """Announce the step: decode steps are padded (no host reads); each micro-batch's
@@ -104,11 +106,14 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         return {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
                 DISPATCH: lambda op: self._dispatch(mbs[op.mb], op.layer, op.mb),
                 COMBINE: lambda op: self._combine(mbs[op.mb], op.layer, op.mb),
-                HEAD: lambda op: self._head(mbs[op.mb], op.mb)}
+                HEAD: lambda op: self._head(mbs[op.mb], op.mb),
+                MLP: lambda op: self._mlp(mbs[op.mb], op.layer, op.mb)}
 
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
         """Attention, the replica's all-reduce, then this rank's token slice through the MoE
         norm and the router; in a padded step also the blocks for the expert ranks."""
+        if self.blocks[layer].moe is None:
+            return self._dense_attention(mb, layer, i)
         block, attn, w, t = self.blocks[layer], self.attn[layer], mb.work, self.plan.attn_tp
         attend, cache = self._attend_len(mb), mb.cache
         w["slices"] = [len(r) for r in split_evenly(mb.ids.numel(), t)]
@@ -135,6 +140,27 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         part = self._segment(("attention", layer, i, attend), attention, mb.x, mb.positions)
         comm.replica_all_reduce(part, self.replica_group, self.env.timeout, self._where(layer, i))
         w["h"], w["z"], w["routed"] = self._segment(("route", layer, i, cap), route, mb.x, part, head_4)
+
+    def _dense_attention(self, mb: MicroBatch, layer: int, i: int) -> None:
+        """A dense layer's attention and the replica's all-reduce of it (partial [b, t, H])."""
+        block, attn, attend, cache = self.blocks[layer], self.attn[layer], self._attend_len(mb), mb.cache
+        part = self._segment(("attention", layer, i, attend),
+                             lambda x, positions: attn(block.attn_norm(x), positions, cache, layer, attend),
+                             mb.x, mb.positions)
+        if self.plan.attn_tp > 1:
+            comm.replica_all_reduce(part, self.replica_group, self.env.timeout, self._where(layer, i))
+        mb.work["attention"] = part
+
+    def _mlp(self, mb: MicroBatch, layer: int, i: int) -> None:
+        """A dense layer's MLP on the whole micro-batch, on every rank of the replica (each has
+        all its tokens: no gather), with both residuals."""
+        block = self.blocks[layer]
+
+        def mlp(x, part):
+            h = x + part
+            return h + block.mlp(block.moe_norm(h))
+
+        mb.x = self._segment(("mlp", layer, i), mlp, mb.x, mb.work.pop("attention"))
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
         w = mb.work
@@ -191,7 +217,7 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     server = _ExpertServer(model, plan, groups, env, graphs)
     stats = ExpertStats(load_LE=torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long))
     live = list(groups.bridges)
-    ops = separated_schedule("expert", cfg.num_layers, plan.microbatches)
+    ops = separated_schedule("expert", cfg.num_layers, plan.microbatches, cfg.first_dense_layers)
     while live:
         if stats.steps == untimed_steps:
             timer.busy_s.clear()
@@ -228,7 +254,8 @@ class _ExpertServer:
                  graphs: bool):
         self.cfg = cfg = model.cfg
         self.my_experts = plan.expert_placement(cfg)[groups.role.index]
-        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
+        self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) if b.moe is not None else None
+                        for b in model.layers]  # None: a dense layer, served by the attention ranks
         self.dtype = model.embed.weight.dtype
         self.device = env.device
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)

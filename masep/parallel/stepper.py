@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..fastpath import bucket_len, bucket_rows
-from ..model import KVCache
+from ..model import CacheLayout, KVCache
 from ..plan import split_evenly
 from ..runtime import StaticBatchMixin, StepRows, StepTensors, lay_out
 from .graphs import SegmentGraphs
@@ -101,8 +101,11 @@ class MicroBatchRuntime(StaticBatchMixin):
     whole_step_graphs = False
 
     def _init_steps(self, num_cache_layers: int, num_kv_heads: int, dtype: torch.dtype, graphs: bool = False) -> None:
-        """graphs: replay each decode step's compute segments from CUDA graphs (graphs.py)."""
+        """graphs: replay each decode step's compute segments from CUDA graphs (graphs.py).
+        num_kv_heads: the KV heads this rank's attention holds (an MLA cache holds one latent
+        per token whatever the heads: CacheLayout)."""
         self._cache_shape = (num_cache_layers, num_kv_heads, dtype)
+        self._cache_layout = CacheLayout.of(self.cfg, num_kv_heads)
         self.cache: KVCache | None = None
         self.step = 0
         self.in_step = False
@@ -113,9 +116,9 @@ class MicroBatchRuntime(StaticBatchMixin):
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
-        layers, kv, dtype = self._cache_shape
+        layers, _, dtype = self._cache_shape
         self.graphs.clear()  # they hold the old cache's addresses
-        self.cache = KVCache.empty(layers, num_slots, kv, max_len, self.cfg.head_dim, dtype, self.device)
+        self.cache = KVCache.allocate(layers, num_slots, self._cache_layout, max_len, dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, rows: StepRows, step_id: int | None = None) -> torch.Tensor | None:

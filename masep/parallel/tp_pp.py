@@ -2,7 +2,7 @@
 
 Inside a stage, T ranks split the attention heads and each expert's hidden dimension
 (gate/up column-parallel, down row-parallel), with one all-reduce after attention and one
-after the experts per layer. Stages hold contiguous layers and pass activations [b, t, H]
+after the experts per layer; a dense layer's MLP is split by its hidden columns the same way. Stages hold contiguous layers and pass activations [b, t, H]
 point to point; micro-batches pipeline across stages (stage s works on micro-batch i+1 while
 stage s+1 works on i). The last stage shares the logits with every rank, so every rank's
 engine samples the same tokens.
@@ -15,8 +15,8 @@ from ..model import MoETransformer
 from ..plan import TpPpPlan
 from . import comm
 from .groups import DistEnv, TpPpGroups
-from .schedule import ALLREDUCE, ATTENTION, EXPERTS, HEAD, RECV_ACT, SEND_ACT, Op, tp_pp_schedule
-from .parts import shard_attention, shard_experts
+from .schedule import ALLREDUCE, ATTENTION, EXPERTS, HEAD, MLP, RECV_ACT, SEND_ACT, Op, tp_pp_schedule
+from .parts import shard_attention, shard_dense_mlp, shard_experts
 from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
 
 
@@ -37,7 +37,9 @@ class TpPpRuntime(MicroBatchRuntime):
         self.blocks = {i: model.layers[i] for i in self.layers}  # norms, router: whole
         self.attn = {i: shard_attention(model.layers[i].attn, cfg, heads) for i in self.layers}
         self.experts = {i: shard_experts(model.layers[i].moe.experts, cfg, range(cfg.num_experts), cols)
-                        for i in self.layers}
+                        for i in self.layers if model.layers[i].moe is not None}
+        self.mlp = {i: shard_dense_mlp(model.layers[i].mlp, cfg, plan.dense_split(cfg)[self.tp_index])
+                    for i in self.layers if model.layers[i].moe is None}
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
         self.dtype = model.embed.weight.dtype
@@ -48,7 +50,7 @@ class TpPpRuntime(MicroBatchRuntime):
         self.cache = None
 
     def _schedule(self, microbatches: int) -> list[Op]:
-        return tp_pp_schedule(self.layers, self.stage, self.plan.pp, microbatches)
+        return tp_pp_schedule(self.layers, self.stage, self.plan.pp, microbatches, self.cfg.first_dense_layers)
 
     def _embed(self, ids_bt):
         return self.embed(ids_bt) if self.first else None
@@ -58,6 +60,7 @@ class TpPpRuntime(MicroBatchRuntime):
                 ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
                 ALLREDUCE: lambda op: self._all_reduce(mbs[op.mb], op.layer, op.mb),
                 EXPERTS: lambda op: self._experts(mbs[op.mb], op.layer, op.mb),
+                MLP: lambda op: self._mlp(mbs[op.mb], op.layer, op.mb),
                 SEND_ACT: lambda op: self._send(mbs[op.mb], op.mb),
                 HEAD: lambda op: self._head(mbs[op.mb], op.mb)}
 
@@ -107,6 +110,17 @@ class TpPpRuntime(MicroBatchRuntime):
 
         pending = _pending_inputs(mb)
         mb.x, mb.work["partial"] = self._segment(("experts", layer, i, len(pending)), run, mb.x, *pending)
+
+    def _mlp(self, mb: MicroBatch, layer: int, i: int) -> None:
+        """A dense layer: this rank's hidden columns of its MLP; the all-reduce sums them."""
+        norm, mlp = self.blocks[layer].moe_norm, self.mlp[layer]
+
+        def run(x, *pending):
+            x = _add_pending(x, *pending)
+            return x, mlp(norm(x))
+
+        pending = _pending_inputs(mb)
+        mb.x, mb.work["partial"] = self._segment(("mlp", layer, i, len(pending)), run, mb.x, *pending)
 
     def _all_reduce(self, mb: MicroBatch, layer: int, i: int) -> None:
         partial = mb.work.pop("partial")

@@ -211,11 +211,13 @@ def experts_bytes_flops(cfg: ModelConfig, touched: float, rows: int, hidden_div:
 
 def decode_bytes(cfg: ModelConfig, batch: int, context: int, touched_per_layer: float) -> dict:
     """Bytes one decode step must read, by part (see the module docstring)."""
-    h, b = cfg.hidden_size, _elt(cfg)
-    attn_w = cfg.attention_params_per_layer() * b + (cfg.num_experts * h + 2 * h) * b
+    h, b, moe = cfg.hidden_size, _elt(cfg), cfg.num_moe_layers
+    attn_w = cfg.attention_params_per_layer() * b + 2 * h * b
     parts = {
-        "attention_weights": cfg.num_layers * attn_w,
-        "experts": int(cfg.num_layers * touched_per_layer * cfg.expert_params() * b),
+        # + the routers, shared experts and dense layers' MLPs: read whole every step
+        "attention_weights": cfg.num_layers * attn_w + (moe * (cfg.router_params() + cfg.shared_expert_params())
+                                                        + cfg.first_dense_layers * cfg.dense_mlp_params()) * b,
+        "experts": int(moe * touched_per_layer * cfg.expert_params() * b),
         "kv_cache": cfg.num_layers * batch * context * cfg.kv_bytes_per_token_per_layer(),
         "lm_head_embedding": (cfg.vocab_size * h + batch * h + h) * b,
     }
@@ -553,6 +555,9 @@ class _RankWork:
     """Modules and inputs for one rank's per-layer work, `copies` independent sets of them."""
 
     def __init__(self, shape: RankShape, cfg: ModelConfig, counts: torch.Tensor, copies: int, seed: int):
+        if cfg.is_mla or cfg.first_dense_layers:
+            raise ValueError(f"calibration shapes time GQA attention and MoE layers: {cfg.name} has multi-head latent "
+                             "attention or dense layers (not calibrated; the cost model's rates apply)")
         dev, dt = torch.device("cuda"), cfg.torch_dtype
         gen = torch.Generator(device=dev).manual_seed(seed)
         rnd = lambda *s: torch.randn(*s, generator=gen, device=dev, dtype=dt)  # noqa: E731
@@ -674,8 +679,8 @@ def step_measurements(rows: list[dict]) -> list[dict]:
 
 
 def _active_params(cfg: ModelConfig) -> int:
-    per_layer = cfg.attention_params_per_layer() + cfg.top_k * cfg.expert_params()
-    return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    """Matmul weights one token uses: the active parameters less the embedding lookup and the norms."""
+    return cfg.active_params() - cfg.vocab_size * cfg.hidden_size - (2 * cfg.num_layers + 1) * cfg.hidden_size
 
 
 # --- reports ---------------------------------------------------------------------------------

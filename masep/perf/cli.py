@@ -69,8 +69,10 @@ def _setup(args) -> tuple[ModelConfig, object, Workload]:
 
 
 def _header(cfg: ModelConfig, hw, gpus: int, work: Workload, serial: bool) -> str:
-    return (f"model {cfg.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
-            f"(kv {cfg.num_kv_heads}), {cfg.num_experts} experts top-{cfg.top_k}, {cfg.expert_matrices}-matrix "
+    kv = f"MLA, {cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} cached per token" if cfg.is_mla else f"kv {cfg.num_kv_heads}"
+    dense = f", the first {cfg.first_dense_layers} dense" if cfg.first_dense_layers else ""
+    return (f"model {cfg.name}: {cfg.num_layers} layers{dense}, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+            f"({kv}), {cfg.num_experts} experts top-{cfg.top_k}, {cfg.expert_matrices}-matrix "
             f"experts ({cfg.expert_act}, hidden {cfg.expert_hidden}), {cfg.dtype}\n"
             f"{gpus} x {hw.summary()}\n"
             f"one decode step: batch {work.batch}, context {work.context}, lm_head "

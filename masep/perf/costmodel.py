@@ -13,6 +13,22 @@ Compute ops (attention, experts, head) move `hbm_bytes` through HBM and do `flop
     1 - (1 - k/E)^n (16 * (1 - (14/16)^24) = 15.35 of 16 at 24 tokens, top-2); rows routed
     to it n*k/E; FLOPs 2 * rows * matrices * H * I. Micro-batches re-read the weights they
     touch, which is why m > 1 costs bytes at small batch.
+  - multi-head latent attention (MLA, DeepSeek-V3), as mla.py runs it: the per-head q/kv_b/o
+    weights of its heads plus the latent projections (whole on every head-parallel rank); the
+    cache it reads is the compressed latent, (kv_lora_rank + qk_rope_head_dim) values per key,
+    the whole of it on every head-parallel rank of a replica (replicated: each rank writes and
+    reads the same latents); every step projects each sequence's cached latents up to its heads'
+    keys and values: 2 * S * kv_lora_rank * N * (nope + v) FLOPs, and those keys and values
+    [S, N, nope + v + head_dim] are written and read back (activation bytes). FLOPs of QK^T and
+    PV: 2 * b * N * S * (head_dim + v_head_dim). (The absorbed form, not run here, would skip the
+    up-projection: see mla.py.)
+  - mlp (a dense layer: DeepSeek's first layers): the SwiGLU MLP where the attention ran, on the
+    whole micro-batch, with no transfer: every head-parallel rank of a separated replica runs it
+    whole; EP ranks on their own tokens; tp_pp ranks on their hidden columns (then all-reduce).
+  - shared experts (Qwen2-MoE, DeepSeek): SwiGLU of shared_expert_hidden on the tokens an attention
+    rank settles (separated: its slice; ep: its tokens), priced with its attention op (the same
+    compute stream; the runtime runs it when the outputs come back); tp_pp: in the experts op of
+    TP rank 0, which adds it alone; single: in the experts op.
   - head: final norm per micro-batch; then, as the runtimes do, the lm_head once per step over
     all the rank's rows, in full (no vocabulary split), on every attention rank (separated),
     every rank (ep), or the last stage's tp rank 0, which broadcasts the logits (tp_pp).
@@ -37,6 +53,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
+from ..model import CacheLayout
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan, split_evenly
 from . import hardware as hwmod
 from .hardware import Hardware
@@ -103,19 +120,48 @@ def kv_heads_for(cfg: ModelConfig, heads: range) -> int:
     return (heads.stop - 1) // cfg.kv_group - heads.start // cfg.kv_group + 1
 
 
-def attention_cost(cfg: ModelConfig, hw: Hardware, tokens: int, context: int, heads: int, kv_heads: int) -> OpCost:
-    """One layer of attention on one rank: `heads` query heads, `kv_heads` KV heads, `tokens` rows."""
+def attention_cost(cfg: ModelConfig, hw: Hardware, tokens: int, context: int, heads: int, kv_heads: int,
+                   router: bool = True) -> OpCost:
+    """One layer of attention on one rank: `heads` query heads, `kv_heads` KV heads, `tokens` rows
+    (decode: one per sequence), each attending to `context` keys; plus the router (not in a
+    dense layer) and the two norms."""
     if tokens == 0:
         return OpCost("attention")
     h, d, e = cfg.hidden_size, cfg.head_dim, elt_bytes(cfg)
-    weights = (h * d * (2 * heads + 2 * kv_heads) + cfg.num_experts * h + 2 * h) * e  # + router, 2 norms
-    kv = tokens * context * 2 * kv_heads * d * e
+    proj = cfg.attention_params(heads, kv_heads)
+    route = cfg.router_params() if router else 0
+    weights = (proj + route + 2 * h) * e
+    kv = tokens * context * CacheLayout.of(cfg, kv_heads).bytes_per_position(cfg.torch_dtype)
     act = 2 * tokens * h * e
-    flops = 2 * tokens * h * d * (2 * heads + 2 * kv_heads) + 4 * tokens * heads * context * d \
-        + 2 * tokens * h * cfg.num_experts
+    flops = 2 * tokens * proj + 2 * tokens * h * cfg.num_experts * router
+    if cfg.is_mla:  # up-project every cached latent, then attend with [nope + rope] keys, v values
+        up = cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        flops += 2 * tokens * context * up + 2 * tokens * heads * context * (d + cfg.v_head_dim)
+        act += tokens * context * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim + d) * e * 2
+    else:
+        flops += 4 * tokens * heads * context * d
     nbytes = weights + kv + act
     return OpCost("attention", compute_s=roofline_s(hw, "attention", nbytes, flops), hbm_bytes=nbytes,
                   weight_bytes=weights, kv_bytes=kv, flops=flops)
+
+
+def swiglu_cost(kind: str, cfg: ModelConfig, hw: Hardware, tokens: float, inner: float) -> OpCost:
+    """An always-on SwiGLU MLP of hidden size `inner` over `tokens` rows (a dense layer's MLP, a
+    column slice of it, or the shared experts): 3 weight matrices read, 2 activation rows."""
+    if tokens == 0 or inner == 0:
+        return OpCost(kind)
+    h, e = cfg.hidden_size, elt_bytes(cfg)
+    weights = 3 * h * inner * e
+    nbytes = weights + 2 * tokens * h * e
+    flops = 2 * tokens * 3 * h * inner
+    return OpCost(kind, compute_s=roofline_s(hw, "experts", nbytes, flops), hbm_bytes=nbytes, weight_bytes=weights,
+                  flops=flops)
+
+
+def plus(a: OpCost, b: OpCost) -> OpCost:
+    """Op a with b's compute work added to it (b's own kernels: the times add)."""
+    return dataclasses.replace(a, compute_s=a.compute_s + b.compute_s, hbm_bytes=a.hbm_bytes + b.hbm_bytes,
+                               weight_bytes=a.weight_bytes + b.weight_bytes, flops=a.flops + b.flops)
 
 
 def experts_cost(cfg: ModelConfig, hw: Hardware, tokens_per_expert: tuple[float, ...], hidden_div: int = 1) -> OpCost:
@@ -334,22 +380,32 @@ def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardwar
 
 # --- one op of one rank -------------------------------------------------------------------------------------
 def op_cost(kind: str, layer: int, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
-    """Cost of op `kind(layer, mb)` on `rank` of `plan` (layer only matters through the role)."""
-    return _op_cost(kind, mb, plan, rank, cfg, work, hw)
+    """Cost of op `kind(layer, mb)` on `rank` of `plan` (layer matters through the role, and
+    whether it is a dense layer: no router, no shared expert)."""
+    return _op_cost(kind, mb, plan, rank, cfg, work, hw, cfg.is_dense_layer(layer))
 
 
 @lru_cache(maxsize=262144)
-def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware,
+             dense: bool = False) -> OpCost:
     role = rank_role(plan, cfg, rank)
     e, hsz = elt_bytes(cfg), cfg.hidden_size
     b = attention_tokens(plan, cfg, work.batch, rank, mb) if role.kind != "expert" else 0
     if kind == "attention":
-        c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads))
+        c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads), not dense)
+        if not dense and plan.strategy in ("separated", "ep"):  # the shared expert on the tokens it settles
+            settled = dispatch_slice(plan, cfg, work.batch, rank, mb)
+            c = plus(c, swiglu_cost("attention", cfg, hw, settled, cfg.shared_expert_hidden))
         if plan.strategy == "separated" and plan.attn_tp > 1:  # head-parallel partial sums
             c = dataclasses.replace(c, transfer_s=allreduce_s(hw, role.group, b * hsz * e), link_bytes=b * hsz * e)
         return c
+    if kind == "mlp":  # a dense layer's MLP where its attention ran (its hidden columns in tp_pp)
+        return swiglu_cost("mlp", cfg, hw, b, cfg.dense_hidden / role.hidden_div)
     if kind == "experts":
-        return experts_cost(cfg, hw, expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
+        c = experts_cost(cfg, hw, expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
+        if plan.strategy in ("single", "tp_pp") and role.index == 0:  # the shared expert, added once
+            c = plus(c, swiglu_cost("experts", cfg, hw, b, cfg.shared_expert_hidden))
+        return c
     if kind == "head":
         return _head_op(plan, role, cfg, work, hw, b, mb)
     if kind == "allreduce":
@@ -406,27 +462,37 @@ class MemoryUse:
 
 def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware) -> MemoryUse:
     """Weights held + KV cache for `context` keys of its sequences + working buffers
-    (activations and logits of the largest micro-batch, expert intermediates) + the
-    profile's reserved bytes (CUDA context, NCCL buffers, allocator slack)."""
+    (activations and logits of the largest micro-batch, expert intermediates, MLA's up-projected
+    keys and values of one layer) + the profile's reserved bytes (CUDA context, NCCL buffers,
+    allocator slack). An MLA cache is the compressed latent per token, whole on every
+    head-parallel rank; dense layers hold their MLP where the attention is (tp_pp: a column
+    slice) and no experts; shared experts sit with the attention (every rank but a separated
+    expert rank)."""
     role = rank_role(plan, cfg, rank)
     e, h = elt_bytes(cfg), cfg.hidden_size
     layers = len(role.layers)
+    dense = sum(1 for layer in role.layers if cfg.is_dense_layer(layer))
     kv = kv_heads_for(cfg, role.heads)
-    attn = (h * cfg.head_dim * (2 * len(role.heads) + 2 * kv) + cfg.num_experts * h + 2 * h) * e if role.heads else 0
+    attn = (cfg.attention_params(len(role.heads), kv) + 2 * h) * e if role.heads else 0
+    always_on = ((cfg.router_params() + cfg.shared_expert_params()) * e if role.heads else 0,  # per MoE layer
+                 cfg.dense_mlp_params() / role.hidden_div * e if role.heads else 0)  # per dense layer
     experts = len(role.experts) * cfg.expert_params() / role.hidden_div * e
     vocab = cfg.vocab_size * h * e
-    weights = layers * (attn + experts) + vocab * role.has_embedding + vocab * role.logits
+    weights = (layers * attn + (layers - dense) * (experts + always_on[0]) + dense * always_on[1]
+               + vocab * role.has_embedding + vocab * role.logits)
     seqs = sum(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
         if role.kind != "expert" else 0
-    kv_bytes = layers * seqs * work.context * 2 * kv * cfg.head_dim * e
+    kv_bytes = layers * seqs * work.context * CacheLayout.of(cfg, kv).bytes_per_position(cfg.torch_dtype)
     biggest = max(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
         if role.kind != "expert" else 0
     rows = max((sum(expert_tokens(plan, cfg, work.batch, rank, i)) * cfg.top_k / cfg.num_experts
                 for i in range(plan.microbatches)), default=0) if role.experts else 0
     rows_all = work.batch if plan.strategy == "tp_pp" else seqs  # tp_pp: every rank receives the logits
+    up_kv = biggest * work.context * len(role.heads) * (cfg.qk_nope_head_dim + cfg.v_head_dim + cfg.head_dim) * e \
+        if cfg.is_mla else 0
     buffers = (plan.microbatches * biggest * h * e * 4 + rows_all * cfg.vocab_size * 4
                + rows * (2 * h + cfg.expert_hidden / role.hidden_div * cfg.expert_matrices) * e
-               + hw.reserved_bytes)
+               + up_kv + hw.reserved_bytes)
     return MemoryUse(weights, kv_bytes, buffers)
 
 

@@ -40,7 +40,7 @@ from ..config import ModelConfig
 from .costmodel import OpCost, Workload, experts_touched, part_size
 from .hardware import Hardware
 
-COMPUTE_KINDS = ("attention", "experts", "head")
+COMPUTE_KINDS = ("attention", "experts", "head", "mlp")
 
 
 @dataclass(frozen=True)

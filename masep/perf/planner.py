@@ -213,24 +213,25 @@ def _transfer(sim: Simulation, kinds: tuple[str, ...], layer: int, mb: int) -> f
 
 def explain(sim: Simulation) -> dict:
     """T_attention, T_experts, T_transfer per layer and micro-batch (micro-batch 0, the first
-    layer a rank runs), balance and MegaScale-Infer's conditions for ping-pong."""
-    s, plan = sim.plan.strategy, sim.plan
+    layer a rank runs), balance and MegaScale-Infer's conditions for ping-pong. The layer is the
+    first MoE layer (dense first layers have no experts and no transfer)."""
+    s, plan, moe = sim.plan.strategy, sim.plan, sim.cfg.first_dense_layers
     if s == "separated":
-        t_a = max(_first(sim, ("attention",)).values())
-        t_e = max(_first(sim, ("experts",)).values())
-        t_c = max(_transfer(sim, ("dispatch", "recv"), 0, 0), _transfer(sim, ("combine", "send"), 0, 0))
+        t_a = max(_first(sim, ("attention",), moe).values())
+        t_e = max(_first(sim, ("experts",), moe).values())
+        t_c = max(_transfer(sim, ("dispatch", "recv"), moe, 0), _transfer(sim, ("combine", "send"), moe, 0))
     elif s == "tp_pp":
-        t_a = max(_first(sim, ("attention",)).values()) + _transfer(sim, ("allreduce",), 0, 0)
-        t_e = max(_first(sim, ("experts",)).values()) + _transfer(sim, ("allreduce",), 0, 0)
-        t_c = _transfer(sim, ("allreduce",), 0, 0) + (_transfer(sim, ("send_act",), rank_role(
+        t_a = max(_first(sim, ("attention",), moe).values()) + _transfer(sim, ("allreduce",), moe, 0)
+        t_e = max(_first(sim, ("experts",), moe).values()) + _transfer(sim, ("allreduce",), moe, 0)
+        t_c = _transfer(sim, ("allreduce",), moe, 0) + (_transfer(sim, ("send_act",), rank_role(
             plan, sim.cfg, 0).layers.stop - 1, 0) if plan.pp > 1 else 0.0)
     elif s == "ep":
-        t_a = max(_first(sim, ("attention",)).values())
-        t_e = max(_first(sim, ("experts",)).values())
-        t_c = max(_transfer(sim, ("dispatch",), 0, 0), _transfer(sim, ("combine",), 0, 0))
+        t_a = max(_first(sim, ("attention",), moe).values())
+        t_e = max(_first(sim, ("experts",), moe).values())
+        t_c = max(_transfer(sim, ("dispatch",), moe, 0), _transfer(sim, ("combine",), moe, 0))
     else:
-        t_a = max(_first(sim, ("attention",)).values())
-        t_e = max(_first(sim, ("experts",)).values())
+        t_a = max(_first(sim, ("attention",), moe).values())
+        t_e = max(_first(sim, ("experts",), moe).values())
         t_c = 0.0
     t_f = max(t_a, t_e)
     m_min = 2 * (1 + t_c / t_f) if t_f > 0 else 2.0

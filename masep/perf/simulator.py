@@ -2,7 +2,7 @@
 
 Each rank runs the op list `masep.parallel.schedule` gives its role, in order, on CUDA-like
 streams (the runtime's design: streams and events, no host sync inside a step):
-  - stream 0 (compute): attention, experts, head;
+  - stream 0 (compute): attention, experts, head, mlp (a dense layer's: no transfer);
   - stream 1 (comm): dispatch, recv, allreduce, send_act, recv_act;
   - stream 2 (back): combine, send: expert outputs return on a second group of the bridge, so
     their NCCL communicator does not queue them behind the next dispatch (parallel/groups.py).
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..config import ModelConfig
-from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, RECV, RECV_ACT,
+from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, RECV, RECV_ACT,
                                  SEND, SEND_ACT, Op, ep_schedule, separated_schedule, tp_pp_schedule)
 from ..plan import SinglePlan
 from . import floor as floormod
@@ -56,15 +56,15 @@ from .costmodel import (BACK, COMM, COMPUTE, MemoryUse, OpCost, Workload, check_
                         rank_memory, rank_role)
 from .hardware import Hardware
 
-COMPUTE_KINDS = (ATTENTION, EXPERTS, HEAD)
+COMPUTE_KINDS = (ATTENTION, EXPERTS, HEAD, MLP)
 
 
 # --- op lists and matching ----------------------------------------------------------------------------
-def single_schedule(num_layers: int, microbatches: int = 1) -> list[Op]:
+def single_schedule(num_layers: int, microbatches: int = 1, dense_layers: int = 0) -> list[Op]:
     ops: list[Op] = []
     for mb in range(microbatches):
         for layer in range(num_layers):
-            ops += [Op(ATTENTION, layer, mb), Op(EXPERTS, layer, mb)]
+            ops += [Op(ATTENTION, layer, mb), Op(MLP if layer < dense_layers else EXPERTS, layer, mb)]
         ops.append(Op(HEAD, -1, mb))
     return ops
 
@@ -73,20 +73,21 @@ def rank_ops(plan, cfg: ModelConfig, rank: int) -> tuple[Op, ...]:
     """The op list the runtime runs on `rank` for one step."""
     role = rank_role(plan, cfg, rank)
     stages = plan.pp if plan.strategy == "tp_pp" else 1
-    return _schedule(plan.strategy, role.kind, cfg.num_layers, role.layers, role.replica, stages, plan.microbatches)
+    return _schedule(plan.strategy, role.kind, cfg.num_layers, role.layers, role.replica, stages, plan.microbatches,
+                     cfg.first_dense_layers)
 
 
 @lru_cache(maxsize=4096)
 def _schedule(strategy: str, kind: str, num_layers: int, layers: range, stage: int, stages: int,
-              m: int) -> tuple[Op, ...]:
+              m: int, dense: int = 0) -> tuple[Op, ...]:
     if strategy == "separated":
-        return tuple(separated_schedule(kind, num_layers, m))
+        return tuple(separated_schedule(kind, num_layers, m, dense))
     if strategy == "tp_pp":
-        return tuple(tp_pp_schedule(layers, stage, stages, m))
+        return tuple(tp_pp_schedule(layers, stage, stages, m, dense))
     if strategy == "ep":
-        return tuple(ep_schedule(num_layers, m))
+        return tuple(ep_schedule(num_layers, m, dense))
     if strategy == "single":
-        return tuple(single_schedule(num_layers, m))
+        return tuple(single_schedule(num_layers, m, dense))
     raise ValueError(f"plan.strategy={strategy!r}: cannot simulate it")
 
 
@@ -117,13 +118,15 @@ def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
 
 
 def rank_costs(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware, ops) -> list[OpCost]:
-    """Cost of each op in `ops` on `rank` (costs depend on kind and micro-batch, not on the layer)."""
-    memo: dict[tuple[str, int], OpCost] = {}
+    """Cost of each op in `ops` on `rank` (costs depend on kind and micro-batch, and on the layer
+    only by whether it is a dense one)."""
+    memo: dict[tuple[str, int, bool], OpCost] = {}
     out = []
     for o in ops:
-        c = memo.get((o.kind, o.mb))
+        key = (o.kind, o.mb, cfg.is_dense_layer(o.layer))
+        c = memo.get(key)
         if c is None:
-            c = memo[o.kind, o.mb] = op_cost(o.kind, o.layer, o.mb, plan, rank, cfg, work, hw)
+            c = memo[key] = op_cost(o.kind, o.layer, o.mb, plan, rank, cfg, work, hw)
         out.append(c)
     return out
 

@@ -146,6 +146,8 @@ def train_floor_s(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware, ops
 
 def simulate_train(plan, cfg: ModelConfig, work: TrainWorkload, hw: Hardware, check_fit: bool = True) -> TrainSimulation:
     """One training step of `plan`; ValueError (with the numbers) when a rank does not fit."""
+    if cfg.training_refusal():
+        raise ValueError(cfg.training_refusal())
     plan.validate(cfg, plan.world_size)
     _check_work(plan, work)
     memory = check_train_memory(plan, cfg, work, hw) if check_fit else \
@@ -168,6 +170,8 @@ def search_train(cfg: ModelConfig, hw: Hardware, gpus: int, work: TrainWorkload,
     """Rank the legal plans for `gpus` by simulated training tokens/s (every fitting plan is
     simulated: a training step has few ops per rank). Returns (ranked, rejected, candidates)."""
     from .planner import STRATEGY_NAMES, candidate_plans
+    if cfg.training_refusal():
+        raise ValueError(cfg.training_refusal())
     strategies = strategies or STRATEGY_NAMES
     plans = candidate_plans(cfg, gpus, work.batch, strategies, max_microbatches)
     if gpus == 1 and "single" in strategies:

@@ -56,6 +56,8 @@ class TrainSpec:
     return_state: bool = False  # rank 0 returns the whole model's weights (tests)
 
     def validate(self, cfg) -> "TrainSpec":
+        if cfg.training_refusal():
+            raise ValueError(cfg.training_refusal())
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: choose one of {sorted(PRECISIONS)}")
         if self.steps < 1:
