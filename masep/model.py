@@ -337,16 +337,28 @@ class MoE(nn.Module):
                         if parts.experts is not None else None)
         self.shared = SharedExpert(cfg, device, dtype) if cfg.shared_expert_hidden else None
 
+    def add_shared(self, z_XH: torch.Tensor, routed_XH: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum [X, H] plus the shared expert of the same rows z (when
+        the model has one): the one place the shared expert joins the routed output."""
+        if self.shared is None or z_XH.shape[0] == 0:
+            return routed_XH
+        return routed_XH + self.shared(z_XH)
+
     def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         x_XH = x_BTH.reshape(-1, x_BTH.shape[-1])
         weights, ids = self.router(x_XH)
-        y = self.experts(x_XH, weights, ids, grouped=grouped)
-        if self.shared is not None:
-            y = y + self.shared(x_XH)
-        return y.view_as(x_BTH)
+        return self.add_shared(x_XH, self.experts(x_XH, weights, ids, grouped=grouped)).view_as(x_BTH)
 
 
 class Block(nn.Module):
+    """Attention and MoE sublayers with pre-norms and residuals.
+
+    The forward is written once, in pieces a distributed runtime can cut between at its
+    transfers (the attention may run on a head slice and be summed elsewhere; the routed rows
+    may travel to other ranks and back): attention_partial, then h = x + (summed) partial,
+    moe_inputs(h) -> the rows the experts see and their routing, then moe_residual(h, z, routed)
+    once the experts' weighted outputs are back. forward() is those pieces on one device."""
+
     def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
         super().__init__()
         parts = parts or BlockParts.everything(cfg)
@@ -358,9 +370,27 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
         self.moe = MoE(cfg, device, dtype, parts)
 
+    def attention_partial(self, x_BTH, positions_BT, cache=None, layer=0, attend_len=None, rope=None,
+                          attn: "Attention | None" = None) -> torch.Tensor:
+        """attn(attn_norm(x)) [B, T, H] with `attn` (default: this block's), a head slice's partial
+        output when it is one (partials of a head group sum to the whole)."""
+        return (attn or self.attn)(self.attn_norm(x_BTH), positions_BT, cache, layer, attend_len, rope)
+
+    def moe_inputs(self, h_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z = moe_norm(h) [X, H] (the rows the experts see) and the router's weights, ids [X, k]."""
+        z = self.moe_norm(h_XH)
+        weights, ids = self.moe.router(z)
+        return z, weights, ids
+
+    def moe_residual(self, h_XH: torch.Tensor, z_XH: torch.Tensor, routed_XH: torch.Tensor) -> torch.Tensor:
+        """h + sum_k w_k expert_k(z) (+ the shared expert of z): the block's output rows [X, H]."""
+        return h_XH + self.moe.add_shared(z_XH, routed_XH)
+
     def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True, rope=None):
-        h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len, rope)
-        return h + self.moe(self.moe_norm(h), grouped=grouped)
+        h = x + self.attention_partial(x, positions, cache, layer, attend_len, rope)
+        h_XH = h.reshape(-1, h.shape[-1])
+        z, weights, ids = self.moe_inputs(h_XH)
+        return self.moe_residual(h_XH, z, self.moe.experts(z, weights, ids, grouped=grouped)).view_as(h)
 
 
 class MoETransformer(nn.Module):

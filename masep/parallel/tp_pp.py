@@ -99,7 +99,7 @@ class TpPpRuntime(MicroBatchRuntime):
             z = norm(x).reshape(-1, self.cfg.hidden_size)
             weights, ids = moe.router(z)
             y = experts(z, weights, ids)
-            return x, (y + moe.shared(z) if add_shared else y).view_as(x)
+            return x, (moe.add_shared(z, y) if add_shared else y).view_as(x)
 
         pending = _pending_inputs(mb)
         mb.x, mb.work["partial"] = self._segment(("experts", layer, i, len(pending)), run, mb.x, *pending)
