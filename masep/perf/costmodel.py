@@ -26,8 +26,11 @@ slowest member. Bytes to peers on the same node go over NVLink, others over the 
 an all-to-all-like exchange with p peers pays p latencies per round trip (pairwise exchange:
 (p-1) alpha + bytes beta; 7 NVLink peers at 2 us ~ 14 us, 8 A100s' NCCL all-to-all is ~20 us).
 A decode step's dispatch and combine move fixed-size padded blocks in one round trip each (the
-counts ride in a header; parallel/routing.py): every receiver gets the largest sender's tokens x
-min(k, L) rows whatever the routing, so the bytes are those of the worst case. Ring all-reduce:
+counts ride in a header; parallel/routing.py): every receiver gets a block sized for the largest
+sender's tokens from the routing (parallel/capacity.py), here at its steady state under balanced
+routing (1.5 x the fullest receiver's mean, at most the worst case of tokens x min(k, L) rows);
+`link_bytes_saved` is what worst-case blocks would add. Skewed routing widens the blocks towards
+the worst case, and a step whose blocks overflow runs again (neither is modelled). Ring all-reduce:
 2(n-1) latency + 2(n-1)/n * bytes / bandwidth; all-gather: (n-1) latency + (n-1)/n * bytes / bw.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
+from ..parallel.capacity import CapacityPolicy
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan, split_evenly
 from . import hardware as hwmod
 from .hardware import Hardware
@@ -69,6 +73,7 @@ class OpCost:
     kv_bytes: float = 0.0  # part of hbm_bytes that is KV cache read
     flops: float = 0.0
     link_bytes: float = 0.0
+    link_bytes_saved: float = 0.0  # padded transfers: bytes blocks of the worst-case capacity would add
 
     @property
     def time_s(self) -> float:
@@ -364,32 +369,35 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
 
 def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
     """A decode step's routed transfer as the runtime moves it (parallel/routing.py): one block
-    per (sender, receiver) of a fixed capacity, cap = largest sender's tokens x min(k, L) rows
-    plus the header, in one round trip (the counts ride in the header). dispatch / combine:
-    an attention (or colocated) rank's side; recv / send: an expert rank's."""
+    per (sender, receiver) of the capacity the routing sizes (parallel/capacity.py, at its steady
+    state under balanced routing) for the largest sender's tokens, plus the header, in one round
+    trip (the counts ride in the header). dispatch / combine: an attention (or colocated) rank's
+    side; recv / send: an expert rank's."""
     e, hsz = elt_bytes(cfg), cfg.hidden_size
     placement = placement_of(plan, cfg)
-    max_local = max(len(p) for p in placement)
-    hdr = -(-8 * (4 + max_local) // (hsz * e))
+    policy = CapacityPolicy.for_placement(cfg.top_k, placement, cfg.num_experts)
+    hdr = -(-8 * (4 + policy.max_local + 1) // (hsz * e))  # routing.header_rows
     if plan.strategy == "separated":
         senders = range(plan.num_attention_ranks)
-        slots = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders) * min(cfg.top_k, max_local)
-        width = slots + (hdr if kind in ("dispatch", "recv") else 0)
+        tokens = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders)
+        with_header = kind in ("dispatch", "recv")
         if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
             peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
         else:  # to / from every attention rank (each replica's bridge; replicas run side by side)
             peers = {a: 1.0 for a in senders}
     else:  # ep: every rank sends a block to every rank, itself included
-        slots = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep)) * \
-            min(cfg.top_k, max_local)
-        width = slots + (hdr if kind == "dispatch" else 0)
+        tokens = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep))
+        with_header = kind == "dispatch"
         peers = {r: 1.0 for r in range(plan.ep)}
+    width = policy.cap(tokens) + (hdr if with_header else 0)
     nbytes = len(peers) * width * hsz * e
+    saved = len(peers) * (policy.cap(tokens, full=True) - policy.cap(tokens)) * hsz * e
     post = 0.0
     if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
         role = rank_role(plan, cfg, rank)
         post = allgather_s(hw, role.group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
-    return comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post)
+    return dataclasses.replace(comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post),
+                               link_bytes_saved=saved)
 
 
 # --- memory -------------------------------------------------------------------------------------------------
