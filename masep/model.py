@@ -328,6 +328,35 @@ class BlockParts:
         return cls(range(cfg.num_heads), tuple(range(cfg.num_experts)))
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """What one rank holds of the whole model (a parallel plan decides: parallel/parts.py): one
+    BlockParts per layer, the token embedding, the final norm with the lm_head. Indexing and
+    iterating go over the layers' BlockParts."""
+
+    blocks: tuple[BlockParts, ...]
+    embedding: bool = True
+    head: bool = True
+
+    @classmethod
+    def of(cls, parts: "Sequence[BlockParts] | ModelParts") -> "ModelParts":
+        """A list of BlockParts (the layers only) holds the embedding and the head too."""
+        return parts if isinstance(parts, ModelParts) else cls(tuple(parts))
+
+    @classmethod
+    def everything(cls, cfg: ModelConfig) -> "ModelParts":
+        return cls((BlockParts.everything(cfg),) * cfg.num_layers)
+
+    def __getitem__(self, layer: int) -> BlockParts:
+        return self.blocks[layer]
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
         super().__init__()
@@ -394,31 +423,34 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """The whole model; with `parts` (one BlockParts per layer) only those slices of each block,
-    as a rank of a parallel plan holds them (such a model is driven by a parallel runtime, not
-    by forward())."""
+    """The whole model; with `parts` (ModelParts, or one BlockParts per layer) only those slices
+    of each block, and the embedding and head only where held (None otherwise), as a rank of a
+    parallel plan holds them (such a model is driven by a parallel runtime, not by forward())."""
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: Sequence[BlockParts] | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None,
+                 parts: "ModelParts | Sequence[BlockParts] | None" = None):
         super().__init__()
         self.cfg = cfg
         dtype = dtype or cfg.torch_dtype
-        parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+        parts = ModelParts.of(parts) if parts is not None else ModelParts.everything(cfg)
         if len(parts) != cfg.num_layers:
             raise ValueError(f"parts: {len(parts)} entries for {cfg.num_layers} layers")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype) \
+            if parts.embedding else None
         self.layers = nn.ModuleList(Block(cfg, device, dtype, p) for p in parts)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
-        if cfg.tie_embeddings:
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype) if parts.head else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype) \
+            if parts.head else None
+        if cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(self.parameters()).device
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -522,17 +554,19 @@ def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoE
             continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif name == "lm_head.weight" and model.cfg.tie_embeddings:  # a head held without the embedding
+            p.copy_(draw("embed.weight", tuple(p.shape)))
         else:
             p.copy_(draw(name, tuple(p.shape)))
     return model
 
 
-def init_scratch_numel(cfg: ModelConfig, parts: Sequence[BlockParts] | None = None) -> int:
+def init_scratch_numel(cfg: ModelConfig, parts: "ModelParts | Sequence[BlockParts] | None" = None) -> int:
     """Elements of the largest float32 unit `init_random_` draws for a model built with `parts`
     (held beside the weights while it is copied in): a rank's start-up peak is its weights plus
     this many float32 values."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+    parts = ModelParts.of(parts) if parts is not None else ModelParts.everything(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size if parts.embedding or parts.head else 0
     shared = cfg.hidden_size * cfg.shared_expert_hidden
     held = [p for p in parts if p.active]
     expert = cfg.expert_hidden * cfg.hidden_size if any(p.experts for p in held) else 0
@@ -541,8 +575,8 @@ def init_scratch_numel(cfg: ModelConfig, parts: Sequence[BlockParts] | None = No
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None,
-                parts: Sequence[BlockParts] | None = None) -> MoETransformer:
+                parts: "ModelParts | Sequence[BlockParts] | None" = None) -> MoETransformer:
     """A model with deterministic random weights (the embedded default for demos and tests).
-    parts: one BlockParts per layer (parallel/parts.py `rank_parts`): build only those slices,
-    with the values the whole model has there (init_random_)."""
+    parts: what a rank holds (parallel/parts.py `rank_parts`): build only those slices, with the
+    values the whole model has there (init_random_)."""
     return init_random_(MoETransformer(cfg, device=device, dtype=dtype, parts=parts), seed).eval()

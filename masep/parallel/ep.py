@@ -41,9 +41,9 @@ class EpRuntime(MicroBatchRuntime):
         self.my_experts = plan.expert_placement(cfg)[env.rank]
         self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
         self.route = ep_route(plan, cfg, env.rank, env.device)
-        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype, graphs)
+        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.dtype, graphs)
         self.dispatcher = EpDispatcher(self.bridge, self.route, cfg, plan.expert_placement(cfg), plan.microbatches,
-                                       model.embed.weight.dtype, env.device, len(self.my_experts))
+                                       model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
         self.all_idle = False
         self.stopped = False

@@ -1,14 +1,17 @@
 """MA separation: attention ranks and expert ranks run different op lists, micro-batches ping-pong.
 
 An attention rank is a `Runtime` (the engine drives it like the single-device model) over its
-replica's sequences and its slice of heads. An expert rank runs `serve_experts`, a loop that
-answers every replica's bridge until each one says stop.
+replica's sequences and its slice of heads; its transfers go through a SeparatedDispatcher
+(dispatcher.py). An expert rank runs `serve_experts`, a loop that answers every replica's bridge
+until each one says stop: per (layer, micro-batch) it runs its experts once over the rows of
+every replica (one grouped matmul, the weights read once), and each replica's outputs return on
+its own bridge.
 
 Per layer and micro-batch on an attention rank (replica of T head-parallel ranks):
   attention: x [b, t, H] -> partial attention of local heads -> all-reduce in replica -> h
              z = moe_norm(h); router(z) -> ids, weights [b*t, k]
   dispatch:  this rank's slice of the b*t tokens (split_evenly over T) goes to the expert ranks
-  combine:   expert outputs for the slice -> h_slice + y (+ shared expert) -> all-gather -> x
+  combine:   expert outputs for the slice -> Block.moe_residual (h + y + shared expert) -> all-gather -> x
 """
 from __future__ import annotations
 
@@ -49,10 +52,10 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
         self.attn = [shard_attention(b.attn, cfg, heads) for b in model.layers]
         self.blocks = list(model.layers)  # norms, router and shared expert are used whole
-        self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.embed.weight.dtype, graphs)
+        self._init_steps(cfg.num_layers, len(self.attn[0].kv_heads), model.dtype, graphs)
         self.dispatcher = SeparatedDispatcher(groups.bridges[0], expert_route(plan, cfg, self.role.replica, env.device),
                                               cfg, plan.expert_placement(cfg), plan.microbatches,
-                                              model.embed.weight.dtype, env.device, groups.replica_group, env.timeout,
+                                              model.dtype, env.device, groups.replica_group, env.timeout,
                                               f"rank {env.rank}")
         self.fallback = groups.fallback
         self.stopped = False
@@ -214,7 +217,7 @@ class _ExpertServer:
         self.plan = plan
         self.my_experts = plan.expert_placement(cfg)[groups.role.index]
         self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) for b in model.layers]
-        self.dtype = model.embed.weight.dtype
+        self.dtype = model.dtype
         self.device = env.device
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.graphs = SegmentGraphs(graphs, env.device)

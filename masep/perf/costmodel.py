@@ -14,8 +14,9 @@ Compute ops (attention, experts, head) move `hbm_bytes` through HBM and do `flop
     to it n*k/E; FLOPs 2 * rows * matrices * H * I. Micro-batches re-read the weights they
     touch, which is why m > 1 costs bytes at small batch.
   - head: final norm per micro-batch; then, as the runtimes do, the lm_head once per step over
-    all the rank's rows, in full (no vocabulary split), on every attention rank (separated),
-    every rank (ep), or the last stage's tp rank 0, which broadcasts the logits (tp_pp).
+    all the rank's rows, in full (no vocabulary split), on the ranks plan.rank_role says compute
+    logits: every attention rank (separated), every rank (ep), every TP rank of the last stage
+    (tp_pp), whose TP rank 0 then broadcasts them to the whole instance.
     `Workload.lm_head=False` leaves it out, as the floors of docs/reference.md do.
   These are the same definitions as `masep.perf.bench` (attention/experts bytes and FLOPs), so
   a calibration file's measurements fit this model directly.
@@ -41,7 +42,9 @@ from functools import lru_cache
 
 from ..config import ModelConfig
 from ..parallel.capacity import CapacityPolicy
-from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan, split_evenly
+from ..plan import (EpPlan, RankRole, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan,
+                    split_evenly)
+from ..plan import rank_role as plan_rank_role
 from . import hardware as hwmod
 from .hardware import Hardware
 
@@ -200,20 +203,9 @@ def comm_cost(kind: str, hw: Hardware, rank: int, peers: dict[int, float], nbyte
 
 
 # --- rank roles ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RankRole:
-    """What one rank holds and does (derived from a plan; the simulator and memory model read it)."""
-    kind: str  # "attention" | "expert" | "stage" | "colocated" | "single"
-    rank: int
-    heads: range = range(0)  # query heads held
-    experts: tuple[int, ...] = ()  # experts held (hidden-split `hidden_div` ways in tp_pp)
-    hidden_div: int = 1
-    layers: range = range(0)  # layers this rank runs
-    group: tuple[int, ...] = ()  # its TP group (tp_pp stage) or attention replica
-    replica: int = 0  # attention replica (separated); stage (tp_pp)
-    index: int = 0  # index inside `group`; expert-rank index (separated)
-    has_embedding: bool = False
-    logits: bool = False  # computes the step's logits (the lm_head, in full, as the runtimes do)
+# What each rank holds and does is plan.rank_role, the description the runtimes and the checkpoint
+# slicing read too (cached here: the simulator asks for it once per op).
+rank_role = lru_cache(maxsize=65536)(plan_rank_role)
 
 
 def strategy_of(plan) -> str:
@@ -231,34 +223,6 @@ def placement_of(plan, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
 
 def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
     return split_evenly(cfg.num_layers, pp)
-
-
-@lru_cache(maxsize=65536)
-def rank_role(plan, cfg: ModelConfig, rank: int) -> RankRole:
-    s = plan.strategy
-    all_layers = range(cfg.num_layers)
-    if s == "single":
-        return RankRole("single", rank, range(cfg.num_heads), tuple(range(cfg.num_experts)), layers=all_layers,
-                        group=(rank,), has_embedding=True, logits=True)
-    if s == "separated":
-        if rank < plan.num_attention_ranks:
-            r, t = rank // plan.attn_tp, rank % plan.attn_tp
-            return RankRole("attention", rank, plan.head_split(cfg)[t], layers=all_layers,
-                            group=tuple(plan.replica_ranks(r)), replica=r, index=t, has_embedding=True,
-                            logits=True)
-        j = rank - plan.num_attention_ranks
-        return RankRole("expert", rank, experts=tuple(placement_of(plan, cfg)[j]), layers=all_layers,
-                        group=tuple(plan.expert_rank_ids()), index=j)
-    if s == "tp_pp":
-        stage, t = divmod(rank, plan.tp)
-        return RankRole("stage", rank, split_evenly(cfg.num_heads, plan.tp)[t], tuple(range(cfg.num_experts)),
-                        hidden_div=plan.tp, layers=stage_layers(cfg, plan.pp)[stage],
-                        group=tuple(range(stage * plan.tp, (stage + 1) * plan.tp)), replica=stage, index=t,
-                        has_embedding=stage == 0, logits=stage == plan.pp - 1 and t == 0)
-    if s == "ep":
-        return RankRole("colocated", rank, range(cfg.num_heads), placement_of(plan, cfg)[rank], layers=all_layers,
-                        group=(rank,), index=rank, has_embedding=True, logits=True)
-    raise ValueError(f"plan.strategy={s!r}: the cost model knows single, separated, tp_pp and ep")
 
 
 # --- sequences per micro-batch ------------------------------------------------------------------------------
@@ -326,8 +290,9 @@ def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> in
 
 def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardware, b: int, mb: int) -> OpCost:
     """Final norm of micro-batch `mb`; the logits of all the rank's rows come after the last
-    micro-batch (the runtimes compute them once per step). tp_pp: the last stage's tp rank 0
-    computes them and broadcasts [batch, vocab] fp32 to every rank."""
+    micro-batch (the runtimes compute them once per step). tp_pp: every TP rank of the last stage
+    computes them; its TP rank 0 broadcasts [batch, vocab] fp32 to every rank (the others take
+    part in the broadcast)."""
     last = mb == plan.microbatches - 1
     rows = sum(attention_tokens(plan, cfg, work.batch, role.rank, i) for i in range(plan.microbatches)) \
         if role.logits and last else 0
@@ -423,7 +388,8 @@ def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
     attn = (h * cfg.head_dim * (2 * len(role.heads) + 2 * kv) + cfg.num_experts * h + 2 * h) * e if role.heads else 0
     experts = len(role.experts) * cfg.expert_params() / role.hidden_div * e
     vocab = cfg.vocab_size * h * e
-    weights = layers * (attn + experts) + vocab * role.has_embedding + vocab * role.logits
+    tied = cfg.tie_embeddings and role.has_embedding and role.logits  # one tensor for both
+    weights = layers * (attn + experts) + vocab * (role.has_embedding + role.logits - tied)
     seqs = sum(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
         if role.kind != "expert" else 0
     kv_bytes = layers * seqs * work.context * 2 * kv * cfg.head_dim * e
