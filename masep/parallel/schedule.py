@@ -15,8 +15,10 @@ from typing import Callable, Iterable
 
 # Op kinds. Attention side: attention (norm + attention + head-parallel all-reduce + router),
 # dispatch (launch the send of hidden states), combine (wait for expert outputs, add to the
-# residual, gather the replica's tokens). Expert side: recv, experts, send. Both: head (final
-# norm + lm_head), only on attention ranks.
+# residual, gather the replica's tokens). Expert side: recv (post every replica's receive),
+# experts (one grouped matmul over every replica's rows of the (layer, micro-batch): the weights
+# are read once), send (each replica's outputs on its own bridge). head (final norm + lm_head),
+# only on attention ranks.
 ATTENTION, DISPATCH, COMBINE, HEAD = "attention", "dispatch", "combine", "head"
 RECV, EXPERTS, SEND = "recv", "experts", "send"
 # tp_pp: head-parallel attention and hidden-split experts, each followed by an all-reduce in the
