@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from .config import DTYPES, ModelConfig, from_hf_config, to_hf_dict
 from .hf_deepseek import MODEL_TYPE as DEEPSEEK
 from .mla import MLAttention, per_head_weights
-from .model import BlockParts, MoETransformer, kv_heads_for
+from .model import BlockParts, ModelParts, MoETransformer, kv_heads_for
 
 log = logging.getLogger(__name__)
 
@@ -425,21 +425,28 @@ def _dtype_name(dtype: torch.dtype | str | None, default: str) -> str:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device="cpu",
-                    max_seq_len: int | None = None, parts: list[BlockParts] | None = None) -> MoETransformer:
+                    max_seq_len: int | None = None, parts: ModelParts | list[BlockParts] | None = None
+                    ) -> MoETransformer:
     """Load an HF Mixtral / Qwen2-MoE / Qwen3-MoE safetensors directory into a MoETransformer.
 
     dtype: None keeps config.json's dtype; stored floating tensors are cast to it.
     max_seq_len: override max_position_embeddings (the default KV cache length).
-    parts: one BlockParts per layer (parallel/parts.py `rank_parts`): build and read only those
-    heads, experts and hidden columns, as a rank of a parallel plan needs them.
+    parts: what a rank holds (parallel/parts.py `rank_parts`): build and read only those heads,
+    experts and hidden columns, and the embedding and head only where held.
     """
     with CheckpointReader(path, max_seq_len=max_seq_len) as r:
         cfg = r.cfg.replace(dtype=_dtype_name(dtype, r.cfg.dtype))
-        parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+        parts = ModelParts.of(parts) if parts is not None else ModelParts.everything(cfg)
         model = MoETransformer(cfg, device=device, parts=parts)
-        top = {"embed.weight": r.read("model.embed_tokens.weight"), "norm.weight": r.read("model.norm.weight")}
-        if not cfg.tie_embeddings:
-            top["lm_head.weight"] = r.read("lm_head.weight")
+        top = {}
+        if parts.embedding:
+            top["embed.weight"] = r.read("model.embed_tokens.weight")
+        if parts.head:
+            top["norm.weight"] = r.read("model.norm.weight")
+            if not cfg.tie_embeddings:
+                top["lm_head.weight"] = r.read("lm_head.weight")
+            elif not parts.embedding:  # the tied head without the embedding: its own copy
+                top["lm_head.weight"] = r.read("model.embed_tokens.weight")
         with torch.no_grad():
             for name, tensor in top.items():
                 model.get_parameter(name).copy_(tensor)

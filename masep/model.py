@@ -460,6 +460,35 @@ class BlockParts:
         return cls(range(cfg.num_heads), tuple(range(cfg.num_experts)))
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """What one rank holds of the whole model (a parallel plan decides: parallel/parts.py): one
+    BlockParts per layer, the token embedding, the final norm with the lm_head. Indexing and
+    iterating go over the layers' BlockParts."""
+
+    blocks: tuple[BlockParts, ...]
+    embedding: bool = True
+    head: bool = True
+
+    @classmethod
+    def of(cls, parts: "Sequence[BlockParts] | ModelParts") -> "ModelParts":
+        """A list of BlockParts (the layers only) holds the embedding and the head too."""
+        return parts if isinstance(parts, ModelParts) else cls(tuple(parts))
+
+    @classmethod
+    def everything(cls, cfg: ModelConfig) -> "ModelParts":
+        return cls((BlockParts.everything(cfg),) * cfg.num_layers)
+
+    def __getitem__(self, layer: int) -> BlockParts:
+        return self.blocks[layer]
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None):
         super().__init__()
@@ -472,13 +501,17 @@ class MoE(nn.Module):
         held = cfg.shared_expert_hidden and parts.heads is not None
         self.shared = SharedExpert(cfg, device, dtype) if held else None
 
+    def add_shared(self, z_XH: torch.Tensor, routed_XH: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum [X, H] plus the shared expert of the same rows z (when
+        the model has one): the one place the shared expert joins the routed output."""
+        if self.shared is None or z_XH.shape[0] == 0:
+            return routed_XH
+        return routed_XH + self.shared(z_XH)
+
     def forward(self, x_BTH: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         x_XH = x_BTH.reshape(-1, x_BTH.shape[-1])
         weights, ids = self.router(x_XH)
-        y = self.experts(x_XH, weights, ids, grouped=grouped)
-        if self.shared is not None:
-            y = y + self.shared(x_XH)
-        return y.view_as(x_BTH)
+        return self.add_shared(x_XH, self.experts(x_XH, weights, ids, grouped=grouped)).view_as(x_BTH)
 
 
 def make_attention(cfg: ModelConfig, heads: range | None = None, device=None, dtype=None) -> nn.Module:
@@ -492,7 +525,13 @@ def make_attention(cfg: ModelConfig, heads: range | None = None, device=None, dt
 
 class Block(nn.Module):
     """One layer: attention, then the MoE; or, in a dense layer (`cfg.is_dense_layer`), a dense
-    MLP in the MoE's place (`moe` is None, `mlp` is set; `moe_norm` is the norm before either)."""
+    MLP in the MoE's place (`moe` is None, `mlp` is set; `moe_norm` is the norm before either).
+
+    The forward is written once, in pieces a distributed runtime can cut between at its
+    transfers (the attention may run on a head slice and be summed elsewhere; the routed rows
+    may travel to other ranks and back): attention_partial, then h = x + (summed) partial,
+    moe_inputs(h) -> the rows the experts see and their routing, then moe_residual(h, z, routed)
+    once the experts' weighted outputs are back. forward() is those pieces on one device."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: BlockParts | None = None, layer: int = -1):
         super().__init__()
@@ -510,39 +549,60 @@ class Block(nn.Module):
         else:
             self.moe = MoE(cfg, device, dtype, parts)
 
+    def attention_partial(self, x_BTH, positions_BT, cache=None, layer=0, attend_len=None, rope=None,
+                          attn: "Attention | None" = None) -> torch.Tensor:
+        """attn(attn_norm(x)) [B, T, H] with `attn` (default: this block's), a head slice's partial
+        output when it is one (partials of a head group sum to the whole)."""
+        return (attn or self.attn)(self.attn_norm(x_BTH), positions_BT, cache, layer, attend_len, rope)
+
+    def moe_inputs(self, h_XH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z = moe_norm(h) [X, H] (the rows the experts see) and the router's weights, ids [X, k]."""
+        z = self.moe_norm(h_XH)
+        weights, ids = self.moe.router(z)
+        return z, weights, ids
+
+    def moe_residual(self, h_XH: torch.Tensor, z_XH: torch.Tensor, routed_XH: torch.Tensor) -> torch.Tensor:
+        """h + sum_k w_k expert_k(z) (+ the shared expert of z): the block's output rows [X, H]."""
+        return h_XH + self.moe.add_shared(z_XH, routed_XH)
+
     def forward(self, x, positions, cache=None, layer=0, attend_len=None, grouped=True, rope=None):
-        h = x + self.attn(self.attn_norm(x), positions, cache, layer, attend_len, rope)
+        h = x + self.attention_partial(x, positions, cache, layer, attend_len, rope)
         if self.moe is None:
             return h + self.mlp(self.moe_norm(h))
-        return h + self.moe(self.moe_norm(h), grouped=grouped)
+        h_XH = h.reshape(-1, h.shape[-1])
+        z, weights, ids = self.moe_inputs(h_XH)
+        return self.moe_residual(h_XH, z, self.moe.experts(z, weights, ids, grouped=grouped)).view_as(h)
 
 
 class MoETransformer(nn.Module):
-    """The whole model; with `parts` (one BlockParts per layer) only those slices of each block,
-    as a rank of a parallel plan holds them (such a model is driven by a parallel runtime, not
-    by forward())."""
+    """The whole model; with `parts` (ModelParts, or one BlockParts per layer) only those slices
+    of each block, and the embedding and head only where held (None otherwise), as a rank of a
+    parallel plan holds them (such a model is driven by a parallel runtime, not by forward())."""
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None, parts: Sequence[BlockParts] | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None,
+                 parts: "ModelParts | Sequence[BlockParts] | None" = None):
         super().__init__()
         self.cfg = cfg
         dtype = dtype or cfg.torch_dtype
-        parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+        parts = ModelParts.of(parts) if parts is not None else ModelParts.everything(cfg)
         if len(parts) != cfg.num_layers:
             raise ValueError(f"parts: {len(parts)} entries for {cfg.num_layers} layers")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype) \
+            if parts.embedding else None
         self.layers = nn.ModuleList(Block(cfg, device, dtype, p, layer) for layer, p in enumerate(parts))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
-        if cfg.tie_embeddings:
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, device, dtype) if parts.head else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype) \
+            if parts.head else None
+        if cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return next(self.parameters()).device
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -660,17 +720,19 @@ def init_random_(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoE
             continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif name == "lm_head.weight" and model.cfg.tie_embeddings:  # a head held without the embedding
+            p.copy_(draw("embed.weight", tuple(p.shape)))
         else:
             p.copy_(draw(name, tuple(p.shape)))
     return model
 
 
-def init_scratch_numel(cfg: ModelConfig, parts: Sequence[BlockParts] | None = None) -> int:
+def init_scratch_numel(cfg: ModelConfig, parts: "ModelParts | Sequence[BlockParts] | None" = None) -> int:
     """Elements of the largest float32 unit `init_random_` draws for a model built with `parts`
     (held beside the weights while it is copied in): a rank's start-up peak is its weights plus
     this many float32 values."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    parts = parts or [BlockParts.everything(cfg)] * cfg.num_layers
+    parts = ModelParts.of(parts) if parts is not None else ModelParts.everything(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size if parts.embedding or parts.head else 0
     shared = cfg.hidden_size * cfg.shared_expert_hidden
     held = [p for p in parts if p.active]
     expert = cfg.expert_hidden * cfg.hidden_size if any(p.experts for p in held) else 0
@@ -692,8 +754,8 @@ def _attention_unit_numel(cfg: ModelConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device="cpu", dtype: torch.dtype | None = None,
-                parts: Sequence[BlockParts] | None = None) -> MoETransformer:
+                parts: "ModelParts | Sequence[BlockParts] | None" = None) -> MoETransformer:
     """A model with deterministic random weights (the embedded default for demos and tests).
-    parts: one BlockParts per layer (parallel/parts.py `rank_parts`): build only those slices,
-    with the values the whole model has there (init_random_)."""
+    parts: what a rank holds (parallel/parts.py `rank_parts`): build only those slices, with the
+    values the whole model has there (init_random_)."""
     return init_random_(MoETransformer(cfg, device=device, dtype=dtype, parts=parts), seed).eval()

@@ -298,6 +298,68 @@ class EpPlan:
                                    for r, p in enumerate(self.expert_placement(cfg))])
 
 
+# --- what each rank holds and computes: the one description the runtimes, the checkpoint slicing
+# (parallel/parts.py) and the cost model / simulator (perf/) read ---------------------------------------------
+@dataclass(frozen=True)
+class RankRole:
+    """What one rank of a plan holds and computes.
+
+    heads / experts / hidden_cols / layers: the attention heads, experts (and each expert's hidden
+    columns: tp_pp splits them) of the layers it runs. has_embedding: it holds the token embedding
+    and embeds the step's tokens. logits: it holds the final norm and the lm_head (in full) and
+    computes the logits of its unit's rows: every attention rank (separated), every rank (ep), every
+    TP rank of the last stage (tp_pp: each needs them for its own loss in training; in inference
+    its TP rank 0 broadcasts them to the rest of the instance). Expert ranks hold neither."""
+
+    kind: str  # "single" | "attention" | "expert" | "stage" | "colocated"
+    rank: int
+    heads: range = range(0)  # query heads held
+    experts: tuple[int, ...] = ()  # experts held
+    hidden_div: int = 1  # each expert's hidden dimension is split this many ways (tp_pp)
+    hidden_cols: range | None = None  # this rank's columns of it (None: all)
+    dense_cols: range | None = None  # its columns of a dense layer's MLP (tp_pp splits them; None: all)
+    layers: range = range(0)  # layers this rank runs
+    group: tuple[int, ...] = ()  # its TP group (tp_pp stage), attention replica, or the expert ranks
+    replica: int = 0  # attention replica (separated); stage (tp_pp); rank (ep)
+    index: int = 0  # index inside `group`; expert-rank index (separated)
+    has_embedding: bool = False
+    logits: bool = False
+
+    @property
+    def broadcasts_logits(self) -> bool:
+        """tp_pp: the one rank whose logits every rank of the instance receives."""
+        return self.kind == "stage" and self.logits and self.index == 0
+
+
+def rank_role(plan, cfg: ModelConfig, rank: int) -> RankRole:
+    """The role of `rank` in `plan` (every strategy; ValueError for a rank outside the plan)."""
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"rank={rank}: the plan {format_plan(plan)} has ranks 0..{plan.world_size - 1}")
+    s, every_layer = plan.strategy, range(cfg.num_layers)
+    if s == "single":
+        return RankRole("single", rank, range(cfg.num_heads), tuple(range(cfg.num_experts)), layers=every_layer,
+                        group=(rank,), has_embedding=True, logits=True)
+    if s == "separated":
+        role = plan.role(rank)
+        if role.kind == "attention":
+            return RankRole("attention", rank, plan.head_split(cfg)[role.index], layers=every_layer,
+                            group=tuple(plan.replica_ranks(role.replica)), replica=role.replica, index=role.index,
+                            has_embedding=True, logits=True)
+        return RankRole("expert", rank, experts=tuple(plan.expert_placement(cfg)[role.index]), layers=every_layer,
+                        group=tuple(plan.expert_rank_ids()), index=role.index)
+    if s == "tp_pp":
+        stage, t = divmod(rank, plan.tp)
+        return RankRole("stage", rank, plan.head_split(cfg)[t], tuple(range(cfg.num_experts)), hidden_div=plan.tp,
+                        hidden_cols=plan.hidden_split(cfg)[t],
+                        dense_cols=plan.dense_split(cfg)[t] if cfg.first_dense_layers else None,
+                        layers=plan.stage_layers(cfg)[stage], group=tuple(plan.stage_ranks(stage)), replica=stage,
+                        index=t, has_embedding=stage == 0, logits=stage == plan.pp - 1)
+    if s == "ep":
+        return RankRole("colocated", rank, range(cfg.num_heads), tuple(plan.expert_placement(cfg)[rank]),
+                        layers=every_layer, group=(rank,), replica=rank, index=rank, has_embedding=True, logits=True)
+    raise ValueError(f"plan.strategy={s!r}: must be one of {', '.join(STRATEGIES)}")
+
+
 def plan_from_dict(data: dict):
     """Rebuild a plan from its JSON form (as printed by `masep run --json`)."""
     kinds = {"single": SinglePlan, "separated": SeparatedPlan, "tp_pp": TpPpPlan, "ep": EpPlan}

@@ -83,15 +83,54 @@ def test_op_cost_of_a_separated_plan_by_hand():
     assert cm.expert_tokens(plan, TOY, 4, 2, 0) == (4.0, 4.0)
     ex = cm.op_cost("experts", 0, 0, plan, 2, TOY, work, HW)
     assert ex.hbm_bytes == cm.experts_cost(TOY, HW, (4.0, 4.0)).hbm_bytes
-    # dispatch from rank 0 moves padded blocks (parallel/routing.py): to each of ranks 2 and 3 (other
-    # node) its 2 tokens x min(top-2, 2 local experts) = 4 payload rows + 1 header row, x 64 x 2 B:
-    # 1,280 B in one round trip (the counts ride in the header)
+    # dispatch from rank 0 moves padded blocks (parallel/routing.py) sized from the routing
+    # (parallel/capacity.py): top-2 of 4 experts, 2 per expert rank, is 1 row per token to the
+    # fullest rank on average; x 1.5 for 2 tokens = 3 payload rows (the worst case, 2 tokens x
+    # min(2, 2), would be 4) + 1 header row (7 int64), x 64 x 2 B, to each of ranks 2 and 3 (other
+    # node): 1,024 B in one round trip (the counts ride in the header), 256 B less than worst-case blocks
     d = cm.op_cost("dispatch", 0, 0, plan, 0, TOY, work, HW)
-    assert d.link_bytes == 1280 and d.transfer_s == pytest.approx(2 * 1e-5 + 1280 / 1e10)
-    # combine: the 4 payload rows back from each, then the all-gather of the replica's 4 rows
+    assert d.link_bytes == 1024 and d.transfer_s == pytest.approx(2 * 1e-5 + 1024 / 1e10)
+    assert d.link_bytes_saved == 2 * 1 * 64 * 2
+    # combine: the 3 payload rows back from each, then the all-gather of the replica's 4 rows
     c = cm.op_cost("combine", 0, 0, plan, 0, TOY, work, HW)
-    assert c.link_bytes == 1024 and c.transfer_s == pytest.approx(2 * 1e-5 + 1024 / 1e10)
+    assert c.link_bytes == 768 and c.transfer_s == pytest.approx(2 * 1e-5 + 768 / 1e10)
     assert c.post_s == pytest.approx(1e-6 + 0.5 * 4 * 64 * 2 / 1e11)
+
+
+@pytest.mark.timeout(10)
+def test_expert_weights_are_read_once_per_microbatch_for_every_replica():
+    # sep 2x1+1 m1, batch 8: 4 tokens per replica reach the one expert rank's 4 experts in the same
+    # (layer, micro-batch). It runs one grouped matmul over all 8 (separated.py), so each expert's
+    # weights are read if any of the 8 tokens picked it: 4 x (1 - (1/2)^8) experts, not
+    # 2 x 4 x (1 - (1/2)^4) (serving each replica apart)
+    plan, work = SeparatedPlan(2, 1, 1, microbatches=1), Workload(batch=8, context=10)
+    assert cm.expert_tokens(plan, TOY, 8, 2, 0) == (8.0,) * 4
+    ex = cm.op_cost("experts", 0, 0, plan, 2, TOY, work, HW)
+    matrix = 2 * 64 * 128 * 2  # 2 matrices of 64 x 128 in bf16
+    assert ex.weight_bytes == pytest.approx(4 * (1 - 0.5 ** 8) * matrix)
+    apart = 2 * cm.experts_cost(TOY, HW, (4.0,) * 4).weight_bytes
+    assert apart == pytest.approx(2 * 4 * (1 - 0.5 ** 4) * matrix) and ex.weight_bytes < 0.54 * apart
+    # the simulator's op list has one experts op per (layer, micro-batch) on the expert rank
+    from masep.perf.simulator import rank_ops
+    assert [str(op) for op in rank_ops(plan, TOY, 2) if op.kind == "experts"] == ["experts(l0,mb0)"]
+
+
+@pytest.mark.timeout(10)
+def test_decode_blocks_sized_from_the_routing_move_fewer_bytes_than_the_worst_case():
+    # ep4 over 16 experts (4 per rank), top-4, 32 tokens per rank: the worst case is 32 x min(4, 4)
+    # = 128 rows per block; balanced routing gives the fullest rank 32 x 4 x 4/16 = 32 rows on
+    # average, x 1.5 = 48 rows per block. Each rank's dispatch moves 4 blocks of 48 + 1 header rows
+    # instead of 128 + 1
+    cfg = TOY.replace(num_experts=16, top_k=4)
+    plan, work = cm.EpPlan(4, microbatches=1), Workload(batch=128, context=10)
+    d = cm.op_cost("dispatch", 0, 0, plan, 0, cfg, work, HW)
+    assert d.link_bytes == 4 * (48 + 1) * 64 * 2 and d.link_bytes_saved == 4 * (128 - 48) * 64 * 2
+    c = cm.op_cost("combine", 0, 0, plan, 0, cfg, work, HW)
+    assert c.link_bytes == 4 * 48 * 64 * 2  # 2.7x fewer bytes than worst-case blocks
+    from masep.perf.simulator import simulate
+    sim = simulate(plan, cfg, work, HW, check_fit=False)
+    assert sim.link_bytes_saved == pytest.approx(4 * 2 * d.link_bytes_saved)  # 4 ranks x (dispatch + combine)
+    assert sim.summary()["link_bytes_saved_by_routed_capacity"] == sim.link_bytes_saved
 
 
 @pytest.mark.timeout(10)

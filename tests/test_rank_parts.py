@@ -13,7 +13,7 @@ from masep.engine import Request, generate, random_prompts
 from masep.parallel.launch import spawn
 from masep.parallel.parts import apply_parts, rank_parts
 from masep.parallel.worker import RunSpec, load_model, run_rank
-from masep.plan import EpPlan, SeparatedPlan, TpPpPlan
+from masep.plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
 from masep.runtime import LocalRuntime
 
 PLANS = [SeparatedPlan(1, 3, 2, 2), TpPpPlan(2, 2, 2), EpPlan(3, 2)]
@@ -99,3 +99,52 @@ def test_distributed_run_from_a_checkpoint_matches_single_device(tiny_checkpoint
     result = spawn(plan.world_size, run_rank, RunSpec(plan=plan, requests=reqs, model_dir=str(path),
                                                       timeout_s=60, quiet=True), timeout_s=200)
     assert [o.tokens for o in result["outputs"]] == generate(LocalRuntime(model), reqs).tokens
+
+
+ROLE_PLANS = [SeparatedPlan(2, 2, 2, 2), TpPpPlan(2, 2, 2), TpPpPlan(2, 1, 1), EpPlan(3, 2), SinglePlan()]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("plan", ROLE_PLANS, ids=["sep2x2+2", "tp2pp2", "tp2pp1", "ep3", "single"])
+def test_runtimes_checkpoint_slicing_and_cost_model_read_one_rank_role(plan, tied):
+    """plan.rank_role is what every rank builds (rank_parts -> the model and the checkpoint
+    reads), what the tp_pp runtime embeds and computes logits with, and what the cost model
+    charges the lm_head and the vocabulary-sized weights for. They used to disagree about which
+    tp_pp ranks compute the logits: the runtime computed them on every rank of the last stage
+    while every rank held the embedding and the head, and the cost model charged the head (its
+    time and memory) to the last stage's TP rank 0 alone."""
+    from types import SimpleNamespace
+
+    from masep.perf import costmodel as cm
+    from masep.perf.hardware import get_profile
+    from masep.perf.traincost import computes_loss
+    from masep.parallel.tp_pp import TpPpRuntime
+    from masep.plan import rank_role
+    cfg = preset("tiny").replace(tie_embeddings=tied)
+    wider = cfg.replace(vocab_size=cfg.vocab_size + 100)
+    work, hw = cm.Workload(batch=6, context=8), get_profile("h100")
+    for rank in range(plan.world_size):
+        role, parts = rank_role(plan, cfg, rank), rank_parts(plan, cfg, rank)
+        with torch.device("meta"):
+            model = model_module.MoETransformer(cfg, parts=parts)
+            vocab_numel = _numel(model_module.MoETransformer(wider, parts=parts)) - _numel(model)
+        assert (model.embed is not None) == role.has_embedding, f"rank {rank}"
+        assert (model.lm_head is not None) == (model.norm is not None) == role.logits, f"rank {rank}"
+        assert [i for i, b in enumerate(model.layers) if b.moe is not None] == list(role.layers)
+        for i in role.layers:
+            attn, experts = model.layers[i].attn, model.layers[i].moe.experts
+            assert (attn.heads if attn is not None else range(0)) == role.heads
+            assert tuple(experts.expert_ids if experts is not None else ()) == role.experts
+        # the cost model: the lm_head's FLOPs where the role computes logits, and as many
+        # vocabulary-sized bytes as the rank builds (one tensor when the head is tied to the embedding)
+        head = cm.op_cost("head", -1, plan.microbatches - 1, plan, rank, cfg, work, hw)
+        assert (head.flops > 0) == role.logits == computes_loss(plan, role), f"rank {rank}"
+        grown = cm.rank_memory(plan, wider, rank, work, hw).weights - cm.rank_memory(plan, cfg, rank, work, hw).weights
+        assert grown == vocab_numel * cm.elt_bytes(cfg), f"rank {rank}"
+        if plan.strategy == "tp_pp":  # the runtime embeds and computes logits where the role says
+            env = SimpleNamespace(rank=rank, device=torch.device("cpu"), timeout=None)
+            runtime = TpPpRuntime(model_module.build_model(cfg, parts=parts), plan,
+                                  SimpleNamespace(role=plan.role(rank)), env)
+            assert (runtime.first, runtime.last) == (role.has_embedding, role.logits)
+            assert rank_role(plan, cfg, runtime.logits_src).broadcasts_logits and \
+                runtime.logits_src == (plan.pp - 1) * plan.tp

@@ -45,8 +45,11 @@ def _check_rank(arg) -> dict:
         plan = SeparatedPlan(r, t, e, m, seq_split=seq_split).validate(CFG, env.world_size)
         groups = build_separated_groups(plan, CFG, env)
         if groups.role.kind == "expert":
-            serve_experts(model, plan, groups, env)  # the logits phase
-            serve_experts(model, plan, groups, env)  # the generate phase
+            calls = _count_expert_calls()
+            stats = [serve_experts(model, plan, groups, env) for _ in ("logits", "generate")]
+            # one grouped matmul per (step, layer, micro-batch) over every replica's rows
+            served = sum(s.steps + s.reruns for s in stats)
+            assert len(calls) == served * CFG.num_layers * m, (len(calls), served)
             continue
         mine = split_evenly(BATCH, r)[groups.role.replica]
         my_reqs = [reqs[i] for i in mine]
@@ -54,6 +57,20 @@ def _check_rank(arg) -> dict:
         tokens = generate(SeparatedAttentionRuntime(model, plan, groups, env), my_reqs).tokens
         assert tokens == [reference[i] for i in mine], f"m={m}: greedy tokens differ from the single-device model"
     return {}
+
+
+def _count_expert_calls() -> list:
+    """The rows of every Experts.forward_sorted call in this (spawned) process from now on."""
+    from masep.model import Experts
+    grouped = getattr(Experts.forward_sorted, "uncounted", Experts.forward_sorted)
+    calls = []
+
+    def counted(self, x_NH, counts_E):
+        calls.append(x_NH.shape[0])
+        return grouped(self, x_NH, counts_E)
+    counted.uncounted = grouped
+    Experts.forward_sorted = counted
+    return calls
 
 
 def _compare_logits(dist_rt, local_rt, reqs) -> None:
@@ -214,3 +231,68 @@ def _stuck_expert_rank(arg) -> str:
 def test_a_stuck_peer_is_an_error_naming_the_bridge_layer_and_step():
     message = spawn(2, _stuck_expert_rank, None, timeout_s=40)
     assert "ranks [0, 1]" in message and "step handshake" in message and "step 0" in message, message
+
+
+# --- decode blocks sized from the routing (parallel/capacity.py) -------------------------------------
+def _biased(model):
+    """Every token's top-2 are experts 0 and 1, both on the first expert rank: the embedding's
+    column 0 is held at 4 (the residual stream keeps it positive in every layer) and only the
+    routers' rows of experts 0 and 1 read it, with weight 50."""
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 4.0
+        for block in model.layers:
+            block.moe.router.weight[:2, 0] = 50.0
+    return model
+
+
+def _capacity_rank(arg) -> dict:
+    """Decode through a plan whose blocks are sized from the routing: logits and greedy tokens of
+    this rank's sequences against the single-device model. Returns the rank's dispatcher counts."""
+    plan_text, biased, sequences = arg
+    from masep.parallel.ep import EpRuntime
+    from masep.parallel.groups import build_ep_groups
+    from masep.plan import parse_plan
+    env = init_distributed("cpu", timeout_s=60)
+    model = build_model(CFG, seed=3)
+    if biased:
+        _biased(model)
+    prompts = random_prompts(sequences, PROMPT, CFG.vocab_size, seed=11)
+    reqs = [Request(p, NEW, seed=i) for i, p in enumerate(prompts)]
+    plan = parse_plan(plan_text).validate(CFG, env.world_size)
+    if plan.strategy == "ep":
+        groups = build_ep_groups(plan, CFG, env)
+        make, mine = (lambda: EpRuntime(model, plan, groups, env)), split_evenly(sequences, plan.ep)[env.rank]
+    else:
+        groups = build_separated_groups(plan, CFG, env)
+        if groups.role.kind == "expert":
+            stats = [serve_experts(model, plan, groups, env) for _ in range(2)]
+            assert not biased or sum(s.reruns for s in stats) >= 1, "the expert rank served no overflowed step again"
+            return {}
+        make, mine = ((lambda: SeparatedAttentionRuntime(model, plan, groups, env)),
+                      split_evenly(sequences, plan.attn_replicas)[groups.role.replica])
+    my_reqs = [reqs[i] for i in mine]
+    runtime = make()
+    _compare_logits(runtime, LocalRuntime(model), my_reqs)
+    tokens = generate(make(), my_reqs).tokens
+    assert tokens == generate(LocalRuntime(model), my_reqs).tokens, "greedy tokens differ from the single-device model"
+    d = runtime.dispatcher
+    return dict(reruns=d.reruns, payload_rows=d.payload_rows, worst_payload_rows=d.worst_payload_rows)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("plan", ["sep 1x2+2 m1", "ep2 m1"])
+def test_overflowing_decode_blocks_run_the_step_again_and_change_no_logit(plan):
+    # 8 sequences, every token routed to the first expert rank: 4 tokens per sender need 8 rows
+    # in that rank's block, but the balanced routing sizes it for 6 (1 row per token x 1.5): the
+    # first decode step overflows on the device, runs again at the worst-case capacity (2 x 4 =
+    # 8 rows), and its logits match the single-device model's to the usual tolerance
+    got = spawn(4 if plan.startswith("sep") else 2, _capacity_rank, (plan, True, 8), timeout_s=100)
+    assert got["reruns"] >= 1, got
+
+
+@pytest.mark.timeout(120)
+def test_decode_blocks_sized_from_the_routing_carry_fewer_rows_than_the_worst_case():
+    # ep4: 16 experts, 4 per rank, top-2; 16 sequences, 4 per rank: a worst-case block holds
+    # 4 x min(2, 4) = 8 rows, the fullest rank gets 2 on average
+    got = spawn(4, _capacity_rank, ("ep4 m1", False, 16), timeout_s=100)
+    assert 0 < got["payload_rows"] < 0.85 * got["worst_payload_rows"], got

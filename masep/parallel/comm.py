@@ -161,7 +161,9 @@ class StepLayout:
     padded: bool
     caps: list[int]  # per micro-batch: payload rows of one (sender, receiver) block
     header_rows: int
+    rows: list[int] = field(default_factory=list)  # per micro-batch: the largest sender's tokens
     checks: list = field(default_factory=list)  # (layer, mb, first sender member, bad_S [S] bool)
+    demands: list = field(default_factory=list)  # (mb, demand_S [S]): senders' largest rows to one receiver
 
 
 class StepHeads:
@@ -180,38 +182,47 @@ class StepHeads:
         return self.buf[layer, mb]
 
 
-def _handshake_rows(bridge: Bridge, flag: int, step: int, padded: bool, rows_M: list[int]) -> torch.Tensor:
-    """[P, HEADER + m] int64, the same row for every member. The copy to the GPU is a blocking
+def _handshake_rows(bridge: Bridge, flag: int, step: int, padded: bool, rows_M: list[int],
+                    caps_M: list[int]) -> torch.Tensor:
+    """[P, HEADER + 2m] int64, the same row for every member: flag, step, padded, m, then the
+    sender's tokens and its block capacity per micro-batch. The copy to the GPU is a blocking
     one (pageable memory), at the step boundary where the engine has just read the previous
     step's tokens, so the GPU's queue is empty and it costs no stall; an engine that queued
     steps ahead would want a pinned buffer here."""
-    row = torch.tensor([flag, step, int(padded), len(rows_M), *rows_M], dtype=torch.int64)
+    row = torch.tensor([flag, step, int(padded), len(rows_M), *rows_M, *caps_M], dtype=torch.int64)
     return row.expand(bridge.size, -1).contiguous().to(bridge.device)
 
 
-def _layout(bridge: Bridge, step: int, flags: list[int], padded: bool, rows_SM: list[list[int]], hidden: int,
-            dtype: torch.dtype) -> StepLayout:
-    """Capacities from every sender's rows per micro-batch (the largest sender sets the block)."""
-    caps = [routing.capacity(max(col, default=0), bridge.top_k, bridge.max_local_experts) for col in zip(*rows_SM)]
+def _worst_caps(bridge: Bridge, rows_M: list[int]) -> list[int]:
+    return [routing.capacity(r, bridge.top_k, bridge.max_local_experts) for r in rows_M]
+
+
+def _layout(bridge: Bridge, step: int, flags: list[int], padded: bool, rows_SM: list[list[int]],
+            caps_SM: list[list[int]], hidden: int, dtype: torch.dtype) -> StepLayout:
+    """Every sender's announced rows and capacities per micro-batch -> the step's layout (the
+    largest sender sets the block)."""
+    caps = [max(col, default=0) for col in zip(*caps_SM)]
+    rows = [max(col, default=0) for col in zip(*rows_SM)]
     hdr = routing.header_rows(bridge.max_local_experts, hidden, dtype) if padded else 0
-    return StepLayout(step, flags, padded, caps, hdr)
+    return StepLayout(step, flags, padded, caps, hdr, rows)
 
 
 def attention_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int,
-                         dtype: torch.dtype, flag: int = FLAG_WORK) -> StepLayout:
+                         dtype: torch.dtype, flag: int = FLAG_WORK, caps_M: list[int] | None = None) -> StepLayout:
     """Separated attention rank: announce this step (rows_M = the largest token slice of the
-    replica per micro-batch, the same on every rank of the replica). Nothing is read back, so
-    the host does not wait here on NCCL."""
-    send = _handshake_rows(bridge, flag, step, padded, rows_M)
+    replica per micro-batch, caps_M its blocks' capacities, both the same on every rank of the
+    replica; None: the worst case). Nothing is read back, so the host does not wait here on NCCL."""
+    caps_M = _worst_caps(bridge, rows_M) if caps_M is None else list(caps_M)
+    send = _handshake_rows(bridge, flag, step, padded, rows_M, caps_M)
     recv = torch.empty_like(send)
     _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
-    return _layout(bridge, step, [flag] * bridge.num_attention, padded, [rows_M], hidden, dtype)
+    return _layout(bridge, step, [flag] * bridge.num_attention, padded, [rows_M], [caps_M], hidden, dtype)
 
 
 def expert_begin_step(bridge: Bridge, step: int, microbatches: int, hidden: int, dtype: torch.dtype) -> StepLayout:
     """Expert rank: read one replica's announcement (blocks until the replica starts its step).
     flags == [FLAG_STOP, ...] means the replica is done."""
-    send = torch.zeros(bridge.size, HEADER + microbatches, dtype=torch.int64, device=bridge.device)
+    send = torch.zeros(bridge.size, HEADER + 2 * microbatches, dtype=torch.int64, device=bridge.device)
     recv = torch.empty_like(send)
     _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
     rows = recv[: bridge.num_attention].tolist()
@@ -220,23 +231,32 @@ def expert_begin_step(bridge: Bridge, step: int, microbatches: int, hidden: int,
     if flags == [FLAG_STOP]:
         return StepLayout(step, [FLAG_STOP] * bridge.num_attention, False, [], 0)
     _check_handshake(rows, bridge, step, microbatches, where)
+    m = microbatches
+    caps = [r[HEADER + m:] for r in rows]
+    if any(c != caps[0] for c in caps):  # a replica's ranks pack with their own capacity: they must agree
+        raise CommError(f"{where}: the ranks {bridge.ranks[:bridge.num_attention]} announced different block "
+                        f"capacities {caps}: their capacity policies diverged")
     return _layout(bridge, step, [FLAG_WORK] * bridge.num_attention, bool(rows[0][2]),
-                   [r[HEADER:] for r in rows], hidden, dtype)
+                   [r[HEADER:HEADER + m] for r in rows], caps, hidden, dtype)
 
 
 def ep_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int, dtype: torch.dtype,
-                  idle: bool) -> StepLayout:
-    """EP rank: every rank announces and reads every other's (all ranks send and receive)."""
+                  idle: bool, caps_M: list[int] | None = None) -> StepLayout:
+    """EP rank: every rank announces and reads every other's (all ranks send and receive); the
+    blocks hold the largest capacity any rank asked for (caps_M None: the worst case)."""
     flag = FLAG_IDLE if idle else FLAG_WORK
-    send = _handshake_rows(bridge, flag, step, padded, rows_M)
+    caps_M = _worst_caps(bridge, rows_M) if caps_M is None else list(caps_M)
+    send = _handshake_rows(bridge, flag, step, padded, rows_M, caps_M)
     recv = torch.empty_like(send)
     _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
     rows = recv.tolist()
     busy = [r for r in rows if r[0] != FLAG_IDLE]
+    m = len(rows_M)
     if busy:  # idle ranks know nothing of the step's shape; the busy ones must agree
-        _check_handshake(busy, bridge, step, len(rows_M), bridge.where("step handshake", step, 0, 0))
+        _check_handshake(busy, bridge, step, m, bridge.where("step handshake", step, 0, 0))
         padded = bool(busy[0][2])
-    return _layout(bridge, step, [r[0] for r in rows], padded, [r[HEADER:] for r in rows], hidden, dtype)
+    return _layout(bridge, step, [r[0] for r in rows], padded, [r[HEADER:HEADER + m] for r in rows],
+                   [r[HEADER + m:] for r in rows], hidden, dtype)
 
 
 def _check_handshake(rows: list[list[int]], bridge: Bridge, step: int, microbatches: int, where: str) -> None:
@@ -247,19 +267,24 @@ def _check_handshake(rows: list[list[int]], bridge: Bridge, step: int, microbatc
                             "the ranks' schedules or plans diverged")
 
 
-def end_step(layout: StepLayout, bridge: Bridge) -> None:
-    """Read the device-side header checks of a padded step (one host read, after the step)."""
-    if not layout.checks:
-        return
-    bad = torch.stack([c[3].any() for c in layout.checks]).tolist()
-    for (layer, mb, first, bad_S), is_bad in zip(layout.checks, bad):
+def end_step(layout: StepLayout, bridge: Bridge) -> bool:
+    """Read the device-side checks of a padded step (one host read, after the step): raise on a
+    bad header; True when a sender's rows overflowed a block's capacity (the senders run the
+    step again at the worst-case capacity, and the receivers serve it again)."""
+    if not layout.checks and not layout.demands:
+        return False
+    flags = [c[3].any() for c in layout.checks] + [(d > layout.caps[mb]).any() for mb, d in layout.demands]
+    verdicts = torch.stack(flags).tolist()
+    checks, overflow = layout.checks[:], any(verdicts[len(layout.checks):])
+    layout.checks.clear()
+    layout.demands.clear()
+    for (layer, mb, first, bad_S), is_bad in zip(checks, verdicts):
         if is_bad:
             senders = [bridge.ranks[first + s] for s in torch.nonzero(bad_S).flatten().tolist()]
-            layout.checks.clear()
             raise CommError(f"{bridge.where('block header check', layout.step, layer, mb)}: ranks {senders} sent "
                             "a header for another (step, layer, micro-batch) or counts beyond the capacity: the "
                             "schedules diverged (their rows were dropped)")
-    layout.checks.clear()
+    return overflow
 
 
 def send_stop(bridge: Bridge, step: int, hidden: int, dtype: torch.dtype, microbatches: int) -> None:
@@ -298,6 +323,13 @@ class DispatchHandle:
     work: object = None
     keep: list = field(default_factory=list)  # buffers alive until the transfer completes
     pos_R: torch.Tensor | None = None  # padded: slot of each sorted row in the returned blocks
+    keep_R: torch.Tensor | None = None  # padded: the pairs that fit in their blocks (routing.pack)
+
+    def combine_inputs(self, back_NH: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What routing.gather needs besides the token count: (returned rows, pos_R, token_R,
+        weight_R[, keep_R]); all tensors, so a CUDA-graph segment can take them as inputs."""
+        out = (back_NH, self.pos_R, self.rows.token_R, self.rows.weight_R)
+        return out if self.keep_R is None else out + (self.keep_R,)
 
 
 def _sorted_rows(ids_Xk, weights_Xk, route: ExpertRoute, bridge: Bridge) -> routing.SortedRows:
@@ -342,7 +374,7 @@ def send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, laye
     work = _all_to_all(send.new_empty(0, send.shape[1]), send, [0] * bridge.size,
                        [0] * a + [layout.header_rows + cap] * e, bridge)
     return DispatchHandle(bridge, layout.step, layer, mb, num_tokens, packed.rows, [0] * a + [cap] * e, work, [send],
-                          packed.pos_R)
+                          packed.pos_R, packed.keep_R)
 
 
 def dispatch(x_XH: torch.Tensor, ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, route: ExpertRoute,
@@ -392,8 +424,12 @@ def receive_outputs(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> 
 
 def combine(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> torch.Tensor:
     """Wait for the experts' outputs and return sum_k weight_k * expert_k(x) per token [X, H]."""
-    out = receive_outputs(handle, hidden, dtype)
-    return routing.gather(out, handle.pos_R, handle.rows.token_R, handle.rows.weight_R, handle.num_tokens)
+    return routing.weighted_sum(handle.num_tokens, *combine_inputs_of(handle, hidden, dtype))
+
+
+def combine_inputs_of(handle: DispatchHandle, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Wait for the experts' outputs; what routing.gather needs (DispatchHandle.combine_inputs)."""
+    return handle.combine_inputs(receive_outputs(handle, hidden, dtype))
 
 
 # --- expert side ------------------------------------------------------------------------------
@@ -432,6 +468,7 @@ def expert_receive(bridge: Bridge, layout: StepLayout, num_local: int, hidden: i
         got = routing.unpack(blocks, layout.header_rows, bridge.max_local_experts, num_local,
                              _head(step, layer, mb, blocks.device))
         layout.checks.append((layer, mb, 0, got.bad_S))
+        layout.demands.append((mb, got.demand_S))
         return ExpertBatch(got.x_NH, got.counts_L, got.slot_N, [layout.caps[mb]] * a, a)
     recv = exchange_counts(bridge, torch.zeros(bridge.size, HEADER + bridge.max_local_experts,
                                                dtype=torch.int64, device=bridge.device), step, layer, mb)
@@ -505,9 +542,11 @@ def wait_sent(pending) -> None:
 
 
 # --- inside an attention replica --------------------------------------------------------------
-def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str) -> torch.Tensor:
-    """Sum partial attention outputs of a replica's head-parallel ranks (in place)."""
-    _wait_named(dist.all_reduce(x, group=group, async_op=True), timeout, f"{what}: all-reduce")
+def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str, largest: bool = False) -> torch.Tensor:
+    """Sum partial attention outputs of a replica's head-parallel ranks (in place); `largest`:
+    the element-wise maximum instead (ranks agreeing on a step's largest demand)."""
+    op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
+    _wait_named(dist.all_reduce(x, op=op, group=group, async_op=True), timeout, f"{what}: all-reduce")
     return x
 
 
@@ -550,7 +589,7 @@ def ep_send_packed(packed: routing.Packed, bridge: Bridge, layout: StepLayout, l
     recv = torch.empty_like(send)
     work = _all_to_all(recv, send, None, None, bridge)
     sent = DispatchHandle(bridge, layout.step, layer, mb, num_tokens, packed.rows, [layout.caps[mb]] * bridge.size,
-                          work, [send], packed.pos_R)
+                          work, [send], packed.pos_R, packed.keep_R)
     return ExchangeHandle(sent, layout, recv=recv)
 
 

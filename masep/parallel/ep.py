@@ -16,7 +16,8 @@ import torch
 from ..model import MoETransformer
 from ..plan import EpPlan
 from ..runtime import StepRows
-from . import comm, routing
+from . import comm
+from .dispatcher import EpDispatcher, weighted_sum
 from .groups import DistEnv, EpGroups
 from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, Op, ep_schedule
 from .parts import shard_experts
@@ -42,14 +43,14 @@ class EpRuntime(MicroBatchRuntime):
         self.experts = [shard_experts(b.moe.experts, cfg, self.my_experts) if b.moe is not None else None
                         for b in model.layers]  # None: a dense layer (its MLP is whole in self.blocks)
         self.route = ep_route(plan, cfg, env.rank, env.device)
-        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.embed.weight.dtype, graphs)
-        self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
+        self._init_steps(cfg.num_layers, cfg.num_kv_heads, model.dtype, graphs)
+        self.dispatcher = EpDispatcher(self.bridge, self.route, cfg, plan.expert_placement(cfg), plan.microbatches,
+                                       model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
         self.all_idle = False
         self.stopped = False
         # rows served per (layer, local expert), kept on the device during the run
         self.load_dev = torch.zeros(cfg.num_layers, len(self.my_experts), dtype=torch.long, device=env.device)
-        self.layout: comm.StepLayout | None = None
 
     def finish(self) -> None:
         """Serve the other ranks' experts with empty micro-batches until every rank is idle."""
@@ -78,16 +79,13 @@ class EpRuntime(MicroBatchRuntime):
         return ep_schedule(self.cfg.num_layers, microbatches, self.cfg.first_dense_layers)
 
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
-        """Agree on the step with every EP rank (the one host read per step), after reading the
-        previous step's device-side header checks (complete by now: its logits were read)."""
-        if self.layout is not None:
-            comm.end_step(self.layout, self.bridge)
-        padded = self.decoding
-        self.layout = comm.ep_begin_step(self.bridge, self.step, [mb.ids.numel() for mb in mbs], padded,
-                                         self.cfg.hidden_size, self._cache_shape[2], self.idle)
-        self.all_idle = all(f == comm.FLAG_IDLE for f in self.layout.flags)
-        if padded:
-            self.heads.set_step(self.step)
+        """Agree on the step with every EP rank (the one host read per step)."""
+        layout = self.dispatcher.begin_step(self.step, [mb.ids.numel() for mb in mbs], self.decoding,
+                                            self.full_capacity, self.idle)
+        self.all_idle = all(f == comm.FLAG_IDLE for f in layout.flags)
+
+    def _rerun(self) -> bool:
+        return not self.all_idle and self.dispatcher.finish_step()
 
     def _handlers(self, mbs: list[MicroBatch]):
         def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere
@@ -102,51 +100,43 @@ class EpRuntime(MicroBatchRuntime):
         return super()._logits(out, rows_B, index_B)
 
     def _settle(self, mb: MicroBatch, layer: int):
-        """(fn, inputs) that finish the previous layer's MoE for this micro-batch: residual +
-        weighted expert outputs (+ shared expert) -> the residual stream [X, H]; nothing to
-        finish at layer 0."""
+        """(fn, inputs) that finish the previous layer's MoE for this micro-batch: the block's MoE
+        residual over the combined rows -> the residual stream [X, H]; nothing to finish at layer 0."""
         w = mb.work
-        if "exchange" not in w:
+        if "handle" not in w:
             return (lambda x: x.reshape(-1, self.cfg.hidden_size)), (mb.x,)
-        handle = w.pop("exchange")
-        back, sent = comm.ep_receive_back(handle), handle.sent
-        shared, n = self.blocks[layer].moe.shared, mb.x.shape[0] * mb.x.shape[1]
+        block, n = self.blocks[layer], mb.x.shape[0] * mb.x.shape[1]
 
-        def settle(back, pos, token, weight, h, z):
-            y = routing.gather(back, pos, token, weight, n)
-            return h + (y + shared(z) if shared is not None and n else y)
+        def settle(h, z, *combined):
+            return block.moe_residual(h, z, weighted_sum(n, *combined))
 
-        return settle, (back, sent.pos_R, sent.rows.token_R, sent.rows.weight_R, w["h"], w["z"])
+        return settle, (w["h"], w["z"], *self.dispatcher.combine(w.pop("handle")))
 
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
         """The previous layer's combine, attention over this rank's sequences, the MoE norm and
-        the router; in a padded step also the blocks for every rank."""
+        the router, and the rows for every rank (blocks, in a padded step)."""
         if self.blocks[layer].moe is None:
             return self._dense_attention(mb, layer, i)
-        block, w, shape = self.blocks[layer], mb.work, mb.x.shape
-        settle, settle_in = self._settle(mb, layer - 1) if layer > 0 else self._settle(mb, -1)
-        attend, cache, padded = self._attend_len(mb), mb.cache, self.layout.padded
-        cap = self.layout.caps[i] if padded else 0
+        block, w, shape, d = self.blocks[layer], mb.work, mb.x.shape, self.dispatcher
+        settle, settle_in = self._settle(mb, layer - 1)
+        attend, cache = self._attend_len(mb), mb.cache
 
         def run(positions, head_4, *prev):
             x = settle(*prev).view(shape)
-            h = x + block.attn(block.attn_norm(x), positions, cache, layer, attend) if shape[0] else x
+            h = x + block.attention_partial(x, positions, cache, layer, attend) if shape[0] else x
             h = h.reshape(-1, self.cfg.hidden_size)
-            z = block.moe_norm(h)
-            weights, ids = block.moe.router(z)
-            if not padded:
-                return h, z, (weights, ids)
-            return h, z, comm.ep_pack(z, ids, weights, self.route, self.bridge, self.layout, i, head_4)
+            z, weights, ids = block.moe_inputs(h)
+            return h, z, d.prepare(z, weights, ids, i, head_4)
 
-        w["h"], w["z"], w["routed"] = self._segment(("attention", layer, i, attend, cap), run, mb.positions,
-                                                    self.heads.get(layer, i), *settle_in)
+        w["h"], w["z"], w["out"] = self._segment(("attention", layer, i, attend, d.cap(i)), run, mb.positions,
+                                                 d.heads.get(layer, i), *settle_in)
 
     def _dense_attention(self, mb: MicroBatch, layer: int, i: int) -> None:
         """A dense layer's attention (dense layers come first: no previous combine to settle)."""
         block, shape, attend, cache = self.blocks[layer], mb.x.shape, self._attend_len(mb), mb.cache
 
         def run(x, positions):
-            return x + block.attn(block.attn_norm(x), positions, cache, layer, attend) if shape[0] else x
+            return x + block.attention_partial(x, positions, cache, layer, attend) if shape[0] else x
 
         mb.work["h"] = self._segment(("attention", layer, i, attend), run, mb.x, mb.positions)
 
@@ -156,38 +146,25 @@ class EpRuntime(MicroBatchRuntime):
         mb.x = self._segment(("mlp", layer, i), lambda h: h + block.mlp(block.moe_norm(h)), mb.work.pop("h"))
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        w, num_local = mb.work, len(self.my_experts)
-        if self.layout.padded:
-            w["exchange"] = comm.ep_send_packed(w.pop("routed"), self.bridge, self.layout, layer, i, w["h"].shape[0])
-        else:
-            weights, ids = w.pop("routed")
-            w["exchange"] = comm.ep_dispatch(w["z"], ids, weights, self.route, self.bridge, self.layout, num_local,
-                                             layer, i)
+        mb.work["handle"] = self.dispatcher.dispatch(mb.work.pop("out"), layer, i)
 
     def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
-        handle, experts = mb.work["exchange"], self.experts[layer]
-        if not self.layout.padded:
-            got = comm.ep_received(handle)
+        """This rank's experts over the rows every rank sent it (one grouped matmul)."""
+        d, experts = self.dispatcher, self.experts[layer]
+        got = d.received(mb.work["handle"])
+        if not d.layout.padded:
             self.load_dev[layer] += got.counts_L
             mb.work["y"] = experts.forward_sorted(got.x_NH, got.counts_L)
             return
-        hdr, maxl, num_local = self.layout.header_rows, self.bridge.max_local_experts, len(self.my_experts)
-
-        def serve(blocks, head_4):
-            return routing.serve_blocks(blocks, experts.forward_sorted, hdr, maxl, num_local, head_4)
-
-        back, counts, bad = self._segment(("experts", layer, i, hdr), serve, comm.ep_receive_blocks(handle),
-                                          self.heads.get(layer, i))
-        self.layout.checks.append((layer, i, 0, bad))
-        self.load_dev[layer] += counts
-        mb.work["y"] = back
+        served = self._segment(("experts", layer, i, d.layout.header_rows),
+                               lambda blocks, head_4: d.serve(blocks, head_4, experts.forward_sorted, i), got,
+                               d.heads.get(layer, i))
+        d.note_checks(layer, i, served)
+        self.load_dev[layer] += served.counts_L
+        mb.work["y"] = served.back[0]
 
     def _combine_launch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        handle, y = mb.work["exchange"], mb.work.pop("y")
-        if self.layout.padded:
-            comm.ep_send_back(handle, y)
-        else:
-            comm.ep_combine_launch(handle, y)
+        self.dispatcher.send_back(mb.work["handle"], mb.work.pop("y"))
 
     def _head(self, mb: MicroBatch, i: int) -> None:
         settle, settle_in = self._settle(mb, self.cfg.num_layers - 1)

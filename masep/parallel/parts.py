@@ -1,9 +1,11 @@
 """Which part of the model each rank holds, and how a rank gets it.
 
-`rank_parts(plan, cfg, rank)` says it per layer as `BlockParts` (heads, experts, expert hidden
-columns); a rank builds only those slices, either reading them from a checkpoint
-(`checkpoint.from_pretrained(..., parts=...)`) or drawing them from the seed
-(`model.build_model(..., parts=...)`, the values the whole model has there). `apply_parts`
+`rank_parts(plan, cfg, rank)` says it as `ModelParts`: per layer the heads, experts and expert
+hidden columns (`BlockParts`), and whether the rank holds the token embedding and the final norm
+with the lm_head. It reads plan.rank_role, the one description of what a rank holds and computes
+that the runtimes and the cost model read too. A rank builds only those slices, either reading
+them from a checkpoint (`checkpoint.from_pretrained(..., parts=...)`) or drawing them from the
+seed (`model.build_model(..., parts=...)`, the values the whole model has there). `apply_parts`
 slices a model already in memory the same way (a whole model handed to a runtime, tests).
 """
 from __future__ import annotations
@@ -12,26 +14,20 @@ import torch
 
 from ..config import ModelConfig
 from ..mla import MLAttention
-from ..model import Attention, BlockParts, DenseMLP, Experts, MoETransformer
+from ..model import Attention, BlockParts, DenseMLP, Experts, ModelParts, MoETransformer
+from ..plan import rank_role
 
 
-def rank_parts(plan, cfg: ModelConfig, rank: int) -> list[BlockParts]:
+def rank_parts(plan, cfg: ModelConfig, rank: int) -> ModelParts:
     if plan.strategy == "single":
-        return [BlockParts.everything(cfg)] * cfg.num_layers
-    role = plan.role(rank)
-    if plan.strategy == "separated":
-        if role.kind == "attention":
-            return [BlockParts(plan.head_split(cfg)[role.index], None)] * cfg.num_layers
-        return [BlockParts(None, tuple(plan.expert_placement(cfg)[role.index]))] * cfg.num_layers
-    if plan.strategy == "ep":
-        return [BlockParts(range(cfg.num_heads), tuple(plan.expert_placement(cfg)[rank]))] * cfg.num_layers
-    if plan.strategy == "tp_pp":
-        mine = plan.stage_layers(cfg)[role.replica]
-        dense_cols = plan.dense_split(cfg)[role.index] if cfg.first_dense_layers else None
-        held = BlockParts(plan.head_split(cfg)[role.index], tuple(range(cfg.num_experts)),
-                          plan.hidden_split(cfg)[role.index], dense_cols=dense_cols)
-        return [held if layer in mine else BlockParts(None, None, active=False) for layer in range(cfg.num_layers)]
-    return [BlockParts.everything(cfg)] * cfg.num_layers
+        return ModelParts.everything(cfg)
+    role = rank_role(plan, cfg, rank)
+    heads = role.heads if len(role.heads) else None
+    experts = role.experts or None
+    held = BlockParts(heads, experts, role.hidden_cols, dense_cols=role.dense_cols)
+    gone = BlockParts(None, None, active=False)  # another pipeline stage's layer
+    return ModelParts(tuple(held if layer in role.layers else gone for layer in range(cfg.num_layers)),
+                      embedding=role.has_embedding, head=role.logits)
 
 
 def shard_attention(full: Attention | MLAttention, cfg: ModelConfig, heads: range) -> Attention | MLAttention:
@@ -94,9 +90,14 @@ def shard_dense_mlp(full: DenseMLP, cfg: ModelConfig, cols: range | None) -> Den
     return part
 
 
-def apply_parts(model: MoETransformer, parts: list[BlockParts]) -> MoETransformer:
-    """In place: keep in each block only its parts, dropping the rest (torchtitan's parallelize_*)."""
-    cfg = model.cfg
+def apply_parts(model: MoETransformer, parts: ModelParts | list[BlockParts]) -> MoETransformer:
+    """In place: keep in each block only its parts, and the embedding and head only where held,
+    dropping the rest (torchtitan's parallelize_*)."""
+    cfg, parts = model.cfg, ModelParts.of(parts)
+    if not parts.embedding:
+        model.embed = None
+    if not parts.head:
+        model.norm = model.lm_head = None
     for block, p in zip(model.layers, parts):
         if not p.active:
             block.attn_norm = block.attn = block.moe_norm = block.moe = block.mlp = None

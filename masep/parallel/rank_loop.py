@@ -38,8 +38,7 @@ from .faults import FaultInjector
 from .ep import EpRuntime
 from .groups import (JoinPoint, build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed,
                      leave_world, rejoin_world)
-from .schedule import separated_schedule
-from .separated import SeparatedAttentionRuntime, _ExpertServer, guarded
+from .separated import SeparatedAttentionRuntime, _ExpertServer
 from .stepper import OpTimer
 from .tp_pp import TpPpRuntime
 from .worker import RunSpec, _maybe_profile, apply_plan, load_model, use_fast_path
@@ -208,7 +207,6 @@ class ExpertMember:
         self.server = _ExpertServer(model, plan, groups, env, graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
-        self.ops = separated_schedule("expert", self.cfg.num_layers, plan.microbatches, self.cfg.first_dense_layers)
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
 
@@ -220,23 +218,7 @@ class ExpertMember:
         bridge failed (dropped for good; the others were served)."""
         units = [u for u in units if u not in self.lost]
         failed: dict[int, str] = {}
-        layouts: dict[int, comm.StepLayout] = {}
-
-        def begin(i: int, u: int) -> None:
-            layouts[i] = comm.expert_begin_step(self.groups.bridges[u], step_id, self.plan.microbatches,
-                                                self.cfg.hidden_size, self.server.dtype)
-
-        for i, u in enumerate(units):
-            guarded(failed, i, begin, i, u)
-        live = [i for i in range(len(units)) if i not in failed]
-        working = [(self.groups.bridges[units[i]], layouts[i]) for i in live]
-        step_failed: dict[int, str] = {}
-        with torch.inference_mode():
-            loads = self.server.step(self.ops, working, step_id, self.timer, step_failed)
-        for j, (bridge, layout) in enumerate(working):
-            if j not in step_failed:
-                guarded(step_failed, j, comm.end_step, layout, bridge)
-        failed |= {live[j]: why for j, why in step_failed.items()}
+        _, loads = self.server.serve([self.groups.bridges[u] for u in units], step_id, self.timer, failed)
         self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
         news = [(units[i], why) for i, why in sorted(failed.items())]
         self.lost |= {u for u, _ in news}

@@ -15,8 +15,10 @@ from typing import Callable, Iterable
 
 # Op kinds. Attention side: attention (norm + attention + head-parallel all-reduce + router),
 # dispatch (launch the send of hidden states), combine (wait for expert outputs, add to the
-# residual, gather the replica's tokens). Expert side: recv, experts, send. Both: head (final
-# norm + lm_head), only on attention ranks.
+# residual, gather the replica's tokens). Expert side: recv (post every replica's receive),
+# experts (one grouped matmul over every replica's rows of the (layer, micro-batch): the weights
+# are read once), send (each replica's outputs on its own bridge). head (final norm + lm_head),
+# only on attention ranks.
 ATTENTION, DISPATCH, COMBINE, HEAD = "attention", "dispatch", "combine", "head"
 # A dense layer (DeepSeek's first layers, layer < dense_layers below) has no experts: its MLP
 # (norm + SwiGLU + residual) runs where its attention ran, and nothing crosses to the experts:

@@ -113,6 +113,7 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.graphable = False  # this step's segments are replayed from graphs
         self.decoding = False  # this step is a decode step (set per step by forward)
         self.whole_step = False  # this step is being captured (or warmed up) as one graph
+        self.full_capacity = False  # this step runs again with worst-case blocks (after an overflow)
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
@@ -132,7 +133,23 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.decoding = st.decode  # decode steps use padded transfers and graphs; prefill steps exact ones
         if (st.decode and self.graphs.enabled and self.whole_step_graphs
                 and st.ids_BT.shape[0] >= self.plan.microbatches):
-            return self._graphed_step(st)
+            return self._graphed_step(st)  # tp_pp: no routed transfers, so no overflow to rerun
+        logits = self._run(st, rows)
+        if self._rerun():
+            # A routed transfer overflowed the capacity sized from the routing (dispatcher.py): this
+            # step's result is wrong. Run it again with blocks of the worst-case size; a step is
+            # idempotent (it rewrites the same KV positions), so no token is lost.
+            self.step -= 1
+            self.full_capacity = True
+            try:
+                logits = self._run(st, rows)
+                assert not self._rerun(), "a transfer overflowed blocks of the worst-case capacity"
+            finally:
+                self.full_capacity = False
+        return logits
+
+    def _run(self, st: StepTensors, rows: StepRows) -> torch.Tensor | None:
+        """The step's op list over its micro-batches; the logits."""
         if not st.decode and getattr(self.plan, "seq_split", False):
             mbs = self._sequence_chunks(st, rows)
             dim = 1
@@ -228,7 +245,12 @@ class MicroBatchRuntime(StaticBatchMixin):
         """Before the op list (the routed strategies agree on the step's layout here)."""
 
     def _end_step(self) -> None:
-        """After the op list (the routed strategies read their device-side checks here)."""
+        """After the op list."""
+
+    def _rerun(self) -> bool:
+        """After the step's logits are queued: whether the step must run again at full capacity
+        (the routed strategies read their device-side checks and overflow flags here)."""
+        return False
 
     def _embed(self, ids_bt: torch.Tensor) -> torch.Tensor | None:
         return self.embed(ids_bt)

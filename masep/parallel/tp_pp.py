@@ -4,15 +4,17 @@ Inside a stage, T ranks split the attention heads and each expert's hidden dimen
 (gate/up column-parallel, down row-parallel), with one all-reduce after attention and one
 after the experts per layer; a dense layer's MLP is split by its hidden columns the same way. Stages hold contiguous layers and pass activations [b, t, H]
 point to point; micro-batches pipeline across stages (stage s works on micro-batch i+1 while
-stage s+1 works on i). The last stage shares the logits with every rank, so every rank's
-engine samples the same tokens.
+stage s+1 works on i). What each rank holds and computes is plan.rank_role (the description the
+checkpoint slicing and the cost model read too): the first stage embeds, every TP rank of the
+last stage computes the logits, and its TP rank 0 broadcasts them to every rank, so every
+rank's engine samples the same tokens.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model import MoETransformer
-from ..plan import TpPpPlan
+from ..plan import TpPpPlan, rank_role
 from . import comm
 from .groups import DistEnv, TpPpGroups
 from .schedule import ALLREDUCE, ATTENTION, EXPERTS, HEAD, MLP, RECV_ACT, SEND_ACT, Op, tp_pp_schedule
@@ -41,8 +43,10 @@ class TpPpRuntime(MicroBatchRuntime):
         self.mlp = {i: shard_dense_mlp(model.layers[i].mlp, cfg, plan.dense_split(cfg)[self.tp_index])
                     for i in self.layers if model.layers[i].moe is None}
         self.embed, self.norm, self.lm_head = model.embed, model.norm, model.lm_head
-        self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
-        self.dtype = model.embed.weight.dtype
+        role = rank_role(plan, cfg, env.rank)
+        self.first, self.last = role.has_embedding, role.logits
+        self.logits_src = next(r for r in range(plan.world_size) if rank_role(plan, cfg, r).broadcasts_logits)
+        self.dtype = model.dtype
         self._init_steps(len(self.layers), len(self.attn[self.layers.start].kv_heads), self.dtype, graphs)
         self.sends: list = []
 
@@ -106,7 +110,7 @@ class TpPpRuntime(MicroBatchRuntime):
             z = norm(x).reshape(-1, self.cfg.hidden_size)
             weights, ids = moe.router(z)
             y = experts(z, weights, ids)
-            return x, (y + moe.shared(z) if add_shared else y).view_as(x)
+            return x, (moe.add_shared(z, y) if add_shared else y).view_as(x)
 
         pending = _pending_inputs(mb)
         mb.x, mb.work["partial"] = self._segment(("experts", layer, i, len(pending)), run, mb.x, *pending)
@@ -136,13 +140,14 @@ class TpPpRuntime(MicroBatchRuntime):
         mb.out = self._segment(("head", i, len(pending)), run, mb.x, *pending)
 
     def _logits(self, out, rows_B, index_B):
-        """The last stage's tp rank 0 computes logits [B, V]; every rank receives them."""
+        """Logits [B, V] on every rank: the last stage's ranks compute them (rank_role.logits),
+        the one that broadcasts_logits sends them to the others."""
         logits = torch.empty(rows_B.numel(), self.cfg.vocab_size, dtype=torch.float32, device=self.device)
         if self.last:
             logits.copy_(super()._logits(out, rows_B, index_B))
-        src = (self.plan.pp - 1) * self.plan.tp
         if self.plan.world_size > 1:
-            comm.broadcast(logits, src, self.groups.model_group, self.env.timeout, f"rank {self.env.rank}: logits")
+            comm.broadcast(logits, self.logits_src, self.groups.model_group, self.env.timeout,
+                           f"rank {self.env.rank}: logits")
         return logits
 
 

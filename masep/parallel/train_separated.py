@@ -292,15 +292,14 @@ class SeparatedExpertTrain(TrainRank):
 
     def _forward(self, batches, layer: int) -> dict:
         """Every replica's rows of one (layer, micro-batch) through this rank's experts, grouped."""
-        num_local = len(self.my_experts)
         x = torch.cat([bt.x_NH for bt in batches]).detach().requires_grad_()
-        local = torch.cat([torch.repeat_interleave(torch.arange(num_local, device=x.device), bt.counts_L)
-                           for bt in batches])
-        order = torch.argsort(local, stable=True)  # every replica's rows grouped by local expert
+        sizes = [bt.x_NH.shape[0] for bt in batches]
+        local = [routing.local_of_rows(bt.counts_L, n) for bt, n in zip(batches, sizes)]
+        x_sorted, order = routing.merge_by_expert(list(x.split(sizes)), local)  # every replica's rows by expert
         counts = torch.stack([bt.counts_L for bt in batches]).sum(0)
-        y_sorted = self.experts[layer].forward_sorted(x[order], counts)
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted) if y_sorted.numel() else y_sorted
-        return dict(x=x, y=y, sizes=[bt.x_NH.shape[0] for bt in batches])
+        y_sorted = self.experts[layer].forward_sorted(x_sorted, counts)
+        y = torch.cat(routing.split_merged(y_sorted, order, sizes)) if y_sorted.numel() else y_sorted
+        return dict(x=x, y=y, sizes=sizes)
 
     def _backward(self, state: dict) -> None:
         if state["y"].numel():

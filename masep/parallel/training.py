@@ -97,16 +97,14 @@ def moe_inputs(block, h_BTH, heads: comm_grad.HeadGroup):
     b, t, hidden = h_BTH.shape
     splits = [len(r) for r in split_evenly(b * t, heads.size)]
     h = heads.split_rows(h_BTH.reshape(-1, hidden), splits)
-    z = block.moe_norm(h)
-    weights, ids = block.moe.router(z)
+    z, weights, ids = block.moe_inputs(h)
     return h, z, weights, ids, splits
 
 
 def moe_output(block, h_nH, z_nH, routed_nH, heads: comm_grad.HeadGroup, splits: list[int], shape_BTH) -> torch.Tensor:
-    """Second half: the routed experts' weighted sum plus the shared expert, the residual, and the
-    token slices gathered back into [B, T, H]."""
-    y = routed_nH if block.moe.shared is None else routed_nH + block.moe.shared(z_nH)
-    return heads.gather_rows(h_nH + y, splits).view(shape_BTH)
+    """Second half: the block's MoE residual (the routed experts' weighted sum, the shared expert)
+    and the token slices gathered back into [B, T, H]."""
+    return heads.gather_rows(block.moe_residual(h_nH, z_nH, routed_nH), splits).view(shape_BTH)
 
 
 def routed_moe_sublayer(block, h_BTH, heads: comm_grad.HeadGroup, experts_fn) -> torch.Tensor:
@@ -123,8 +121,7 @@ def sharded_moe_sublayer(block, experts, h_BTH, heads: comm_grad.HeadGroup, add_
     z = heads.copy_to_heads(block.moe_norm(h_BTH).reshape(-1, hidden))
     weights, ids = block.moe.router(z)
     y = experts(z, weights, ids)
-    if add_shared and block.moe.shared is not None:
-        y = y + block.moe.shared(z)
+    y = block.moe.add_shared(z, y) if add_shared else y
     return h_BTH + heads.reduce_from_heads(y).view(b, t, hidden)
 
 

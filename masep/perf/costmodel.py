@@ -30,8 +30,9 @@ Compute ops (attention, experts, head) move `hbm_bytes` through HBM and do `flop
     compute stream; the runtime runs it when the outputs come back); tp_pp: in the experts op of
     TP rank 0, which adds it alone; single: in the experts op.
   - head: final norm per micro-batch; then, as the runtimes do, the lm_head once per step over
-    all the rank's rows, in full (no vocabulary split), on every attention rank (separated),
-    every rank (ep), or the last stage's tp rank 0, which broadcasts the logits (tp_pp).
+    all the rank's rows, in full (no vocabulary split), on the ranks plan.rank_role says compute
+    logits: every attention rank (separated), every rank (ep), every TP rank of the last stage
+    (tp_pp), whose TP rank 0 then broadcasts them to the whole instance.
     `Workload.lm_head=False` leaves it out, as the floors of docs/reference.md do.
   These are the same definitions as `masep.perf.bench` (attention/experts bytes and FLOPs), so
   a calibration file's measurements fit this model directly.
@@ -42,8 +43,11 @@ slowest member. Bytes to peers on the same node go over NVLink, others over the 
 an all-to-all-like exchange with p peers pays p latencies per round trip (pairwise exchange:
 (p-1) alpha + bytes beta; 7 NVLink peers at 2 us ~ 14 us, 8 A100s' NCCL all-to-all is ~20 us).
 A decode step's dispatch and combine move fixed-size padded blocks in one round trip each (the
-counts ride in a header; parallel/routing.py): every receiver gets the largest sender's tokens x
-min(k, L) rows whatever the routing, so the bytes are those of the worst case. Ring all-reduce:
+counts ride in a header; parallel/routing.py): every receiver gets a block sized for the largest
+sender's tokens from the routing (parallel/capacity.py), here at its steady state under balanced
+routing (1.5 x the fullest receiver's mean, at most the worst case of tokens x min(k, L) rows);
+`link_bytes_saved` is what worst-case blocks would add. Skewed routing widens the blocks towards
+the worst case, and a step whose blocks overflow runs again (neither is modelled). Ring all-reduce:
 2(n-1) latency + 2(n-1)/n * bytes / bandwidth; all-gather: (n-1) latency + (n-1)/n * bytes / bw.
 """
 from __future__ import annotations
@@ -54,7 +58,10 @@ from functools import lru_cache
 
 from ..config import ModelConfig
 from ..model import CacheLayout
-from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan, split_evenly
+from ..parallel.capacity import CapacityPolicy
+from ..plan import (EpPlan, RankRole, SeparatedPlan, SinglePlan, TpPpPlan, contiguous_placement, format_plan,
+                    split_evenly)
+from ..plan import rank_role as plan_rank_role
 from . import hardware as hwmod
 from .hardware import Hardware
 
@@ -86,6 +93,7 @@ class OpCost:
     kv_bytes: float = 0.0  # part of hbm_bytes that is KV cache read
     flops: float = 0.0
     link_bytes: float = 0.0
+    link_bytes_saved: float = 0.0  # padded transfers: bytes blocks of the worst-case capacity would add
 
     @property
     def time_s(self) -> float:
@@ -241,20 +249,9 @@ def comm_cost(kind: str, hw: Hardware, rank: int, peers: dict[int, float], nbyte
 
 
 # --- rank roles ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RankRole:
-    """What one rank holds and does (derived from a plan; the simulator and memory model read it)."""
-    kind: str  # "attention" | "expert" | "stage" | "colocated" | "single"
-    rank: int
-    heads: range = range(0)  # query heads held
-    experts: tuple[int, ...] = ()  # experts held (hidden-split `hidden_div` ways in tp_pp)
-    hidden_div: int = 1
-    layers: range = range(0)  # layers this rank runs
-    group: tuple[int, ...] = ()  # its TP group (tp_pp stage) or attention replica
-    replica: int = 0  # attention replica (separated); stage (tp_pp)
-    index: int = 0  # index inside `group`; expert-rank index (separated)
-    has_embedding: bool = False
-    logits: bool = False  # computes the step's logits (the lm_head, in full, as the runtimes do)
+# What each rank holds and does is plan.rank_role, the description the runtimes and the checkpoint
+# slicing read too (cached here: the simulator asks for it once per op).
+rank_role = lru_cache(maxsize=65536)(plan_rank_role)
 
 
 def strategy_of(plan) -> str:
@@ -272,34 +269,6 @@ def placement_of(plan, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
 
 def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
     return split_evenly(cfg.num_layers, pp)
-
-
-@lru_cache(maxsize=65536)
-def rank_role(plan, cfg: ModelConfig, rank: int) -> RankRole:
-    s = plan.strategy
-    all_layers = range(cfg.num_layers)
-    if s == "single":
-        return RankRole("single", rank, range(cfg.num_heads), tuple(range(cfg.num_experts)), layers=all_layers,
-                        group=(rank,), has_embedding=True, logits=True)
-    if s == "separated":
-        if rank < plan.num_attention_ranks:
-            r, t = rank // plan.attn_tp, rank % plan.attn_tp
-            return RankRole("attention", rank, plan.head_split(cfg)[t], layers=all_layers,
-                            group=tuple(plan.replica_ranks(r)), replica=r, index=t, has_embedding=True,
-                            logits=True)
-        j = rank - plan.num_attention_ranks
-        return RankRole("expert", rank, experts=tuple(placement_of(plan, cfg)[j]), layers=all_layers,
-                        group=tuple(plan.expert_rank_ids()), index=j)
-    if s == "tp_pp":
-        stage, t = divmod(rank, plan.tp)
-        return RankRole("stage", rank, split_evenly(cfg.num_heads, plan.tp)[t], tuple(range(cfg.num_experts)),
-                        hidden_div=plan.tp, layers=stage_layers(cfg, plan.pp)[stage],
-                        group=tuple(range(stage * plan.tp, (stage + 1) * plan.tp)), replica=stage, index=t,
-                        has_embedding=stage == 0, logits=stage == plan.pp - 1 and t == 0)
-    if s == "ep":
-        return RankRole("colocated", rank, range(cfg.num_heads), placement_of(plan, cfg)[rank], layers=all_layers,
-                        group=(rank,), index=rank, has_embedding=True, logits=True)
-    raise ValueError(f"plan.strategy={s!r}: the cost model knows single, separated, tp_pp and ep")
 
 
 # --- sequences per micro-batch ------------------------------------------------------------------------------
@@ -367,8 +336,9 @@ def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> in
 
 def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardware, b: int, mb: int) -> OpCost:
     """Final norm of micro-batch `mb`; the logits of all the rank's rows come after the last
-    micro-batch (the runtimes compute them once per step). tp_pp: the last stage's tp rank 0
-    computes them and broadcasts [batch, vocab] fp32 to every rank."""
+    micro-batch (the runtimes compute them once per step). tp_pp: every TP rank of the last stage
+    computes them; its TP rank 0 broadcasts [batch, vocab] fp32 to every rank (the others take
+    part in the broadcast)."""
     last = mb == plan.microbatches - 1
     rows = sum(attention_tokens(plan, cfg, work.batch, role.rank, i) for i in range(plan.microbatches)) \
         if role.logits and last else 0
@@ -420,32 +390,35 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
 
 def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
     """A decode step's routed transfer as the runtime moves it (parallel/routing.py): one block
-    per (sender, receiver) of a fixed capacity, cap = largest sender's tokens x min(k, L) rows
-    plus the header, in one round trip (the counts ride in the header). dispatch / combine:
-    an attention (or colocated) rank's side; recv / send: an expert rank's."""
+    per (sender, receiver) of the capacity the routing sizes (parallel/capacity.py, at its steady
+    state under balanced routing) for the largest sender's tokens, plus the header, in one round
+    trip (the counts ride in the header). dispatch / combine: an attention (or colocated) rank's
+    side; recv / send: an expert rank's."""
     e, hsz = elt_bytes(cfg), cfg.hidden_size
     placement = placement_of(plan, cfg)
-    max_local = max(len(p) for p in placement)
-    hdr = -(-8 * (4 + max_local) // (hsz * e))
+    policy = CapacityPolicy.for_placement(cfg.top_k, placement, cfg.num_experts)
+    hdr = -(-8 * (4 + policy.max_local + 1) // (hsz * e))  # routing.header_rows
     if plan.strategy == "separated":
         senders = range(plan.num_attention_ranks)
-        slots = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders) * min(cfg.top_k, max_local)
-        width = slots + (hdr if kind in ("dispatch", "recv") else 0)
+        tokens = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders)
+        with_header = kind in ("dispatch", "recv")
         if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
             peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
         else:  # to / from every attention rank (each replica's bridge; replicas run side by side)
             peers = {a: 1.0 for a in senders}
     else:  # ep: every rank sends a block to every rank, itself included
-        slots = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep)) * \
-            min(cfg.top_k, max_local)
-        width = slots + (hdr if kind == "dispatch" else 0)
+        tokens = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep))
+        with_header = kind == "dispatch"
         peers = {r: 1.0 for r in range(plan.ep)}
+    width = policy.cap(tokens) + (hdr if with_header else 0)
     nbytes = len(peers) * width * hsz * e
+    saved = len(peers) * (policy.cap(tokens, full=True) - policy.cap(tokens)) * hsz * e
     post = 0.0
     if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
         role = rank_role(plan, cfg, rank)
         post = allgather_s(hw, role.group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
-    return comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post)
+    return dataclasses.replace(comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post),
+                               link_bytes_saved=saved)
 
 
 # --- memory -------------------------------------------------------------------------------------------------
@@ -478,8 +451,9 @@ def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
                  cfg.dense_mlp_params() / role.hidden_div * e if role.heads else 0)  # per dense layer
     experts = len(role.experts) * cfg.expert_params() / role.hidden_div * e
     vocab = cfg.vocab_size * h * e
+    tied = cfg.tie_embeddings and role.has_embedding and role.logits  # one tensor for both
     weights = (layers * attn + (layers - dense) * (experts + always_on[0]) + dense * always_on[1]
-               + vocab * role.has_embedding + vocab * role.logits)
+               + vocab * (role.has_embedding + role.logits - tied))
     seqs = sum(attention_tokens(plan, cfg, work.batch, rank, i) for i in range(plan.microbatches)) \
         if role.kind != "expert" else 0
     kv_bytes = layers * seqs * work.context * CacheLayout.of(cfg, kv).bytes_per_position(cfg.torch_dtype)

@@ -224,6 +224,17 @@ class Simulation:
         return sum(r.cost.flops for r in self.records)
 
     @property
+    def link_bytes(self) -> float:
+        """Bytes every rank's transfers move in the step (each member counts its own)."""
+        return sum(r.cost.link_bytes for r in self.records)
+
+    @property
+    def link_bytes_saved(self) -> float:
+        """Bytes the decode blocks would add at the worst-case capacity instead of the one sized
+        from the routing (parallel/capacity.py)."""
+        return sum(r.cost.link_bytes_saved for r in self.records)
+
+    @property
     def mbu(self) -> float:
         return self.hbm_bytes / self.tpot_s / (self.num_gpus * self.hw.hbm_bytes_per_s)
 
@@ -255,6 +266,7 @@ class Simulation:
             busy_fraction_mean=sum(busy) / len(busy), busy_fraction=busy,
             kernel_active_mean_nvidia_smi_style=sum(active) / len(active), kernel_active_nvidia_smi_style=active,
             hbm_bytes=self.hbm_bytes, min_step_bytes=self.min_step_bytes, flops=self.flops,
+            link_bytes=self.link_bytes, link_bytes_saved_by_routed_capacity=self.link_bytes_saved,
             memory_gb=[round(m.total / 1e9, 3) for m in self.memory],
             memory_max_gb=max(m.total for m in self.memory) / 1e9,
         )

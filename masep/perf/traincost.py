@@ -86,11 +86,10 @@ def replica_tokens(plan, cfg: ModelConfig, work: TrainWorkload, mb: int) -> list
 
 
 def computes_loss(plan, role) -> bool:
-    """Ranks that run the lm_head and the loss in training: every rank with attention, except in
-    tp_pp where every TP rank of the last stage does (each holds the head in full)."""
-    if plan.strategy == "tp_pp":
-        return role.replica == plan.pp - 1
-    return role.kind != "expert"
+    """Ranks that run the lm_head and the loss in training: those that compute logits
+    (plan.rank_role: every rank with attention; in tp_pp every TP rank of the last stage, each
+    holding the head in full)."""
+    return role.logits
 
 
 # --- compute ops ------------------------------------------------------------------------------------------
