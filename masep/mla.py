@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .model import CacheLayout, KVCache, RMSNorm, apply_rope, rope_tables, yarn_mscale
+from .model import CacheLayout, KVCache, RMSNorm, apply_rope, rope_tables, through_cache, yarn_mscale
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -97,13 +97,8 @@ class MLAttention(nn.Module):
         latent_B1TR = self.kv_a_layernorm(latent_BTR)[:, None]
         k_pe_B1TD = self._rope(k_pe_BTD[:, None], cos, sin)
         q_BNTD = torch.cat((q_nope, self._rope(q_pe, cos, sin)), dim=-1)
-        if cache is None:
-            latent_B1SR, k_pe_B1SD, key_pos_BS = latent_B1TR, k_pe_B1TD, positions_BT
-        else:
-            cache.write(layer, positions_BT, latent_B1TR, k_pe_B1TD)
-            s = attend_len or cache.max_len
-            latent_B1SR, k_pe_B1SD = cache.read(layer, s)
-            key_pos_BS = torch.arange(s, device=x_BTH.device).expand(b, s)
+        latent_B1SR, k_pe_B1SD, key_pos_BS = through_cache(cache, layer, positions_BT, latent_B1TR, k_pe_B1TD,
+                                                           attend_len)
         k_BNSD, v_BNSD = self._up_project(latent_B1SR, k_pe_B1SD, n)
         # An explicit mask, never is_causal: with a cache, is_causal aligns the mask top-left.
         mask = key_pos_BS[:, None, None, :] <= positions_BT[:, None, :, None]

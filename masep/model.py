@@ -176,6 +176,19 @@ class KVCache:
         return (k, v) if self.rows is None else (k[self.rows], v[self.rows])
 
 
+def through_cache(cache: "KVCache | None", layer: int, positions_BT: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  attend_len: int | None):
+    """The step's two cached tensors (K and V; MLA: latent and roped key) [B, heads, T, *] written
+    at positions_BT, and what attention reads back: both over the first `attend_len` positions
+    (default: all) with their key positions [B, S]; without a cache, the step's own tensors."""
+    if cache is None:
+        return a, b, positions_BT
+    cache.write(layer, positions_BT, a, b)
+    s = attend_len or cache.max_len
+    a_keys, b_keys = cache.read(layer, s)
+    return a_keys, b_keys, torch.arange(s, device=positions_BT.device).expand(positions_BT.shape[0], s)
+
+
 class Attention(nn.Module):
     """GQA attention over query heads `heads` (all by default; a contiguous slice for head parallelism).
 
@@ -223,13 +236,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope if rope is not None else rope_tables(self.cfg, positions_BT, x_BTH.dtype)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        if cache is None:
-            keys, values, key_pos = k, v, positions_BT
-        else:
-            cache.write(layer, positions_BT, k, v)
-            s = attend_len or cache.max_len
-            keys, values = cache.read(layer, s)
-            key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
+        keys, values, key_pos = through_cache(cache, layer, positions_BT, k, v, attend_len)
         out = self._attend(q, keys, values, positions_BT, key_pos)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, n * d))
 
