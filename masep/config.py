@@ -85,6 +85,17 @@ class ModelConfig:
     def expert_params(self) -> int:
         return self.expert_matrices * self.hidden_size * self.expert_hidden
 
+    def num_params(self) -> int:
+        """Parameters of the whole model (embeddings, lm_head unless tied, norms, router, experts)."""
+        h = self.hidden_size
+        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        biases = self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        shared = (3 * h * self.shared_expert_hidden + h) if self.shared_expert_hidden else 0
+        layer = (self.attention_params_per_layer() + biases + norms + self.num_experts * h
+                 + self.num_experts * self.expert_params() + shared)
+        vocab = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * layer + vocab + h
+
     def kv_bytes_per_token_per_layer(self) -> int:
         return 2 * self.num_kv_heads * self.head_dim * torch.finfo(self.torch_dtype).bits // 8
 
@@ -107,8 +118,24 @@ PRESETS: dict[str, ModelConfig] = {
                          expert_act="gelu", max_seq_len=2048, dtype="bfloat16"),
 }
 PRESETS["paper-swiglu"] = PRESETS["paper"].replace(name="paper-swiglu", expert_act="swiglu")
+# Large published models, for planning and simulation at scale (`masep plan`, benchmarks/plans_at_scale.py):
+# the fields of their Hugging Face config.json; no weights are ever built from these presets.
+# Qwen/Qwen3-235B-A22B: 94 layers, every one MoE (decoder_sparse_step 1, no mlp_only_layers), 128 experts top-8
+# with renormalised weights, GQA 64 query / 4 KV heads of 128, RMSNorm on q and k.
+PRESETS["qwen3-235b-a22b"] = ModelConfig(
+    name="qwen3-235b-a22b", hf_model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, num_layers=94,
+    num_heads=64, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, expert_hidden=1536, expert_act="swiglu",
+    norm_topk_prob=True, qk_norm=True, rope_theta=1e6, rms_eps=1e-6, max_seq_len=40960, dtype="bfloat16",
+    eos_token_id=151645)
+# mistralai/Mixtral-8x22B-v0.1: 56 layers, 8 experts top-2, GQA 48 query / 8 KV heads of 128, no sliding window.
+PRESETS["mixtral-8x22b"] = ModelConfig(
+    name="mixtral-8x22b", hf_model_type="mixtral", vocab_size=32000, hidden_size=6144, num_layers=56, num_heads=48,
+    num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, expert_hidden=16384, expert_act="swiglu",
+    norm_topk_prob=True, rope_theta=1e6, rms_eps=1e-5, max_seq_len=65536, dtype="bfloat16", eos_token_id=2)
 PRESET_HELP = ("tiny: 0.35 M parameters (tests); small: 28 M (CPU demos); paper: 9.1 B, the MA Separation paper's "
-               "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts")  # for --help
+               "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts; qwen3-235b-a22b: 235 B "
+               "(Qwen3-235B-A22B's shape, for plan/simulate); mixtral-8x22b: 141 B (Mixtral-8x22B's shape, for "
+               "plan/simulate)")  # for --help
 
 
 def preset(name: str) -> ModelConfig:
