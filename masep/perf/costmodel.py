@@ -154,12 +154,14 @@ def link_time(hw: Hardware, rank: int, peers: dict[int, float], nbytes: float, r
     total = sum(peers.values())
     if nbytes <= 0 or total <= 0:
         return 0.0
-    near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == hw.node(rank)]
-    far = [w for r, w in peers.items() if w > 0 and hw.node(r) != hw.node(rank)]
+    home = hw.node(rank)
+    near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == home]
+    far = [w for r, w in peers.items() if w > 0 and hw.node(r) != home]
     if not near and not far:
         return 0.0
-    latency = max(len(near) * hw.nvlink_latency_s, len(far) * hw.internode_latency_s)
-    return round_trips * latency + max(sum(near) / total * nbytes / hw.nvlink_bytes_per_s,
+    own = hw.for_rank(rank)  # NVLink of this rank's own kind; between nodes, the hardware's (slower side's) NIC
+    latency = max(len(near) * own.nvlink_latency_s, len(far) * hw.internode_latency_s)
+    return round_trips * latency + max(sum(near) / total * nbytes / own.nvlink_bytes_per_s,
                                        sum(far) / total * nbytes / hw.internode_bytes_per_s)
 
 
@@ -167,7 +169,8 @@ def _group_link(hw: Hardware, group: tuple[int, ...]) -> tuple[float, float]:
     """(bandwidth, latency) of a ring over `group`: the NIC when it spans nodes."""
     if len({hw.node(r) for r in group}) > 1:
         return hw.internode_bytes_per_s, hw.internode_latency_s
-    return hw.nvlink_bytes_per_s, hw.nvlink_latency_s
+    own = hw.for_rank(group[0])
+    return own.nvlink_bytes_per_s, own.nvlink_latency_s
 
 
 def allreduce_s(hw: Hardware, group: tuple[int, ...], nbytes: float) -> float:
@@ -306,8 +309,10 @@ def expert_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> tup
     else:
         placement = placement_of(plan, cfg)
         sources = [(r, attention_tokens(plan, cfg, batch, r, mb)) for r in range(plan.ep)]
-    local = s == "ep"
-    return tuple(float(sum(n for src, n in sources if _holder(placement, e, src, local) == role.index))
+    local, holders = s == "ep", _holders(placement)
+    everyone = float(sum(n for _, n in sources))  # an expert with one holder gets every source's tokens
+    return tuple(everyone if len(holders[e]) == 1 else
+                 float(sum(n for src, n in sources if _holder(placement, e, src, local) == role.index))
                  for e in role.experts)
 
 
@@ -326,7 +331,7 @@ def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardwar
     last = mb == plan.microbatches - 1
     rows = sum(attention_tokens(plan, cfg, work.batch, role.rank, i) for i in range(plan.microbatches)) \
         if role.logits and last else 0
-    c = head_cost(cfg, hw, b, rows, work.lm_head)
+    c = head_cost(cfg, hw.for_rank(role.rank), b, rows, work.lm_head)
     if plan.strategy == "tp_pp" and rows and work.lm_head and plan.world_size > 1:
         c = dataclasses.replace(c, post_s=broadcast_s(hw, tuple(range(plan.world_size)), rows * cfg.vocab_size * 4))
     return c
@@ -344,12 +349,12 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
     e, hsz = elt_bytes(cfg), cfg.hidden_size
     b = attention_tokens(plan, cfg, work.batch, rank, mb) if role.kind != "expert" else 0
     if kind == "attention":
-        c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads))
+        c = attention_cost(cfg, hw.for_rank(rank), b, work.context, len(role.heads), kv_heads_for(cfg, role.heads))
         if plan.strategy == "separated" and plan.attn_tp > 1:  # head-parallel partial sums
             c = dataclasses.replace(c, transfer_s=allreduce_s(hw, role.group, b * hsz * e), link_bytes=b * hsz * e)
         return c
     if kind == "experts":
-        return experts_cost(cfg, hw, expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
+        return experts_cost(cfg, hw.for_rank(rank), expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
     if kind == "head":
         return _head_op(plan, role, cfg, work, hw, b, mb)
     if kind == "allreduce":
@@ -360,6 +365,12 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
     if kind in ("dispatch", "combine", "recv", "send"):
         return _padded_transfer(kind, mb, plan, rank, cfg, work, hw)
     raise ValueError(f"op kind {kind!r}: the cost model has no rule for it")
+
+
+@lru_cache(maxsize=4096)
+def _largest_dispatch_slice(plan, cfg: ModelConfig, batch: int, mb: int) -> int:
+    """Tokens of the largest attention rank's dispatch (the same for every rank of the step)."""
+    return max(dispatch_slice(plan, cfg, batch, a, mb) for a in range(plan.num_attention_ranks))
 
 
 def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
@@ -373,7 +384,7 @@ def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work
     hdr = -(-8 * (4 + max_local) // (hsz * e))
     if plan.strategy == "separated":
         senders = range(plan.num_attention_ranks)
-        slots = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders) * min(cfg.top_k, max_local)
+        slots = _largest_dispatch_slice(plan, cfg, work.batch, mb) * min(cfg.top_k, max_local)
         width = slots + (hdr if kind in ("dispatch", "recv") else 0)
         if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
             peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
@@ -426,22 +437,24 @@ def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
     rows_all = work.batch if plan.strategy == "tp_pp" else seqs  # tp_pp: every rank receives the logits
     buffers = (plan.microbatches * biggest * h * e * 4 + rows_all * cfg.vocab_size * 4
                + rows * (2 * h + cfg.expert_hidden / role.hidden_div * cfg.expert_matrices) * e
-               + hw.reserved_bytes)
+               + hw.for_rank(rank).reserved_bytes)
     return MemoryUse(weights, kv_bytes, buffers)
 
 
-def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[MemoryUse]:
-    """Memory per rank; ValueError naming the rank and the numbers when one does not fit."""
+def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware, ranks=None) -> list[MemoryUse]:
+    """Memory of each rank in `ranks` (default: all); ValueError naming the rank and the numbers when one
+    does not fit."""
     out = []
-    for rank in range(plan.world_size):
+    for rank in range(plan.world_size) if ranks is None else ranks:
         use = rank_memory(plan, cfg, rank, work, hw)
-        if use.total > hw.memory_bytes:
+        own = hw.for_rank(rank)
+        if use.total > own.memory_bytes:
             role = rank_role(plan, cfg, rank)
             raise ValueError(
                 f"plan {describe(plan)} does not fit: rank {rank} ({role.kind}) needs {use.total / 1e9:.1f} GB = "
                 f"weights {use.weights / 1e9:.1f} GB + KV cache {use.kv_cache / 1e9:.1f} GB (batch {work.batch}, "
                 f"context {work.context}) + buffers {use.buffers / 1e9:.1f} GB, more than the "
-                f"{hw.memory_bytes / 2**30:.1f} GiB ({hw.memory_bytes / 1e9:.1f} GB) of one {hw.name}; use more "
+                f"{own.memory_bytes / 2**30:.1f} GiB ({own.memory_bytes / 1e9:.1f} GB) of one {own.name}; use more "
                 "GPUs, a smaller batch or context, or a plan that spreads this rank's part")
         out.append(use)
     return out

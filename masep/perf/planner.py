@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from .classes import rank_classes
 from .costmodel import Workload, check_memory, describe, plan_to_dict, rank_role
-from .hardware import Hardware
-from .simulator import COMPUTE_KINDS, Simulation, all_costs, simulate
+from .hardware import Hardware, MixedHardware
+from ..parallel.schedule import RECV_ACT
+from .simulator import COMPUTE_KINDS, Simulation, _stream, all_costs, rank_ops, simulate
 
 STRATEGY_NAMES = ("separated", "tp_pp", "ep", "single")
 
@@ -68,10 +70,41 @@ def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY
     return out
 
 
-def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=None) -> float:
-    """max over ranks of the compute time on its compute stream: the simulated TPOT is >= this."""
-    costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
-    return max(sum(c.compute_s for c in rank if c.kind in COMPUTE_KINDS) for rank in costs)
+def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=None, overlap: bool = True) -> float:
+    """A lower bound on the simulated TPOT from the op costs alone (`costs`: of one rank per class).
+      - a stream runs its ops one after another, each for at least its own time: the busiest stream;
+      - tp_pp: stage s cannot start before micro-batch 0 went through the stages before it, and
+        micro-batch m-1 must still go through the stages after it once s has done all its compute
+        ops: (micro-batch 0's chain on stages < s) + (s's compute) + (micro-batch m-1's chain on
+        stages > s), each stage's chain being its fastest rank's summed op times for that micro-batch
+        (recv_act left out: it is the same transfer as the previous stage's send_act); and every
+        micro-batch's chain through all stages. Without these a deep pipeline's bound was 1/pp of
+        its step and the search simulated nearly every candidate.
+    tests/test_planner.py checks it never exceeds the simulated TPOT."""
+    reps = rank_classes(plan, cfg, work, hw).reps
+    costs = costs if costs is not None else all_costs(plan, cfg, work, hw, reps)
+    busiest, compute, chain = 0.0, {}, {}
+    for rank, cs in zip(reps, costs):
+        streams: dict[int, float] = {}
+        for op, c in zip(rank_ops(plan, cfg, rank), cs):
+            stream = _stream(op.kind, overlap)
+            streams[stream] = streams.get(stream, 0.0) + c.time_s
+            if op.kind in COMPUTE_KINDS:
+                compute[rank] = compute.get(rank, 0.0) + c.time_s
+            if op.kind != RECV_ACT:
+                chain[rank, op.mb] = chain.get((rank, op.mb), 0.0) + c.time_s
+        busiest = max(busiest, max(streams.values()))
+    if plan.strategy != "tp_pp" or plan.pp == 1:
+        return busiest
+    m = plan.microbatches
+
+    def stage_chain(stage: int, mb: int) -> float:
+        return min(chain.get((r, mb), 0.0) for r in plan.stage_ranks(stage))
+
+    pipeline = max(sum(stage_chain(s, 0) for s in range(r // plan.tp)) + compute.get(r, 0.0)
+                   + sum(stage_chain(s, m - 1) for s in range(r // plan.tp + 1, plan.pp)) for r in reps)
+    whole = max(sum(stage_chain(s, mb) for s in range(plan.pp)) for mb in range(m))
+    return max(busiest, pipeline, whole)
 
 
 @dataclass
@@ -112,15 +145,26 @@ def check_head_groups_in_nodes(plan, gpus_per_node: int) -> None:
                              f"two nodes of {gpus_per_node} GPUs; keep each replica or TP group inside a node")
 
 
+def hardware_for(hw, plan):
+    """The hardware `plan` runs on: a MixedHardware bound to the plan's two groups, else `hw` itself."""
+    return hw.bind(plan) if isinstance(hw, MixedHardware) else hw
+
+
 def _fits(plan, cfg, work, hw, rejected) -> bool:
+    """Legal, head-parallel groups inside nodes, and every rank's memory fits (one rank per class)."""
     try:
         plan.validate(cfg, plan.world_size)
         check_head_groups_in_nodes(plan, hw.gpus_per_node)
-        check_memory(plan, cfg, work, hw)
+        check_memory(plan, cfg, work, hw, rank_classes(plan, cfg, work, hw).reps)
     except ValueError as err:
         rejected.append((describe(plan), str(err)))
         return False
     return True
+
+
+def _costs(plan, cfg, work, hw):
+    """Costs of one rank per class (classes.py): what the lower bound and the simulation need."""
+    return all_costs(plan, cfg, work, hw, rank_classes(plan, cfg, work, hw).reps)
 
 
 def _order_key(sim: Simulation) -> tuple:
@@ -134,15 +178,17 @@ def search(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, strateg
     result = Search(cfg, hw, gpus, work, [], candidates=len(plans))
     bounded = []
     for i, plan in enumerate(plans):
-        if _fits(plan, cfg, work, hw, result.rejected):
-            costs = all_costs(plan, cfg, work, hw)
-            bounded.append((lower_bound_s(plan, cfg, work, hw, costs), i, plan, costs))
+        hwp = hardware_for(hw, plan)
+        if _fits(plan, cfg, work, hwp, result.rejected):
+            costs = _costs(plan, cfg, work, hwp)
+            bounded.append((lower_bound_s(plan, cfg, work, hwp, costs, overlap), i, plan, costs))
     bounded.sort(key=lambda x: (x[0], x[1]))
     best: list[Simulation] = []
     for lb, _, plan, costs in bounded:
         if len(best) >= top and lb >= best[top - 1].tpot_s:
             break
-        best.append(simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False, costs=costs))
+        best.append(simulate(plan, cfg, work, hardware_for(hw, plan), overlap=overlap, check_fit=False, costs=costs,
+                             grouped=True))
         result.simulated += 1
         best.sort(key=_order_key)
         del best[top:]

@@ -1,0 +1,144 @@
+"""Ranks that behave alike: the simulator times one of each and counts the others.
+
+In a separated or colocated-EP plan most ranks run the same op list at the same costs, and they
+meet the others only in transfers whose members are every rank of the plan (dispatch, combine)
+or one whole attention replica (its head-parallel all-reduce). A rank's timeline follows from its
+own costs and from when each transfer's slowest member arrives, so ranks with equal costs have
+equal timelines: simulating one representative per class gives every rank's times, at the cost of
+a few ranks instead of hundreds (a 512-GPU plan has a handful of classes).
+
+A class key holds everything the cost model reads about a rank, computed without the costs:
+  attention replica (separated)  its sequences (part of the batch), whether it spans nodes, and
+                                 per rank the number of expert ranks on its node (the rest of
+                                 its dispatch crosses nodes); its rank index t gives its heads
+  expert rank (separated)        per held expert: how many ranks hold that expert and which of
+                                 them this is (the sources it serves follow), and the number of
+                                 attention ranks on its node
+  rank (ep)                      its sequences, the tokens each held expert receives in every
+                                 micro-batch (counted for all ranks at once), its node's size
+tp_pp and single plans are not grouped (every rank its own class): their op lists already shrink
+with the stage, and their groups (a stage's TP group, neighbouring stages) are not the whole plan.
+Whole replicas are the unit on the attention side, so a representative replica brings all of its
+ranks and its all-reduce keeps every member.
+
+tests/test_classes.py checks that members of one class have equal costs and that a simulation of
+the representatives gives the TPOT, floor and per-GPU numbers of the full simulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..config import ModelConfig
+from .costmodel import Workload, _holders, part_size, placement_of
+
+
+@dataclass(frozen=True)
+class RankClasses:
+    reps: tuple[int, ...]  # one world rank per class, ascending
+    class_of: tuple[int, ...]  # world rank -> index of its class in `reps`
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """How many world ranks each representative stands for."""
+        out = [0] * len(self.reps)
+        for c in self.class_of:
+            out[c] += 1
+        return tuple(out)
+
+    def expand(self, per_rep: list) -> list:
+        """Values of the representatives, one per world rank."""
+        return [per_rep[c] for c in self.class_of]
+
+    @classmethod
+    def identity(cls, world_size: int) -> "RankClasses":
+        return cls(tuple(range(world_size)), tuple(range(world_size)))
+
+
+def _node_sizes(hw, world: int) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for r in range(world):
+        sizes[hw.node(r)] = sizes.get(hw.node(r), 0) + 1
+    return sizes
+
+
+def _separated_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
+    """One key per unit: a whole attention replica (T ranks), then each expert rank."""
+    a, world, t = plan.num_attention_ranks, plan.world_size, plan.attn_tp
+    # ranks of the other group on each node, counted once per node rather than once per rank
+    node_e, node_a = {}, {}
+    for r in range(a, world):
+        node_e[hw.node(r)] = node_e.get(hw.node(r), 0) + 1
+    for r in range(a):
+        node_a[hw.node(r)] = node_a.get(hw.node(r), 0) + 1
+    keys = []
+    for rep in range(plan.attn_replicas):
+        ranks = range(rep * t, (rep + 1) * t)
+        spans = hw.node(ranks[0]) != hw.node(ranks[-1])
+        keys.append(("replica", part_size(work.batch, plan.attn_replicas, rep), spans,
+                     tuple(node_e.get(hw.node(r), 0) for r in ranks)))
+    holders = _holders(placement_of(plan, cfg))
+    for j, held in enumerate(placement_of(plan, cfg)):
+        copies = tuple((len(holders[e]), holders[e].index(j)) for e in held)
+        keys.append(("experts", copies, node_a.get(hw.node(a + j), 0)))
+    return keys
+
+
+def _ep_expert_tokens(plan, cfg: ModelConfig, batch: int, mb: int) -> list[tuple[float, ...]]:
+    """costmodel.expert_tokens of every rank of an EP plan at once: a source holding the expert keeps
+    its tokens; another source s sends them to holder s % c of the c holders, so holder q gets its
+    own tokens plus those of the sources s = q (mod c) that do not hold the expert."""
+    n = [part_size(part_size(batch, plan.ep, s), plan.microbatches, mb) for s in range(plan.ep)]
+    placement = placement_of(plan, cfg)
+    holders = _holders(placement)
+    by_residue: dict[int, list[int]] = {}
+    for c in {len(h) for h in holders.values()}:
+        sums = [0] * c
+        for s, tokens in enumerate(n):
+            sums[s % c] += tokens
+        by_residue[c] = sums
+    got: dict[tuple[int, int], float] = {}
+    for e, hs in holders.items():
+        c = len(hs)
+        own = [0] * c
+        for h in hs:
+            own[h % c] += n[h]
+        for q, h in enumerate(hs):
+            got[e, h] = float(n[h] + by_residue[c][q] - own[q])
+    return [tuple(got[e, r] for e in held) for r, held in enumerate(placement)]
+
+
+def _ep_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
+    per_mb = [_ep_expert_tokens(plan, cfg, work.batch, mb) for mb in range(plan.microbatches)]
+    sizes = _node_sizes(hw, plan.world_size)
+    return [("rank", part_size(work.batch, plan.ep, r), tuple(tokens[r] for tokens in per_mb), sizes[hw.node(r)])
+            for r in range(plan.ep)]
+
+
+@lru_cache(maxsize=4096)
+def rank_classes(plan, cfg: ModelConfig, work: Workload, hw) -> RankClasses:
+    """The classes of `plan`'s ranks (module docstring); every rank its own class for tp_pp and single."""
+    world = plan.world_size
+    if plan.strategy == "ep":
+        units = [(r,) for r in range(world)]
+        keys = _ep_keys(plan, cfg, work, hw)
+    elif plan.strategy == "separated":
+        t, a = plan.attn_tp, plan.num_attention_ranks
+        units = [tuple(range(r * t, (r + 1) * t)) for r in range(plan.attn_replicas)] + [(r,) for r in range(a, world)]
+        keys = _separated_keys(plan, cfg, work, hw)
+    else:
+        return RankClasses.identity(world)
+    first: dict = {}
+    class_of = [0] * world
+    reps: list[int] = []
+    for unit, key in zip(units, keys):
+        if key not in first:
+            first[key] = len(reps)
+            reps.extend(unit)
+        base = first[key]
+        for i, r in enumerate(unit):
+            class_of[r] = base + i
+    order = sorted(range(len(reps)), key=lambda i: reps[i])  # representatives ascending, as world ranks
+    where = {old: new for new, old in enumerate(order)}
+    return RankClasses(tuple(reps[i] for i in order), tuple(where[c] for c in class_of))
+
