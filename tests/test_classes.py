@@ -7,7 +7,7 @@ import pytest
 
 from masep.config import preset
 from masep.perf.classes import rank_classes
-from masep.perf.costmodel import Workload, expert_tokens, rank_memory
+from masep.perf.costmodel import Workload, expert_tokens, part_size, rank_memory
 from masep.perf.hardware import MixedHardware, get_profile
 from masep.perf.simulator import all_costs, rank_ops, simulate
 from masep.plan import EpPlan, SeparatedPlan, TpPpPlan
@@ -66,11 +66,25 @@ def test_one_rank_per_class_simulates_like_every_rank(plan, work, hw):
     assert [m.total for m in some.memory] == [m.total for m in full.memory]
 
 
+def _tokens_one_rank_at_a_time(plan, batch, rank, mb):
+    """The reference: visit every source and ask which holder serves it (the plans' `holder` rule)."""
+    placement = plan.expert_placement(SMALL)
+    if plan.strategy == "ep":
+        sources = [(s, part_size(part_size(batch, plan.ep, s), plan.microbatches, mb)) for s in range(plan.ep)]
+        return tuple(float(sum(n for s, n in sources if plan.holder(SMALL, e, s) == rank)) for e in placement[rank])
+    j = rank - plan.num_attention_ranks
+    sources = [(r, part_size(part_size(batch, plan.attn_replicas, r), plan.microbatches, mb))
+               for r in range(plan.attn_replicas)]
+    return tuple(float(sum(n for r, n in sources if plan.holder(SMALL, e, r) == j)) for e in placement[j])
+
+
 @pytest.mark.timeout(30)
-def test_ep_expert_tokens_of_every_rank_at_once_match_the_cost_model():
-    from masep.perf.classes import _ep_expert_tokens
-    for plan, batch in ((EpPlan(36, 3, placement=_replicated(36)), 100), (EpPlan(5, 2), 17),
-                        (EpPlan(20, 1, placement=_replicated(20)), 7)):
-        for mb in range(plan.microbatches):
-            got = _ep_expert_tokens(plan, SMALL, batch, mb)
-            assert got == [expert_tokens(plan, SMALL, batch, r, mb) for r in range(plan.ep)]
+@pytest.mark.parametrize("plan, batch", [(EpPlan(36, 3, placement=_replicated(36)), 100), (EpPlan(5, 2), 17),
+                                         (EpPlan(20, 1, placement=_replicated(20)), 7),
+                                         (SeparatedPlan(7, 1, 21, 2, placement=_replicated(21)), 45),
+                                         (SeparatedPlan(3, 2, 5, 3), 31)])
+def test_routed_tokens_of_every_rank_at_once_match_one_rank_at_a_time(plan, batch):
+    first = plan.num_attention_ranks if plan.strategy == "separated" else 0
+    for mb in range(plan.microbatches):
+        for rank in range(first, plan.world_size):
+            assert expert_tokens(plan, SMALL, batch, rank, mb) == _tokens_one_rank_at_a_time(plan, batch, rank, mb)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
-from .costmodel import Workload, _holders, part_size, placement_of
+from .costmodel import Workload, part_size, placement_of, plan_holders, routed_tokens
 
 
 @dataclass(frozen=True)
@@ -55,62 +55,39 @@ class RankClasses:
         return cls(tuple(range(world_size)), tuple(range(world_size)))
 
 
-def _node_sizes(hw, world: int) -> dict[int, int]:
-    sizes: dict[int, int] = {}
-    for r in range(world):
-        sizes[hw.node(r)] = sizes.get(hw.node(r), 0) + 1
-    return sizes
+def _per_node(hw, ranks: range) -> dict[int, int]:
+    """How many of `ranks` each node holds, one node at a time (not one rank at a time)."""
+    out: dict[int, int] = {}
+    r = ranks.start
+    while r < ranks.stop:
+        stop = min(hw.node_span(r).stop, ranks.stop)
+        out[hw.node(r)] = out.get(hw.node(r), 0) + stop - r
+        r = stop
+    return out
 
 
 def _separated_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
     """One key per unit: a whole attention replica (T ranks), then each expert rank."""
     a, world, t = plan.num_attention_ranks, plan.world_size, plan.attn_tp
-    # ranks of the other group on each node, counted once per node rather than once per rank
-    node_e, node_a = {}, {}
-    for r in range(a, world):
-        node_e[hw.node(r)] = node_e.get(hw.node(r), 0) + 1
-    for r in range(a):
-        node_a[hw.node(r)] = node_a.get(hw.node(r), 0) + 1
+    node_e, node_a = _per_node(hw, range(a, world)), _per_node(hw, range(a))  # the other group, per node
+    near_e: list[int] = []  # per attention rank: expert ranks on its node
+    for node, count in sorted(node_a.items()):
+        near_e += [node_e.get(node, 0)] * count
     keys = []
     for rep in range(plan.attn_replicas):
-        ranks = range(rep * t, (rep + 1) * t)
-        spans = hw.node(ranks[0]) != hw.node(ranks[-1])
-        keys.append(("replica", part_size(work.batch, plan.attn_replicas, rep), spans,
-                     tuple(node_e.get(hw.node(r), 0) for r in ranks)))
-    holders = _holders(placement_of(plan, cfg))
+        lo, hi = rep * t, (rep + 1) * t
+        keys.append(("replica", part_size(work.batch, plan.attn_replicas, rep), hw.node(lo) != hw.node(hi - 1),
+                     tuple(near_e[lo:hi])))
+    holders = plan_holders(plan, cfg)
     for j, held in enumerate(placement_of(plan, cfg)):
         copies = tuple((len(holders[e]), holders[e].index(j)) for e in held)
         keys.append(("experts", copies, node_a.get(hw.node(a + j), 0)))
     return keys
 
 
-def _ep_expert_tokens(plan, cfg: ModelConfig, batch: int, mb: int) -> list[tuple[float, ...]]:
-    """costmodel.expert_tokens of every rank of an EP plan at once: a source holding the expert keeps
-    its tokens; another source s sends them to holder s % c of the c holders, so holder q gets its
-    own tokens plus those of the sources s = q (mod c) that do not hold the expert."""
-    n = [part_size(part_size(batch, plan.ep, s), plan.microbatches, mb) for s in range(plan.ep)]
-    placement = placement_of(plan, cfg)
-    holders = _holders(placement)
-    by_residue: dict[int, list[int]] = {}
-    for c in {len(h) for h in holders.values()}:
-        sums = [0] * c
-        for s, tokens in enumerate(n):
-            sums[s % c] += tokens
-        by_residue[c] = sums
-    got: dict[tuple[int, int], float] = {}
-    for e, hs in holders.items():
-        c = len(hs)
-        own = [0] * c
-        for h in hs:
-            own[h % c] += n[h]
-        for q, h in enumerate(hs):
-            got[e, h] = float(n[h] + by_residue[c][q] - own[q])
-    return [tuple(got[e, r] for e in held) for r, held in enumerate(placement)]
-
-
 def _ep_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
-    per_mb = [_ep_expert_tokens(plan, cfg, work.batch, mb) for mb in range(plan.microbatches)]
-    sizes = _node_sizes(hw, plan.world_size)
+    per_mb = [routed_tokens(plan, cfg, work.batch, mb) for mb in range(plan.microbatches)]
+    sizes = _per_node(hw, range(plan.world_size))
     return [("rank", part_size(work.batch, plan.ep, r), tuple(tokens[r] for tokens in per_mb), sizes[hw.node(r)])
             for r in range(plan.ep)]
 

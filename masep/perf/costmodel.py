@@ -50,12 +50,21 @@ class Workload:
     batch: int  # sequences decoding together (all micro-batches, all replicas)
     context: int  # keys each sequence attends to in this step
     lm_head: bool = True  # include final norm + lm_head (the floors of docs/reference.md exclude it)
+    # How routed tokens cross the bridge: "padded", what masep's runtime does (parallel/routing.py: a
+    # fixed-capacity block from every sender to every receiver); "routed", a what-if for a count-first
+    # dispatcher such as DeepEP's low-latency kernels: only the expected routed rows, every peer posted at once.
+    dispatch: str = "padded"
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"Workload.batch={self.batch!r}: must be an integer >= 1")
         if not isinstance(self.context, int) or self.context < 1:
             raise ValueError(f"Workload.context={self.context!r}: must be an integer >= 1")
+        if self.dispatch not in DISPATCH_MODELS:
+            raise ValueError(f"Workload.dispatch={self.dispatch!r}: must be one of {DISPATCH_MODELS}")
+
+
+DISPATCH_MODELS = ("padded", "routed")
 
 
 @dataclass(frozen=True)
@@ -147,22 +156,30 @@ def head_cost(cfg: ModelConfig, hw: Hardware, tokens: int, logit_rows: int = 0, 
 
 
 # --- links ---------------------------------------------------------------------------------------------
-def link_time(hw: Hardware, rank: int, peers: dict[int, float], nbytes: float, round_trips: int = 1) -> float:
-    """Alpha-beta time for `rank` to move `nbytes` to/from `peers` (rank -> share of the bytes):
-    pairwise exchange, one latency per peer and round trip, (p - 1) * alpha + bytes * beta.
-    The share to itself costs nothing; NVLink peers and NIC peers progress concurrently."""
-    total = sum(peers.values())
-    if nbytes <= 0 or total <= 0:
+def link_time(hw: Hardware, rank: int, peers: dict[int, float] | range, nbytes: float, round_trips: int = 1) -> float:
+    """Alpha-beta time for `rank` to move `nbytes` to/from `peers` (rank -> share of the bytes, or a
+    range of ranks with equal shares): pairwise exchange, one latency per peer and round trip,
+    (p - 1) * alpha + bytes * beta. The share to itself costs nothing; NVLink peers and NIC peers
+    progress concurrently."""
+    if isinstance(peers, range):  # equal shares: count the peers on this rank's node, do not visit them
+        node = hw.node_span(rank)
+        mine = 1 if rank in peers else 0
+        n_near = max(0, min(node.stop, peers.stop) - max(node.start, peers.start)) - mine
+        n_far, total, near_w = len(peers) - n_near - mine, len(peers), None
+    else:
+        total = sum(peers.values())
+        home = hw.node(rank)
+        near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == home]
+        far = [w for r, w in peers.items() if w > 0 and hw.node(r) != home]
+        n_near, n_far, near_w, far_w = len(near), len(far), sum(near), sum(far)
+    if nbytes <= 0 or total <= 0 or not (n_near or n_far):
         return 0.0
-    home = hw.node(rank)
-    near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == home]
-    far = [w for r, w in peers.items() if w > 0 and hw.node(r) != home]
-    if not near and not far:
-        return 0.0
+    if near_w is None:
+        near_w, far_w = n_near, n_far
     own = hw.for_rank(rank)  # NVLink of this rank's own kind; between nodes, the hardware's (slower side's) NIC
-    latency = max(len(near) * own.nvlink_latency_s, len(far) * hw.internode_latency_s)
-    return round_trips * latency + max(sum(near) / total * nbytes / own.nvlink_bytes_per_s,
-                                       sum(far) / total * nbytes / hw.internode_bytes_per_s)
+    latency = max(n_near * own.nvlink_latency_s, n_far * hw.internode_latency_s)
+    return round_trips * latency + max(near_w / total * nbytes / own.nvlink_bytes_per_s,
+                                       far_w / total * nbytes / hw.internode_bytes_per_s)
 
 
 def _group_link(hw: Hardware, group: tuple[int, ...]) -> tuple[float, float]:
@@ -287,6 +304,13 @@ def _holders(placement: tuple[tuple[int, ...], ...]) -> dict[int, tuple[int, ...
     return {e: tuple(rs) for e, rs in out.items()}
 
 
+@lru_cache(maxsize=4096)
+def plan_holders(plan, cfg: ModelConfig) -> dict[int, tuple[int, ...]]:
+    """Expert id -> the ranks (expert-group indices) holding it, keyed by the plan (whose hash is
+    computed once) rather than by its placement (rehashed on every lookup)."""
+    return _holders(placement_of(plan, cfg))
+
+
 def _holder(placement, expert: int, source: int, local_first: bool = False) -> int:
     """Index of the rank serving `expert` for `source`, as the plans' `holder`: separated spreads
     replicas over the copies; ep serves from the source rank itself when it holds a copy."""
@@ -303,17 +327,36 @@ def expert_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> tup
     s, role = plan.strategy, rank_role(plan, cfg, rank)
     if s in ("single", "tp_pp"):
         return tuple(float(part_size(batch, plan.microbatches, mb)) for _ in role.experts)
-    if s == "separated":
-        placement = placement_of(plan, cfg)
-        sources = [(r, attention_tokens(plan, cfg, batch, r * plan.attn_tp, mb)) for r in range(plan.attn_replicas)]
-    else:
-        placement = placement_of(plan, cfg)
-        sources = [(r, attention_tokens(plan, cfg, batch, r, mb)) for r in range(plan.ep)]
-    local, holders = s == "ep", _holders(placement)
-    everyone = float(sum(n for _, n in sources))  # an expert with one holder gets every source's tokens
-    return tuple(everyone if len(holders[e]) == 1 else
-                 float(sum(n for src, n in sources if _holder(placement, e, src, local) == role.index))
-                 for e in role.experts)
+    return routed_tokens(plan, cfg, batch, mb)[role.index]
+
+
+@lru_cache(maxsize=4096)
+def routed_tokens(plan, cfg: ModelConfig, batch: int, mb: int) -> tuple[tuple[float, ...], ...]:
+    """expert_tokens of every expert-holding rank at once (by expert-group index in separated, by rank
+    in ep), in one pass over the sources rather than one per rank. A source sends an expert's rows to
+    holder (source % c) of its c holders (`_holder`), so holder q gets the tokens of the sources
+    s = q (mod c); in ep a source holding the expert keeps its own rows instead, so holder q gets its
+    own tokens plus those of the sources s = q (mod c) that hold no copy."""
+    placement = placement_of(plan, cfg)
+    holders = plan_holders(plan, cfg)
+    local = plan.strategy == "ep"
+    count = plan.ep if local else plan.attn_replicas
+    n = [part_size(part_size(batch, count, src), plan.microbatches, mb) for src in range(count)]
+    by_residue: dict[int, list[int]] = {}
+    for c in {len(h) for h in holders.values()}:
+        by_residue[c] = [0] * c
+        for src, tokens in enumerate(n):
+            by_residue[c][src % c] += tokens
+    got: dict[tuple[int, int], float] = {}
+    for e, hs in holders.items():
+        c = len(hs)
+        kept = [0] * c  # ep: tokens of holders that keep their own rows, by residue
+        if local:
+            for h in hs:
+                kept[h % c] += n[h]
+        for q, h in enumerate(hs):
+            got[e, h] = float((n[h] if local else 0) + by_residue[c][q] - kept[q])
+    return tuple(tuple(got[e, j] for e in held) for j, held in enumerate(placement))
 
 
 def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> int:
@@ -368,9 +411,15 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
 
 
 @lru_cache(maxsize=4096)
+def _most_held(plan, cfg: ModelConfig) -> int:
+    return max(len(p) for p in placement_of(plan, cfg))
+
+
+@lru_cache(maxsize=4096)
 def _largest_dispatch_slice(plan, cfg: ModelConfig, batch: int, mb: int) -> int:
-    """Tokens of the largest attention rank's dispatch (the same for every rank of the step)."""
-    return max(dispatch_slice(plan, cfg, batch, a, mb) for a in range(plan.num_attention_ranks))
+    """Tokens of the largest attention rank's dispatch (the same for every rank of the step): rank 0's,
+    as split_evenly gives the first replica, micro-batch part and head-parallel slice the extra rows."""
+    return dispatch_slice(plan, cfg, batch, 0, mb)
 
 
 def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
@@ -378,29 +427,71 @@ def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work
     per (sender, receiver) of a fixed capacity, cap = largest sender's tokens x min(k, L) rows
     plus the header, in one round trip (the counts ride in the header). dispatch / combine:
     an attention (or colocated) rank's side; recv / send: an expert rank's."""
+    if work.dispatch == "routed":
+        return _routed_transfer(kind, mb, plan, rank, cfg, work, hw)
     e, hsz = elt_bytes(cfg), cfg.hidden_size
-    placement = placement_of(plan, cfg)
-    max_local = max(len(p) for p in placement)
+    max_local = _most_held(plan, cfg)
     hdr = -(-8 * (4 + max_local) // (hsz * e))
     if plan.strategy == "separated":
         senders = range(plan.num_attention_ranks)
         slots = _largest_dispatch_slice(plan, cfg, work.batch, mb) * min(cfg.top_k, max_local)
         width = slots + (hdr if kind in ("dispatch", "recv") else 0)
         if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
-            peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
+            peers = range(plan.num_attention_ranks, plan.world_size)
         else:  # to / from every attention rank (each replica's bridge; replicas run side by side)
-            peers = {a: 1.0 for a in senders}
+            peers = senders
     else:  # ep: every rank sends a block to every rank, itself included
-        slots = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep)) * \
-            min(cfg.top_k, max_local)
+        slots = attention_tokens(plan, cfg, work.batch, 0, mb) * min(cfg.top_k, max_local)  # rank 0 has the most
         width = slots + (hdr if kind == "dispatch" else 0)
-        peers = {r: 1.0 for r in range(plan.ep)}
+        peers = range(plan.ep)
     nbytes = len(peers) * width * hsz * e
     post = 0.0
     if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
         role = rank_role(plan, cfg, rank)
         post = allgather_s(hw, role.group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
     return comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post)
+
+
+def _routed_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+    """The what-if of `Workload.dispatch = "routed"`: a rank moves only its expected routed rows, one
+    per (token, chosen expert): an attention rank sends (combine: gets back) its dispatch slice x k
+    rows; an expert rank receives (send: returns) the rows its experts get (as experts_cost counts
+    them); an EP rank does both at once and waits for the larger. All peers are posted together,
+    so one latency per round trip (of the NIC when any peer is on another node), not one per peer:
+    DeepEP's published low-latency EP256 dispatch (194 us for 128 tokens x top-8 x 7168 in FP8 on
+    H800 + 400 Gb/s) is 1.33x this model's 146 us for the same 7.3 MB per rank."""
+    e, hsz = elt_bytes(cfg), cfg.hidden_size
+    sent = (dispatch_slice(plan, cfg, work.batch, rank, mb) * cfg.top_k
+            if rank_role(plan, cfg, rank).kind != "expert" else 0)
+    got = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * cfg.top_k / cfg.num_experts \
+        if rank_role(plan, cfg, rank).experts else 0.0
+    if plan.strategy == "separated":
+        peers = range(plan.num_attention_ranks, plan.world_size) if kind in ("dispatch", "combine") else \
+            range(plan.num_attention_ranks)
+    else:
+        peers = range(plan.ep)
+    nbytes = max(sent, got) * hsz * e
+    post = 0.0
+    if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
+        post = allgather_s(hw, rank_role(plan, cfg, rank).group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
+    return OpCost(kind, transfer_s=posted_together_s(hw, rank, peers, nbytes), post_s=post, link_bytes=nbytes)
+
+
+def posted_together_s(hw: Hardware, rank: int, peers: range, nbytes: float) -> float:
+    """`nbytes` spread evenly over `peers`, every peer posted at once: one latency (the NIC's when a
+    peer is on another node), then the NVLink and NIC shares in parallel."""
+    if nbytes <= 0:
+        return 0.0
+    node = hw.node_span(rank)
+    mine = 1 if rank in peers else 0
+    near = max(0, min(node.stop, peers.stop) - max(node.start, peers.start)) - mine
+    far = len(peers) - near - mine
+    if near <= 0 and far <= 0:
+        return 0.0
+    own = hw.for_rank(rank)
+    latency = hw.internode_latency_s if far > 0 else own.nvlink_latency_s
+    return latency + max(near / len(peers) * nbytes / own.nvlink_bytes_per_s,
+                         far / len(peers) * nbytes / hw.internode_bytes_per_s)
 
 
 # --- memory -------------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ class Hardware:
     def node(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    def node_span(self, rank: int) -> range:
+        """The ranks that share `rank`'s node (bounded by the node, not by the plan's size)."""
+        start = self.node(rank) * self.gpus_per_node
+        return range(start, start + self.gpus_per_node)
+
     def for_rank(self, rank: int) -> "Hardware":
         """The profile rank `rank` runs on: this one (MixedHardware gives each group its own)."""
         return self
@@ -198,6 +203,14 @@ class MixedHardware:
         if rank < a:
             return rank // self.attention.gpus_per_node
         return -(-a // self.attention.gpus_per_node) + (rank - a) // self.experts.gpus_per_node
+
+    def node_span(self, rank: int) -> range:
+        a, ga, ge = self.bound_ranks, self.attention.gpus_per_node, self.experts.gpus_per_node
+        if rank < a:
+            start = rank // ga * ga
+            return range(start, min(start + ga, a))
+        start = a + (rank - a) // ge * ge
+        return range(start, start + ge)
 
     @property
     def gpus_per_node(self) -> int:

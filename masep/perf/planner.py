@@ -1,20 +1,31 @@
 """Planner: enumerate the legal plans for N GPUs, simulate them, rank them, explain the winner.
 
 Candidates (`candidate_plans`):
-  separated  E expert ranks (1..N-1), the other A = N - E ranks as R replicas x T head-parallel
-             ranks (every T <= heads dividing A); contiguous expert placement, or round-robin
-             replicas when E > experts; m = 1..max_microbatches with m <= batch / R
+  separated  E expert ranks, the other A = N - E ranks as R replicas x T head-parallel ranks
+             (every T <= heads dividing A); contiguous expert placement, or round-robin replicas
+             when E > experts; m = 1..max_microbatches with m <= batch / R. E takes every value
+             1..N-1 up to FULL_GRID_GPUS GPUs; above, 1..16 and the multiples of a node (expert
+             groups of whole nodes: 79 values instead of 511 at 512 GPUs)
   tp_pp      tp x pp = N, tp <= heads, pp <= layers; m = 1..max_microbatches, m <= batch
   ep         ep = N (contiguous placement, round-robin replicas when N > experts);
              m <= ceil(batch / N)
   single     N = 1
-Plans whose memory does not fit are rejected (with the numbers, see `Search.rejected`).
+Plans whose head-parallel groups span nodes or whose memory does not fit are rejected (with the
+numbers, see `Search.rejected`). Ranks that behave alike are simulated once (classes.py).
 
-Search is exact branch and bound: every rank's compute ops run one after another on its
-compute stream, so max over ranks of the summed compute time is a lower bound on the simulated
-TPOT. Candidates are simulated in order of that bound until the bound passes the N-th best
-simulated TPOT (or, under a TPOT limit, until batch / bound drops below the best TPS), so the
-winner is the plan exhaustive simulation would pick.
+Lowest TPOT at a batch (`search`) is exact branch and bound: `lower_bound_s` never exceeds the
+simulated TPOT, so candidates are simulated in order of it until it passes the N-th best TPOT;
+the winner is the plan exhaustive simulation would pick.
+
+Highest throughput under a TPOT limit (`search_throughput`), or lowest cost per token with prices:
+a plan shape (a plan without its batch) streams its weights once per micro-batch whatever the
+batch, so its tokens/s grows with the batch while TPOT stays under the limit. Each shape is taken
+at the largest batch of the grid (powers of two up to --max-batch) whose memory fits (memory only
+grows with the batch: bisection) and whose lower bound meets the limit (bisection), and shapes are
+simulated in order of batch / bound; a shape whose simulated TPOT misses the limit goes back with
+the next smaller batch. The search ends when no shape left can beat the N-th best. Hardware
+options (several profiles, or attention and experts on two kinds, hardware.MixedHardware) are
+shapes too, each with its own prices (pricing.py).
 
 Explanation (MegaScale-Infer, arXiv 2504.02263): per layer and micro-batch, T_a = attention
 (+ its all-reduce), T_e = experts (+ all-reduce in tp_pp), T_c = the slowest transfer between
@@ -23,33 +34,48 @@ balance is T_a / T_e (1 = balanced).
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..config import ModelConfig
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
 from .classes import rank_classes
 from .costmodel import Workload, check_memory, describe, plan_to_dict, rank_role
 from .hardware import Hardware, MixedHardware
+from .pricing import usd_per_hour, usd_per_million_tokens
 from ..parallel.schedule import RECV_ACT
-from .simulator import COMPUTE_KINDS, Simulation, _stream, all_costs, rank_ops, simulate
+from .simulator import COMPUTE_KINDS, Simulation, _stream, rank_cost_table, simulate
 
 STRATEGY_NAMES = ("separated", "tp_pp", "ep", "single")
 
 
+FULL_GRID_GPUS = 64  # up to this many GPUs every expert-group size is a candidate; above, a coarser grid
+
+
+@lru_cache(maxsize=1024)
 def _replicated(num_experts: int, ranks: int) -> tuple[tuple[int, ...], ...] | None:
-    """None (contiguous) when every rank can hold distinct experts, else expert j % E on rank j."""
+    """None (contiguous) when every rank can hold distinct experts, else expert j % E on rank j (one
+    shared tuple per size: plans that share it hash it once)."""
     if ranks <= num_experts:
         return None
     return tuple((j % num_experts,) for j in range(ranks))
 
 
+def expert_group_sizes(gpus: int, gpus_per_node: int = 8) -> list[int]:
+    """Candidate expert-rank counts E of a separated plan on `gpus` GPUs (module docstring)."""
+    if gpus <= FULL_GRID_GPUS:
+        return list(range(1, gpus))
+    return sorted({e for e in range(1, 17)} | set(range(gpus_per_node, gpus, gpus_per_node)))
+
+
 def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY_NAMES,
-                    max_microbatches: int = 8) -> list:
+                    max_microbatches: int = 8, gpus_per_node: int = 8) -> list:
     out: list = []
     if "separated" in strategies:
-        for e in range(1, gpus):
+        for e in expert_group_sizes(gpus, gpus_per_node):
             a = gpus - e
             for t in range(1, min(a, cfg.num_heads) + 1):
                 if a % t:
@@ -70,8 +96,20 @@ def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY
     return out
 
 
-def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=None, overlap: bool = True) -> float:
-    """A lower bound on the simulated TPOT from the op costs alone (`costs`: of one rank per class).
+def legal_at(plan, batch: int) -> bool:
+    """Whether candidate_plans offers `plan`'s micro-batch count at `batch`."""
+    m = plan.microbatches
+    if plan.strategy == "separated":
+        return m <= max(1, batch // plan.attn_replicas)
+    if plan.strategy == "tp_pp":
+        return m <= batch
+    if plan.strategy == "ep":
+        return m <= math.ceil(batch / plan.ep)
+    return True
+
+
+def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True) -> float:
+    """A lower bound on the simulated TPOT from the op costs alone (one rank per class, classes.py):
       - a stream runs its ops one after another, each for at least its own time: the busiest stream;
       - tp_pp: stage s cannot start before micro-batch 0 went through the stages before it, and
         micro-batch m-1 must still go through the stages after it once s has done all its compute
@@ -82,17 +120,17 @@ def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=No
         its step and the search simulated nearly every candidate.
     tests/test_planner.py checks it never exceeds the simulated TPOT."""
     reps = rank_classes(plan, cfg, work, hw).reps
-    costs = costs if costs is not None else all_costs(plan, cfg, work, hw, reps)
     busiest, compute, chain = 0.0, {}, {}
-    for rank, cs in zip(reps, costs):
+    for rank in reps:
         streams: dict[int, float] = {}
-        for op, c in zip(rank_ops(plan, cfg, rank), cs):
-            stream = _stream(op.kind, overlap)
-            streams[stream] = streams.get(stream, 0.0) + c.time_s
-            if op.kind in COMPUTE_KINDS:
-                compute[rank] = compute.get(rank, 0.0) + c.time_s
-            if op.kind != RECV_ACT:
-                chain[rank, op.mb] = chain.get((rank, op.mb), 0.0) + c.time_s
+        for kind, mb, n, c in rank_cost_table(plan, cfg, rank, work, hw):
+            t = n * c.time_s
+            stream = _stream(kind, overlap)
+            streams[stream] = streams.get(stream, 0.0) + t
+            if kind in COMPUTE_KINDS:
+                compute[rank] = compute.get(rank, 0.0) + t
+            if kind != RECV_ACT:
+                chain[rank, mb] = chain.get((rank, mb), 0.0) + t
         busiest = max(busiest, max(streams.values()))
     if plan.strategy != "tp_pp" or plan.pp == 1:
         return busiest
@@ -119,6 +157,7 @@ class Search:
     simulated: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (plan, reason)
     tpot_limit_s: float | None = None
+    prices: dict[str, float] | None = None  # USD per GPU-hour by profile name: ranked by cost per token
 
     @property
     def best(self) -> Simulation:
@@ -137,11 +176,12 @@ def check_head_groups_in_nodes(plan, gpus_per_node: int) -> None:
     """ValueError when a head-parallel group (a separated replica's ranks, a TP×PP stage's TP
     group) spans two nodes: its all-reduces run once per layer on the critical path, and over
     the slower link between nodes they would set the step's pace."""
-    groups = ([plan.replica_ranks(r) for r in range(plan.attn_replicas)] if plan.strategy == "separated" else
-              [plan.stage_ranks(s) for s in range(plan.pp)] if plan.strategy == "tp_pp" else [])
-    for ranks in groups:
-        if len(ranks) > 1 and ranks[0] // gpus_per_node != ranks[-1] // gpus_per_node:
-            raise ValueError(f"plan {describe(plan)}: the head-parallel group of ranks {ranks[0]}-{ranks[-1]} spans "
+    size, count = ((plan.attn_tp, plan.attn_replicas) if plan.strategy == "separated" else
+                   (plan.tp, plan.pp) if plan.strategy == "tp_pp" else (1, 0))
+    for first in range(0, size * count, size):  # group i holds ranks [i * size, (i + 1) * size)
+        last = first + size - 1
+        if size > 1 and first // gpus_per_node != last // gpus_per_node:
+            raise ValueError(f"plan {describe(plan)}: the head-parallel group of ranks {first}-{last} spans "
                              f"two nodes of {gpus_per_node} GPUs; keep each replica or TP group inside a node")
 
 
@@ -162,11 +202,6 @@ def _fits(plan, cfg, work, hw, rejected) -> bool:
     return True
 
 
-def _costs(plan, cfg, work, hw):
-    """Costs of one rank per class (classes.py): what the lower bound and the simulation need."""
-    return all_costs(plan, cfg, work, hw, rank_classes(plan, cfg, work, hw).reps)
-
-
 def _order_key(sim: Simulation) -> tuple:
     return (round(sim.tpot_s, 12), sim.plan.microbatches, describe(sim.plan))
 
@@ -174,21 +209,19 @@ def _order_key(sim: Simulation) -> tuple:
 def search(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, strategies=STRATEGY_NAMES, top: int = 5,
            max_microbatches: int = 8, overlap: bool = True) -> Search:
     """Rank plans for a fixed batch by simulated TPOT (exact branch and bound, module docstring)."""
-    plans = candidate_plans(cfg, gpus, work.batch, strategies, max_microbatches)
+    plans = candidate_plans(cfg, gpus, work.batch, _strategies_on(hw, strategies), max_microbatches, hw.gpus_per_node)
     result = Search(cfg, hw, gpus, work, [], candidates=len(plans))
     bounded = []
     for i, plan in enumerate(plans):
         hwp = hardware_for(hw, plan)
         if _fits(plan, cfg, work, hwp, result.rejected):
-            costs = _costs(plan, cfg, work, hwp)
-            bounded.append((lower_bound_s(plan, cfg, work, hwp, costs, overlap), i, plan, costs))
+            bounded.append((lower_bound_s(plan, cfg, work, hwp, overlap), i, plan))
     bounded.sort(key=lambda x: (x[0], x[1]))
     best: list[Simulation] = []
-    for lb, _, plan, costs in bounded:
+    for lb, _, plan in bounded:
         if len(best) >= top and lb >= best[top - 1].tpot_s:
             break
-        best.append(simulate(plan, cfg, work, hardware_for(hw, plan), overlap=overlap, check_fit=False, costs=costs,
-                             grouped=True))
+        best.append(simulate(plan, cfg, work, hardware_for(hw, plan), overlap=overlap, check_fit=False, grouped=True))
         result.simulated += 1
         best.sort(key=_order_key)
         del best[top:]
@@ -206,36 +239,119 @@ def batch_candidates(max_batch: int) -> list[int]:
     return out
 
 
-def search_throughput(cfg: ModelConfig, hw: Hardware, gpus: int, context: int, tpot_limit_s: float, *,
+def _strategies_on(hw, strategies) -> tuple[str, ...]:
+    """Attention and experts on two kinds of GPU (MixedHardware) is for separated plans only."""
+    return tuple(s for s in strategies if s == "separated") if isinstance(hw, MixedHardware) else tuple(strategies)
+
+
+class _Goal:
+    """What the throughput search ranks by: tokens/s (higher first) or, with prices, USD per million
+    output tokens (lower first). `key` is smaller for better; `bound` is the best key a shape can
+    reach at a batch given the TPOT lower bound there."""
+
+    def __init__(self, prices: dict[str, float] | None):
+        self.prices = prices
+        self._hourly: dict = {}
+
+    def hourly(self, hw, world: int) -> float:
+        if (hw, world) not in self._hourly:
+            self._hourly[hw, world] = usd_per_hour(hw, world, self.prices)
+        return self._hourly[hw, world]
+
+    def _key(self, hw, world: int, tps: float) -> float:
+        return -tps if self.prices is None else usd_per_million_tokens(self.hourly(hw, world), tps)
+
+    def bound(self, plan, hw, batch: int, lb: float) -> float:
+        return self._key(hw, plan.world_size, batch / lb)
+
+    def key(self, sim: Simulation) -> tuple:
+        return round(self._key(sim.hw, sim.num_gpus, sim.tps), 9), describe(sim.plan), sim.hw.name
+
+
+class _Shape:
+    """One plan shape on one hardware: its legal batches, and memory / lower-bound checks at each,
+    each done at most once."""
+
+    def __init__(self, plan, hw, cfg, batches, work: Workload, overlap):
+        self.plan, self.hw, self.cfg, self.overlap = plan, hw, cfg, overlap
+        self.works = [dataclasses.replace(work, batch=b) for b in batches if legal_at(plan, b)]
+        self._fit: dict[int, str | None] = {}
+        self._lb: dict[int, float] = {}
+
+    def why_not(self, i: int) -> str | None:
+        """None when the shape fits at its i-th batch, else the reason."""
+        if i not in self._fit:
+            rejected: list = []
+            self._fit[i] = None if _fits(self.plan, self.cfg, self.works[i], self.hw, rejected) else rejected[0][1]
+        return self._fit[i]
+
+    def lb(self, i: int) -> float:
+        if i not in self._lb:
+            self._lb[i] = lower_bound_s(self.plan, self.cfg, self.works[i], self.hw, self.overlap)
+        return self._lb[i]
+
+    def largest(self, below: int, ok) -> int:
+        """The largest index < below where ok(i) holds, ok being true up to some index and false after
+        (memory, lower bound: both only grow with the batch); -1 when none."""
+        lo, hi = 0, below - 1
+        if hi < 0 or not ok(0):
+            return -1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+
+
+def search_throughput(cfg: ModelConfig, hw, gpus: int, context: int, tpot_limit_s: float, *,
                       max_batch: int = 1024, strategies=STRATEGY_NAMES, top: int = 5, max_microbatches: int = 8,
-                      lm_head: bool = True, overlap: bool = True) -> Search:
-    """Rank (batch, plan) pairs by TPS among those with simulated TPOT <= tpot_limit_s."""
+                      lm_head: bool = True, overlap: bool = True, prices: dict[str, float] | None = None,
+                      dispatch: str = "padded") -> Search:
+    """Rank (batch, plan) pairs with simulated TPOT <= tpot_limit_s by tokens/s, or with `prices` (USD
+    per GPU-hour by profile name) by USD per million output tokens (module docstring). `hw`: a
+    profile, a MixedHardware split, or a list of them (hardware options searched together).
+    `dispatch`: Workload.dispatch (the runtime's padded blocks, or the routed-rows what-if)."""
+    options = list(hw) if isinstance(hw, (list, tuple)) else [hw]
+    goal, batches = _Goal(prices), batch_candidates(max_batch)
+    template = Workload(1, context, lm_head, dispatch)
+    shapes = [_Shape(plan, hardware_for(option, plan), cfg, batches, template, overlap)
+              for option in options
+              for plan in candidate_plans(cfg, gpus, max_batch, _strategies_on(option, strategies), max_microbatches,
+                                          option.gpus_per_node)]
     rejected: list[tuple[str, str]] = []
-    heap, count = [], 0
-    for batch in batch_candidates(max_batch):
-        work = Workload(batch, context, lm_head)
-        for plan in candidate_plans(cfg, gpus, batch, strategies, max_microbatches):
-            count += 1
-            if not _fits(plan, cfg, work, hw, rejected):
-                continue
-            lb = lower_bound_s(plan, cfg, work, hw)
-            if lb <= tpot_limit_s:
-                heapq.heappush(heap, (-batch / lb, count, plan, work))
+    heap: list = []
+
+    def push(k: int, below: int) -> None:
+        """Shape k at its largest batch below index `below` that fits and whose bound meets the limit."""
+        shape = shapes[k]
+        fit = shape.largest(below, lambda i: shape.why_not(i) is None)
+        if fit < 0:
+            if below == len(shape.works) and shape.works:
+                rejected.append((describe(shape.plan), shape.why_not(0)))
+            return
+        i = shape.largest(fit + 1, lambda i: shape.lb(i) <= tpot_limit_s)
+        if i >= 0:
+            heapq.heappush(heap, (goal.bound(shape.plan, shape.hw, shape.works[i].batch, shape.lb(i)), k, i))
+
+    for k, shape in enumerate(shapes):
+        push(k, len(shape.works))
     best: list[Simulation] = []
     simulated = 0
     while heap:
-        neg_ub, _, plan, work = heapq.heappop(heap)
-        if len(best) >= top and -neg_ub <= best[top - 1].tps:
+        bound, k, i = heapq.heappop(heap)
+        if len(best) >= top and bound >= goal.key(best[top - 1])[0]:
             break
-        sim = simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False)
+        shape = shapes[k]
+        sim = simulate(shape.plan, cfg, shape.works[i], shape.hw, overlap=overlap, check_fit=False, grouped=True)
         simulated += 1
         if sim.tpot_s <= tpot_limit_s:
             best.append(sim)
-            best.sort(key=lambda s: (-round(s.tps, 6), describe(s.plan)))
+            best.sort(key=goal.key)
             del best[top:]
-    work = best[0].work if best else Workload(1, context, lm_head)
-    return Search(cfg, hw, gpus, work, best, candidates=count, simulated=simulated, rejected=rejected,
-                  tpot_limit_s=tpot_limit_s)
+        else:  # over the limit at this batch: the shape may still meet it at a smaller one
+            push(k, i)
+    work = best[0].work if best else template
+    return Search(cfg, hw, gpus, work, best, candidates=sum(len(s.works) for s in shapes), simulated=simulated,
+                  rejected=rejected, tpot_limit_s=tpot_limit_s, prices=prices)
 
 
 # --- explaining a plan ----------------------------------------------------------------------------------
