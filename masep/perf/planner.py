@@ -46,8 +46,8 @@ from .classes import rank_classes
 from .costmodel import Workload, check_memory, describe, plan_to_dict, rank_role
 from .hardware import Hardware, MixedHardware
 from .pricing import usd_per_hour, usd_per_million_tokens
-from ..parallel.schedule import RECV_ACT
-from .simulator import COMPUTE_KINDS, Simulation, _stream, rank_cost_table, simulate
+from ..parallel.schedule import EXPERTS, RECV_ACT
+from .simulator import COMPUTE_KINDS, OverDeadline, Simulation, _stream, rank_cost_table, simulate
 
 STRATEGY_NAMES = ("separated", "tp_pp", "ep", "single")
 
@@ -118,9 +118,12 @@ def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap:
         (recv_act left out: it is the same transfer as the previous stage's send_act); and every
         micro-batch's chain through all stages. Without these a deep pipeline's bound was 1/pp of
         its step and the search simulated nearly every candidate.
+      - separated and ep: one micro-batch's chain: each layer's attention, dispatch, the slowest
+        expert rank's experts (a combine waits for every expert rank) and combine, one after another
+        (what bounds plans whose transfers dominate).
     tests/test_planner.py checks it never exceeds the simulated TPOT."""
     reps = rank_classes(plan, cfg, work, hw).reps
-    busiest, compute, chain = 0.0, {}, {}
+    busiest, compute, chain, experts = 0.0, {}, {}, {}
     for rank in reps:
         streams: dict[int, float] = {}
         for kind, mb, n, c in rank_cost_table(plan, cfg, rank, work, hw):
@@ -129,9 +132,15 @@ def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap:
             streams[stream] = streams.get(stream, 0.0) + t
             if kind in COMPUTE_KINDS:
                 compute[rank] = compute.get(rank, 0.0) + t
-            if kind != RECV_ACT:
+            if kind == EXPERTS and plan.strategy == "separated":  # on an expert rank: joins every rank's chain
+                experts[mb] = max(experts.get(mb, 0.0), t)
+            elif kind != RECV_ACT:
                 chain[rank, mb] = chain.get((rank, mb), 0.0) + t
         busiest = max(busiest, max(streams.values()))
+    if plan.strategy in ("separated", "ep"):
+        one = max(t + experts.get(mb, 0.0) for (rank, mb), t in chain.items()
+                  if plan.strategy == "ep" or rank < plan.num_attention_ranks)
+        return max(busiest, one)
     if plan.strategy != "tp_pp" or plan.pp == 1:
         return busiest
     m = plan.microbatches
@@ -341,14 +350,16 @@ def search_throughput(cfg: ModelConfig, hw, gpus: int, context: int, tpot_limit_
         if len(best) >= top and bound >= goal.key(best[top - 1])[0]:
             break
         shape = shapes[k]
-        sim = simulate(shape.plan, cfg, shape.works[i], shape.hw, overlap=overlap, check_fit=False, grouped=True)
         simulated += 1
-        if sim.tpot_s <= tpot_limit_s:
-            best.append(sim)
-            best.sort(key=goal.key)
-            del best[top:]
-        else:  # over the limit at this batch: the shape may still meet it at a smaller one
+        try:
+            sim = simulate(shape.plan, cfg, shape.works[i], shape.hw, overlap=overlap, check_fit=False, grouped=True,
+                           deadline_s=tpot_limit_s)
+        except OverDeadline:  # over the limit at this batch: the shape may still meet it at a smaller one
             push(k, i)
+            continue
+        best.append(sim)
+        best.sort(key=goal.key)
+        del best[top:]
     work = best[0].work if best else template
     return Search(cfg, hw, gpus, work, best, candidates=sum(len(s.works) for s in shapes), simulated=simulated,
                   rejected=rejected, tpot_limit_s=tpot_limit_s, prices=prices)

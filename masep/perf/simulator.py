@@ -102,7 +102,7 @@ def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
             return ("e2a", op.layer, op.mb), _world(plan.world_size)
         if op.kind == ATTENTION and plan.attn_tp > 1:
             replica = rank // plan.attn_tp
-            return ("attn", replica, op.layer, op.mb), tuple(plan.replica_ranks(replica))
+            return ("attn", replica, op.layer, op.mb), _replica(plan, replica)
         return None
     if s == "tp_pp":
         stage, t = divmod(rank, plan.tp)
@@ -118,10 +118,35 @@ def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
     return None
 
 
+@lru_cache(maxsize=65536)
+def _replica(plan, replica: int) -> tuple[int, ...]:
+    return tuple(plan.replica_ranks(replica))
+
+
 @lru_cache(maxsize=64)
 def _world(n: int) -> tuple[int, ...]:
     """Every rank: one shared tuple per size, so matching does not rebuild it for every op."""
     return tuple(range(n))
+
+
+@lru_cache(maxsize=4096)
+def _op_counts(strategy: str, kind: str, num_layers: int, layers: range, stage: int, stages: int,
+               m: int) -> tuple[tuple[tuple[str, int], int], ...]:
+    counts: dict[tuple[str, int], int] = {}
+    for o in _schedule(strategy, kind, num_layers, layers, stage, stages, m):
+        counts[o.kind, o.mb] = counts.get((o.kind, o.mb), 0) + 1
+    return tuple(counts.items())
+
+
+def rank_cost_table(plan, cfg: ModelConfig, rank: int, work: Workload,
+                    hw: Hardware) -> list[tuple[str, int, int, OpCost]]:
+    """(kind, micro-batch, how many such ops, their cost) of `rank`'s op list: what sums over the
+    ops need, without visiting every layer's op."""
+    role = rank_role(plan, cfg, rank)
+    stages = plan.pp if plan.strategy == "tp_pp" else 1
+    counts = _op_counts(plan.strategy, role.kind, cfg.num_layers, role.layers, role.replica, stages,
+                        plan.microbatches)
+    return [(kind, mb, n, op_cost(kind, -1, mb, plan, rank, cfg, work, hw)) for (kind, mb), n in counts]
 
 
 def rank_costs(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware, ops) -> list[OpCost]:
@@ -299,6 +324,10 @@ class Deadlock(RuntimeError):
     """The op lists cannot finish: some matched op never gets all its members."""
 
 
+class OverDeadline(Exception):
+    """The step runs past the deadline it was given (a planner's TPOT limit): no need to finish it."""
+
+
 def all_costs(plan, cfg: ModelConfig, work: Workload, hw: Hardware, ranks=None) -> list[list[OpCost]]:
     """Cost of every op of every rank in `ranks` (default: all), in op-list order."""
     ranks = range(plan.world_size) if ranks is None else ranks
@@ -317,10 +346,11 @@ def _stream(kind: str, overlap: bool) -> int:
 
 def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
          costs: list[list[OpCost]] | None = None, ops: list | None = None, match_fn=None,
-         stream_of=None, ranks=None) -> list[OpRecord]:
+         stream_of=None, ranks=None, deadline_s: float | None = None) -> list[OpRecord]:
     """`ops` (per rank), `match_fn` and `stream_of(kind)` default to a decode step's; training
     passes its own. `ranks`: the world ranks to run (default all): one per class (classes.py),
-    each transfer then waits for the members among them; `ops` and `costs` are in that order."""
+    each transfer then waits for the members among them; `ops` and `costs` are in that order.
+    `deadline_s`: raise OverDeadline as soon as an op ends later (the step can only be longer)."""
     ranks = list(range(plan.world_size)) if ranks is None else list(ranks)
     local = {world: i for i, world in enumerate(ranks)}
     n = len(ranks)
@@ -365,6 +395,8 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
     queued = [True] * n
 
     def finish(r: int, i: int, t: float) -> None:
+        if deadline_s is not None and t > deadline_s:
+            raise OverDeadline(f"an op of rank {ranks[r]} ends at {t * 1e3:.3f} ms, past {deadline_s * 1e3:.3f} ms")
         end[r][i] = t
         s = stream[r][i]
         waiting[r][s] = False
@@ -414,12 +446,13 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
 
 def simulate(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True,
              check_fit: bool = True, costs: list[list[OpCost]] | None = None,
-             grouped: bool | None = None) -> Simulation:
+             grouped: bool | None = None, deadline_s: float | None = None) -> Simulation:
     """One decode step of `plan`; ValueError (with the numbers) when a rank's memory does not fit.
     grouped: run one rank per class of alike ranks (classes.py: the same times, far fewer ops at scale,
     `records` then hold the representatives' ops); False: every rank (a trace shows every GPU); None:
     grouped above GROUPED_ABOVE GPUs. `costs`: `all_costs(plan, cfg, work, hw, ranks)` of the ranks
-    simulated (rank_classes(...).reps when grouped) when the caller has them already."""
+    simulated (rank_classes(...).reps when grouped) when the caller has them already. `deadline_s`:
+    raise OverDeadline once the step is sure to take longer (a TPOT limit: stop early)."""
     plan.validate(cfg, plan.world_size)
     if grouped is None:
         grouped = plan.world_size > GROUPED_ABOVE
@@ -427,6 +460,6 @@ def simulate(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool
     reps = classes.reps
     memory = check_memory(plan, cfg, work, hw, reps) if check_fit else \
         [rank_memory(plan, cfg, r, work, hw) for r in reps]
-    records = _run(plan, cfg, work, hw, overlap, costs, ranks=reps)
+    records = _run(plan, cfg, work, hw, overlap, costs, ranks=reps, deadline_s=deadline_s)
     return Simulation(plan, cfg, work, hw, overlap, records, classes.expand(memory), min_step_bytes(cfg, work, hw),
                       classes)
