@@ -66,29 +66,34 @@ def _per_node(hw, ranks: range) -> dict[int, int]:
     return out
 
 
-def _separated_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
-    """One key per unit: a whole attention replica (T ranks), then each expert rank."""
+@lru_cache(maxsize=4096)
+def _separated_layout(plan, cfg: ModelConfig, hw) -> tuple[list[tuple], list[tuple]]:
+    """What a separated plan's keys hold apart from the batch (the same at every batch): per replica,
+    whether it spans nodes and each rank's expert ranks on its node; per expert rank, its copies and
+    the attention ranks on its node."""
     a, world, t = plan.num_attention_ranks, plan.world_size, plan.attn_tp
     node_e, node_a = _per_node(hw, range(a, world)), _per_node(hw, range(a))  # the other group, per node
     near_e: list[int] = []  # per attention rank: expert ranks on its node
     for node, count in sorted(node_a.items()):
         near_e += [node_e.get(node, 0)] * count
-    keys = []
-    for rep in range(plan.attn_replicas):
-        lo, hi = rep * t, (rep + 1) * t
-        keys.append(("replica", part_size(work.batch, plan.attn_replicas, rep), hw.node(lo) != hw.node(hi - 1),
-                     tuple(near_e[lo:hi])))
+    replicas = [(hw.node(lo) != hw.node(lo + t - 1), tuple(near_e[lo:lo + t])) for lo in range(0, a, t)]
     holders = plan_holders(plan, cfg)
-    for j, held in enumerate(placement_of(plan, cfg)):
-        copies = tuple((len(holders[e]), holders[e].index(j)) for e in held)
-        keys.append(("experts", copies, node_a.get(hw.node(a + j), 0)))
-    return keys
+    experts = [("experts", tuple((len(holders[e]), holders[e].index(j)) for e in held),
+                node_a.get(hw.node(a + j), 0)) for j, held in enumerate(placement_of(plan, cfg))]
+    return replicas, experts
+
+
+def _separated_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
+    """One key per unit: a whole attention replica (T ranks), then each expert rank."""
+    replicas, experts = _separated_layout(plan, cfg, hw)
+    base, extra = divmod(work.batch, plan.attn_replicas)  # split_evenly: the first `extra` replicas get one more
+    return [("replica", base + (r < extra), *layout) for r, layout in enumerate(replicas)] + experts
 
 
 def _ep_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
-    per_mb = [routed_tokens(plan, cfg, work.batch, mb) for mb in range(plan.microbatches)]
     sizes = _per_node(hw, range(plan.world_size))
-    return [("rank", part_size(work.batch, plan.ep, r), tuple(tokens[r] for tokens in per_mb), sizes[hw.node(r)])
+    return [("rank", part_size(work.batch, plan.ep, r),
+             tuple(routed_tokens(plan, cfg, work.batch, mb, r) for mb in range(plan.microbatches)), sizes[hw.node(r)])
             for r in range(plan.ep)]
 
 

@@ -327,36 +327,44 @@ def expert_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> tup
     s, role = plan.strategy, rank_role(plan, cfg, rank)
     if s in ("single", "tp_pp"):
         return tuple(float(part_size(batch, plan.microbatches, mb)) for _ in role.experts)
-    return routed_tokens(plan, cfg, batch, mb)[role.index]
+    return routed_tokens(plan, cfg, batch, mb, role.index)
 
 
 @lru_cache(maxsize=4096)
-def routed_tokens(plan, cfg: ModelConfig, batch: int, mb: int) -> tuple[tuple[float, ...], ...]:
-    """expert_tokens of every expert-holding rank at once (by expert-group index in separated, by rank
-    in ep), in one pass over the sources rather than one per rank. A source sends an expert's rows to
-    holder (source % c) of its c holders (`_holder`), so holder q gets the tokens of the sources
-    s = q (mod c); in ep a source holding the expert keeps its own rows instead, so holder q gets its
-    own tokens plus those of the sources s = q (mod c) that hold no copy."""
-    placement = placement_of(plan, cfg)
+def _sources(plan, batch: int, mb: int) -> tuple[int, int, int, int]:
+    """(sources, extra, more, fewer): split_evenly gives the first `extra` sources (replicas in
+    separated, ranks in ep) `more` tokens of micro-batch mb and the others `fewer`."""
+    count = plan.ep if plan.strategy == "ep" else plan.attn_replicas
+    base, extra = divmod(batch, count)
+    return count, extra, part_size(base + 1, plan.microbatches, mb), part_size(base, plan.microbatches, mb)
+
+
+@lru_cache(maxsize=65536)
+def _by_residue(plan, batch: int, mb: int, c: int) -> tuple[int, ...]:
+    """Tokens of micro-batch mb summed over the sources s = q (mod c), for q in [0, c)."""
+    count, extra, more, fewer = _sources(plan, batch, mb)
+    return tuple(more * len(range(q, extra, c)) + fewer * (len(range(q, count, c)) - len(range(q, extra, c)))
+                 for q in range(c))
+
+
+def routed_tokens(plan, cfg: ModelConfig, batch: int, mb: int, index: int) -> tuple[float, ...]:
+    """expert_tokens of the expert-holding rank `index` (expert-group index in separated, rank in ep),
+    counted by residues instead of visiting every source. A source sends an expert's rows to holder
+    (source % c) of its c holders (`_holder`), so holder q gets the tokens of the sources s = q (mod c);
+    in ep a source holding the expert keeps its own rows instead, so holder q gets its own tokens plus
+    those of the sources s = q (mod c) that hold no copy."""
     holders = plan_holders(plan, cfg)
-    local = plan.strategy == "ep"
-    count = plan.ep if local else plan.attn_replicas
-    n = [part_size(part_size(batch, count, src), plan.microbatches, mb) for src in range(count)]
-    by_residue: dict[int, list[int]] = {}
-    for c in {len(h) for h in holders.values()}:
-        by_residue[c] = [0] * c
-        for src, tokens in enumerate(n):
-            by_residue[c][src % c] += tokens
-    got: dict[tuple[int, int], float] = {}
-    for e, hs in holders.items():
-        c = len(hs)
-        kept = [0] * c  # ep: tokens of holders that keep their own rows, by residue
-        if local:
-            for h in hs:
-                kept[h % c] += n[h]
-        for q, h in enumerate(hs):
-            got[e, h] = float((n[h] if local else 0) + by_residue[c][q] - kept[q])
-    return tuple(tuple(got[e, j] for e in held) for j, held in enumerate(placement))
+    count, extra, more, fewer = _sources(plan, batch, mb)
+    tokens = lambda src: more if src < extra else fewer  # noqa: E731
+    out = []
+    for e in placement_of(plan, cfg)[index]:
+        hs = holders[e]
+        c, q = len(hs), hs.index(index)
+        got = _by_residue(plan, batch, mb, c)[q]
+        if plan.strategy == "ep":  # the holders among the sources s = q (mod c) keep their rows; this one too
+            got += tokens(index) - sum(tokens(h) for h in hs if h % c == q)
+        out.append(float(got))
+    return tuple(out)
 
 
 def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> int:

@@ -108,6 +108,11 @@ def legal_at(plan, batch: int) -> bool:
     return True
 
 
+# transfers whose members are every rank of the plan (separated: dispatch == recv, combine == send; ep:
+# dispatch, combine): each member's op lasts at least the slowest member's transfer time
+_PLAN_WIDE = {"dispatch": "a2e", "recv": "a2e", "combine": "e2a", "send": "e2a"}
+
+
 def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True) -> float:
     """A lower bound on the simulated TPOT from the op costs alone (one rank per class, classes.py):
       - a stream runs its ops one after another, each for at least its own time: the busiest stream;
@@ -118,16 +123,25 @@ def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap:
         (recv_act left out: it is the same transfer as the previous stage's send_act); and every
         micro-batch's chain through all stages. Without these a deep pipeline's bound was 1/pp of
         its step and the search simulated nearly every candidate.
+      - a transfer among every rank of the plan (separated and ep dispatch / combine) ends when its
+        slowest member's transfer does: each member's op counts that member's time;
       - separated and ep: one micro-batch's chain: each layer's attention, dispatch, the slowest
         expert rank's experts (a combine waits for every expert rank) and combine, one after another
         (what bounds plans whose transfers dominate).
     tests/test_planner.py checks it never exceeds the simulated TPOT."""
     reps = rank_classes(plan, cfg, work, hw).reps
+    tables = {rank: rank_cost_table(plan, cfg, rank, work, hw) for rank in reps}
+    slowest: dict[tuple[str, int], float] = {}  # a plan-wide transfer waits for its slowest member's share
+    for table in tables.values():
+        for kind, mb, n, c in table:
+            if kind in _PLAN_WIDE:
+                key = (_PLAN_WIDE[kind], mb)
+                slowest[key] = max(slowest.get(key, 0.0), c.transfer_s)
     busiest, compute, chain, experts = 0.0, {}, {}, {}
     for rank in reps:
         streams: dict[int, float] = {}
-        for kind, mb, n, c in rank_cost_table(plan, cfg, rank, work, hw):
-            t = n * c.time_s
+        for kind, mb, n, c in tables[rank]:
+            t = n * (c.time_s if kind not in _PLAN_WIDE else c.compute_s + slowest[_PLAN_WIDE[kind], mb] + c.post_s)
             stream = _stream(kind, overlap)
             streams[stream] = streams.get(stream, 0.0) + t
             if kind in COMPUTE_KINDS:
