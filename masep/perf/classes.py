@@ -11,9 +11,9 @@ A class key holds everything the cost model reads about a rank, computed without
   attention replica (separated)  its sequences (part of the batch), whether it spans nodes, and
                                  per rank the number of expert ranks on its node (the rest of
                                  its dispatch crosses nodes); its rank index t gives its heads
-  expert rank (separated)        per held expert: how many ranks hold that expert and which of
-                                 them this is (the sources it serves follow), and the number of
-                                 attention ranks on its node
+  expert rank (separated)        per held expert, the tokens it serves in each micro-batch (from
+                                 how many ranks hold that expert and which of them this is), and
+                                 the number of attention ranks on its node
   rank (ep)                      its sequences, the tokens each held expert receives in every
                                  micro-batch (counted for all ranks at once), its node's size
 tp_pp and single plans are not grouped (every rank its own class): their op lists already shrink
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
-from .costmodel import Workload, part_size, placement_of, plan_holders, routed_tokens
+from .costmodel import Workload, _by_residue, part_size, placement_of, plan_holders, routed_tokens
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,27 @@ def _separated_layout(plan, cfg: ModelConfig, hw) -> tuple[list[tuple], list[tup
         near_e += [node_e.get(node, 0)] * count
     replicas = [(hw.node(lo) != hw.node(lo + t - 1), tuple(near_e[lo:lo + t])) for lo in range(0, a, t)]
     holders = plan_holders(plan, cfg)
-    experts = [("experts", tuple((len(holders[e]), holders[e].index(j)) for e in held),
-                node_a.get(hw.node(a + j), 0)) for j, held in enumerate(placement_of(plan, cfg))]
+    experts = [(tuple((len(holders[e]), holders[e].index(j)) for e in held), node_a.get(hw.node(a + j), 0))
+               for j, held in enumerate(placement_of(plan, cfg))]
     return replicas, experts
 
 
 def _separated_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
-    """One key per unit: a whole attention replica (T ranks), then each expert rank."""
+    """One key per unit: a whole attention replica (T ranks), then each expert rank. An expert rank's
+    key holds the tokens each held expert gets in each micro-batch (copy q of an expert held c times
+    serves the replicas r = q (mod c), costmodel.routed_tokens), so copies that serve as many tokens
+    share a class."""
     replicas, experts = _separated_layout(plan, cfg, hw)
     base, extra = divmod(work.batch, plan.attn_replicas)  # split_evenly: the first `extra` replicas get one more
-    return [("replica", base + (r < extra), *layout) for r, layout in enumerate(replicas)] + experts
+    served: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def tokens(c: int, q: int) -> tuple[int, ...]:
+        if (c, q) not in served:
+            served[c, q] = tuple(_by_residue(plan, work.batch, mb, c)[q] for mb in range(plan.microbatches))
+        return served[c, q]
+
+    return [("replica", base + (r < extra), *layout) for r, layout in enumerate(replicas)] + [
+        ("experts", tuple(tokens(c, q) for c, q in copies), near) for copies, near in experts]
 
 
 def _ep_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:

@@ -319,6 +319,8 @@ class _Shape:
         lo, hi = 0, below - 1
         if hi < 0 or not ok(0):
             return -1
+        if ok(hi):  # often the case under a loose limit: no bisection needed
+            return hi
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
