@@ -127,7 +127,10 @@ def test_plan_on_a_fixed_split_reports_its_cost(capsys):
     argv = ["plan", "--preset", "small", "--gpus", "4", "--hardware", "h100", "--attn-hardware", "h200",
             "--price", "h100=2,h200=3", "--batch", "32", "--top", "2", "--json"]
     assert _run(argv) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    doc = json.loads(capsys.readouterr().out)
+    links = doc["meta"]["hardware"]["links"]  # every output states the links it assumed
+    assert links["between_groups_gb_s_per_gpu"] == 50 and "NDR InfiniBand" in links["attention"]["links"]
+    rows = doc["rows"]
     for r in rows:
         assert r["strategy"] == "separated" and r["hardware"] == "h200 (attention) + h100 (experts)"
         attention = r["plan_fields"]["attn_replicas"] * r["plan_fields"]["attn_tp"]

@@ -343,7 +343,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def _doc(command: str, rows: list[dict], args, cfg: ModelConfig, hw, **meta) -> dict:
     """The --json document (masep/report.py) of a simulated command: the model and the profile in meta."""
     return document(command, rows, args, model=dataclasses.asdict(cfg),
-                    hardware=profile_info(hw, getattr(args, "gpus", None)), **meta)
+                    hardware={**profile_info(hw, getattr(args, "gpus", None)), "links": hw.link_info()}, **meta)
 
 
 def _emit(args, doc: dict, lines: list[str], files=()) -> int:

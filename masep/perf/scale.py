@@ -81,7 +81,9 @@ def family_row(cfg: ModelConfig, hw, gpus: int, family: str, setting: Setting, d
     sim = res.best
     gb, frac = headroom(sim)
     per_gpu = sim.tps / gpus
-    return dict(row, plan=plan_label(sim.plan, cfg), notation=describe(sim.plan), batch=sim.work.batch, tpot_ms=sim.tpot_s * 1e3,
+    split = (dict(attention_gpus=sim.plan.num_attention_ranks, expert_gpus=sim.plan.expert_ranks)
+             if sim.plan.strategy == "separated" else {})
+    return dict(row, **split, plan=plan_label(sim.plan, cfg), notation=describe(sim.plan), batch=sim.work.batch, tpot_ms=sim.tpot_s * 1e3,
                 tokens_per_s=sim.tps, tokens_per_s_per_gpu=per_gpu, tokens_per_s_per_node=per_gpu * hw.gpus_per_node,
                 floor_ms=sim.floor_s * 1e3, memory_max_gb=max(m.total for m in sim.memory) / 1e9,
                 headroom_gb=gb, headroom_fraction=frac)
