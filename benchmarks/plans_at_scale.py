@@ -45,27 +45,28 @@ PUBLISHED = [
     dict(key="sglang", system="SGLang, DeepSeek-V3, 96 H100 (12 nodes x 8), prefill-decode disaggregated, "
          "DP attention + DeepEP + two-batch overlap + EPLB",
          result="22.3k output tok/s per node (2,000-token inputs); 52.3k input tok/s per node",
-         source="lmsys.org/blog/2025-05-05-large-scale-ep; REFERENCE.md",
+         source="lmsys.org/blog/2025-05-05-large-scale-ep; docs/reference.md",
          models=("deepseek-v3", "qwen3-235b-a22b"), hardware="h100", gpus=96, families=("ep",), published_per_node=22300),
     dict(key="megascale", system="MegaScale-Infer (arXiv 2504.02263): attention/FFN disaggregation, ping-pong "
          "micro-batches, M2N communication; Mixtral-8x22B among its models",
          result="up to 1.90x per-GPU decode throughput vs TensorRT-LLM (TP/PP engines, not DP+EP); heterogeneous "
                 "deployment: higher throughput per cost (1.66x or 1.86x in secondary summaries: not verified)",
-         source="arXiv 2504.02263 abstract; REFERENCE.md", models=("mixtral-8x22b",), hardware="h100", gpus=16,
+         source="arXiv 2504.02263 abstract; docs/reference.md", models=("mixtral-8x22b",), hardware="h100", gpus=16,
          families=("separated", "tp_pp"), published_ratio=1.90),
     dict(key="afd-gb200", system="Attention/FFN disaggregation on GB200 NVL72, Qwen3-235B, against colocated EP",
          result="1.35-1.45x at attention:FFN 7:1 to 17:1",
-         source="REFERENCE.md ('Where attention/expert separation wins'; the original report not verified here)",
+         source="docs/reference.md ('When separating attention from experts pays'; the original report not "
+                "verified here)",
          models=("qwen3-235b-a22b",), hardware="gb200-nvl72", gpus=72, families=("separated", "ep"),
          published_ratio=1.40),
     dict(key="step3", system="Step-3 AFD (arXiv 2507.19427), Hopper, FP8, 4K context, 3-stage pipeline",
-         result="4,039 tok/s per GPU under a 50 ms TPOT target", source="REFERENCE.md",
+         result="4,039 tok/s per GPU under a 50 ms TPOT target", source="docs/reference.md",
          models=("qwen3-235b-a22b",), hardware="h100", gpus=32, families=("separated",), context=4096,
          published_per_gpu=4039),
 ]
 # DeepEP low-latency kernels (H800, CX7 400 Gb/s, 128 tokens per rank, hidden 7168, top-8 of 256 experts, FP8
-# dispatch, BF16 combine): README of deepseek-ai/DeepEP. EP 8 is in REFERENCE.md; the other rows are read from
-# copies of that table (not checked against the README itself here).
+# dispatch, BF16 combine): README of deepseek-ai/DeepEP. EP 8 is in docs/reference.md; the other rows are read
+# from copies of that table (not checked against the README itself here).
 DEEPEP_US = {8: (77, 114), 16: (118, 195), 32: (155, 273), 64: (173, 314), 128: (192, 369), 256: (194, 360)}
 
 
@@ -239,8 +240,8 @@ def explain_published(r: dict) -> str:
                               f"{sep['attention_gpus'] / sep['expert_gpus']:.1f}:1")
         return (f"our separated/EP per-GPU ratio, {'; '.join(ratios) or 'none (a family has no plan)'}, vs 1.35-1.45 "
                 "at 7:1-17:1 published; when both stream the same bytes our model can give separation parity with EP "
-                "at equal GPU count, not more (reference.md: 'Where attention/expert separation wins'): gains from "
-                "load balance, KV capacity or FP8 transfers are outside it; the GB200 profile is datasheet values "
+                "at equal GPU count, not more (docs/reference.md: 'When separating attention from experts pays'): gains "
+                "from load balance, KV capacity or FP8 transfers are outside it; the GB200 profile is datasheet values "
                 f"with Hopper's achievable fractions assumed; {common}")
     got = f"our best is {best['tokens_per_s_per_gpu']:,.0f} tok/s per GPU" if best else "no plan meets the limit"
     return (f"{got} vs 4,039 published; a different model (Step-3's attention is not in masep) at the same context "

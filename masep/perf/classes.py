@@ -16,10 +16,13 @@ A class key holds everything the cost model reads about a rank, computed without
                                  the number of attention ranks on its node
   rank (ep)                      its sequences, the tokens each held expert receives in every
                                  micro-batch (counted for all ranks at once), its node's size
-tp_pp and single plans are not grouped (every rank its own class): their op lists already shrink
-with the stage, and their groups (a stage's TP group, neighbouring stages) are not the whole plan.
-Whole replicas are the unit on the attention side, so a representative replica brings all of its
-ranks and its all-reduce keeps every member.
+  TP column (tp_pp)              rank t of every stage, stage by stage: its heads, the KV heads
+                                 they span, the logits, whether its TP group spans nodes and its
+                                 pipeline neighbours share its node
+Whole units are represented: a representative replica brings all of its ranks (its all-reduce keeps
+every member), a representative column all of its stages (each activation handed down the pipeline
+finds its receiver); a TP group's all-reduce then waits for the columns kept, which are the slowest
+of their kind. single plans have one rank.
 
 tests/test_classes.py checks that members of one class have equal costs and that a simulation of
 the representatives gives the TPOT, floor and per-GPU numbers of the full simulation.
@@ -30,7 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..config import ModelConfig
-from .costmodel import Workload, _by_residue, part_size, placement_of, plan_holders, routed_tokens
+from ..plan import split_evenly
+from .costmodel import Workload, _by_residue, kv_heads_for, part_size, placement_of, plan_holders, routed_tokens
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,34 @@ def _ep_keys(plan, cfg: ModelConfig, work: Workload, hw) -> list:
             for r in range(plan.ep)]
 
 
+def _tp_pp_columns(plan, cfg: ModelConfig, hw) -> tuple[list[tuple], list]:
+    """tp_pp: one unit per TP column t (rank t of every stage, which hand activations down the
+    pipeline to each other); its key holds, stage by stage, what the cost model reads about the rank:
+    its heads, the KV heads they span, whether it computes the logits, whether its TP group spans
+    nodes and whether its neighbours up and down the pipeline share its node."""
+    heads = split_evenly(cfg.num_heads, plan.tp)
+    units, keys = [], []
+    for t in range(plan.tp):
+        ranks = tuple(s * plan.tp + t for s in range(plan.pp))
+        key = []
+        for s, r in enumerate(ranks):
+            first, last = s * plan.tp, (s + 1) * plan.tp - 1
+            key.append((len(heads[t]), kv_heads_for(cfg, heads[t]), s == plan.pp - 1 and t == 0,
+                        hw.node(first) != hw.node(last),
+                        s > 0 and hw.node(r) == hw.node(r - plan.tp),
+                        s < plan.pp - 1 and hw.node(r) == hw.node(r + plan.tp)))
+        units.append(ranks)
+        keys.append(("column", tuple(key)))
+    return units, keys
+
+
 @lru_cache(maxsize=4096)
 def rank_classes(plan, cfg: ModelConfig, work: Workload, hw) -> RankClasses:
-    """The classes of `plan`'s ranks (module docstring); every rank its own class for tp_pp and single."""
+    """The classes of `plan`'s ranks (module docstring); every rank its own class for single."""
     world = plan.world_size
-    if plan.strategy == "ep":
+    if plan.strategy == "tp_pp":
+        units, keys = _tp_pp_columns(plan, cfg, hw)
+    elif plan.strategy == "ep":
         units = [(r,) for r in range(world)]
         keys = _ep_keys(plan, cfg, work, hw)
     elif plan.strategy == "separated":

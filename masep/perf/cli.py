@@ -178,7 +178,7 @@ def cmd_plan_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from .kinds import cost_fields, hardware_choice, split_words
-    from .planner import explain, explain_text, ms, search, search_throughput
+    from .planner import explain, explain_text, ms, plan_label, search, search_throughput
     if getattr(args, "train", False) and not (args.kinds or args.attn_hardware or args.expert_hardware):
         return cmd_plan_train(args)
     try:
@@ -230,9 +230,11 @@ def cmd_plan(args) -> int:
           f"{'kernel* %':>9} {'GB/GPU':>6}" + (f" {'$/M tok':>8}" if prices else ""))
     for i, (s, c) in enumerate(zip(res.ranked, costs), 1):
         d = s.summary()
-        print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {ms(d['floor_ms']):>8} "
+        print(f"{i:>2} {plan_label(s.plan, cfg):>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {ms(d['floor_ms']):>8} "
               f"{d['mbu']:5.0%} {d['busy_fraction_mean']:6.0%} {d['kernel_active_mean_nvidia_smi_style']:9.0%} "
               f"{d['memory_max_gb']:6.1f}" + (f" {c['usd_per_m_output_tokens']:8.3f}" if c else ""))
+    if any(plan_label(s.plan, cfg).endswith(" rr") for s in res.ranked):
+        print(RR_NOTE)
     print(explain_text(res.best))
     if prices:
         c = costs[0]
@@ -247,7 +249,7 @@ def cmd_plan(args) -> int:
 def _plan_kinds(args, cfg, choice, work, overlap) -> int:
     """--kinds: the cheapest plan of each hardware option under the TPOT limit, cheapest first."""
     from .kinds import cost_fields, search_options, split_words
-    from .planner import explain, explain_text
+    from .planner import explain, explain_text, plan_label
     rows = search_options(cfg, choice, args.gpus, work, args.tpot_limit_ms * 1e-3, max_batch=args.max_batch,
                           max_microbatches=args.max_microbatches, overlap=overlap)
     found = [(label, sim) for label, sim in rows if sim is not None]
@@ -278,13 +280,19 @@ def _plan_kinds(args, cfg, choice, work, overlap) -> int:
             print(f"{label:<34} {'none meets the TPOT limit':>16}")
             continue
         c = cost_fields(sim, choice.prices)
-        print(f"{label:<34} {describe(sim.plan):>16} {sim.work.batch:>6} {sim.tpot_s * 1e3:8.3f} {sim.tps:9,.0f} "
+        print(f"{label:<34} {plan_label(sim.plan, cfg):>16} {sim.work.batch:>6} {sim.tpot_s * 1e3:8.3f} {sim.tps:9,.0f} "
               f"{c['usd_per_hour']:8.2f} {c['usd_per_m_output_tokens']:8.3f}")
-    print(f"cheapest: {split_words(best)}, {describe(best.plan)}")
+    print(f"cheapest: {split_words(best)}, {plan_label(best.plan, cfg)}")
+    if any(sim is not None and plan_label(sim.plan, cfg).endswith(" rr") for _, sim in rows):
+        print(RR_NOTE)
     print(explain_text(best))
     if written:
         print(f"wrote {written}: `masep run --plan {written}` runs {describe(best.plan)}")
     return 0
+
+
+RR_NOTE = ("rr = the experts placed round-robin, expert j % E on expert rank j (each held by several ranks); "
+           "--json and --out carry the full placement")
 
 
 PLAN_FILE_NUMBERS = ("tpot_ms", "tps", "step_ms", "tokens_per_s", "floor_ms", "tpot_over_floor", "mbu", "mfu",

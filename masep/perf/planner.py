@@ -64,6 +64,16 @@ def _replicated(num_experts: int, ranks: int) -> tuple[tuple[int, ...], ...] | N
     return tuple((j % num_experts,) for j in range(ranks))
 
 
+def plan_label(plan, cfg: ModelConfig) -> str:
+    """The plan's notation, with the planner's round-robin placement (expert j % E on expert rank j, every
+    expert held by several ranks) shown as ' rr' instead of one entry per rank."""
+    placement = getattr(plan, "placement", None)
+    ranks = plan.expert_ranks if plan.strategy == "separated" else getattr(plan, "ep", 0)
+    if placement is not None and placement == _replicated(cfg.num_experts, ranks):
+        return describe(dataclasses.replace(plan, placement=None)) + " rr"
+    return describe(plan)
+
+
 def expert_group_sizes(gpus: int, gpus_per_node: int = 8) -> list[int]:
     """Candidate expert-rank counts E of a separated plan on `gpus` GPUs (module docstring)."""
     if gpus <= FULL_GRID_GPUS:
@@ -159,8 +169,10 @@ def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap:
         return busiest
     m = plan.microbatches
 
-    def stage_chain(stage: int, mb: int) -> float:
-        return min(chain.get((r, mb), 0.0) for r in plan.stage_ranks(stage))
+    classes = rank_classes(plan, cfg, work, hw)
+
+    def stage_chain(stage: int, mb: int) -> float:  # every rank of the stage, through its class's representative
+        return min(chain.get((classes.reps[classes.class_of[r]], mb), 0.0) for r in plan.stage_ranks(stage))
 
     pipeline = max(sum(stage_chain(s, 0) for s in range(r // plan.tp)) + compute.get(r, 0.0)
                    + sum(stage_chain(s, m - 1) for s in range(r // plan.tp + 1, plan.pp)) for r in reps)

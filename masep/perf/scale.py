@@ -16,14 +16,13 @@ peer); "routed" is the what-if of a count-first dispatcher (costmodel.Workload.d
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 from ..config import ModelConfig
 from .costmodel import describe
-from .planner import _replicated, search_throughput
+from .planner import plan_label, search_throughput
 
 FAMILIES = ("separated", "ep", "tp_pp")
 
@@ -43,16 +42,6 @@ class Setting:
                 raise ValueError(f"Setting.{name}={getattr(self, name)!r}: must be an integer >= 1")
         if not self.tpot_limit_ms > 0:
             raise ValueError(f"Setting.tpot_limit_ms={self.tpot_limit_ms!r}: must be > 0")
-
-
-def plan_label(plan, cfg: ModelConfig) -> str:
-    """The plan's notation, with the planner's round-robin placement (expert j % E on expert rank j, every
-    expert held by several ranks) shown as ' rr' instead of one entry per rank."""
-    placement = getattr(plan, "placement", None)
-    ranks = plan.expert_ranks if plan.strategy == "separated" else getattr(plan, "ep", 0)
-    if placement is not None and placement == _replicated(cfg.num_experts, ranks):
-        return describe(dataclasses.replace(plan, placement=None)) + " rr"
-    return describe(plan)
 
 
 def headroom(sim) -> tuple[float, float]:
