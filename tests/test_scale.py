@@ -8,7 +8,8 @@ from masep.perf.classes import rank_classes
 from masep.perf.costmodel import Workload, op_cost
 from masep.perf.floor import plan_floor
 from masep.perf.hardware import MixedHardware, get_profile
-from masep.perf.planner import batch_candidates, candidate_plans, hardware_for, lower_bound_s, search_throughput
+from masep.perf.planner import candidate_plans, hardware_for, lower_bound_s
+from masep.perf.throughput import batch_candidates, search_throughput
 from masep.perf.pricing import plan_cost
 from masep.perf.scale import Setting, family_row, replicated
 from masep.perf.simulator import simulate

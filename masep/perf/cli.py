@@ -178,7 +178,8 @@ def cmd_plan_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from .kinds import cost_fields, hardware_choice, split_words
-    from .planner import explain, explain_text, ms, plan_label, search, search_throughput
+    from .planner import explain, explain_text, ms, plan_label, search
+    from .throughput import search_throughput
     if getattr(args, "train", False) and not (args.kinds or args.attn_hardware or args.expert_hardware):
         return cmd_plan_train(args)
     try:

@@ -108,7 +108,7 @@ def search_options(cfg, choice: Choice, gpus: int, work, tpot_limit_s: float, *,
                    max_microbatches: int, overlap: bool) -> list[tuple[str, object]]:
     """--kinds: the cheapest plan (under the TPOT limit) of each hardware option, cheapest first;
     (label, Simulation or None when nothing meets the limit)."""
-    from .planner import search_throughput
+    from .throughput import search_throughput
     rows = []
     for label, option in choice.options:
         res = search_throughput(cfg, option, gpus, work.context, tpot_limit_s, max_batch=max_batch,

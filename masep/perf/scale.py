@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from .costmodel import describe
-from .planner import plan_label, search_throughput
+from .planner import plan_label
+from .throughput import search_throughput
 
 FAMILIES = ("separated", "ep", "tp_pp")
 
