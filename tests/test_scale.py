@@ -108,3 +108,22 @@ def test_family_rows_and_copies_of_a_smaller_instance():
         family_row(PAPER, H100, 2, "dp", setting)
     with pytest.raises(ValueError, match="Setting.tpot_limit_ms"):
         Setting(tpot_limit_ms=0)
+
+
+@pytest.mark.timeout(60)
+def test_plan_by_family_lists_the_best_of_each(capsys):
+    import argparse
+    import json
+
+    from masep.perf import cli as perf_cli
+    parser = argparse.ArgumentParser()
+    perf_cli.add_perf_parsers(parser.add_subparsers(dest="command"))
+
+    def run(*argv):
+        args = parser.parse_args(["plan", "--preset", "paper", "--gpus", "4", "--hardware", "h100", *argv])
+        return args.func(args)
+    assert run("--tpot-limit-ms", "8", "--max-batch", "64", "--by-family", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["family"] for r in rows] == ["separated", "ep", "tp_pp"]
+    assert all(r["tpot_ms"] <= 8 and r["batch"] <= 64 for r in rows if r["plan"])
+    assert run("--by-family") == 2 and "give --tpot-limit-ms" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from ..plan import parse_plan as _parse_plan
 from ..plotting import require_matplotlib
 from ..report import document, profile_info
 from .costmodel import DISPATCH_MODELS, Workload, describe, plan_to_dict
-from .hardware import load_hardware
+from .hardware import MixedHardware, load_hardware
 from .kinds import add_kind_args
 
 DEFAULT_HARDWARE = "a100-80g"
@@ -196,6 +196,8 @@ def cmd_plan(args) -> int:
             raise ValueError(f"--tpot-limit-ms {args.tpot_limit_ms}: must be > 0")
         if choice.options:
             return _plan_kinds(args, cfg, choice, work, overlap)
+        if args.by_family:
+            return _plan_by_family(args, cfg, hw, work, strategies)
         if args.tpot_limit_ms is not None:
             res = search_throughput(cfg, hw, args.gpus, work.context, args.tpot_limit_ms * 1e-3,
                                     max_batch=args.max_batch, strategies=strategies, top=args.top,
@@ -244,6 +246,38 @@ def cmd_plan(args) -> int:
     print("kernel* = nvidia-smi-style 'GPU utilization' (any kernel running, NCCL waits included)")
     if written:
         print(f"wrote {written}: `masep run --plan {written}` (or serve, train, bench dist) runs {describe(res.best.plan)}")
+    return 0
+
+
+def _plan_by_family(args, cfg, hw, work, strategies) -> int:
+    """--by-family: the best plan of each strategy family under --tpot-limit-ms (perf/scale.py's rows)."""
+    from .scale import FAMILIES, Setting, family_row
+    if args.tpot_limit_ms is None:
+        raise ValueError("--by-family ranks each family by tok/s under a latency target: give --tpot-limit-ms")
+    if isinstance(hw, MixedHardware):
+        raise ValueError("--by-family compares families on one kind of GPU; leave out --attn-hardware / "
+                         "--expert-hardware")
+    setting = Setting(work.context, args.tpot_limit_ms, args.max_microbatches, max(1, args.max_batch // args.gpus),
+                      work.lm_head)
+    rows = [family_row(cfg, hw, args.gpus, f, setting, work.dispatch) for f in FAMILIES if f in strategies]
+    if args.json:
+        print(json.dumps(_doc("plan", rows, args, cfg, hw, context=work.context, tpot_limit_ms=args.tpot_limit_ms,
+                              goal="highest tok/s of each family under the TPOT limit")))
+        return 0
+    print(_header(cfg, hw, args.gpus, work, args.serial).replace(f"batch {work.batch}, ", "each family's batch, "))
+    print(f"goal: highest tok/s of each family with TPOT <= {args.tpot_limit_ms} ms (batch up to "
+          f"{setting.batch_per_gpu * args.gpus})")
+    print(f"{'family':>9} {'plan':>18} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'tok/s/GPU':>9} "
+          f"{'tok/s/node':>10} {'headroom':>13}")
+    for r in rows:
+        if r.get("plan"):
+            print(f"{r['family']:>9} {r['plan']:>18} {r['batch']:>6} {r['tpot_ms']:8.2f} {r['tokens_per_s']:9,.0f} "
+                  f"{r['tokens_per_s_per_gpu']:9,.0f} {r['tokens_per_s_per_node']:10,.0f} "
+                  f"{r['headroom_gb']:7.0f} GB {r['headroom_fraction']:3.0%}")
+        else:
+            print(f"{r['family']:>9} {'none meets the limit':>18}")
+    print("headroom = memory left on the fullest GPU; tok/s/node = per GPU x "
+          f"{hw.gpus_per_node} ({hw.gpus_per_node}-GPU nodes)")
     return 0
 
 
@@ -345,6 +379,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-compression", choices=("none", "int8"), default="none",
                    help="with --train: gradient compression of the sync")
     add_kind_args(p)
+    p.add_argument("--by-family", action="store_true",
+                   help="with --tpot-limit-ms: the best plan of each strategy family (separated, ep, tp_pp), with "
+                        "tok/s per GPU and per node and memory headroom")
     p.set_defaults(func=cmd_plan)
     return p
 
