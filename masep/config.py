@@ -183,6 +183,10 @@ class ModelConfig:
         h = self.hidden_size
         embed = self.vocab_size * h * (1 if self.tie_embeddings else 2) + h
         per_layer = self.attention_params_per_layer() + 2 * h
+        if self.qk_norm:  # RMSNorm weights over head_dim on q and k
+            per_layer += 2 * self.head_dim
+        if self.qkv_bias:
+            per_layer += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
         moe = self.router_params() + experts_per_layer * self.expert_params() + self.shared_expert_params()
         return (embed + self.num_layers * per_layer + self.first_dense_layers * self.dense_mlp_params()
                 + self.num_moe_layers * moe)
@@ -324,10 +328,25 @@ PRESETS["deepseek-tiny"] = ModelConfig(
     dense_hidden=96, router_scoring="sigmoid", expert_groups=4, topk_groups=2, routed_scaling_factor=2.5,
     rope_type="yarn", rope_factor=4.0, rope_original_max_len=64, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
     hf_model_type="deepseek_v3")
+# Large published models, for planning and simulation at scale (`masep plan`, benchmarks/plans_at_scale.py):
+# the fields of their Hugging Face config.json; no weights are ever built from these presets.
+# Qwen/Qwen3-235B-A22B: 94 layers, every one MoE (decoder_sparse_step 1, no mlp_only_layers), 128 experts top-8
+# with renormalised weights, GQA 64 query / 4 KV heads of 128, RMSNorm on q and k.
+PRESETS["qwen3-235b-a22b"] = ModelConfig(
+    name="qwen3-235b-a22b", hf_model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, num_layers=94,
+    num_heads=64, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, expert_hidden=1536, expert_act="swiglu",
+    norm_topk_prob=True, qk_norm=True, rope_theta=1e6, rms_eps=1e-6, max_seq_len=40960, dtype="bfloat16",
+    eos_token_id=151645)
+# mistralai/Mixtral-8x22B-v0.1: 56 layers, 8 experts top-2, GQA 48 query / 8 KV heads of 128, no sliding window.
+PRESETS["mixtral-8x22b"] = ModelConfig(
+    name="mixtral-8x22b", hf_model_type="mixtral", vocab_size=32000, hidden_size=6144, num_layers=56, num_heads=48,
+    num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, expert_hidden=16384, expert_act="swiglu",
+    norm_topk_prob=True, rope_theta=1e6, rms_eps=1e-5, max_seq_len=65536, dtype="bfloat16", eos_token_id=2)
 PRESET_HELP = ("tiny: 0.35 M parameters (tests); small: 28 M (CPU demos); paper: 9.1 B, the MA Separation paper's "
                "model (GPUs); paper-swiglu: 13.4 B, the same with SwiGLU experts; deepseek-tiny: 0.31 M, "
                "DeepSeek-V3's shape (MLA, a dense first layer, grouped sigmoid routing; tests); deepseek-v3: 671 B, "
-               "37.6 B active per token (the planner)")  # for --help
+               "37.6 B active per token (the planner); qwen3-235b-a22b: 235 B (Qwen3-235B-A22B's shape, for "
+               "plan/simulate); mixtral-8x22b: 141 B (Mixtral-8x22B's shape, for plan/simulate)")  # for --help
 
 
 def preset(name: str) -> ModelConfig:

@@ -15,7 +15,8 @@ Rank layout of `separated` (deterministic, printed by rank 0):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 
 from .config import ModelConfig
 
@@ -41,6 +42,7 @@ def contiguous_placement(num_experts: int, ranks: int) -> tuple[tuple[int, ...],
     return tuple(tuple(r) for r in split_evenly(num_experts, ranks))
 
 
+@lru_cache(maxsize=1024)  # validated once per placement, not once per candidate plan
 def _check_placement(placement, num_experts: int, ranks: int, field_name: str = "placement") -> None:
     if len(placement) != ranks:
         _fail(field_name, placement, f"needs one expert list per expert rank ({ranks})",
@@ -75,6 +77,21 @@ def _check_microbatches(m: int) -> None:
         _fail("microbatches", m, "must be an integer >= 1", "use --microbatches 1 or more")
 
 
+def _hash_once(plan) -> int:
+    """Plans key the cost model's caches on the planner's hot path, where a placement over hundreds
+    of ranks was rehashed on every lookup: hash once per object. Never pickled (`_state_without_hash`):
+    a str's hash differs between processes."""
+    h = plan.__dict__.get("_hash")
+    if h is None:
+        h = hash(tuple(getattr(plan, f.name) for f in fields(plan)))
+        object.__setattr__(plan, "_hash", h)
+    return h
+
+
+def _state_without_hash(plan) -> dict:
+    return {k: v for k, v in plan.__dict__.items() if k != "_hash"}
+
+
 @dataclass(frozen=True)
 class SinglePlan:
     strategy: str = field(default="single", init=False)
@@ -103,6 +120,8 @@ class SeparatedPlan:
     placement: tuple[tuple[int, ...], ...] | None = None  # expert ids per expert rank; None = contiguous
     seq_split: bool = False  # prefill: cut each prompt into m sequence chunks instead of batch slices
     strategy: str = field(default="separated", init=False)
+    __hash__ = _hash_once
+    __getstate__ = _state_without_hash
 
     @property
     def world_size(self) -> int:
@@ -265,6 +284,8 @@ class EpPlan:
     microbatches: int = 2
     placement: tuple[tuple[int, ...], ...] | None = None
     strategy: str = field(default="ep", init=False)
+    __hash__ = _hash_once
+    __getstate__ = _state_without_hash
 
     @property
     def world_size(self) -> int:
@@ -385,6 +406,7 @@ _SHAPES = (
 _SHORT = {"separated": "sep", "tp_pp": "tpTppP", "ep": "epN", "single": "single"}
 
 
+@lru_cache(maxsize=1024)  # a planner names thousands of candidates sharing a few placements
 def format_placement(placement) -> str:
     """((0, 1, 2, 3), (4, 5)) -> '0-3;4,5': runs of 3 or more consecutive ids as ranges."""
     ranks = []

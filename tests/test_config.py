@@ -152,3 +152,34 @@ def test_preset_help_states_the_parameter_counts():
     for name, shown in (("tiny", "0.35 M"), ("small", "28 M")):
         count = sum(p.numel() for p in build_model(preset(name)).parameters())
         assert f"{name}: {shown}" in PRESET_HELP and f"{count / 1e6:.{2 if name == 'tiny' else 0}f} M" == shown
+
+
+@pytest.mark.parametrize("changes", [{}, dict(qk_norm=True), dict(qkv_bias=True), dict(shared_expert_hidden=32),
+                                     dict(tie_embeddings=True), dict(expert_act="gelu")])
+def test_num_params_counts_what_the_model_builds(changes):
+    from masep.model import build_model
+    cfg = preset("tiny").replace(**changes)
+    assert cfg.total_params() == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+# The published config.json fields of the two large presets (Qwen/Qwen3-235B-A22B, mistralai/Mixtral-8x22B-v0.1)
+QWEN3_235B_HF = dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                     num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                     vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", attention_bias=False,
+                     use_sliding_window=False, sliding_window=None, eos_token_id=151645)
+MIXTRAL_8X22B_HF = dict(model_type="mixtral", hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                        num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                        vocab_size=32000, max_position_embeddings=65536, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                        hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", sliding_window=None,
+                        eos_token_id=2)
+
+
+@pytest.mark.parametrize("name, raw, billions", [("qwen3-235b-a22b", QWEN3_235B_HF, 235),
+                                                 ("mixtral-8x22b", MIXTRAL_8X22B_HF, 141)])
+def test_large_presets_are_their_hf_configs(name, raw, billions):
+    from masep.config import PRESET_HELP
+    cfg = preset(name)
+    assert from_hf_dict(raw).replace(name=name) == cfg
+    assert round(cfg.total_params() / 1e9) == billions and f"{name}: {billions} B" in PRESET_HELP

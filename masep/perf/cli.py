@@ -20,8 +20,9 @@ from ..options import HelpFormatter
 from ..plan import parse_plan as _parse_plan
 from ..plotting import require_matplotlib
 from ..report import document, profile_info
-from .costmodel import Workload, describe, plan_to_dict
-from .hardware import load_hardware
+from .costmodel import DISPATCH_MODELS, Workload, describe, plan_to_dict
+from .hardware import MixedHardware, load_hardware
+from .kinds import add_kind_args
 
 DEFAULT_HARDWARE = "a100-80g"
 log = logging.getLogger("masep.perf")
@@ -35,7 +36,7 @@ def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
     which.add_argument("--model", metavar="DIR", default=None, help="HF checkpoint dir or config.json")
     p.add_argument("--gpus", type=int, default=16, help="number of GPUs")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE,
-                   help="a100-80g | h100 | h200, or a TOML/JSON profile file")
+                   help="a100-80g | h100 | h200 | gb200-nvl72 (datasheet values), or a TOML/JSON profile file")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration JSON from `masep bench calibrate` (overrides the profile's rates)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="NVLink domain size (default: the profile's)")
@@ -46,6 +47,10 @@ def _common(p: argparse.ArgumentParser, batch: int = 24) -> None:
     p.add_argument("--serial", action="store_true",
                    help="one stream per GPU (the blocking CPU/gloo runtime) instead of compute + comm streams")
     p.add_argument("--max-microbatches", type=int, default=4, help="largest m tried for each plan")
+    p.add_argument("--dispatch", choices=DISPATCH_MODELS, default="padded",
+                   help="how routed tokens cross between GPUs: padded = masep's runtime (a fixed-capacity block to "
+                        "every peer), routed = a what-if for a count-first dispatcher (DeepEP-like: only the routed "
+                        "rows, all peers posted at once)")
     p.add_argument("--json", action="store_true", help="print one JSON document ({meta, rows}) instead of a table")
 
 
@@ -65,7 +70,7 @@ def _setup(args) -> tuple[ModelConfig, object, Workload]:
     if args.max_microbatches < 1:
         raise ValueError(f"--max-microbatches {args.max_microbatches}: must be >= 1")
     hw = load_hardware(args.hardware, args.calibration, args.gpus_per_node)
-    return cfg, hw, Workload(args.batch, args.context, lm_head=not args.no_lm_head)
+    return cfg, hw, Workload(args.batch, args.context, lm_head=not args.no_lm_head, dispatch=args.dispatch)
 
 
 def _header(cfg: ModelConfig, hw, gpus: int, work: Workload, serial: bool) -> str:
@@ -76,7 +81,7 @@ def _header(cfg: ModelConfig, hw, gpus: int, work: Workload, serial: bool) -> st
             f"experts ({cfg.expert_act}, hidden {cfg.expert_hidden}), {cfg.dtype}\n"
             f"{gpus} x {hw.summary()}\n"
             f"one decode step: batch {work.batch}, context {work.context}, lm_head "
-            f"{'included' if work.lm_head else 'left out'}, "
+            f"{'included' if work.lm_head else 'left out'}, {work.dispatch} dispatch, "
             f"{'one stream per GPU (serial)' if serial else 'compute and comm streams overlap'}")
 
 
@@ -174,58 +179,157 @@ def cmd_plan_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import explain, explain_text, ms, search, search_throughput
-    if getattr(args, "train", False):
+    from .kinds import cost_fields, hardware_choice, split_words
+    from .planner import explain, explain_text, ms, plan_label, search
+    from .throughput import search_throughput
+    if getattr(args, "train", False) and not (args.kinds or args.attn_hardware or args.expert_hardware):
         return cmd_plan_train(args)
     try:
         cfg, hw, work = _setup(args)
-        strategies = _strategies(args)
+        choice = hardware_choice(args, hw, _strategies(args))
+        hw, strategies, prices = choice.hw, choice.strategies, choice.prices
         if args.top < 1:
             raise ValueError(f"--top {args.top}: must be >= 1")
         overlap = not args.serial
         log.info("masep plan: %s on %d x %s, batch %s, context %d, %s", cfg.name, args.gpus, hw.name,
                  f"1..{args.max_batch}" if args.tpot_limit_ms else work.batch, work.context,
                  f"highest tok/s under TPOT {args.tpot_limit_ms} ms" if args.tpot_limit_ms else "lowest TPOT")
+        if args.tpot_limit_ms is not None and args.tpot_limit_ms <= 0:
+            raise ValueError(f"--tpot-limit-ms {args.tpot_limit_ms}: must be > 0")
+        if choice.options:
+            return _plan_kinds(args, cfg, choice, work, overlap)
+        if args.by_family:
+            return _plan_by_family(args, cfg, hw, work, strategies)
         if args.tpot_limit_ms is not None:
-            if args.tpot_limit_ms <= 0:
-                raise ValueError(f"--tpot-limit-ms {args.tpot_limit_ms}: must be > 0")
             res = search_throughput(cfg, hw, args.gpus, work.context, args.tpot_limit_ms * 1e-3,
                                     max_batch=args.max_batch, strategies=strategies, top=args.top,
-                                    max_microbatches=args.max_microbatches, lm_head=work.lm_head, overlap=overlap)
+                                    max_microbatches=args.max_microbatches, lm_head=work.lm_head, overlap=overlap,
+                                    prices=prices, dispatch=work.dispatch)
         else:
             res = search(cfg, hw, args.gpus, work, strategies=strategies, top=args.top,
                          max_microbatches=args.max_microbatches, overlap=overlap)
         if not res.ranked:
             raise ValueError(res.no_plan_message())
-        goal = (f"highest tok/s with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})"
-                if args.tpot_limit_ms else "lowest TPOT")
-        planned = dict(batch=res.work.batch, context=work.context, lm_head=work.lm_head, overlap=overlap, goal=goal)
-        written = write_plan_file(args, cfg, hw, res.ranked, planned, explain_text(res.best))
+        goal = (("lowest USD per million output tokens" if prices else "highest tok/s") +
+                f" with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})" if args.tpot_limit_ms
+                else "lowest TPOT")
+        planned = dict(batch=res.work.batch, context=work.context, lm_head=work.lm_head, overlap=overlap, goal=goal,
+                       dispatch=work.dispatch)
+        written = write_plan_file(args, cfg, res.best.hw, res.ranked, planned, explain_text(res.best))
+        costs = [cost_fields(s, prices) for s in res.ranked]
     except ValueError as err:
         return _fail(str(err))
     if args.json:
-        rows = [{**s.summary(), "plan_fields": plan_to_dict(s.plan), "explain": explain(s)} for s in res.ranked]
+        rows = [{**s.summary(), **c, "plan_fields": plan_to_dict(s.plan), "explain": explain(s)}
+                for s, c in zip(res.ranked, costs)]
         print(json.dumps(_doc(
             "plan", rows, args, cfg, hw, plan_file=written, context=work.context,
             batch=res.work.batch if args.tpot_limit_ms else work.batch, tpot_limit_ms=args.tpot_limit_ms, goal=goal,
-            candidates=res.candidates, simulated=res.simulated, rejected=len(res.rejected),
+            candidates=res.candidates, simulated=res.simulated, rejected=len(res.rejected), prices=prices,
             rejected_examples=[dict(plan=p, reason=r) for p, r in res.rejected[:5]])))
         return 0
     print(_header(cfg, hw, args.gpus, res.work if args.tpot_limit_ms else work, args.serial))
     print(f"goal: {goal}; {res.candidates} candidate plans, {len(res.rejected)} rejected (memory or rules), "
-          f"{res.simulated} simulated (exact branch and bound)")
+          f"{res.simulated} simulated (branch and bound)")
     print(f"{'#':>2} {'plan':>15} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'floor ms':>8} {'MBU %':>5} {'busy %':>6} "
-          f"{'kernel* %':>9} {'GB/GPU':>6}")
-    for i, s in enumerate(res.ranked, 1):
+          f"{'kernel* %':>9} {'GB/GPU':>6}" + (f" {'$/M tok':>8}" if prices else ""))
+    for i, (s, c) in enumerate(zip(res.ranked, costs), 1):
         d = s.summary()
-        print(f"{i:>2} {d['plan']:>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {ms(d['floor_ms']):>8} "
+        print(f"{i:>2} {plan_label(s.plan, cfg):>15} {d['batch']:>6} {d['tpot_ms']:8.3f} {d['tps']:9,.0f} {ms(d['floor_ms']):>8} "
               f"{d['mbu']:5.0%} {d['busy_fraction_mean']:6.0%} {d['kernel_active_mean_nvidia_smi_style']:9.0%} "
-              f"{d['memory_max_gb']:6.1f}")
+              f"{d['memory_max_gb']:6.1f}" + (f" {c['usd_per_m_output_tokens']:8.3f}" if c else ""))
+    if any(plan_label(s.plan, cfg).endswith(" rr") for s in res.ranked):
+        print(RR_NOTE)
     print(explain_text(res.best))
+    if prices:
+        c = costs[0]
+        print(f"  cost: {split_words(res.best)} at ${c['usd_per_hour']:,.2f}/h -> ${c['usd_per_m_output_tokens']:.3f} per "
+              f"million output tokens ({res.best.tps:,.0f} tok/s)")
     print("kernel* = nvidia-smi-style 'GPU utilization' (any kernel running, NCCL waits included)")
     if written:
         print(f"wrote {written}: `masep run --plan {written}` (or serve, train, bench dist) runs {describe(res.best.plan)}")
     return 0
+
+
+def _plan_by_family(args, cfg, hw, work, strategies) -> int:
+    """--by-family: the best plan of each strategy family under --tpot-limit-ms (perf/scale.py's rows)."""
+    from .scale import FAMILIES, Setting, family_row
+    if args.tpot_limit_ms is None:
+        raise ValueError("--by-family ranks each family by tok/s under a latency target: give --tpot-limit-ms")
+    if isinstance(hw, MixedHardware):
+        raise ValueError("--by-family compares families on one kind of GPU; leave out --attn-hardware / "
+                         "--expert-hardware")
+    setting = Setting(work.context, args.tpot_limit_ms, args.max_microbatches, max(1, args.max_batch // args.gpus),
+                      work.lm_head)
+    rows = [family_row(cfg, hw, args.gpus, f, setting, work.dispatch) for f in FAMILIES if f in strategies]
+    if args.json:
+        print(json.dumps(_doc("plan", rows, args, cfg, hw, context=work.context, tpot_limit_ms=args.tpot_limit_ms,
+                              goal="highest tok/s of each family under the TPOT limit")))
+        return 0
+    print(_header(cfg, hw, args.gpus, work, args.serial).replace(f"batch {work.batch}, ", "each family's batch, "))
+    print(f"goal: highest tok/s of each family with TPOT <= {args.tpot_limit_ms} ms (batch up to "
+          f"{setting.batch_per_gpu * args.gpus})")
+    print(f"{'family':>9} {'plan':>18} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'tok/s/GPU':>9} "
+          f"{'tok/s/node':>10} {'headroom':>13}")
+    for r in rows:
+        if r.get("plan"):
+            print(f"{r['family']:>9} {r['plan']:>18} {r['batch']:>6} {r['tpot_ms']:8.2f} {r['tokens_per_s']:9,.0f} "
+                  f"{r['tokens_per_s_per_gpu']:9,.0f} {r['tokens_per_s_per_node']:10,.0f} "
+                  f"{r['headroom_gb']:7.0f} GB {r['headroom_fraction']:3.0%}")
+        else:
+            print(f"{r['family']:>9} {'none meets the limit':>18}")
+    print("headroom = memory left on the fullest GPU; tok/s/node = per GPU x "
+          f"{hw.gpus_per_node} ({hw.gpus_per_node}-GPU nodes)")
+    return 0
+
+
+def _plan_kinds(args, cfg, choice, work, overlap) -> int:
+    """--kinds: the cheapest plan of each hardware option under the TPOT limit, cheapest first."""
+    from .kinds import cost_fields, search_options, split_words
+    from .planner import explain, explain_text, plan_label
+    rows = search_options(cfg, choice, args.gpus, work, args.tpot_limit_ms * 1e-3, max_batch=args.max_batch,
+                          max_microbatches=args.max_microbatches, overlap=overlap)
+    found = [(label, sim) for label, sim in rows if sim is not None]
+    if not found:
+        raise ValueError(f"no plan on any of {', '.join(label for label, _ in rows)} meets TPOT <= "
+                         f"{args.tpot_limit_ms} ms on {args.gpus} GPUs")
+    best = found[0][1]
+    goal = f"lowest USD per million output tokens with TPOT <= {args.tpot_limit_ms} ms (batch 1..{args.max_batch})"
+    planned = dict(batch=best.work.batch, context=work.context, lm_head=work.lm_head, overlap=overlap, goal=goal,
+                   dispatch=work.dispatch, split=split_words(best))
+    written = write_plan_file(args, cfg, best.hw, [best], planned, explain_text(best))
+    if args.json:
+        out = [{"hardware_option": label, "split": split_words(sim) if sim else None,
+                **({**sim.summary(), **cost_fields(sim, choice.prices), "plan_fields": plan_to_dict(sim.plan),
+                    "explain": explain(sim)} if sim else {"plan": "none meets the TPOT limit"})} for label, sim in rows]
+        print(json.dumps(_doc("plan", out, args, cfg, choice.hw, plan_file=written, context=work.context, goal=goal,
+                              tpot_limit_ms=args.tpot_limit_ms, prices=choice.prices,
+                              hardware_options={label: hw.link_info() for label, hw in choice.options})))
+        return 0
+    print(f"model {cfg.name}, {args.gpus} GPUs in all, context {work.context}, {work.dispatch} dispatch; goal: {goal}")
+    for label, hw in choice.options:
+        if not hasattr(hw, "attention"):
+            print(f"  {hw.summary()}")
+    print("prices (USD per GPU-hour): " + ", ".join(f"{k} {v:g}" for k, v in sorted(choice.prices.items())))
+    print(f"{'hardware':<34} {'plan':>16} {'batch':>6} {'TPOT ms':>8} {'tok/s':>9} {'$/h':>8} {'$/M tok':>8}")
+    for label, sim in rows:
+        if sim is None:
+            print(f"{label:<34} {'none meets the TPOT limit':>16}")
+            continue
+        c = cost_fields(sim, choice.prices)
+        print(f"{label:<34} {plan_label(sim.plan, cfg):>16} {sim.work.batch:>6} {sim.tpot_s * 1e3:8.3f} {sim.tps:9,.0f} "
+              f"{c['usd_per_hour']:8.2f} {c['usd_per_m_output_tokens']:8.3f}")
+    print(f"cheapest: {split_words(best)}, {plan_label(best.plan, cfg)}")
+    if any(sim is not None and plan_label(sim.plan, cfg).endswith(" rr") for _, sim in rows):
+        print(RR_NOTE)
+    print(explain_text(best))
+    if written:
+        print(f"wrote {written}: `masep run --plan {written}` runs {describe(best.plan)}")
+    return 0
+
+
+RR_NOTE = ("rr = the experts placed round-robin, expert j % E on expert rank j (each held by several ranks); "
+           "--json and --out carry the full placement")
 
 
 PLAN_FILE_NUMBERS = ("tpot_ms", "tps", "step_ms", "tokens_per_s", "floor_ms", "tpot_over_floor", "mbu", "mfu",
@@ -276,6 +380,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="with --train: tokens per sequence")
     p.add_argument("--grad-compression", choices=("none", "int8"), default="none",
                    help="with --train: gradient compression of the sync")
+    add_kind_args(p)
+    p.add_argument("--by-family", action="store_true",
+                   help="with --tpot-limit-ms: the best plan of each strategy family (separated, ep, tp_pp), with "
+                        "tok/s per GPU and per node and memory headroom")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -283,7 +391,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def _doc(command: str, rows: list[dict], args, cfg: ModelConfig, hw, **meta) -> dict:
     """The --json document (masep/report.py) of a simulated command: the model and the profile in meta."""
     return document(command, rows, args, model=dataclasses.asdict(cfg),
-                    hardware=profile_info(hw, getattr(args, "gpus", None)), **meta)
+                    hardware={**profile_info(hw, getattr(args, "gpus", None)), "links": hw.link_info()}, **meta)
 
 
 def _emit(args, doc: dict, lines: list[str], files=()) -> int:

@@ -74,12 +74,21 @@ class Workload:
     batch: int  # sequences decoding together (all micro-batches, all replicas)
     context: int  # keys each sequence attends to in this step
     lm_head: bool = True  # include final norm + lm_head (the floors of docs/reference.md exclude it)
+    # How routed tokens cross the bridge: "padded", what masep's runtime does (parallel/routing.py: a
+    # fixed-capacity block from every sender to every receiver); "routed", a what-if for a count-first
+    # dispatcher such as DeepEP's low-latency kernels: only the expected routed rows, every peer posted at once.
+    dispatch: str = "padded"
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"Workload.batch={self.batch!r}: must be an integer >= 1")
         if not isinstance(self.context, int) or self.context < 1:
             raise ValueError(f"Workload.context={self.context!r}: must be an integer >= 1")
+        if self.dispatch not in DISPATCH_MODELS:
+            raise ValueError(f"Workload.dispatch={self.dispatch!r}: must be one of {DISPATCH_MODELS}")
+
+
+DISPATCH_MODELS = ("padded", "routed")
 
 
 @dataclass(frozen=True)
@@ -201,27 +210,38 @@ def head_cost(cfg: ModelConfig, hw: Hardware, tokens: int, logit_rows: int = 0, 
 
 
 # --- links ---------------------------------------------------------------------------------------------
-def link_time(hw: Hardware, rank: int, peers: dict[int, float], nbytes: float, round_trips: int = 1) -> float:
-    """Alpha-beta time for `rank` to move `nbytes` to/from `peers` (rank -> share of the bytes):
-    pairwise exchange, one latency per peer and round trip, (p - 1) * alpha + bytes * beta.
-    The share to itself costs nothing; NVLink peers and NIC peers progress concurrently."""
-    total = sum(peers.values())
-    if nbytes <= 0 or total <= 0:
+def link_time(hw: Hardware, rank: int, peers: dict[int, float] | range, nbytes: float, round_trips: int = 1) -> float:
+    """Alpha-beta time for `rank` to move `nbytes` to/from `peers` (rank -> share of the bytes, or a
+    range of ranks with equal shares): pairwise exchange, one latency per peer and round trip,
+    (p - 1) * alpha + bytes * beta. The share to itself costs nothing; NVLink peers and NIC peers
+    progress concurrently."""
+    if isinstance(peers, range):  # equal shares: count the peers on this rank's node, do not visit them
+        node = hw.node_span(rank)
+        mine = 1 if rank in peers else 0
+        n_near = max(0, min(node.stop, peers.stop) - max(node.start, peers.start)) - mine
+        n_far, total, near_w = len(peers) - n_near - mine, len(peers), None
+    else:
+        total = sum(peers.values())
+        home = hw.node(rank)
+        near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == home]
+        far = [w for r, w in peers.items() if w > 0 and hw.node(r) != home]
+        n_near, n_far, near_w, far_w = len(near), len(far), sum(near), sum(far)
+    if nbytes <= 0 or total <= 0 or not (n_near or n_far):
         return 0.0
-    near = [w for r, w in peers.items() if w > 0 and r != rank and hw.node(r) == hw.node(rank)]
-    far = [w for r, w in peers.items() if w > 0 and hw.node(r) != hw.node(rank)]
-    if not near and not far:
-        return 0.0
-    latency = max(len(near) * hw.nvlink_latency_s, len(far) * hw.internode_latency_s)
-    return round_trips * latency + max(sum(near) / total * nbytes / hw.nvlink_bytes_per_s,
-                                       sum(far) / total * nbytes / hw.internode_bytes_per_s)
+    if near_w is None:
+        near_w, far_w = n_near, n_far
+    own = hw.for_rank(rank)  # NVLink of this rank's own kind; between nodes, the hardware's (slower side's) NIC
+    latency = max(n_near * own.nvlink_latency_s, n_far * hw.internode_latency_s)
+    return round_trips * latency + max(near_w / total * nbytes / own.nvlink_bytes_per_s,
+                                       far_w / total * nbytes / hw.internode_bytes_per_s)
 
 
 def _group_link(hw: Hardware, group: tuple[int, ...]) -> tuple[float, float]:
     """(bandwidth, latency) of a ring over `group`: the NIC when it spans nodes."""
     if len({hw.node(r) for r in group}) > 1:
         return hw.internode_bytes_per_s, hw.internode_latency_s
-    return hw.nvlink_bytes_per_s, hw.nvlink_latency_s
+    own = hw.for_rank(group[0])
+    return own.nvlink_bytes_per_s, own.nvlink_latency_s
 
 
 def allreduce_s(hw: Hardware, group: tuple[int, ...], nbytes: float) -> float:
@@ -299,6 +319,13 @@ def _holders(placement: tuple[tuple[int, ...], ...]) -> dict[int, tuple[int, ...
     return {e: tuple(rs) for e, rs in out.items()}
 
 
+@lru_cache(maxsize=4096)
+def plan_holders(plan, cfg: ModelConfig) -> dict[int, tuple[int, ...]]:
+    """Expert id -> the ranks (expert-group indices) holding it, keyed by the plan (whose hash is
+    computed once) rather than by its placement (rehashed on every lookup)."""
+    return _holders(placement_of(plan, cfg))
+
+
 def _holder(placement, expert: int, source: int, local_first: bool = False) -> int:
     """Index of the rank serving `expert` for `source`, as the plans' `holder`: separated spreads
     replicas over the copies; ep serves from the source rank itself when it holds a copy."""
@@ -315,15 +342,44 @@ def expert_tokens(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> tup
     s, role = plan.strategy, rank_role(plan, cfg, rank)
     if s in ("single", "tp_pp"):
         return tuple(float(part_size(batch, plan.microbatches, mb)) for _ in role.experts)
-    if s == "separated":
-        placement = placement_of(plan, cfg)
-        sources = [(r, attention_tokens(plan, cfg, batch, r * plan.attn_tp, mb)) for r in range(plan.attn_replicas)]
-    else:
-        placement = placement_of(plan, cfg)
-        sources = [(r, attention_tokens(plan, cfg, batch, r, mb)) for r in range(plan.ep)]
-    local = s == "ep"
-    return tuple(float(sum(n for src, n in sources if _holder(placement, e, src, local) == role.index))
-                 for e in role.experts)
+    return routed_tokens(plan, cfg, batch, mb, role.index)
+
+
+@lru_cache(maxsize=4096)
+def _sources(plan, batch: int, mb: int) -> tuple[int, int, int, int]:
+    """(sources, extra, more, fewer): split_evenly gives the first `extra` sources (replicas in
+    separated, ranks in ep) `more` tokens of micro-batch mb and the others `fewer`."""
+    count = plan.ep if plan.strategy == "ep" else plan.attn_replicas
+    base, extra = divmod(batch, count)
+    return count, extra, part_size(base + 1, plan.microbatches, mb), part_size(base, plan.microbatches, mb)
+
+
+@lru_cache(maxsize=65536)
+def _by_residue(plan, batch: int, mb: int, c: int) -> tuple[int, ...]:
+    """Tokens of micro-batch mb summed over the sources s = q (mod c), for q in [0, c)."""
+    count, extra, more, fewer = _sources(plan, batch, mb)
+    return tuple(more * len(range(q, extra, c)) + fewer * (len(range(q, count, c)) - len(range(q, extra, c)))
+                 for q in range(c))
+
+
+def routed_tokens(plan, cfg: ModelConfig, batch: int, mb: int, index: int) -> tuple[float, ...]:
+    """expert_tokens of the expert-holding rank `index` (expert-group index in separated, rank in ep),
+    counted by residues instead of visiting every source. A source sends an expert's rows to holder
+    (source % c) of its c holders (`_holder`), so holder q gets the tokens of the sources s = q (mod c);
+    in ep a source holding the expert keeps its own rows instead, so holder q gets its own tokens plus
+    those of the sources s = q (mod c) that hold no copy."""
+    holders = plan_holders(plan, cfg)
+    count, extra, more, fewer = _sources(plan, batch, mb)
+    tokens = lambda src: more if src < extra else fewer  # noqa: E731
+    out = []
+    for e in placement_of(plan, cfg)[index]:
+        hs = holders[e]
+        c, q = len(hs), hs.index(index)
+        got = _by_residue(plan, batch, mb, c)[q]
+        if plan.strategy == "ep":  # the holders among the sources s = q (mod c) keep their rows; this one too
+            got += tokens(index) - sum(tokens(h) for h in hs if h % c == q)
+        out.append(float(got))
+    return tuple(out)
 
 
 def dispatch_slice(plan, cfg: ModelConfig, batch: int, rank: int, mb: int) -> int:
@@ -342,7 +398,7 @@ def _head_op(plan, role: RankRole, cfg: ModelConfig, work: Workload, hw: Hardwar
     last = mb == plan.microbatches - 1
     rows = sum(attention_tokens(plan, cfg, work.batch, role.rank, i) for i in range(plan.microbatches)) \
         if role.logits and last else 0
-    c = head_cost(cfg, hw, b, rows, work.lm_head)
+    c = head_cost(cfg, hw.for_rank(role.rank), b, rows, work.lm_head)
     if plan.strategy == "tp_pp" and rows and work.lm_head and plan.world_size > 1:
         c = dataclasses.replace(c, post_s=broadcast_s(hw, tuple(range(plan.world_size)), rows * cfg.vocab_size * 4))
     return c
@@ -362,19 +418,20 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
     e, hsz = elt_bytes(cfg), cfg.hidden_size
     b = attention_tokens(plan, cfg, work.batch, rank, mb) if role.kind != "expert" else 0
     if kind == "attention":
-        c = attention_cost(cfg, hw, b, work.context, len(role.heads), kv_heads_for(cfg, role.heads), not dense)
+        c = attention_cost(cfg, hw.for_rank(rank), b, work.context, len(role.heads), kv_heads_for(cfg, role.heads),
+                           not dense)
         if not dense and plan.strategy in ("separated", "ep"):  # the shared expert on the tokens it settles
             settled = dispatch_slice(plan, cfg, work.batch, rank, mb)
-            c = plus(c, swiglu_cost("attention", cfg, hw, settled, cfg.shared_expert_hidden))
+            c = plus(c, swiglu_cost("attention", cfg, hw.for_rank(rank), settled, cfg.shared_expert_hidden))
         if plan.strategy == "separated" and plan.attn_tp > 1:  # head-parallel partial sums
             c = dataclasses.replace(c, transfer_s=allreduce_s(hw, role.group, b * hsz * e), link_bytes=b * hsz * e)
         return c
     if kind == "mlp":  # a dense layer's MLP where its attention ran (its hidden columns in tp_pp)
-        return swiglu_cost("mlp", cfg, hw, b, cfg.dense_hidden / role.hidden_div)
+        return swiglu_cost("mlp", cfg, hw.for_rank(rank), b, cfg.dense_hidden / role.hidden_div)
     if kind == "experts":
-        c = experts_cost(cfg, hw, expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
+        c = experts_cost(cfg, hw.for_rank(rank), expert_tokens(plan, cfg, work.batch, rank, mb), role.hidden_div)
         if plan.strategy in ("single", "tp_pp") and role.index == 0:  # the shared expert, added once
-            c = plus(c, swiglu_cost("experts", cfg, hw, b, cfg.shared_expert_hidden))
+            c = plus(c, swiglu_cost("experts", cfg, hw.for_rank(rank), b, cfg.shared_expert_hidden))
         return c
     if kind == "head":
         return _head_op(plan, role, cfg, work, hw, b, mb)
@@ -388,28 +445,42 @@ def _op_cost(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Worklo
     raise ValueError(f"op kind {kind!r}: the cost model has no rule for it")
 
 
+@lru_cache(maxsize=4096)
+def _capacity_policy(plan, cfg: ModelConfig) -> CapacityPolicy:
+    return CapacityPolicy.for_placement(cfg.top_k, placement_of(plan, cfg), cfg.num_experts)
+
+
+@lru_cache(maxsize=4096)
+def _largest_dispatch_slice(plan, cfg: ModelConfig, batch: int, mb: int) -> int:
+    """Tokens of the largest attention rank's dispatch (the same for every rank of the step): rank 0's,
+    as split_evenly gives the first replica, micro-batch part and head-parallel slice the extra rows."""
+    return dispatch_slice(plan, cfg, batch, 0, mb)
+
+
 def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
     """A decode step's routed transfer as the runtime moves it (parallel/routing.py): one block
     per (sender, receiver) of the capacity the routing sizes (parallel/capacity.py, at its steady
     state under balanced routing) for the largest sender's tokens, plus the header, in one round
     trip (the counts ride in the header). dispatch / combine: an attention (or colocated) rank's
-    side; recv / send: an expert rank's."""
+    side; recv / send: an expert rank's. `Workload.dispatch = "routed"` prices exact routed rows
+    instead (_routed_transfer)."""
+    if work.dispatch == "routed":
+        return _routed_transfer(kind, mb, plan, rank, cfg, work, hw)
     e, hsz = elt_bytes(cfg), cfg.hidden_size
-    placement = placement_of(plan, cfg)
-    policy = CapacityPolicy.for_placement(cfg.top_k, placement, cfg.num_experts)
+    policy = _capacity_policy(plan, cfg)
     hdr = -(-8 * (4 + policy.max_local + 1) // (hsz * e))  # routing.header_rows
     if plan.strategy == "separated":
         senders = range(plan.num_attention_ranks)
-        tokens = max(dispatch_slice(plan, cfg, work.batch, a, mb) for a in senders)
+        tokens = _largest_dispatch_slice(plan, cfg, work.batch, mb)
         with_header = kind in ("dispatch", "recv")
         if kind in ("dispatch", "combine"):  # to / from every expert rank of the plan
-            peers = {plan.num_attention_ranks + g: 1.0 for g in range(plan.expert_ranks)}
+            peers = range(plan.num_attention_ranks, plan.world_size)
         else:  # to / from every attention rank (each replica's bridge; replicas run side by side)
-            peers = {a: 1.0 for a in senders}
+            peers = senders
     else:  # ep: every rank sends a block to every rank, itself included
-        tokens = max(attention_tokens(plan, cfg, work.batch, r, mb) for r in range(plan.ep))
+        tokens = attention_tokens(plan, cfg, work.batch, 0, mb)  # rank 0 has the most
         with_header = kind == "dispatch"
-        peers = {r: 1.0 for r in range(plan.ep)}
+        peers = range(plan.ep)
     width = policy.cap(tokens) + (hdr if with_header else 0)
     nbytes = len(peers) * width * hsz * e
     saved = len(peers) * (policy.cap(tokens, full=True) - policy.cap(tokens)) * hsz * e
@@ -419,6 +490,48 @@ def _padded_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work
         post = allgather_s(hw, role.group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
     return dataclasses.replace(comm_cost(kind, hw, rank, peers, nbytes, round_trips=1, post_s=post),
                                link_bytes_saved=saved)
+
+
+def _routed_transfer(kind: str, mb: int, plan, rank: int, cfg: ModelConfig, work: Workload, hw: Hardware) -> OpCost:
+    """The what-if of `Workload.dispatch = "routed"`: a rank moves only its expected routed rows, one
+    per (token, chosen expert): an attention rank sends (combine: gets back) its dispatch slice x k
+    rows; an expert rank receives (send: returns) the rows its experts get (as experts_cost counts
+    them); an EP rank does both at once and waits for the larger. All peers are posted together,
+    so one latency per round trip (of the NIC when any peer is on another node), not one per peer:
+    DeepEP's published low-latency EP256 dispatch (194 us for 128 tokens x top-8 x 7168 in FP8 on
+    H800 + 400 Gb/s) is 1.33x this model's 146 us for the same 7.3 MB per rank."""
+    e, hsz = elt_bytes(cfg), cfg.hidden_size
+    sent = (dispatch_slice(plan, cfg, work.batch, rank, mb) * cfg.top_k
+            if rank_role(plan, cfg, rank).kind != "expert" else 0)
+    got = sum(expert_tokens(plan, cfg, work.batch, rank, mb)) * cfg.top_k / cfg.num_experts \
+        if rank_role(plan, cfg, rank).experts else 0.0
+    if plan.strategy == "separated":
+        peers = range(plan.num_attention_ranks, plan.world_size) if kind in ("dispatch", "combine") else \
+            range(plan.num_attention_ranks)
+    else:
+        peers = range(plan.ep)
+    nbytes = max(sent, got) * hsz * e
+    post = 0.0
+    if kind == "combine" and plan.strategy == "separated" and plan.attn_tp > 1:
+        post = allgather_s(hw, rank_role(plan, cfg, rank).group, attention_tokens(plan, cfg, work.batch, rank, mb) * hsz * e)
+    return OpCost(kind, transfer_s=posted_together_s(hw, rank, peers, nbytes), post_s=post, link_bytes=nbytes)
+
+
+def posted_together_s(hw: Hardware, rank: int, peers: range, nbytes: float) -> float:
+    """`nbytes` spread evenly over `peers`, every peer posted at once: one latency (the NIC's when a
+    peer is on another node), then the NVLink and NIC shares in parallel."""
+    if nbytes <= 0:
+        return 0.0
+    node = hw.node_span(rank)
+    mine = 1 if rank in peers else 0
+    near = max(0, min(node.stop, peers.stop) - max(node.start, peers.start)) - mine
+    far = len(peers) - near - mine
+    if near <= 0 and far <= 0:
+        return 0.0
+    own = hw.for_rank(rank)
+    latency = hw.internode_latency_s if far > 0 else own.nvlink_latency_s
+    return latency + max(near / len(peers) * nbytes / own.nvlink_bytes_per_s,
+                         far / len(peers) * nbytes / hw.internode_bytes_per_s)
 
 
 # --- memory -------------------------------------------------------------------------------------------------
@@ -466,22 +579,24 @@ def rank_memory(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
         if cfg.is_mla else 0
     buffers = (plan.microbatches * biggest * h * e * 4 + rows_all * cfg.vocab_size * 4
                + rows * (2 * h + cfg.expert_hidden / role.hidden_div * cfg.expert_matrices) * e
-               + up_kv + hw.reserved_bytes)
+               + up_kv + hw.for_rank(rank).reserved_bytes)
     return MemoryUse(weights, kv_bytes, buffers)
 
 
-def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[MemoryUse]:
-    """Memory per rank; ValueError naming the rank and the numbers when one does not fit."""
+def check_memory(plan, cfg: ModelConfig, work: Workload, hw: Hardware, ranks=None) -> list[MemoryUse]:
+    """Memory of each rank in `ranks` (default: all); ValueError naming the rank and the numbers when one
+    does not fit."""
     out = []
-    for rank in range(plan.world_size):
+    for rank in range(plan.world_size) if ranks is None else ranks:
         use = rank_memory(plan, cfg, rank, work, hw)
-        if use.total > hw.memory_bytes:
+        own = hw.for_rank(rank)
+        if use.total > own.memory_bytes:
             role = rank_role(plan, cfg, rank)
             raise ValueError(
                 f"plan {describe(plan)} does not fit: rank {rank} ({role.kind}) needs {use.total / 1e9:.1f} GB = "
                 f"weights {use.weights / 1e9:.1f} GB + KV cache {use.kv_cache / 1e9:.1f} GB (batch {work.batch}, "
                 f"context {work.context}) + buffers {use.buffers / 1e9:.1f} GB, more than the "
-                f"{hw.memory_bytes / 2**30:.1f} GiB ({hw.memory_bytes / 1e9:.1f} GB) of one {hw.name}; use more "
+                f"{own.memory_bytes / 2**30:.1f} GiB ({own.memory_bytes / 1e9:.1f} GB) of one {own.name}; use more "
                 "GPUs, a smaller batch or context, or a plan that spreads this rank's part")
         out.append(use)
     return out

@@ -147,11 +147,13 @@ def _bound_costs(costs, rates: Rates, transfers: bool) -> list[OpCost]:
     return out
 
 
-def _chains(plan, cfg, work, hw, ops, costs, mb: int, reverse: bool) -> tuple[list[float], float]:
-    """Micro-batch `mb` alone, every op at its bound: per rank, when its first compute op can start
-    (reverse=True: how long must follow its last compute op), and the chain's length."""
+def _chains(plan, cfg, work, hw, ops, costs, mb: int, reverse: bool, ranks) -> tuple[list[float], float]:
+    """Micro-batch `mb` alone, every op at its bound: per rank of `ranks` (one per class of alike
+    ranks, classes.py), when its first compute op can start (reverse=True: how long must follow its
+    last compute op), and the chain's length."""
     from .simulator import _run, match
-    n = plan.world_size
+    n = len(ranks)
+    index = {r: i for i, r in enumerate(ranks)}
     sel = [[i for i, o in enumerate(ops[r]) if o.mb == mb] for r in range(n)]
     if reverse:
         sel = [s[::-1] for s in sel]
@@ -159,28 +161,34 @@ def _chains(plan, cfg, work, hw, ops, costs, mb: int, reverse: bool) -> tuple[li
     sub_costs = [[costs[r][i] for i in sel[r]] for r in range(n)]
     if reverse:  # a member's own work now follows the rendezvous and its tail precedes it
         sub_costs = [[dataclasses.replace(c, compute_s=c.post_s, post_s=c.compute_s) for c in cs] for cs in sub_costs]
-    recs = _run(plan, cfg, work, hw, False, sub_costs, sub_ops, match, lambda kind: 0)
+    recs = _run(plan, cfg, work, hw, False, sub_costs, sub_ops, match, lambda kind: 0, ranks)
     first = [None] * n
     for rec in recs:  # records come rank by rank in op order
-        if rec.op.kind in COMPUTE_KINDS and first[rec.rank] is None:
-            first[rec.rank] = rec.start
+        if rec.op.kind in COMPUTE_KINDS and first[index[rec.rank]] is None:
+            first[index[rec.rank]] = rec.start
     return [f if f is not None else 0.0 for f in first], max((rec.end for rec in recs), default=0.0)
 
 
 def plan_floor(plan, cfg: ModelConfig, work: Workload, hw: Hardware, rates: Rates | None = None,
-               experts_touched_per_layer: float | None = None) -> Floor:
+               experts_touched_per_layer: float | None = None, achievable: bool = False) -> Floor:
     """The floor of one decode step of `plan` (module docstring). `hw` gives the GPU layout (nodes)
     and, for `rates.transfer_s=None`, the transfer times; `rates` defaults to `Rates.spec(hw)`.
     `experts_touched_per_layer`: distinct experts per layer and micro-batch counted from a run's
-    routing; scales every experts op's weight bytes from the expectation to it (benchmarks)."""
+    routing; scales every experts op's weight bytes from the expectation to it (benchmarks).
+    Without `rates`, each rank at its own kind's spec rates (achievable=True: its achievable rates, which is
+    not a bound); hw.for_rank gives a rank's kind (MixedHardware has two).
+    Ranks are taken one per class of alike ranks (classes.py): the bounds are the same for all."""
+    from .classes import rank_classes
     from .simulator import all_costs, rank_ops
-    rates = rates or Rates.spec(hw)
-    m, n = plan.microbatches, plan.world_size
-    ops = [rank_ops(plan, cfg, r) for r in range(n)]
-    model = [[_scaled(plan, cfg, work, c, o.mb, experts_touched_per_layer) for o, c in zip(ops[r], cs)]
-             for r, cs in enumerate(all_costs(plan, cfg, work, hw))]
-    full = [_bound_costs(cs, rates, True) for cs in model]
-    bare = [_bound_costs(cs, rates, False) for cs in model]
+    reps = rank_classes(plan, cfg, work, hw).reps
+    own = Rates.achievable if achievable else Rates.spec
+    rank_rates = [rates or own(hw.for_rank(r)) for r in reps]
+    m, n = plan.microbatches, len(reps)
+    ops = [rank_ops(plan, cfg, r) for r in reps]
+    model = [[_scaled(plan, cfg, work, c, o.mb, experts_touched_per_layer) for o, c in zip(ops[i], cs)]
+             for i, cs in enumerate(all_costs(plan, cfg, work, hw, reps))]
+    full = [_bound_costs(cs, rank_rates[i], True) for i, cs in enumerate(model)]
+    bare = [_bound_costs(cs, rank_rates[i], False) for i, cs in enumerate(model)]
 
     def compute(r, key):  # sum over r's compute ops
         return sum(key(c, b) for c, b in zip(model[r], full[r]) if c.kind in COMPUTE_KINDS)
@@ -191,7 +199,7 @@ def plan_floor(plan, cfg: ModelConfig, work: Workload, hw: Hardware, rates: Rate
     def chains(costs, i, reverse):  # each micro-batch chain is run once per cost set and direction
         key = (id(costs), i, reverse)
         if key not in runs:
-            runs[key] = _chains(plan, cfg, work, hw, ops, costs, i, reverse)
+            runs[key] = _chains(plan, cfg, work, hw, ops, costs, i, reverse, reps)
         return runs[key]
 
     short = sorted({max(m - 2, 0), m - 1})  # the smallest micro-batches (with and without the lm_head)
@@ -207,8 +215,9 @@ def plan_floor(plan, cfg: ModelConfig, work: Workload, hw: Hardware, rates: Rate
     lengths = {i: chains(full, i, False)[1] for i in sorted({0, m - 1})}
     mb = max(lengths, key=lambda i: (lengths[i], -i))
     nbytes, flops = compute(r, lambda c, b: c.hbm_bytes), compute(r, lambda c, b: c.flops)
+    rates = rank_rates[r]
     peak = rates.matmul_flops_per_s
-    common = dict(rank=r, pre_s=pre[r], work_s=work_s[r], post_s=post[r], bytes=nbytes, flops=flops,
+    common = dict(rank=reps[r], pre_s=pre[r], work_s=work_s[r], post_s=post[r], bytes=nbytes, flops=flops,
                   bytes_s=nbytes / rates.hbm_bytes_per_s, flops_s=flops / peak if peak else 0.0, rates=rates)
     if lengths[mb] > rank_b[r]:
         tr = lengths[mb] - chains(bare, mb, False)[1]
@@ -217,7 +226,7 @@ def plan_floor(plan, cfg: ModelConfig, work: Workload, hw: Hardware, rates: Rate
                            f"{tr * 1e3:.3f} ms of it)", **common)
     pre0, post0 = around(bare)
     tr = (pre[r] - pre0[r]) + (post[r] - post0[r])
-    where = f"rank {r}" + (f" (stage {r // plan.tp})" if plan.strategy == "tp_pp" else "")
+    where = f"rank {reps[r]}" + (f" (stage {reps[r] // plan.tp})" if plan.strategy == "tp_pp" else "")
     return Floor(rank_b[r], "rank", microbatch=-1, transfer_s=tr,
                  label=f"{where}: before {pre[r] * 1e3:.3f} + work {work_s[r] * 1e3:.3f} + after "
                        f"{post[r] * 1e3:.3f} ms ({nbytes / 1e9:.2f} GB, {flops / 1e12:.2f} TFLOP)", **common)

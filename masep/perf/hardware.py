@@ -53,6 +53,9 @@ class Hardware:
     # and re-planning set these.
     op_efficiency: tuple = tuple((k, 1.0) for k in COMPUTE_KINDS)
     source: str = "built-in"  # where the numbers came from (profile, file, calibration)
+    # The links in words, as a datasheet states them (printed beside every result that uses them):
+    # the NVLink spec inside a node and what one node has towards the others.
+    links: str = ""
 
     def __post_init__(self) -> None:
         for name in ("op_latency_s", "op_efficiency"):
@@ -92,6 +95,15 @@ class Hardware:
     def node(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    def node_span(self, rank: int) -> range:
+        """The ranks that share `rank`'s node (bounded by the node, not by the plan's size)."""
+        start = self.node(rank) * self.gpus_per_node
+        return range(start, start + self.gpus_per_node)
+
+    def for_rank(self, rank: int) -> "Hardware":
+        """The profile rank `rank` runs on: this one (MixedHardware gives each group its own)."""
+        return self
+
     def replace(self, **changes) -> "Hardware":
         return dataclasses.replace(self, **changes)
 
@@ -99,28 +111,128 @@ class Hardware:
         return (f"{self.name}: HBM {self.hbm_bytes_per_s / 1e12:.2f} TB/s spec x {self.hbm_efficiency:.2f}, "
                 f"bf16 {self.matmul_flops_per_s / 1e12:.0f} TFLOP/s spec x {self.matmul_efficiency:.2f}, "
                 f"{self.memory_bytes / GiB:.0f} GiB, NVLink {self.nvlink_bytes_per_s / 1e9:.0f} GB/s bus "
-                f"({self.gpus_per_node} GPUs/node), inter-node {self.internode_bytes_per_s / 1e9:.0f} GB/s "
-                f"[{self.source}]")
+                f"({self.gpus_per_node} GPUs/node), inter-node {self.internode_bytes_per_s / 1e9:.0f} GB/s per GPU "
+                f"[{self.source}]" + (f"; links: {self.links}" if self.links else ""))
+
+    def link_info(self) -> dict:
+        """The link assumptions as numbers and words (JSON meta of every simulated result)."""
+        return dict(gpus_per_node=self.gpus_per_node, nvlink_bus_gb_s=self.nvlink_bytes_per_s / 1e9,
+                    nvlink_latency_us=self.nvlink_latency_s * 1e6,
+                    internode_gb_s_per_gpu=self.internode_bytes_per_s / 1e9,
+                    internode_latency_us=self.internode_latency_s * 1e6, links=self.links)
 
 
+HOPPER_LINKS = ("NVLink 4 + NVSwitch, 900 GB/s bidirectional per GPU (NCCL bus bandwidth ~370 GB/s); between "
+                "nodes 8 x 400 Gb/s NDR InfiniBand per 8-GPU node, i.e. 50 GB/s per GPU")
 PROFILES: dict[str, Hardware] = {
     # A100 80GB SXM: 2.04 TB/s spec, ~1.6-1.7 achievable; NVLink 3 ~230 GB/s NCCL bus bandwidth;
     # HDR InfiniBand 200 Gb/s per GPU between nodes (DGX A100).
     "a100-80g": Hardware("a100-80g", hbm_bytes_per_s=2.039e12, hbm_efficiency=0.81,
                          matmul_flops_per_s=312e12, matmul_efficiency=0.80, memory_bytes=80 * GiB,
                          nvlink_bytes_per_s=230e9, nvlink_latency_s=2e-6,
-                         internode_bytes_per_s=25e9, internode_latency_s=5e-6),
+                         internode_bytes_per_s=25e9, internode_latency_s=5e-6,
+                         links="NVLink 3 + NVSwitch, 600 GB/s bidirectional per GPU (NCCL bus bandwidth ~230 GB/s); "
+                               "between nodes 8 x 200 Gb/s HDR InfiniBand per 8-GPU node, i.e. 25 GB/s per GPU"),
     # H100 80GB SXM: 3.35 TB/s spec, ~3.0 measured copy; ~990 TFLOP/s spec, ~775 measured;
     # NVLink 4 ~370 GB/s bus bandwidth; NDR 400 Gb/s per GPU.
     "h100": Hardware("h100", hbm_bytes_per_s=3.35e12, hbm_efficiency=0.90, matmul_flops_per_s=989e12,
                      matmul_efficiency=0.78, memory_bytes=80 * GiB, nvlink_bytes_per_s=370e9,
-                     nvlink_latency_s=1e-6, internode_bytes_per_s=50e9, internode_latency_s=4e-6),
+                     nvlink_latency_s=1e-6, internode_bytes_per_s=50e9, internode_latency_s=4e-6,
+                     links=HOPPER_LINKS),
     # H200 141GB: 4.8 TB/s spec, ~4.3 measured copy; compute as H100.
     "h200": Hardware("h200", hbm_bytes_per_s=4.8e12, hbm_efficiency=0.90, matmul_flops_per_s=989e12,
                      matmul_efficiency=0.78, memory_bytes=140 * GiB, nvlink_bytes_per_s=370e9,
-                     nvlink_latency_s=1e-6, internode_bytes_per_s=50e9, internode_latency_s=4e-6),
+                     nvlink_latency_s=1e-6, internode_bytes_per_s=50e9, internode_latency_s=4e-6,
+                     links=HOPPER_LINKS),
+    # GB200 NVL72-like, from datasheet values only (nothing here was measured): one Blackwell GPU of the rack
+    # has ~186 GB of HBM3e (13.4 TB over 72 GPUs) at 8 TB/s and ~2.5 PFLOP/s dense bf16 (180 PFLOP/s over 72);
+    # NVLink 5 gives 1.8 TB/s bidirectional per GPU across all 72 GPUs of the rack (one NVLink domain). The
+    # achievable fractions are the Hopper profiles' (assumed, not measured on Blackwell); the NCCL bus
+    # bandwidth is assumed to double Hopper's with the doubled NVLink; one 400 Gb/s NIC per GPU out of the rack.
+    "gb200-nvl72": Hardware("gb200-nvl72", hbm_bytes_per_s=8.0e12, hbm_efficiency=0.90, matmul_flops_per_s=2.5e15,
+                            matmul_efficiency=0.78, memory_bytes=186 * 10**9, gpus_per_node=72,
+                            nvlink_bytes_per_s=740e9, nvlink_latency_s=1e-6, internode_bytes_per_s=50e9,
+                            internode_latency_s=4e-6, source="datasheet values (not measured)",
+                            links="NVLink 5 + NVLink Switch, 1.8 TB/s bidirectional per GPU across the 72-GPU rack "
+                                  "(NCCL bus bandwidth assumed ~740 GB/s); out of the rack one 400 Gb/s NIC per GPU, "
+                                  "i.e. 50 GB/s per GPU"),
 }
 PROFILES["a100"] = PROFILES["a100-80g"]
+
+
+@dataclass(frozen=True)
+class MixedHardware:
+    """A separated plan on two kinds of GPU: attention ranks [0, attention_ranks) run on `attention`, the
+    expert ranks on `experts`. A node holds one kind, so each group has nodes of its own (the attention
+    group's last node may be partly used): a transfer between the groups always leaves the node, and runs at
+    the slower side's NIC. Inside a group, each kind's own NVLink. `attention_ranks` is set by `bind(plan)`."""
+    attention: Hardware
+    experts: Hardware
+    attention_ranks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_ranks is not None and (not isinstance(self.attention_ranks, int) or self.attention_ranks < 1):
+            raise ValueError(f"MixedHardware.attention_ranks={self.attention_ranks!r}: must be an integer >= 1")
+
+    def bind(self, plan) -> "MixedHardware":
+        """This split for `plan`, which must be a separated plan (only it has two groups to put apart)."""
+        if plan.strategy != "separated":
+            raise ValueError(f"hardware {self.name}: attention and experts on two kinds of GPU needs a separated plan, "
+                             f"not {plan.strategy} (its ranks do both)")
+        return dataclasses.replace(self, attention_ranks=plan.num_attention_ranks)
+
+    @property
+    def bound_ranks(self) -> int:
+        if self.attention_ranks is None:
+            raise ValueError(f"hardware {self.name}: not bound to a plan; call .bind(plan) first")
+        return self.attention_ranks
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention.name} (attention) + {self.experts.name} (experts)"
+
+    @property
+    def source(self) -> str:
+        return f"attention: {self.attention.source}; experts: {self.experts.source}"
+
+    def for_rank(self, rank: int) -> Hardware:
+        return self.attention if rank < self.bound_ranks else self.experts
+
+    def node(self, rank: int) -> int:
+        a = self.bound_ranks
+        if rank < a:
+            return rank // self.attention.gpus_per_node
+        return -(-a // self.attention.gpus_per_node) + (rank - a) // self.experts.gpus_per_node
+
+    def node_span(self, rank: int) -> range:
+        a, ga, ge = self.bound_ranks, self.attention.gpus_per_node, self.experts.gpus_per_node
+        if rank < a:
+            start = rank // ga * ga
+            return range(start, min(start + ga, a))
+        start = a + (rank - a) // ge * ge
+        return range(start, start + ge)
+
+    @property
+    def gpus_per_node(self) -> int:
+        """Of the attention group: the only one with head-parallel groups that must stay in a node."""
+        return self.attention.gpus_per_node
+
+    @property
+    def internode_bytes_per_s(self) -> float:
+        return min(self.attention.internode_bytes_per_s, self.experts.internode_bytes_per_s)
+
+    @property
+    def internode_latency_s(self) -> float:
+        return max(self.attention.internode_latency_s, self.experts.internode_latency_s)
+
+    def summary(self) -> str:
+        return (f"attention on {self.attention.summary()}\n  experts on {self.experts.summary()}\n  between the groups "
+                f"{self.internode_bytes_per_s / 1e9:.0f} GB/s per GPU (the slower side's NIC), on nodes of their own")
+
+    def link_info(self) -> dict:
+        return dict(attention=self.attention.link_info(), experts=self.experts.link_info(),
+                    between_groups_gb_s_per_gpu=self.internode_bytes_per_s / 1e9,
+                    between_groups_latency_us=self.internode_latency_s * 1e6)
 
 
 def _read_table(path: Path) -> dict:

@@ -1,20 +1,24 @@
 """Planner: enumerate the legal plans for N GPUs, simulate them, rank them, explain the winner.
 
 Candidates (`candidate_plans`):
-  separated  E expert ranks (1..N-1), the other A = N - E ranks as R replicas x T head-parallel
-             ranks (every T <= heads dividing A); contiguous expert placement, or round-robin
-             replicas when E > experts; m = 1..max_microbatches with m <= batch / R
+  separated  E expert ranks, the other A = N - E ranks as R replicas x T head-parallel ranks
+             (every T <= heads dividing A); contiguous expert placement, or round-robin replicas
+             when E > experts; m = 1..max_microbatches with m <= batch / R. E takes every value
+             1..N-1 up to FULL_GRID_GPUS GPUs; above, 1..16 and the multiples of a node (expert
+             groups of whole nodes: 79 values instead of 511 at 512 GPUs)
   tp_pp      tp x pp = N, tp <= heads, pp <= layers; m = 1..max_microbatches, m <= batch
   ep         ep = N (contiguous placement, round-robin replicas when N > experts);
              m <= ceil(batch / N)
   single     N = 1
-Plans whose memory does not fit are rejected (with the numbers, see `Search.rejected`).
+Plans whose head-parallel groups span nodes or whose memory does not fit are rejected (with the
+numbers, see `Search.rejected`). Ranks that behave alike are simulated once (classes.py).
 
-Search is exact branch and bound: every rank's compute ops run one after another on its
-compute stream, so max over ranks of the summed compute time is a lower bound on the simulated
-TPOT. Candidates are simulated in order of that bound until the bound passes the N-th best
-simulated TPOT (or, under a TPOT limit, until batch / bound drops below the best TPS), so the
-winner is the plan exhaustive simulation would pick.
+Lowest TPOT at a batch (`search`) is exact branch and bound: `lower_bound_s` never exceeds the
+simulated TPOT, so candidates are simulated in order of it until it passes the N-th best TPOT;
+the winner is the plan exhaustive simulation would pick.
+
+Highest throughput (or lowest cost per token) under a TPOT limit: `search_throughput`, in
+throughput.py (imported here too).
 
 Explanation (MegaScale-Infer, arXiv 2504.02263): per layer and micro-batch, T_a = attention
 (+ its all-reduce), T_e = experts (+ all-reduce in tp_pp), T_c = the slowest transfer between
@@ -23,31 +27,56 @@ balance is T_a / T_e (1 = balanced).
 """
 from __future__ import annotations
 
-import heapq
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..config import ModelConfig
 from ..plan import EpPlan, SeparatedPlan, SinglePlan, TpPpPlan
+from .classes import rank_classes
 from .costmodel import Workload, check_memory, describe, plan_to_dict, rank_role
-from .hardware import Hardware
-from .simulator import COMPUTE_KINDS, Simulation, all_costs, simulate
+from .hardware import Hardware, MixedHardware
+from ..parallel.schedule import EXPERTS, RECV_ACT
+from .simulator import COMPUTE_KINDS, Simulation, _stream, rank_cost_table, simulate
 
 STRATEGY_NAMES = ("separated", "tp_pp", "ep", "single")
 
 
+FULL_GRID_GPUS = 64  # up to this many GPUs every expert-group size is a candidate; above, a coarser grid
+
+
+@lru_cache(maxsize=1024)
 def _replicated(num_experts: int, ranks: int) -> tuple[tuple[int, ...], ...] | None:
-    """None (contiguous) when every rank can hold distinct experts, else expert j % E on rank j."""
+    """None (contiguous) when every rank can hold distinct experts, else expert j % E on rank j (one
+    shared tuple per size: plans that share it hash it once)."""
     if ranks <= num_experts:
         return None
     return tuple((j % num_experts,) for j in range(ranks))
 
 
+def plan_label(plan, cfg: ModelConfig) -> str:
+    """The plan's notation, with the planner's round-robin placement (expert j % E on expert rank j, every
+    expert held by several ranks) shown as ' rr' instead of one entry per rank."""
+    placement = getattr(plan, "placement", None)
+    ranks = plan.expert_ranks if plan.strategy == "separated" else getattr(plan, "ep", 0)
+    if placement is not None and placement == _replicated(cfg.num_experts, ranks):
+        return describe(dataclasses.replace(plan, placement=None)) + " rr"
+    return describe(plan)
+
+
+def expert_group_sizes(gpus: int, gpus_per_node: int = 8) -> list[int]:
+    """Candidate expert-rank counts E of a separated plan on `gpus` GPUs (module docstring)."""
+    if gpus <= FULL_GRID_GPUS:
+        return list(range(1, gpus))
+    return sorted({e for e in range(1, 17)} | set(range(gpus_per_node, gpus, gpus_per_node)))
+
+
 def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY_NAMES,
-                    max_microbatches: int = 8) -> list:
+                    max_microbatches: int = 8, gpus_per_node: int = 8) -> list:
     out: list = []
     if "separated" in strategies:
-        for e in range(1, gpus):
+        for e in expert_group_sizes(gpus, gpus_per_node):
             a = gpus - e
             for t in range(1, min(a, cfg.num_heads) + 1):
                 if a % t:
@@ -68,10 +97,66 @@ def candidate_plans(cfg: ModelConfig, gpus: int, batch: int, strategies=STRATEGY
     return out
 
 
-def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, costs=None) -> float:
-    """max over ranks of the compute time on its compute stream: the simulated TPOT is >= this."""
-    costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
-    return max(sum(c.compute_s for c in rank if c.kind in COMPUTE_KINDS) for rank in costs)
+# transfers whose members are every rank of the plan (separated: dispatch == recv, combine == send; ep:
+# dispatch, combine): each member's op lasts at least the slowest member's transfer time
+_PLAN_WIDE = {"dispatch": "a2e", "recv": "a2e", "combine": "e2a", "send": "e2a"}
+
+
+def lower_bound_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True) -> float:
+    """A lower bound on the simulated TPOT from the op costs alone (one rank per class, classes.py):
+      - a stream runs its ops one after another, each for at least its own time: the busiest stream;
+      - tp_pp: stage s cannot start before micro-batch 0 went through the stages before it, and
+        micro-batch m-1 must still go through the stages after it once s has done all its compute
+        ops: (micro-batch 0's chain on stages < s) + (s's compute) + (micro-batch m-1's chain on
+        stages > s), each stage's chain being its fastest rank's summed op times for that micro-batch
+        (recv_act left out: it is the same transfer as the previous stage's send_act); and every
+        micro-batch's chain through all stages. Without these a deep pipeline's bound was 1/pp of
+        its step and the search simulated nearly every candidate.
+      - a transfer among every rank of the plan (separated and ep dispatch / combine) ends when its
+        slowest member's transfer does: each member's op counts that member's time;
+      - separated and ep: one micro-batch's chain: each layer's attention, dispatch, the slowest
+        expert rank's experts (a combine waits for every expert rank) and combine, one after another
+        (what bounds plans whose transfers dominate).
+    tests/test_planner.py checks it never exceeds the simulated TPOT."""
+    reps = rank_classes(plan, cfg, work, hw).reps
+    tables = {rank: rank_cost_table(plan, cfg, rank, work, hw) for rank in reps}
+    slowest: dict[tuple[str, int], float] = {}  # a plan-wide transfer waits for its slowest member's share
+    for table in tables.values():
+        for kind, mb, n, c in table:
+            if kind in _PLAN_WIDE:
+                key = (_PLAN_WIDE[kind], mb)
+                slowest[key] = max(slowest.get(key, 0.0), c.transfer_s)
+    busiest, compute, chain, experts = 0.0, {}, {}, {}
+    for rank in reps:
+        streams: dict[int, float] = {}
+        for kind, mb, n, c in tables[rank]:
+            t = n * (c.time_s if kind not in _PLAN_WIDE else c.compute_s + slowest[_PLAN_WIDE[kind], mb] + c.post_s)
+            stream = _stream(kind, overlap)
+            streams[stream] = streams.get(stream, 0.0) + t
+            if kind in COMPUTE_KINDS:
+                compute[rank] = compute.get(rank, 0.0) + t
+            if kind == EXPERTS and plan.strategy == "separated":  # on an expert rank: joins every rank's chain
+                experts[mb] = max(experts.get(mb, 0.0), t)
+            elif kind != RECV_ACT:
+                chain[rank, mb] = chain.get((rank, mb), 0.0) + t
+        busiest = max(busiest, max(streams.values()))
+    if plan.strategy in ("separated", "ep"):
+        one = max(t + experts.get(mb, 0.0) for (rank, mb), t in chain.items()
+                  if plan.strategy == "ep" or rank < plan.num_attention_ranks)
+        return max(busiest, one)
+    if plan.strategy != "tp_pp" or plan.pp == 1:
+        return busiest
+    m = plan.microbatches
+
+    classes = rank_classes(plan, cfg, work, hw)
+
+    def stage_chain(stage: int, mb: int) -> float:  # every rank of the stage, through its class's representative
+        return min(chain.get((classes.reps[classes.class_of[r]], mb), 0.0) for r in plan.stage_ranks(stage))
+
+    pipeline = max(sum(stage_chain(s, 0) for s in range(r // plan.tp)) + compute.get(r, 0.0)
+                   + sum(stage_chain(s, m - 1) for s in range(r // plan.tp + 1, plan.pp)) for r in reps)
+    whole = max(sum(stage_chain(s, mb) for s in range(plan.pp)) for mb in range(m))
+    return max(busiest, pipeline, whole)
 
 
 @dataclass
@@ -86,6 +171,7 @@ class Search:
     simulated: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (plan, reason)
     tpot_limit_s: float | None = None
+    prices: dict[str, float] | None = None  # USD per GPU-hour by profile name: ranked by cost per token
 
     @property
     def best(self) -> Simulation:
@@ -104,19 +190,26 @@ def check_head_groups_in_nodes(plan, gpus_per_node: int) -> None:
     """ValueError when a head-parallel group (a separated replica's ranks, a TP×PP stage's TP
     group) spans two nodes: its all-reduces run once per layer on the critical path, and over
     the slower link between nodes they would set the step's pace."""
-    groups = ([plan.replica_ranks(r) for r in range(plan.attn_replicas)] if plan.strategy == "separated" else
-              [plan.stage_ranks(s) for s in range(plan.pp)] if plan.strategy == "tp_pp" else [])
-    for ranks in groups:
-        if len(ranks) > 1 and ranks[0] // gpus_per_node != ranks[-1] // gpus_per_node:
-            raise ValueError(f"plan {describe(plan)}: the head-parallel group of ranks {ranks[0]}-{ranks[-1]} spans "
+    size, count = ((plan.attn_tp, plan.attn_replicas) if plan.strategy == "separated" else
+                   (plan.tp, plan.pp) if plan.strategy == "tp_pp" else (1, 0))
+    for first in range(0, size * count, size):  # group i holds ranks [i * size, (i + 1) * size)
+        last = first + size - 1
+        if size > 1 and first // gpus_per_node != last // gpus_per_node:
+            raise ValueError(f"plan {describe(plan)}: the head-parallel group of ranks {first}-{last} spans "
                              f"two nodes of {gpus_per_node} GPUs; keep each replica or TP group inside a node")
 
 
+def hardware_for(hw, plan):
+    """The hardware `plan` runs on: a MixedHardware bound to the plan's two groups, else `hw` itself."""
+    return hw.bind(plan) if isinstance(hw, MixedHardware) else hw
+
+
 def _fits(plan, cfg, work, hw, rejected) -> bool:
+    """Legal, head-parallel groups inside nodes, and every rank's memory fits (one rank per class)."""
     try:
         plan.validate(cfg, plan.world_size)
         check_head_groups_in_nodes(plan, hw.gpus_per_node)
-        check_memory(plan, cfg, work, hw)
+        check_memory(plan, cfg, work, hw, rank_classes(plan, cfg, work, hw).reps)
     except ValueError as err:
         rejected.append((describe(plan), str(err)))
         return False
@@ -130,19 +223,19 @@ def _order_key(sim: Simulation) -> tuple:
 def search(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, strategies=STRATEGY_NAMES, top: int = 5,
            max_microbatches: int = 8, overlap: bool = True) -> Search:
     """Rank plans for a fixed batch by simulated TPOT (exact branch and bound, module docstring)."""
-    plans = candidate_plans(cfg, gpus, work.batch, strategies, max_microbatches)
+    plans = candidate_plans(cfg, gpus, work.batch, _strategies_on(hw, strategies), max_microbatches, hw.gpus_per_node)
     result = Search(cfg, hw, gpus, work, [], candidates=len(plans))
     bounded = []
     for i, plan in enumerate(plans):
-        if _fits(plan, cfg, work, hw, result.rejected):
-            costs = all_costs(plan, cfg, work, hw)
-            bounded.append((lower_bound_s(plan, cfg, work, hw, costs), i, plan, costs))
+        hwp = hardware_for(hw, plan)
+        if _fits(plan, cfg, work, hwp, result.rejected):
+            bounded.append((lower_bound_s(plan, cfg, work, hwp, overlap), i, plan))
     bounded.sort(key=lambda x: (x[0], x[1]))
     best: list[Simulation] = []
-    for lb, _, plan, costs in bounded:
+    for lb, _, plan in bounded:
         if len(best) >= top and lb >= best[top - 1].tpot_s:
             break
-        best.append(simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False, costs=costs))
+        best.append(simulate(plan, cfg, work, hardware_for(hw, plan), overlap=overlap, check_fit=False, grouped=True))
         result.simulated += 1
         best.sort(key=_order_key)
         del best[top:]
@@ -150,46 +243,9 @@ def search(cfg: ModelConfig, hw: Hardware, gpus: int, work: Workload, *, strateg
     return result
 
 
-def batch_candidates(max_batch: int) -> list[int]:
-    out, b = [], 1
-    while b <= max_batch:
-        out.append(b)
-        b *= 2
-    if out[-1] != max_batch:
-        out.append(max_batch)
-    return out
-
-
-def search_throughput(cfg: ModelConfig, hw: Hardware, gpus: int, context: int, tpot_limit_s: float, *,
-                      max_batch: int = 1024, strategies=STRATEGY_NAMES, top: int = 5, max_microbatches: int = 8,
-                      lm_head: bool = True, overlap: bool = True) -> Search:
-    """Rank (batch, plan) pairs by TPS among those with simulated TPOT <= tpot_limit_s."""
-    rejected: list[tuple[str, str]] = []
-    heap, count = [], 0
-    for batch in batch_candidates(max_batch):
-        work = Workload(batch, context, lm_head)
-        for plan in candidate_plans(cfg, gpus, batch, strategies, max_microbatches):
-            count += 1
-            if not _fits(plan, cfg, work, hw, rejected):
-                continue
-            lb = lower_bound_s(plan, cfg, work, hw)
-            if lb <= tpot_limit_s:
-                heapq.heappush(heap, (-batch / lb, count, plan, work))
-    best: list[Simulation] = []
-    simulated = 0
-    while heap:
-        neg_ub, _, plan, work = heapq.heappop(heap)
-        if len(best) >= top and -neg_ub <= best[top - 1].tps:
-            break
-        sim = simulate(plan, cfg, work, hw, overlap=overlap, check_fit=False)
-        simulated += 1
-        if sim.tpot_s <= tpot_limit_s:
-            best.append(sim)
-            best.sort(key=lambda s: (-round(s.tps, 6), describe(s.plan)))
-            del best[top:]
-    work = best[0].work if best else Workload(1, context, lm_head)
-    return Search(cfg, hw, gpus, work, best, candidates=count, simulated=simulated, rejected=rejected,
-                  tpot_limit_s=tpot_limit_s)
+def _strategies_on(hw, strategies) -> tuple[str, ...]:
+    """Attention and experts on two kinds of GPU (MixedHardware) is for separated plans only."""
+    return tuple(s for s in strategies if s == "separated") if isinstance(hw, MixedHardware) else tuple(strategies)
 
 
 # --- explaining a plan ----------------------------------------------------------------------------------
@@ -376,3 +432,13 @@ def _floor_of(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
     from .floor import Rates, plan_floor
     rates = Rates(hw.hbm_bytes_per_s, hw.matmul_flops_per_s, transfer_s={}, source=f"{hw.name} spec, no transfers")
     return plan_floor(plan, cfg, work, hw, rates).seconds
+
+
+
+def __getattr__(name: str):
+    """search_throughput, batch_candidates and legal_at live in throughput.py, which builds on this
+    module (so it cannot be imported at the top here); `from masep.perf.planner import ...` still works."""
+    if name in ("search_throughput", "batch_candidates", "legal_at"):
+        from . import throughput
+        return getattr(throughput, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,11 +52,13 @@ from ..parallel.schedule import (ALLREDUCE, ATTENTION, COMBINE, DISPATCH, EXPERT
                                  SEND, SEND_ACT, Op, ep_schedule, separated_schedule, tp_pp_schedule)
 from ..plan import SinglePlan
 from . import floor as floormod
+from .classes import RankClasses, rank_classes
 from .costmodel import (BACK, COMM, COMPUTE, MemoryUse, OpCost, Workload, check_memory, describe, op_cost,
                         rank_memory, rank_role)
 from .hardware import Hardware
 
 COMPUTE_KINDS = (ATTENTION, EXPERTS, HEAD, MLP)
+GROUPED_ABOVE = 64  # GPUs: larger plans simulate one rank per class of alike ranks by default (classes.py)
 
 
 # --- op lists and matching ----------------------------------------------------------------------------
@@ -96,12 +98,12 @@ def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
     s = plan.strategy
     if s == "separated":
         if op.kind in (DISPATCH, RECV):
-            return ("a2e", op.layer, op.mb), tuple(range(plan.world_size))
+            return ("a2e", op.layer, op.mb), _world(plan.world_size)
         if op.kind in (COMBINE, SEND):
-            return ("e2a", op.layer, op.mb), tuple(range(plan.world_size))
+            return ("e2a", op.layer, op.mb), _world(plan.world_size)
         if op.kind == ATTENTION and plan.attn_tp > 1:
             replica = rank // plan.attn_tp
-            return ("attn", replica, op.layer, op.mb), tuple(plan.replica_ranks(replica))
+            return ("attn", replica, op.layer, op.mb), _replica(plan, replica)
         return None
     if s == "tp_pp":
         stage, t = divmod(rank, plan.tp)
@@ -113,8 +115,45 @@ def match(plan, rank: int, op: Op) -> tuple[tuple, tuple[int, ...]] | None:
             return ("act", stage - 1, t, op.mb), (rank - plan.tp, rank)
         return None
     if s == "ep" and op.kind in (DISPATCH, COMBINE):
-        return (op.kind, op.layer, op.mb), tuple(range(plan.world_size))
+        return (op.kind, op.layer, op.mb), _world(plan.world_size)
     return None
+
+
+@lru_cache(maxsize=65536)
+def _replica(plan, replica: int) -> tuple[int, ...]:
+    return tuple(plan.replica_ranks(replica))
+
+
+@lru_cache(maxsize=64)
+def _world(n: int) -> tuple[int, ...]:
+    """Every rank: one shared tuple per size, so matching does not rebuild it for every op."""
+    return tuple(range(n))
+
+
+@lru_cache(maxsize=4096)
+def _op_counts(strategy: str, kind: str, num_layers: int, layers: range, stage: int, stages: int,
+               m: int, dense: int) -> tuple[tuple[str, int, int, int], ...]:
+    """(kind, micro-batch, a layer of theirs, how many) of a rank's ops, apart for dense layers
+    (the first `dense`): their attention has no router or shared expert."""
+    counts: dict[tuple[str, int, bool], tuple[int, int]] = {}
+    for o in _schedule(strategy, kind, num_layers, layers, stage, stages, m, dense):
+        key = (o.kind, o.mb, 0 <= o.layer < dense)
+        layer, n = counts.get(key, (o.layer, 0))
+        counts[key] = (layer, n + 1)
+    return tuple((k, mb, layer, n) for (k, mb, _), (layer, n) in counts.items())
+
+
+def rank_cost_table(plan, cfg: ModelConfig, rank: int, work: Workload,
+                    hw: Hardware) -> list[tuple[str, int, int, OpCost]]:
+    """(kind, micro-batch, how many such ops, their cost) of `rank`'s op list: what sums over the
+    ops need, without visiting every layer's op."""
+    role = rank_role(plan, cfg, rank)
+    stages = plan.pp if plan.strategy == "tp_pp" else 1
+    counts = _op_counts(plan.strategy, role.kind, cfg.num_layers, role.layers, role.replica, stages,
+                        plan.microbatches, cfg.first_dense_layers)
+    return [(kind, mb, n, op_cost(kind, max(layer, cfg.first_dense_layers) if kind == HEAD else layer, mb, plan,
+                                  rank, cfg, work, hw))
+            for kind, mb, layer, n in counts]
 
 
 def rank_costs(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware, ops) -> list[OpCost]:
@@ -154,13 +193,18 @@ class Simulation:
     work: Workload
     hw: Hardware
     overlap: bool
-    records: list[OpRecord]
-    memory: list[MemoryUse]
+    records: list[OpRecord]  # the representative ranks' ops (classes.py): every rank's when classes is None
+    memory: list[MemoryUse]  # per world rank
     min_step_bytes: float
+    classes: RankClasses | None = None
     tpot_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.tpot_s = max((r.end for r in self.records), default=0.0)
+        if self.classes is None:
+            self.classes = RankClasses.identity(self.plan.world_size)
+        counts = self.classes.counts
+        self._weight = {rep: counts[i] for i, rep in enumerate(self.classes.reps)}  # world ranks per record's rank
 
     @property
     def num_gpus(self) -> int:
@@ -178,17 +222,19 @@ class Simulation:
     @functools.cached_property
     def floor_achievable_s(self) -> float:
         """The same floor at the profile's achievable rates (not a bound: fitted rates can beat it)."""
-        return floormod.plan_floor(self.plan, self.cfg, self.work, self.hw, floormod.Rates.achievable(self.hw)).seconds
+        return floormod.plan_floor(self.plan, self.cfg, self.work, self.hw, achievable=True).seconds
 
     @property
     def tps(self) -> float:
         return self.work.batch / self.tpot_s
 
     def _per_rank(self, fn) -> list[float]:
-        out = [0.0] * self.num_gpus
+        """fn summed over each GPU's ops (a GPU's class representative's ops)."""
+        index = {rep: i for i, rep in enumerate(self.classes.reps)}
+        out = [0.0] * len(index)
         for r in self.records:
-            out[r.rank] += fn(r)
-        return out
+            out[index[r.rank]] += fn(r)
+        return self.classes.expand(out)
 
     @property
     def busy_fraction(self) -> list[float]:
@@ -198,10 +244,11 @@ class Simulation:
     @property
     def kernel_active(self) -> list[float]:
         """nvidia-smi-style: fraction of the step during which any op (kernel) is on the GPU."""
-        spans: list[list[tuple[float, float]]] = [[] for _ in range(self.num_gpus)]
+        index = {rep: i for i, rep in enumerate(self.classes.reps)}
+        spans: list[list[tuple[float, float]]] = [[] for _ in index]
         for r in self.records:
             if r.end > r.start:
-                spans[r.rank].append((r.start, r.end))
+                spans[index[r.rank]].append((r.start, r.end))
         out = []
         for s in spans:
             total, cur_start, cur_end = 0.0, None, None
@@ -213,15 +260,19 @@ class Simulation:
                     cur_end = max(cur_end, b)
             total += (cur_end - cur_start) if cur_end is not None else 0.0
             out.append(total / self.tpot_s)
-        return out
+        return self.classes.expand(out)
 
     @property
     def hbm_bytes(self) -> float:
-        return sum(r.cost.hbm_bytes for r in self.records)
+        return sum(r.cost.hbm_bytes * self._weight[r.rank] for r in self.records)
 
     @property
     def flops(self) -> float:
-        return sum(r.cost.flops for r in self.records)
+        return sum(r.cost.flops * self._weight[r.rank] for r in self.records)
+
+    def _spec_sum(self, attr: str) -> float:
+        """A spec rate summed over the GPUs (each GPU its own kind's)."""
+        return sum(getattr(self.hw.for_rank(r), attr) for r in range(self.num_gpus))
 
     @property
     def link_bytes(self) -> float:
@@ -236,22 +287,23 @@ class Simulation:
 
     @property
     def mbu(self) -> float:
-        return self.hbm_bytes / self.tpot_s / (self.num_gpus * self.hw.hbm_bytes_per_s)
+        return self.hbm_bytes / self.tpot_s / self._spec_sum("hbm_bytes_per_s")
 
     @property
     def mbu_useful(self) -> float:
-        return self.min_step_bytes / self.tpot_s / (self.num_gpus * self.hw.hbm_bytes_per_s)
+        return self.min_step_bytes / self.tpot_s / self._spec_sum("hbm_bytes_per_s")
 
     @property
     def mfu(self) -> float:
-        return self.flops / self.tpot_s / (self.num_gpus * self.hw.matmul_flops_per_s)
+        return self.flops / self.tpot_s / self._spec_sum("matmul_flops_per_s")
 
     def op_times(self, rank: int | None = None) -> dict[str, float]:
         """Seconds per op kind, summed (one rank, or all), of the op alone (no waiting)."""
+        rep = None if rank is None else self.classes.reps[self.classes.class_of[rank]]
         out: dict[str, float] = {}
         for r in self.records:
-            if rank is None or r.rank == rank:
-                out[r.op.kind] = out.get(r.op.kind, 0.0) + r.cost.time_s
+            if rep is None or r.rank == rep:
+                out[r.op.kind] = out.get(r.op.kind, 0.0) + r.cost.time_s * (self._weight[r.rank] if rep is None else 1)
         return out
 
     def summary(self) -> dict:
@@ -280,13 +332,12 @@ def _rank_bytes(plan, cfg: ModelConfig, rank: int, work: Workload, hw: Hardware)
 
 def floor_s(plan, cfg: ModelConfig, work: Workload, hw: Hardware, achievable: bool = False) -> float:
     """The plan's floor (perf/floor.py) at the profile's spec (or achievable) rates."""
-    rates = floormod.Rates.achievable(hw) if achievable else floormod.Rates.spec(hw)
-    return floormod.plan_floor(plan, cfg, work, hw, rates).seconds
+    return floormod.plan_floor(plan, cfg, work, hw, achievable=achievable).seconds
 
 
 def min_step_bytes(cfg: ModelConfig, work: Workload, hw: Hardware) -> float:
     """Bytes one decode step reads at least: the whole model on one device, one micro-batch."""
-    return _rank_bytes(SinglePlan(), cfg, 0, work, hw)
+    return _rank_bytes(SinglePlan(), cfg, 0, work, hw.for_rank(0))
 
 
 # --- the event loop ----------------------------------------------------------------------------------
@@ -294,9 +345,14 @@ class Deadlock(RuntimeError):
     """The op lists cannot finish: some matched op never gets all its members."""
 
 
-def all_costs(plan, cfg: ModelConfig, work: Workload, hw: Hardware) -> list[list[OpCost]]:
-    """Cost of every op of every rank, in op-list order."""
-    return [rank_costs(plan, cfg, r, work, hw, rank_ops(plan, cfg, r)) for r in range(plan.world_size)]
+class OverDeadline(Exception):
+    """The step runs past the deadline it was given (a planner's TPOT limit): no need to finish it."""
+
+
+def all_costs(plan, cfg: ModelConfig, work: Workload, hw: Hardware, ranks=None) -> list[list[OpCost]]:
+    """Cost of every op of every rank in `ranks` (default: all), in op-list order."""
+    ranks = range(plan.world_size) if ranks is None else ranks
+    return [rank_costs(plan, cfg, r, work, hw, rank_ops(plan, cfg, r)) for r in ranks]
 
 
 STREAMS = (COMPUTE, COMM, BACK)
@@ -311,14 +367,28 @@ def _stream(kind: str, overlap: bool) -> int:
 
 def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
          costs: list[list[OpCost]] | None = None, ops: list | None = None, match_fn=None,
-         stream_of=None) -> list[OpRecord]:
+         stream_of=None, ranks=None, deadline_s: float | None = None) -> list[OpRecord]:
     """`ops` (per rank), `match_fn` and `stream_of(kind)` default to a decode step's; training
-    passes its own."""
-    n = plan.world_size
-    ops = ops if ops is not None else [rank_ops(plan, cfg, r) for r in range(n)]
-    match_fn = match_fn or match
+    passes its own. `ranks`: the world ranks to run (default all): one per class (classes.py),
+    each transfer then waits for the members among them; `ops` and `costs` are in that order.
+    `deadline_s`: raise OverDeadline as soon as an op ends later (the step can only be longer)."""
+    ranks = list(range(plan.world_size)) if ranks is None else list(ranks)
+    local = {world: i for i, world in enumerate(ranks)}
+    n = len(ranks)
+    ops = ops if ops is not None else [rank_ops(plan, cfg, r) for r in ranks]
     stream_of = stream_of or (lambda kind: _stream(kind, overlap))
-    costs = costs if costs is not None else all_costs(plan, cfg, work, hw)
+    costs = costs if costs is not None else all_costs(plan, cfg, work, hw, ranks)
+
+    seen_members: dict[int, tuple] = {}  # id(members) -> (members, their indices into `ranks`)
+
+    def match_fn(plan, r, op, _match=match_fn or match):  # members as indices into `ranks`
+        m = _match(plan, ranks[r], op)
+        if m is None:
+            return None
+        got = seen_members.get(id(m[1]))
+        if got is None or got[0] is not m[1]:  # the all-ranks tuple is shared: mapped once, not per op
+            got = seen_members[id(m[1])] = (m[1], tuple(local[w] for w in m[1] if w in local))
+        return m[0], got[1]
     stream = [[stream_of(o.kind) for o in ops[r]] for r in range(n)]
     # dependencies: previous op on the same stream, previous op of the same micro-batch
     deps, keys = [], []
@@ -346,6 +416,8 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
     queued = [True] * n
 
     def finish(r: int, i: int, t: float) -> None:
+        if deadline_s is not None and t > deadline_s:
+            raise OverDeadline(f"an op of rank {ranks[r]} ends at {t * 1e3:.3f} ms, past {deadline_s * 1e3:.3f} ms")
         end[r][i] = t
         s = stream[r][i]
         waiting[r][s] = False
@@ -389,16 +461,26 @@ def _run(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool,
     if stuck:
         raise Deadlock(f"plan {describe(plan)}: op lists cannot complete; first blocked ops (rank, op): "
                        f"{stuck[:8]}; transfers missing members: {sorted(groups)[:4]}")
-    return [OpRecord(r, stream[r][i], ops[r][i], start[r][i], arrive[r][i], end[r][i], costs[r][i])
+    return [OpRecord(ranks[r], stream[r][i], ops[r][i], start[r][i], arrive[r][i], end[r][i], costs[r][i])
             for r in range(n) for i in range(len(ops[r]))]
 
 
 def simulate(plan, cfg: ModelConfig, work: Workload, hw: Hardware, overlap: bool = True,
-             check_fit: bool = True, costs: list[list[OpCost]] | None = None) -> Simulation:
+             check_fit: bool = True, costs: list[list[OpCost]] | None = None,
+             grouped: bool | None = None, deadline_s: float | None = None) -> Simulation:
     """One decode step of `plan`; ValueError (with the numbers) when a rank's memory does not fit.
-    `costs`: `all_costs(...)` when the caller has them already."""
+    grouped: run one rank per class of alike ranks (classes.py: the same times, far fewer ops at scale,
+    `records` then hold the representatives' ops); False: every rank (a trace shows every GPU); None:
+    grouped above GROUPED_ABOVE GPUs. `costs`: `all_costs(plan, cfg, work, hw, ranks)` of the ranks
+    simulated (rank_classes(...).reps when grouped) when the caller has them already. `deadline_s`:
+    raise OverDeadline once the step is sure to take longer (a TPOT limit: stop early)."""
     plan.validate(cfg, plan.world_size)
-    memory = check_memory(plan, cfg, work, hw) if check_fit else \
-        [rank_memory(plan, cfg, r, work, hw) for r in range(plan.world_size)]
-    return Simulation(plan, cfg, work, hw, overlap, _run(plan, cfg, work, hw, overlap, costs), memory,
-                      min_step_bytes(cfg, work, hw))
+    if grouped is None:
+        grouped = plan.world_size > GROUPED_ABOVE
+    classes = rank_classes(plan, cfg, work, hw) if grouped else RankClasses.identity(plan.world_size)
+    reps = classes.reps
+    memory = check_memory(plan, cfg, work, hw, reps) if check_fit else \
+        [rank_memory(plan, cfg, r, work, hw) for r in reps]
+    records = _run(plan, cfg, work, hw, overlap, costs, ranks=reps, deadline_s=deadline_s)
+    return Simulation(plan, cfg, work, hw, overlap, records, classes.expand(memory), min_step_bytes(cfg, work, hw),
+                      classes)
