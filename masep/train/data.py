@@ -378,8 +378,26 @@ def load_corpus(paths: str | Path | Iterable[str | Path] | None = None, tokenize
         raise ValueError(f"the tokenizer has no {EOS_TOKEN!r} token to separate documents with")
     windows = pack_documents(documents, batch_encoder(tok), eos_id, seq_len)
     if cache is not None:
-        save_tokenizer(tok, cache)
-        # written last and renamed into place: its presence marks a complete entry
-        torch.save(windows, cache / "windows.pt.tmp")
-        (cache / "windows.pt.tmp").replace(cache / "windows.pt")
+        _write_cache_entry(cache, tok, windows)
     return windows, tok
+
+
+def _write_cache_entry(cache: Path, tok, windows: torch.Tensor) -> None:
+    """Write the entry in a directory of this process's own and rename it into place, so that the
+    ranks of one host (torchrun starts them together, each preparing the same data) never see
+    or clobber a half-written entry: the first rename wins, the others drop their copy."""
+    import os
+    import shutil
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    mine = cache.parent / f".{cache.name}.{os.getpid()}.tmp"
+    shutil.rmtree(mine, ignore_errors=True)
+    save_tokenizer(tok, mine)
+    torch.save(windows, mine / "windows.pt")
+    try:
+        mine.rename(cache)
+    except OSError:  # another process's entry is already in place (or a stale partial one is)
+        if not (cache / "windows.pt").is_file():
+            shutil.rmtree(cache, ignore_errors=True)
+            mine.rename(cache)
+            return
+        shutil.rmtree(mine, ignore_errors=True)
