@@ -221,8 +221,11 @@ def explain_published(r: dict) -> str:
         got = f"our best is {best['tokens_per_s_per_node']:,.0f} tok/s per node" if best else "no plan meets the limit"
         model = "" if r["model"] == "deepseek-v3" else (f"; the model differs ({r['model']}: GQA attention and 22 B "
                                                          "active parameters instead of MLA and 37 B)")
-        return (f"{got} vs 22.3k published{model}; {common}; the padded dispatch of our runtime moves a full block to "
-                "every peer, which at tens of GPUs costs more than the layer's compute (see the routed what-if)")
+        mla = ("; above all, masep's MLA decode (mla.py) projects the whole latent cache up to per-head keys and "
+               "values at every step, about 100x the attention FLOPs of the absorbed form SGLang runs, so DeepSeek-V3's "
+               "attention is compute-bound here" if r["model"] == "deepseek-v3" else "")
+        return (f"{got} vs 22.3k published{model}; {common}; the runtime's blocks go to every peer with a latency "
+                f"each (the routed what-if posts them together){mla}")
     if r["key"] == "megascale":
         sep = max((v for k, v in o.items() if k.startswith("separated") and v.get("plan")),
                   key=lambda v: v["tokens_per_s_per_gpu"], default=None)
