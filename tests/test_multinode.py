@@ -54,15 +54,26 @@ COMMON = ["--preset", "tiny", "--batch", "4", "--prompt-len", "6", "--max-new-to
           "--warmup", "0", "--json"]
 
 
-@pytest.mark.timeout(240)
-def test_a_separated_plan_across_two_nodes_gives_the_single_device_tokens():
-    # node 0 holds ranks 0 and 1 (the two attention replicas), node 1 ranks 2 and 3 (the expert
-    # ranks): every bridge crosses the node boundary
-    doc = _document(_two_nodes(["run", *COMMON, "--strategy", "separated", "--attn-replicas", "2",
-                                "--expert-ranks", "2"]))
+# node 0 holds ranks 0 and 1, node 1 ranks 2 and 3. separated: the two attention replicas on node 0,
+# the expert ranks on node 1, so every bridge crosses the node boundary; ep4: the all-to-all spans
+# both nodes; tp2pp2: a TP group per node, the stage-to-stage transfer and the logits broadcast cross it
+PLANS_ACROSS_NODES = {"separated": ["--strategy", "separated", "--attn-replicas", "2", "--expert-ranks", "2"],
+                      "ep4": ["--strategy", "ep", "--ep", "4"],
+                      "tp2pp2": ["--strategy", "tp_pp", "--tp", "2", "--pp", "2"]}
+
+
+@pytest.fixture(scope="module")
+def single_device_tokens():
     single = subprocess.run([sys.executable, "-m", "masep", "run", *COMMON, "--strategy", "single"],
                             capture_output=True, text=True, timeout=120, check=True)
-    assert doc["rows"][0]["tokens"] == json.loads(single.stdout)["rows"][0]["tokens"]
+    return json.loads(single.stdout)["rows"][0]["tokens"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("plan", list(PLANS_ACROSS_NODES))
+def test_every_strategy_across_two_nodes_gives_the_single_device_tokens(plan, single_device_tokens):
+    doc = _document(_two_nodes(["run", *COMMON, *PLANS_ACROSS_NODES[plan]]))
+    assert doc["rows"][0]["tokens"] == single_device_tokens
 
 
 @pytest.mark.timeout(300)
