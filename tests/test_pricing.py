@@ -1,17 +1,16 @@
 """Cost per million output tokens (perf/pricing.py) and plans over two GPU kinds (MixedHardware,
 perf/kinds.py, `masep plan --price/--kinds/--attn-hardware/--expert-hardware`)."""
-import argparse
 import json
 
 import pytest
 
 from masep.config import ModelConfig, preset
-from masep.perf import cli as perf_cli
 from masep.perf.costmodel import Workload
 from masep.perf.hardware import GiB, Hardware, MixedHardware, get_profile
 from masep.perf.kinds import Choice, option_label, search_options
 from masep.perf.pricing import parse_prices, plan_cost, usd_per_hour, usd_per_million_tokens
 from masep.perf.simulator import simulate
+from test_planner import _run  # the `masep plan` / `simulate` CLI in-process
 from masep.plan import EpPlan, SeparatedPlan
 
 # Two made-up kinds, each better at one group's work: `bw` streams HBM 8x faster (attention reads the KV
@@ -78,13 +77,6 @@ def test_bad_prices_are_refused_with_the_rule():
         MixedHardware(BW, FL).bind(EpPlan(2, 1))
     with pytest.raises(ValueError, match="not bound to a plan"):
         MixedHardware(BW, FL).for_rank(0)
-
-
-def _run(argv):
-    parser = argparse.ArgumentParser()
-    perf_cli.add_perf_parsers(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 @pytest.mark.timeout(60)
