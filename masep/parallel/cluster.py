@@ -86,6 +86,7 @@ class ClusterExecutor:
         finally:
             listener.close()
         self.dead: str | None = None
+        self.epoch = 0  # the ranks' world: n after the n-th re-formation (abort messages name it)
         # mirror: unit u's rows are kept by unit (u + 1) mod n, until the first unit is lost
         self.mirroring = mirror and self.num_units >= 2
         self.buddies: dict[int, int] = {}  # lost unit -> the unit holding its KV rows (when mirrored)
@@ -354,7 +355,7 @@ class ClusterExecutor:
             raise EngineDead(f"other ranks failed meanwhile: {self.gone}")
         if self._store is None:  # this process hosts the new worlds' rendezvous, one prefix each
             self._store = dist_store()
-        join = JoinPoint("127.0.0.1", self._store.port, f"masep/join{len(self.joins)}/")
+        join = JoinPoint("127.0.0.1", self._store.port, f"masep/join{len(self.joins)}/", self.epoch + 1)
         listener, addr = control.listen()
         try:
             spec = RankSpec(self.run, addr, self._kv, (), self._mirror, join)  # no fault is injected twice
@@ -370,6 +371,7 @@ class ClusterExecutor:
             control.send(self.conns[r], ("start", self.slots_per_unit, self.max_len), f"front end -> rank {r}")
         for r in survivors + sorted(dead):
             self._expect(r, "ready", max(0.1, deadline - time.monotonic()))
+        self.epoch = join.epoch
 
     def _route_around(self, r: int, how: str, step_id: int, lost: dict[int, str]) -> None:
         """Expert rank r is dead and every expert it held has another holder: let the step's
@@ -428,6 +430,20 @@ class ClusterExecutor:
     def _kill(self, r: int) -> None:
         if hasattr(self.procs, "kill"):
             self.procs.kill(r)
+        self._tell_survivors(r)
+
+    def _tell_survivors(self, r: int) -> None:
+        """Every live rank gives up its groups that include rank r (rank_loop.RankChannel reads
+        this on its own thread). With NCCL that is what ends a survivor's transfer with r: a
+        kernel waiting on a dead peer never finishes by itself, and NCCL's watchdog would take
+        the survivor down with it."""
+        msg = ("abort", self.epoch, [r], f"rank {r} {self.gone.get(r, 'is gone')}")
+        for m, conn in self.conns.items():
+            if m != r and m not in self.gone:
+                try:
+                    control.send(conn, msg, f"front end -> rank {m}")
+                except control.ChannelClosed:
+                    pass  # found dead in its turn
 
     def _fail(self, why: str):
         self.dead = why
@@ -513,7 +529,8 @@ def run_under_torchrun(run, kv: KvBudget, max_num_seqs: int | None, body, faults
     import torch.distributed as dist
 
     from .groups import init_distributed
-    from .rank_loop import serve_front_end
+    from .rank_loop import let_the_front_end_abort, serve_front_end
+    let_the_front_end_abort()
     env = init_distributed(run.device, run.timeout_s, run.backend)
     try:
         listener, addr = control.listen("0.0.0.0") if env.rank == 0 else (None, None)

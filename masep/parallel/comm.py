@@ -114,6 +114,99 @@ def abandon_bridge(bridge: Bridge) -> None:
     bridge.group = bridge.back_group = None
 
 
+# --- groups given up because a member died --------------------------------------------------------
+# Names of this process's groups that the front end said to give up -> why. Written by the
+# control thread (rank_loop.RankChannel) while the step thread may be inside a transfer on one of
+# them; read by the step thread before each launch and after each host read of received data.
+_given_up: dict[str, str] = {}
+_given_up_count = 0  # how many groups were ever given up (a step compares it before and after)
+
+
+def _group_name(group) -> str:
+    group = dist.group.WORLD if group is None else group
+    return getattr(group, "group_name", None) or str(id(group))
+
+
+def give_up_groups_with(dead: set[int], why: str) -> list[str]:
+    """Give up every group of this process that has a member in `dead` (global ranks); returns
+    their names. Safe to call from another thread while a step runs.
+
+    NCCL: a kernel waiting on a dead peer never finishes, and neither does a host read queued
+    behind it, so the communicators are aborted (ncclCommAbort, all in one NCCL group call as
+    torch does for the world, so that two aborts cannot wait on each other's kernels). The
+    kernels end, whatever the step thread was blocked on returns, and the mark makes its next
+    launch or check raise CommError: a group is never used again after an abort (torch would
+    try to build a new communicator with the dead peer). gloo: marked only; its transfers end
+    with an error when the dead peer's sockets close (the front end kills a stuck rank)."""
+    global _given_up_count
+    table = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_group_ranks", None)
+    if not dist.is_initialized() or table is None:
+        return []
+    hit = [pg for pg, members in list(table.items()) if dead & set(members) and _group_name(pg) not in _given_up]
+    for pg in hit:
+        _given_up[_group_name(pg)] = why
+    _given_up_count += len(hit)
+    if hit and _stream_waits():
+        _abort_all(hit)
+    return [_group_name(pg) for pg in hit]
+
+
+def _abort_all(groups: list) -> None:
+    backend = None
+    try:
+        backend = dist.group.WORLD._get_backend(torch.device("cuda"))
+    except (RuntimeError, AttributeError):
+        pass
+    grouped = all(hasattr(backend, f) for f in ("_group_start", "_group_end"))
+    if grouped:
+        backend._group_start()
+    try:
+        for pg in groups:
+            try:
+                if hasattr(pg, "abort"):
+                    pg.abort()
+                else:  # an older torch
+                    dist.distributed_c10d._abort_process_group(pg)
+            except (RuntimeError, ValueError):  # already aborted (NCCL's watchdog) or destroyed
+                pass
+    finally:
+        if grouped:
+            backend._group_end()
+
+
+def given_up_count() -> int:
+    return _given_up_count
+
+
+def given_up_why(groups) -> str | None:
+    """Why one of `groups` (None entries skipped) was given up, or None."""
+    for group in groups:
+        if group is not None and _given_up.get(_group_name(group)) is not None:
+            return _given_up[_group_name(group)]
+    return None
+
+
+def forget_given_up() -> None:
+    """The world was left: group names start again from 0 in the next one."""
+    _given_up.clear()
+
+
+def check_group(group, where: str) -> None:
+    """Raise CommError when `group` was given up (before a launch, after a host read)."""
+    if _given_up:
+        why = _given_up.get(_group_name(group))
+        if why is not None:
+            raise CommError(f"{where}: the group was given up: {why}")
+
+
+def _check_bridge(bridge: Bridge, where: str) -> None:
+    if bridge.group is None:
+        raise CommError(f"{where}: the bridge was given up")
+    check_group(bridge.group, where)
+    if bridge.back_group is not None:
+        check_group(bridge.back_group, where)
+
+
 def warm_up_bridge(bridge: Bridge) -> None:
     """Connect every pair of the bridge's members now, on both groups, in the same order on
     every member. NCCL creates a communicator at its first collective, and the point-to-point
@@ -133,12 +226,14 @@ def _stream_waits() -> bool:
 
 
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
+    _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.group, async_op=True)
 
 
 def _all_to_all_back(out, inp, out_splits, in_splits, bridge):
     """Expert outputs on their way back: on the bridge's second group, so (with NCCL, one
     communicator per group) they need not queue behind the next micro-batch's dispatch."""
+    _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.back_group or bridge.group,
                                   async_op=True)
 
@@ -227,6 +322,7 @@ def expert_begin_step(bridge: Bridge, step: int, microbatches: int, hidden: int,
     _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
     rows = recv[: bridge.num_attention].tolist()
     where = bridge.where("step handshake", step, 0, 0)
+    _check_bridge(bridge, where)  # NCCL: an aborted receive returns whatever the buffer held
     flags = sorted({r[0] for r in rows})
     if flags == [FLAG_STOP]:
         return StepLayout(step, [FLAG_STOP] * bridge.num_attention, False, [], 0)
@@ -250,6 +346,7 @@ def ep_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hi
     recv = torch.empty_like(send)
     _wait(_all_to_all(recv, send, None, None, bridge), bridge, "step handshake", step, 0, 0)
     rows = recv.tolist()
+    _check_bridge(bridge, bridge.where("step handshake", step, 0, 0))
     busy = [r for r in rows if r[0] != FLAG_IDLE]
     m = len(rows_M)
     if busy:  # idle ranks know nothing of the step's shape; the busy ones must agree
@@ -275,6 +372,7 @@ def end_step(layout: StepLayout, bridge: Bridge) -> bool:
         return False
     flags = [c[3].any() for c in layout.checks] + [(d > layout.caps[mb]).any() for mb, d in layout.demands]
     verdicts = torch.stack(flags).tolist()
+    _check_bridge(bridge, bridge.where("block header check", layout.step, -1, -1))
     checks, overflow = layout.checks[:], any(verdicts[len(layout.checks):])
     layout.checks.clear()
     layout.demands.clear()
@@ -448,6 +546,8 @@ def _check_counts(bridge: Bridge, recv: torch.Tensor, step: int, layer: int, mb:
                   senders: range) -> None:
     """Validate exact-step headers and counts from the senders (host read)."""
     where = bridge.where("token-count check", step, layer, mb)
+    recv = recv.cpu()
+    _check_bridge(bridge, where)
     for p in senders:
         got = tuple(recv[p, :HEADER].tolist())
         if got != (FLAG_WORK, step, layer, mb):
@@ -546,6 +646,7 @@ def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str, la
     """Sum partial attention outputs of a replica's head-parallel ranks (in place); `largest`:
     the element-wise maximum instead (ranks agreeing on a step's largest demand)."""
     op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
+    check_group(group, what)
     _wait_named(dist.all_reduce(x, op=op, group=group, async_op=True), timeout, f"{what}: all-reduce")
     return x
 
@@ -558,6 +659,7 @@ def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, tim
     buf = x_slice.new_zeros(pad, x_slice.shape[1])
     buf[: x_slice.shape[0]] = x_slice
     parts = [torch.empty_like(buf) for _ in splits]
+    check_group(group, what)
     _wait_named(dist.all_gather(parts, buf, group=group, async_op=True), timeout, f"{what}: all-gather")
     return torch.cat([p[:n] for p, n in zip(parts, splits)])
 
@@ -650,11 +752,13 @@ def group_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str) -> t
 def send_activation(x: torch.Tensor, dst: int, group, timeout: timedelta, what: str):
     """Launch a point-to-point send of a stage's output [b, t, H] to the next stage's rank `dst`."""
     x = x.contiguous()
+    check_group(group, what)
     return (dist.isend(x, dst=dst, group=group), x, timeout, what)
 
 
 def recv_activation(shape, dtype, device, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
     buf = torch.empty(shape, dtype=dtype, device=device)
+    check_group(group, what)
     _wait_named(dist.irecv(buf, src=src, group=group), timeout, f"{what}: activations from rank {src}")
     return buf
 
@@ -666,6 +770,7 @@ def wait_activation_sent(pending) -> None:
 
 def broadcast(x: torch.Tensor, src: int, group, timeout: timedelta, what: str) -> torch.Tensor:
     """Share the last stage's logits with every rank of the model instance (in place)."""
+    check_group(group, what)
     _wait_named(dist.broadcast(x, src=src, group=group, async_op=True), timeout, f"{what}: broadcast from rank {src}")
     return x
 

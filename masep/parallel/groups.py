@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..plan import Role, SeparatedPlan
+from . import comm
 from .comm import Bridge
 
 
@@ -36,6 +37,7 @@ class JoinPoint:
     host: str
     port: int
     prefix: str
+    epoch: int = 1  # the world's number: 0 is the one started with, n the n-th re-formed
 
     def store(self, timeout: timedelta):
         return dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, None, False, timeout))
@@ -95,6 +97,7 @@ def leave_world() -> None:
     group gets an error at once: callers drop their references to the groups and collect."""
     if not dist.is_initialized():
         return
+    comm.forget_given_up()
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     try:
         if dist.get_backend() == "nccl" and abort is not None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import KVCache
+from . import comm
 
 
 @dataclass
@@ -96,11 +97,13 @@ def exchange(links: MirrorLinks, cache: KVCache, shadow: KVCache, mine: MirrorRo
     works = []
     if mine is not None and mine.num_tokens:
         out = _gather(cache, mine)
+        comm.check_group(links.next_group, f"mirror rows to rank {links.next_rank}")
         works.append(dist.isend(out, links.next_rank, group=links.next_group))
     buf = None
     if theirs is not None and theirs.num_tokens:
         L, (_, K, _, Dk), Dv = len(shadow.k), shadow.k[0].shape, shadow.v[0].shape[-1]
         buf = torch.empty(theirs.num_tokens, L, K, Dk + Dv, dtype=shadow.k[0].dtype, device=shadow.k[0].device)
+        comm.check_group(links.prev_group, f"mirror rows from rank {links.prev_rank}")
         works.append(dist.irecv(buf, links.prev_rank, group=links.prev_group))
     for work in works:
         work.wait()

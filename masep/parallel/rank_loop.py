@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -82,26 +84,66 @@ class RankSpec:
 
 
 class RankChannel:
-    """This rank's control connection: sends from the step loop and the heartbeat thread are
+    """This rank's control connection. Sends from the step loop and the heartbeat thread are
     serialised; heartbeats go out only while a step runs (an idle server reads nothing, and
-    beats would pile up in the socket)."""
+    beats would pile up in the socket).
 
-    def __init__(self, conn, who: str):
+    A reader thread takes every message off the connection, so the front end can reach a rank
+    whose step thread is blocked: ("abort", epoch, dead_ranks, why) is acted on at once
+    (`on_abort`: give up the groups with a dead member, which with NCCL is what unblocks the step
+    thread); everything else waits in order for `recv`. The same thread bounds a step: one that
+    runs past `step_limit_s` gives up every group of the rank (on_abort with every rank), so no
+    NCCL wait outlives it even if the front end is wedged."""
+
+    def __init__(self, conn, who: str, on_abort=None, step_limit_s: float | None = None):
         self.conn, self.who = conn, who
+        self._on_abort, self._step_limit_s = on_abort, step_limit_s
         self._lock = threading.Lock()
         self._busy = threading.Event()
+        self._busy_since = 0.0
         self._closed = threading.Event()
+        self._inbox: queue.Queue = queue.Queue()
         threading.Thread(target=self._beat, name="masep-heartbeat", daemon=True).start()
+        threading.Thread(target=self._read, name="masep-control-reader", daemon=True).start()
 
     def send(self, msg: tuple) -> None:
         with self._lock:
             control.send(self.conn, msg, self.who)
 
     def recv(self) -> tuple:
-        return control.recv(self.conn, None, self.who)  # an idle server sends nothing for as long as it likes
+        """The next instruction; an idle server sends nothing for as long as it likes."""
+        msg = self._inbox.get()
+        if isinstance(msg, control.ChannelClosed):
+            raise msg
+        return msg
 
     def busy(self, on: bool) -> None:
+        if on:
+            self._busy_since = time.monotonic()
         (self._busy.set if on else self._busy.clear)()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                ready = self.conn.poll(0.5)
+                msg = self.conn.recv() if ready else None
+            except (EOFError, OSError) as err:
+                self._inbox.put(control.ChannelClosed(f"{self.who}: connection closed ({type(err).__name__})"))
+                return
+            if msg is not None and msg[0] == "abort":
+                if self._on_abort is not None:
+                    self._on_abort(*msg[1:])
+            elif msg is not None:
+                self._inbox.put(msg)
+            self._check_step_limit()
+
+    def _check_step_limit(self) -> None:
+        limit = self._step_limit_s
+        if limit is None or not self._busy.is_set() or time.monotonic() - self._busy_since <= limit:
+            return
+        self._busy_since = float("inf")  # once per step
+        if self._on_abort is not None:
+            self._on_abort(None, None, f"{self.who}'s step ran past {limit:g} s; it gave up every group")
 
     def _beat(self) -> None:
         while not self._closed.is_set():
@@ -115,6 +157,25 @@ class RankChannel:
     def close(self) -> None:
         self._closed.set()
         self.conn.close()
+
+
+class WorldEpoch:
+    """Which world this rank is in (0 at start-up, n after the n-th re-formation): an abort
+    message names the world it is about, and one that arrives after its world was left is
+    ignored (group names start again from 0 in a new world, so it would hit new groups)."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_abort(self, epoch: int | None, dead: list[int] | None, why: str) -> None:
+        """("abort", epoch, dead, why) from the front end; dead None: every group (a step past
+        its limit)."""
+        if epoch is not None and epoch != self.epoch:
+            return
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            return
+        comm.give_up_groups_with(set(range(dist.get_world_size())) if dead is None else set(dead), why)
 
 
 @dataclass
@@ -156,10 +217,29 @@ class UnitMember:
                 self.links = None
         return out
 
+    def _step_groups(self) -> list | None:
+        """The groups a step of mine runs on (None: every group of the rank)."""
+        rt = self.runtime
+        if isinstance(rt, SeparatedAttentionRuntime):
+            return [rt.bridge.group, rt.bridge.back_group, rt.replica_group]
+        return None
+
+    def _given_up_in_step(self, count_before: int) -> str | None:
+        """Why a group of my step was given up while it ran: with NCCL the aborted transfers
+        ended early and whatever the step computed from them is not data."""
+        groups = self._step_groups()
+        if groups is None:
+            return "a group was given up" if comm.given_up_count() != count_before else None
+        return comm.given_up_why(groups)
+
     def _forward(self, step_id: int, rows) -> "list | StepFailed | None":
-        failed = None
+        failed, tokens, before = None, None, comm.given_up_count()
         try:
             logits = self.runtime.forward(rows, step_id)
+            tokens = sample(logits, rows.sample) if self.info.leader else None  # reads the logits
+            why = self._given_up_in_step(before)
+            if why is not None:
+                raise comm.CommError(f"step {step_id} ended by the front end: {why}")
         except RuntimeError as err:  # a transfer failed: an expert rank is routed around or replaced
             if not isinstance(self.runtime, SeparatedAttentionRuntime):
                 raise
@@ -172,7 +252,7 @@ class UnitMember:
                 self.leave_world()
             gc.collect()
             return failed
-        return sample(logits, rows.sample) if self.info.leader else None
+        return tokens
 
     def drop_expert_rank(self, x: int) -> None:
         self.runtime.drop_expert_rank(x)
@@ -218,8 +298,13 @@ class ExpertMember:
         bridge failed (dropped for good; the others were served)."""
         units = [u for u in units if u not in self.lost]
         failed: dict[int, str] = {}
-        _, loads = self.server.serve([self.groups.bridges[u] for u in units], step_id, self.timer, failed)
+        bridges = [self.groups.bridges[u] for u in units]
+        _, loads = self.server.serve(bridges, step_id, self.timer, failed)
         self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
+        for i, bridge in enumerate(bridges):  # NCCL: an aborted transfer can end without an error
+            why = comm.given_up_why([bridge.group, bridge.back_group]) if i not in failed else None
+            if why is not None:
+                failed[i] = why
         news = [(units[i], why) for i, why in sorted(failed.items())]
         self.lost |= {u for u, _ in news}
         return news
@@ -299,8 +384,17 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
     return UnitMember(runtime, control.RankInfo(env.rank, *info, slots, os.getpid()), timer, links)
 
 
+def let_the_front_end_abort() -> None:
+    """NCCL's watchdog would, by default, end this process when a collective errors, and an
+    abort (ours, on the front end's word that a peer died) makes the collectives in flight
+    error: the survivor would die with the dead. Turned off here unless the user set it; the
+    bound it gave is kept by RankChannel's step limit and the front end's timeouts."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+
 def rank_main(spec: RankSpec) -> None:
     """A spawned rank (or a torchrun process): join the world, build, connect, serve steps."""
+    let_the_front_end_abort()
     env = init_distributed(spec.run.device, rank_wait_s(spec.run.timeout_s), spec.run.backend, spec.join)
     try:
         serve_front_end(spec, env, spec.address)
@@ -314,12 +408,18 @@ def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
     model = load_model(spec.run, env.device, env.rank)
     member = build_member(spec, model, env)
     who = f"rank {env.rank}"
-    channel = RankChannel(control.connect(address, spec.run.timeout_s), who)
+    world = WorldEpoch(spec.join.epoch if spec.join else 0)
+    channel = RankChannel(control.connect(address, spec.run.timeout_s), who, world.on_abort,
+                          rank_wait_s(spec.run.timeout_s))
     channel.send(("hello", member.info))
+
+    def reform(join: JoinPoint) -> None:
+        reform_world(member, spec, env, join)
+        world.epoch = join.epoch
+
     try:
         with _maybe_profile(spec.run.trace_dir, env.rank):  # --trace: a Chrome trace per rank
-            _loop(channel, member, FaultInjector(spec.faults, env.rank),
-                  lambda join: reform_world(member, spec, env, join))
+            _loop(channel, member, FaultInjector(spec.faults, env.rank), reform)
     except control.ChannelClosed:
         return  # the front end is gone: nothing left to serve
     except BaseException:

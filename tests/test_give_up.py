@@ -1,0 +1,180 @@
+"""Giving up the groups of a dead rank, on the front end's word.
+
+With NCCL a survivor's transfer with a dead peer never ends by itself: the front end tells every
+live rank which rank died, the rank's control reader thread gives up (NCCL: aborts) its groups
+that include it, and the step thread, released, finds the groups marked and fails the step. The
+NCCL half runs in tests/test_failover_nccl.py on two GPUs; here: the marks on real gloo ranks,
+the reader thread, and the step check that turns a step the abort cut short into a failure.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from multiprocessing import Pipe
+
+import pytest
+import torch
+
+from masep.parallel import comm
+from masep.parallel.launch import spawn
+
+
+def _marks_only_the_groups_with_the_dead_rank(_):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    alone = [dist.new_group([r]) for r in range(3)][rank]
+    others = dist.new_group([0, 2])
+    timeout = timedelta(seconds=30)
+    if rank != 0:  # rank 0 gives up rank 1's groups; the others only check their groups still work
+        dist.barrier(group=dist.group.WORLD)
+        return None
+    names = comm.give_up_groups_with({1}, "rank 1 (pid 7) was killed by SIGKILL")
+    assert set(names) == {comm._group_name(pair), comm._group_name(dist.group.WORLD)}
+    assert comm.given_up_why([alone, others]) is None
+    assert comm.given_up_why([alone, pair]) == "rank 1 (pid 7) was killed by SIGKILL"
+    with pytest.raises(comm.CommError, match=r"test transfer: the group was given up: rank 1 .*SIGKILL"):
+        comm.replica_all_reduce(torch.ones(2), pair, timeout, "test transfer")
+    assert comm.replica_all_reduce(torch.ones(2), alone, timeout, "alone").tolist() == [1.0, 1.0]
+    assert comm.give_up_groups_with({1}, "again") == []  # once per group
+    comm.forget_given_up()  # the world is left: names start again in the next one
+    assert comm.given_up_why([pair]) is None
+    dist.barrier(group=dist.group.WORLD)  # the world was never aborted on gloo: only marked
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_a_given_up_group_refuses_transfers_and_the_others_carry_on():
+    assert spawn(3, _marks_only_the_groups_with_the_dead_rank, None, timeout_s=50)
+
+
+@pytest.mark.timeout(20)
+def test_the_reader_thread_acts_on_an_abort_while_the_step_thread_is_busy():
+    """The step thread does not read while it steps; an abort must still land at once, and every
+    other message keep its order."""
+    from masep.parallel.rank_loop import RankChannel
+    front, rank = Pipe()
+    aborts = []
+    channel = RankChannel(rank, "rank 2", lambda *a: aborts.append((time.monotonic(), a)))
+    try:
+        channel.busy(True)
+        sent = time.monotonic()
+        for msg in [("step", 4, None, [0]), ("abort", 0, [3], "rank 3 was killed"), ("stop",)]:
+            front.send(msg)
+        deadline = time.monotonic() + 5
+        while not aborts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert aborts and aborts[0][1] == (0, [3], "rank 3 was killed") and aborts[0][0] - sent < 1.0
+        assert channel.recv() == ("step", 4, None, [0]) and channel.recv() == ("stop",)
+        front.close()
+        with pytest.raises(ConnectionError):
+            channel.recv()
+    finally:
+        channel.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_step_past_its_limit_gives_up_every_group():
+    from masep.parallel.rank_loop import RankChannel
+    front, rank = Pipe()
+    aborts = []
+    channel = RankChannel(rank, "rank 1", lambda *a: aborts.append(a), step_limit_s=0.3)
+    try:
+        channel.busy(True)
+        deadline = time.monotonic() + 5
+        while not aborts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert aborts == [(None, None, "rank 1's step ran past 0.3 s; it gave up every group")]
+        time.sleep(1.2)
+        assert len(aborts) == 1  # once per step
+    finally:
+        channel.close()
+
+
+def test_an_abort_about_a_world_already_left_is_ignored(monkeypatch):
+    from masep.parallel import rank_loop
+    calls = []
+    monkeypatch.setattr(rank_loop.comm, "give_up_groups_with", lambda dead, why: calls.append((dead, why)))
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda: 3)
+    world = rank_loop.WorldEpoch(1)
+    world.on_abort(0, [2], "old world")  # sent before the re-formation, read after it
+    world.on_abort(1, [2], "rank 2 died")
+    world.on_abort(None, None, "step limit")
+    assert calls == [({2}, "rank 2 died"), ({0, 1, 2}, "step limit")]
+
+
+class _Runtime:
+    """A separated attention runtime whose forward ends normally although the abort came in
+    the middle (what NCCL does: the aborted kernels return, the host read goes through)."""
+
+    def __init__(self, groups):
+        from types import SimpleNamespace
+        self.bridge = SimpleNamespace(group=groups[0], back_group=None)
+        self.replica_group = None
+        self.fallback, self.in_step = True, True
+
+    def forward(self, rows, step_id):
+        comm._given_up[comm._group_name(self.bridge.group)] = "rank 1 (pid 9) was killed by SIGKILL"
+        return torch.zeros(1, 4)
+
+
+def test_a_step_whose_group_was_given_up_meanwhile_fails_instead_of_answering(monkeypatch):
+    from types import SimpleNamespace
+
+    from masep.parallel import rank_loop
+    monkeypatch.setattr(rank_loop, "SeparatedAttentionRuntime", _Runtime)
+    abandoned = []
+    monkeypatch.setattr(rank_loop.comm, "abandon_bridge", abandoned.append)
+    group = object()
+    runtime = _Runtime([group])
+    member = rank_loop.UnitMember.__new__(rank_loop.UnitMember)
+    member.runtime, member.links = runtime, None
+    member.info = SimpleNamespace(leader=True, unit=0)
+    try:
+        out = member._forward(3, SimpleNamespace(sample=[None]))
+    finally:
+        comm.forget_given_up()
+    assert isinstance(out, rank_loop.StepFailed)
+    assert "step 3 ended by the front end: rank 1 (pid 9) was killed by SIGKILL" in out.why
+    assert abandoned == [runtime.bridge]  # routed around: the broken bridge is given up
+
+
+def test_a_planted_missing_check_would_answer_with_the_cut_short_step(monkeypatch):
+    """The check above can fail: without it the same step returns tokens."""
+    from types import SimpleNamespace
+
+    from masep.parallel import rank_loop
+    monkeypatch.setattr(rank_loop, "SeparatedAttentionRuntime", _Runtime)
+    monkeypatch.setattr(rank_loop.UnitMember, "_given_up_in_step", lambda self, before: None)
+    member = rank_loop.UnitMember.__new__(rank_loop.UnitMember)
+    member.runtime, member.links = _Runtime([object()]), None
+    member.info = SimpleNamespace(leader=True, unit=0)
+    try:
+        out = member._forward(3, SimpleNamespace(sample=[None]))
+    finally:
+        comm.forget_given_up()
+    assert out == [None]
+
+
+def test_the_front_end_tells_every_live_rank_which_rank_died():
+    """ClusterExecutor._kill -> ("abort", epoch, [rank], why) to each live rank but the dead."""
+    from masep.parallel.cluster import ClusterExecutor
+    sent = {}
+
+    class Conn:
+        def __init__(self, r):
+            self.r = r
+
+        def send(self, msg):
+            sent.setdefault(self.r, []).append(msg)
+
+    ex = ClusterExecutor.__new__(ClusterExecutor)
+    ex.conns = {r: Conn(r) for r in range(4)}
+    ex.gone = {2: "(pid 5) was killed by SIGKILL (signal 9)", 3: "stopped with attention replica 1"}
+    ex.epoch = 1
+    ex.procs = object()  # started elsewhere: nothing to kill here
+    ex._kill(2)
+    want = ("abort", 1, [2], "rank 2 (pid 5) was killed by SIGKILL (signal 9)")
+    assert sent == {0: [want], 1: [want]}
