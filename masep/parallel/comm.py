@@ -31,6 +31,8 @@ members, L local experts, C capacity rows, R header rows (routing.py).
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -151,27 +153,28 @@ def give_up_groups_with(dead: set[int], why: str) -> list[str]:
     return [_group_name(pg) for pg in hit]
 
 
-def _abort_all(groups: list) -> None:
-    backend = None
+def _abort_all(groups: list, wait_s: float = 60.0) -> None:
+    """Abort the communicators of `groups` all at once, one thread each. In sequence they
+    deadlock (seen on 2 x H200): ncclCommAbort ends its own kernels and then frees memory, and a
+    free waits for the whole device, where the next group's kernel still waits on the dead
+    peer. torch's NCCL group call around the aborts does not help, since each
+    ProcessGroupNCCL.abort runs its ncclCommAbort on a thread of its own."""
+    threads = [threading.Thread(target=_abort_one, args=(pg,), name="masep-abort", daemon=True) for pg in groups]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + wait_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _abort_one(pg) -> None:
     try:
-        backend = dist.group.WORLD._get_backend(torch.device("cuda"))
-    except (RuntimeError, AttributeError):
+        if hasattr(pg, "abort"):
+            pg.abort()
+        else:  # an older torch
+            dist.distributed_c10d._abort_process_group(pg)
+    except (RuntimeError, ValueError):  # already aborted (NCCL's watchdog) or destroyed
         pass
-    grouped = all(hasattr(backend, f) for f in ("_group_start", "_group_end"))
-    if grouped:
-        backend._group_start()
-    try:
-        for pg in groups:
-            try:
-                if hasattr(pg, "abort"):
-                    pg.abort()
-                else:  # an older torch
-                    dist.distributed_c10d._abort_process_group(pg)
-            except (RuntimeError, ValueError):  # already aborted (NCCL's watchdog) or destroyed
-                pass
-    finally:
-        if grouped:
-            backend._group_end()
 
 
 def given_up_count() -> int:
