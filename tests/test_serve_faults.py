@@ -98,8 +98,12 @@ def test_the_last_replica_serves_and_sigterm_leaves_no_rank(server):
     assert out.choices[0].model_extra["token_ids"] == _reference([1, 2, 3], 5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+    _assert_gone(ranks)
+
+
+def _assert_gone(pids: list[int]) -> None:
     time.sleep(1)
-    alive = [p for p in ranks if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"processes left behind: {alive}"
 
 
@@ -162,3 +166,36 @@ def test_expert_ranks_with_and_without_redundancy_under_bench_serve_then_a_resta
     assert out.choices[0].model_extra["token_ids"] == _reference([1, 2, 3], 5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.timeout(150)
+def test_one_rank_of_a_head_parallel_replica_killed_under_bench_serve_loses_the_replica_not_a_request():
+    """Two replicas of two head-parallel ranks each: SIGKILL one rank of replica 1 while `masep
+    bench serve` drives the server. The front end stops the replica's other rank (it may be
+    waiting on the dead one), the whole replica is lost, its requests go on at replica 0 and
+    none fails; SIGTERM then leaves no rank."""
+    url, proc = start_server(["--preset", "tiny", "--strategy", "separated", "--attn-replicas", "2", "--attn-tp", "2",
+                              "--expert-ranks", "1", "--max-num-seqs", "2", "--timeout", "3",
+                              "--log-level", "warning"])
+    try:
+        ranks = _children(proc.pid)
+        replica1 = [r for r in _health(url)[1]["ranks"] if r["unit"] == 1]
+        assert len(replica1) == 2
+        bench = _bench(url, 16)
+        time.sleep(1.0)
+        os.kill(replica1[1]["pid"], signal.SIGKILL)
+        out, err = bench.communicate(timeout=110)
+        row = json.loads(out)["rows"][0]
+        assert row["completed"] == 16 and row["failed"] == 0 and row["total_output_tokens"] == 16 * 20, err
+        status, health = _health(url)
+        assert status == 200 and list(health["lost_units"]) == ["1"] and health["live_units"] == [0], health
+        assert "SIGKILL" in health["lost_units"]["1"]
+        states = {r["rank"]: r["state"] for r in health["ranks"]}
+        assert "SIGKILL" in states[replica1[1]["rank"]] and "stopped with attention replica 1" in states[
+            replica1[0]["rank"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        _assert_gone(ranks)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
