@@ -46,12 +46,15 @@ def _rank(name):
     plan = apply_plan(env, PLANS[name], model)
     runtime = TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env)
     runtime.graphs = _CallingGraphs()
+    built = []  # op lists asked of the runtime: once per micro-batch count, not per step
+    runtime._schedule = lambda m, schedule=runtime._schedule: built.append(m) or schedule(m)
     gen = torch.Generator().manual_seed(0)
     for rt in (runtime, oracle):
         rt.start(6, CFG.max_seq_len)
     prompts = [torch.randint(0, CFG.vocab_size, (3 + s,), generator=gen).tolist() for s in (0, 2, 4)]
     rows = StepRows([0, 2, 4], prompts, [0, 0, 0], prefill=True)  # slots 1, 3, 5 stay empty
     torch.testing.assert_close(runtime.forward(rows), oracle.forward(rows), atol=1e-5, rtol=1e-4)
+    runners = runtime._op_runners
     live = {s: (p[-1], len(p)) for s, p in zip((0, 2, 4), prompts)}
     for _ in range(4):
         slots = sorted(live)
@@ -63,6 +66,7 @@ def _rank(name):
     # slots up to 4 (the highest live one) -> 5 rows -> batch bucket 8, capped at the 6 slots
     assert len(keys) == 4 and all(k[1] == 6 for k in keys), keys
     assert runtime.step == 5  # the prefill and four decode steps
+    assert built == [PLANS[name].microbatches] and runtime._op_runners is runners
     return {}
 
 

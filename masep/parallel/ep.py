@@ -87,9 +87,9 @@ class EpRuntime(MicroBatchRuntime):
     def _rerun(self) -> bool:
         return not self.all_idle and self.dispatcher.finish_step()
 
-    def _handlers(self, mbs: list[MicroBatch]):
+    def _op_handlers(self):
         def guard(fn):  # once all ranks are idle the rest of the step is skipped everywhere
-            return lambda op: None if self.all_idle else fn(mbs[op.mb], op.layer, op.mb)
+            return lambda mb, layer, i: None if self.all_idle else fn(mb, layer, i)
         return {ATTENTION: guard(self._attention), DISPATCH: guard(self._dispatch),
                 EXPERTS: guard(self._experts), COMBINE: guard(self._combine_launch),
                 HEAD: guard(lambda mb, layer, i: self._head(mb, i)), MLP: guard(self._mlp)}

@@ -17,7 +17,7 @@ runs the whole MLP on the whole micro-batch; nothing crosses the bridge.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -111,12 +111,9 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
     def _rerun(self) -> bool:
         return self.dispatcher.finish_step()
 
-    def _handlers(self, mbs: list[MicroBatch]):
-        return {ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
-                DISPATCH: lambda op: self._dispatch(mbs[op.mb], op.layer, op.mb),
-                COMBINE: lambda op: self._combine(mbs[op.mb], op.layer, op.mb),
-                HEAD: lambda op: self._head(mbs[op.mb], op.mb),
-                MLP: lambda op: self._mlp(mbs[op.mb], op.layer, op.mb)}
+    def _op_handlers(self):
+        return {ATTENTION: self._attention, DISPATCH: self._dispatch, COMBINE: self._combine,
+                HEAD: lambda mb, layer, i: self._head(mb, i), MLP: self._mlp}
 
     def _attention(self, mb: MicroBatch, layer: int, i: int) -> None:
         """Attention, the replica's all-reduce, then this rank's token slice through the MoE
@@ -240,6 +237,25 @@ def guarded(failed: dict[int, str], key: int, fn, *args):
         return None
 
 
+@dataclass
+class _ServingStep:
+    """An expert rank's state while it serves one step: the working bridges (with their
+    layouts), what arrived and what goes back per (layer, micro-batch), the sends to wait for."""
+
+    working: list
+    failed: dict[int, str] | None
+    loads: torch.Tensor  # [layers, L] rows served per local expert
+    arrived: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)
+
+    def alive(self):
+        return [(bi, b, lay) for bi, (b, lay) in enumerate(self.working) if self.failed is None or bi not in self.failed]
+
+    def run(self, bi: int, fn, *args):
+        return fn(*args) if self.failed is None else guarded(self.failed, bi, fn, *args)
+
+
 class _ExpertServer:
     """An expert rank's state across steps: its experts, the step headers, the CUDA graphs."""
 
@@ -258,6 +274,8 @@ class _ExpertServer:
         self.dispatcher = ExpertDispatcher(len(self.my_experts), cfg, self.dtype, self.heads, self.graphs)
         self.ops = separated_schedule("expert", cfg.num_layers, plan.microbatches, cfg.first_dense_layers)
         self.reruns = 0  # bridges served again after an overflow
+        self._now: _ServingStep | None = None  # the step being served
+        self._runners = None  # (timer, the op kinds' runners wrapped by it), built once per timer
 
     def serve(self, bridges: list, step: int, timer: OpTimer, failed: dict[int, str] | None = None
               ) -> tuple[list, torch.Tensor]:
@@ -303,44 +321,45 @@ class _ExpertServer:
         and runs one grouped matmul over every replica's rows (the weights are read once), then
         each replica's outputs go back on its own bridge. failed: see `serve` (indices into
         `working`); a failed bridge drops out of the (layer, micro-batch)s still to come."""
-        num_local, d = len(self.my_experts), self.dispatcher
-        arrived: dict[tuple[int, int], dict[int, object]] = {}
-        outputs: dict[tuple[int, int], dict[int, object]] = {}
-        pending = []
-        loads = torch.zeros(self.cfg.num_layers, num_local, dtype=torch.long, device=self.device)
+        num_local = len(self.my_experts)
         self.heads.set_step(step)
+        st = self._now = _ServingStep(working, failed, torch.zeros(self.cfg.num_layers, num_local, dtype=torch.long,
+                                                                   device=self.device))
+        if self._runners is None or self._runners[0] is not timer:
+            self._runners = (timer, timer.wrap({RECV: self._receive, EXPERTS: self._serve_experts,
+                                                SEND: self._send_back}))
+        try:
+            execute(self.ops, self._runners[1], timer.record)
+            for bi, p in st.pending:
+                if failed is None or bi not in failed:
+                    st.run(bi, comm.wait_sent, p)
+        finally:
+            self._now = None
+        return st.loads
 
-        def alive():
-            return [(bi, b, lay) for bi, (b, lay) in enumerate(working) if failed is None or bi not in failed]
+    # --- the op kinds, built once (the step's state is in self._now) ------------------------------
+    def _receive(self, op: Op) -> None:
+        st, d = self._now, self.dispatcher
+        got = st.arrived.setdefault((op.layer, op.mb), {})
+        for bi, bridge, layout in st.alive():
+            got[bi] = st.run(bi, d.receive, bridge, layout, op.layer, op.mb)
 
-        def run(bi, fn, *args):
-            return fn(*args) if failed is None else guarded(failed, bi, fn, *args)
+    def _serve_experts(self, op: Op) -> None:
+        st, d = self._now, self.dispatcher
+        got = st.arrived[op.layer, op.mb]
+        here = [(bi, bridge, layout, st.run(bi, d.arrived, got[bi])) for bi, bridge, layout in st.alive()]
+        here = [h for h in here if st.failed is None or h[0] not in st.failed]
+        if not here:
+            return
+        ys, counts = d.serve(self.experts[op.layer], [h[1:] for h in here], op.layer, op.mb)
+        st.loads[op.layer] += counts
+        st.outputs[op.layer, op.mb] = {h[0]: y for h, y in zip(here, ys)}
 
-        def receive(op: Op) -> None:
-            got = arrived.setdefault((op.layer, op.mb), {})
-            for bi, bridge, layout in alive():
-                got[bi] = run(bi, d.receive, bridge, layout, op.layer, op.mb)
-
-        def experts(op: Op) -> None:
-            got = arrived[op.layer, op.mb]
-            here = [(bi, bridge, layout, run(bi, d.arrived, got[bi])) for bi, bridge, layout in alive()]
-            here = [h for h in here if failed is None or h[0] not in failed]
-            if not here:
-                return
-            ys, counts = d.serve(self.experts[op.layer], [h[1:] for h in here], op.layer, op.mb)
-            loads[op.layer] += counts
-            outputs[op.layer, op.mb] = {h[0]: y for h, y in zip(here, ys)}
-
-        def send(op: Op) -> None:
-            got, ys = arrived.pop((op.layer, op.mb)), outputs.pop((op.layer, op.mb), {})
-            for bi, bridge, layout in alive():
-                if bi in ys:
-                    sent = run(bi, d.send, bridge, layout, got[bi], ys[bi], op.layer, op.mb)
-                    if sent is not None:
-                        pending.append((bi, sent))
-
-        execute(self.ops, timer.wrap({RECV: receive, EXPERTS: experts, SEND: send}), timer.record)
-        for bi, p in pending:
-            if failed is None or bi not in failed:
-                run(bi, comm.wait_sent, p)
-        return loads
+    def _send_back(self, op: Op) -> None:
+        st, d = self._now, self.dispatcher
+        got, ys = st.arrived.pop((op.layer, op.mb)), st.outputs.pop((op.layer, op.mb), {})
+        for bi, bridge, layout in st.alive():
+            if bi in ys:
+                sent = st.run(bi, d.send, bridge, layout, got[bi], ys[bi], op.layer, op.mb)
+                if sent is not None:
+                    st.pending.append((bi, sent))

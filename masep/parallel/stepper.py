@@ -1,8 +1,9 @@
 """What every distributed runtime shares: micro-batch cutting, the KV cache, op timing.
 
 A subclass says which op list a step runs (`_schedule`), what each op kind does
-(`_handlers`), how the embedding enters (`_embed`) and how logits leave (`_logits`). The
-engine sees an ordinary `Runtime`.
+(`_op_handlers`), how the embedding enters (`_embed`) and how logits leave (`_logits`). Both are
+asked once per runtime (the op list once per micro-batch count), not per step. The engine sees
+an ordinary `Runtime`.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.decoding = False  # this step is a decode step (set per step by forward)
         self.whole_step = False  # this step is being captured (or warmed up) as one graph
         self.full_capacity = False  # this step runs again with worst-case blocks (after an overflow)
+        self._ops: dict[int, list[Op]] = {}  # the op list per micro-batch count, built once
+        self._op_runners: dict[str, Callable[[Op], None]] | None = None  # per op kind, built once
+        self._mbs: list[MicroBatch] = []  # the running step's micro-batches (what the runners act on)
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
@@ -204,16 +208,23 @@ class MicroBatchRuntime(StaticBatchMixin):
     def _step(self, mbs: list[MicroBatch], dim: int) -> torch.Tensor | None:
         """Run this rank's op list over the micro-batches; the final-norm output [B, T, H]
         where this rank produces one, else None."""
-        ops = self._schedule(len(mbs))
+        ops = self._ops.get(len(mbs))
+        if ops is None:
+            ops = self._ops[len(mbs)] = self._schedule(len(mbs))
+        if self._op_runners is None:
+            self._op_runners = self.timer.wrap({kind: self._on_micro_batch(fn)
+                                                for kind, fn in self._op_handlers().items()})
+        self._mbs = mbs
         self.in_step = True
         # decode steps only; an empty micro-batch (batch < m, an idle EP rank) runs eagerly:
         # nothing to gain, and no zero-size shapes to capture
         self.graphable = (self.graphs.enabled and self.decoding and not self.whole_step
                           and all(mb.ids.shape[0] > 0 for mb in mbs))
         self._begin_step(mbs)
-        execute(ops, self.timer.wrap(self._handlers(mbs)), self.timer.record)
+        execute(ops, self._op_runners, self.timer.record)
         self._end_step()
         self.in_step = False
+        self._mbs = []  # their tensors go with the step
         self.step += 1
         outs = [mb.out for mb in mbs]
         return torch.cat(outs, dim=dim) if all(o is not None for o in outs) else None
@@ -258,8 +269,13 @@ class MicroBatchRuntime(StaticBatchMixin):
     def _schedule(self, microbatches: int) -> list[Op]:
         raise NotImplementedError
 
-    def _handlers(self, mbs: list[MicroBatch]) -> dict[str, Callable[[Op], None]]:
+    def _op_handlers(self) -> dict[str, Callable[[MicroBatch, int, int], None]]:
+        """What each op kind does: fn(micro-batch, layer, micro-batch index). Asked once per
+        runtime; the step's micro-batches are looked up when an op runs."""
         raise NotImplementedError
+
+    def _on_micro_batch(self, fn: Callable[[MicroBatch, int, int], None]) -> Callable[[Op], None]:
+        return lambda op: fn(self._mbs[op.mb], op.layer, op.mb)
 
 
 def _sub_rows(cache_rows: slice | torch.Tensor, r: range) -> slice | torch.Tensor:

@@ -59,14 +59,10 @@ class TpPpRuntime(MicroBatchRuntime):
     def _embed(self, ids_bt):
         return self.embed(ids_bt) if self.first else None
 
-    def _handlers(self, mbs: list[MicroBatch]):
-        return {RECV_ACT: lambda op: self._recv(mbs[op.mb], op.mb),
-                ATTENTION: lambda op: self._attention(mbs[op.mb], op.layer, op.mb),
-                ALLREDUCE: lambda op: self._all_reduce(mbs[op.mb], op.layer, op.mb),
-                EXPERTS: lambda op: self._experts(mbs[op.mb], op.layer, op.mb),
-                MLP: lambda op: self._mlp(mbs[op.mb], op.layer, op.mb),
-                SEND_ACT: lambda op: self._send(mbs[op.mb], op.mb),
-                HEAD: lambda op: self._head(mbs[op.mb], op.mb)}
+    def _op_handlers(self):
+        return {RECV_ACT: lambda mb, layer, i: self._recv(mb, i), ATTENTION: self._attention,
+                ALLREDUCE: self._all_reduce, EXPERTS: self._experts, MLP: self._mlp,
+                SEND_ACT: lambda mb, layer, i: self._send(mb, i), HEAD: lambda mb, layer, i: self._head(mb, i)}
 
     def _step(self, mbs, dim):
         out = super()._step(mbs, dim)
