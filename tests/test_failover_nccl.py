@@ -33,21 +33,28 @@ CFG = preset("tiny")
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11], [4, 4, 5, 6], [12, 13], [20, 21, 22, 23, 24, 25]]
 
 
-def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0):
+def _needs(gpus: int):
+    return pytest.mark.skipif(torch.cuda.device_count() < gpus, reason=f"needs {gpus} GPUs")
+
+
+def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0, mirror=False):
     from masep.parallel.cluster import ClusterExecutor
     from masep.parallel.faults import FaultSpec
     from masep.parallel.worker import RunSpec
     run = RunSpec(plan=plan.validate(CFG), requests=[], preset="tiny", device="cuda", backend="nccl",
                   timeout_s=timeout_s)
     return ClusterExecutor(run, max_len=64, max_num_seqs=2, faults=tuple(FaultSpec.parse(f) for f in faults),
-                           join_timeout_s=join_timeout_s)
+                           join_timeout_s=join_timeout_s, mirror=mirror)
 
 
-def _serve(executor, prompts) -> list[list[int]]:
-    sched = Scheduler(executor, SchedulerConfig(64, CFG.vocab_size, max_num_batched_tokens=6))
+def _serve(executor, prompts, keep: list | None = None, protection: str = "recompute") -> list[list[int]]:
+    """Greedy outputs of `prompts`; `keep` receives the scheduler (its failovers)."""
+    sched = Scheduler(executor, SchedulerConfig(64, CFG.vocab_size, max_num_batched_tokens=6, protection=protection))
     seqs = [sched.add(str(i), p, SamplingParams(10, temperature=0.0)) for i, p in enumerate(prompts)]
     while sched.has_work:
         sched.iterate()
+    if keep is not None:
+        keep.append(sched)
     return [s.output for s in seqs]
 
 
@@ -114,5 +121,41 @@ def test_an_engine_ending_death_over_nccl_names_the_rank_at_once_and_leaves_no_p
         took = _until_lost(sched, EngineDead, match)
         print(f"\n{plan.strategy} {fault}: the error came {took:.2f} s after the step started")
         assert took < 2.0
+    finally:
+        _no_rank_left(executor)
+
+
+# --- 3 and 4 GPUs: survivors that keep serving (run when such a machine is lent) --------------------
+@_needs(3)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mirror", [False, True], ids=["recompute", "mirror"])
+def test_a_dead_attention_replica_over_nccl_moves_its_requests_and_changes_no_token(reference, mirror):
+    """sep 2x1+1: replica 1's rank is SIGKILLed in decode. The expert rank, inside replica 1's
+    bridge transfers, is released by the abort of that bridge's communicators (not by NCCL's
+    watchdog), drops the bridge and keeps serving replica 0, which finishes every request."""
+    executor = _cluster(SeparatedPlan(2, 1, 1, 2), ["kill@1:5"], mirror=mirror)
+    try:
+        keep = []
+        assert _serve(executor, PROMPTS, keep, "mirror" if mirror else "recompute") == reference
+        [failover] = keep[0].failovers
+        assert "rank 1" in failover.reason and "SIGKILL" in failover.reason
+        assert (failover.adopted if mirror else failover.moved) and not failover.failed
+        print(f"\nmirror={mirror}: {failover.reason}")
+    finally:
+        _no_rank_left(executor)
+
+
+@_needs(3)
+@pytest.mark.timeout(240)
+def test_a_dead_expert_rank_with_redundancy_over_nccl_is_routed_around(reference):
+    """sep 1x1+2, every expert on both expert ranks: rank 2 is SIGKILLed; the attention rank and
+    rank 1 abort the bridge that includes it and switch to their bridge without it."""
+    plan = SeparatedPlan(1, 1, 2, 2, placement=(tuple(range(8)), tuple(range(8))))
+    executor = _cluster(plan, ["kill@2:5"])
+    try:
+        keep = []
+        assert _serve(executor, PROMPTS, keep) == reference
+        assert not keep[0].failovers and list(executor.lost_experts) == [2]
+        print(f"\nrerouted: {executor.reroutes}")
     finally:
         _no_rank_left(executor)
