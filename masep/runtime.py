@@ -56,6 +56,11 @@ class StepRows:
     sample: list = field(default_factory=list)  # [B] engine.sampling.SampleSpec, or None: no token wanted
     prefill: bool = False  # a prefill step even if every chunk is one token (EP ranks must agree on the kind)
     attend_at_least: int = 0  # attend over at least this many keys (benchmarks pin the KV length)
+    # EP decode steps: the largest (highest slot + 1) of any EP rank's rows in this step, from
+    # whoever sees every rank's rows (the front end, a benchmark; it also sets attend_at_least to
+    # the longest). With it every rank runs the same shapes and sizes its blocks alike without a
+    # handshake, so the step reads nothing on the host (ep.py).
+    peer_rows: int | None = None
 
     def __post_init__(self):
         assert len(self.slots) == len(self.tokens) == len(self.starts), "rows of unequal length"
@@ -165,11 +170,13 @@ class StaticBatchMixin:
         """Right-padded prompts [B, T] with true lengths [B] -> logits [B, V] at the last prompt token."""
         return self.forward(static_rows(input_ids_BT.cpu(), lengths_B.cpu()))
 
-    def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int | None = None):
+    def decode(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, attend_len: int | None = None,
+               peer_rows: int | None = None):
         """One token per row (slot b = row b) at positions_B -> logits [B, V], attending over
-        at least `attend_len` keys (default: the positions imply it)."""
+        at least `attend_len` keys (default: the positions imply it); peer_rows: StepRows."""
         rows = static_rows(tokens_B.cpu(), positions_B=positions_B.cpu())
         rows.attend_at_least = attend_len or 0
+        rows.peer_rows = peer_rows
         return self.forward(rows)
 
 

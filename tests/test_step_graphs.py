@@ -22,14 +22,17 @@ PLANS = {"tp2": TpPpPlan(2, 1, 1), "pp2 m2": TpPpPlan(1, 2, 2)}
 
 
 class _CallingGraphs:
-    """SegmentGraphs' interface, enabled, without CUDA: runs each entry instead of replaying it."""
+    """SegmentGraphs' interface, enabled, without CUDA: runs each entry instead of replaying it
+    (so every run counts as a capture: what a replay must restore is checked on GPUs)."""
     enabled = True
 
     def __init__(self):
         self.keys = []
+        self.captures = 0
 
     def run(self, key, fn, *inputs, shared_pool=False):
         self.keys.append(key)
+        self.captures += 1
         return fn(*inputs)
 
     def clear(self):
@@ -75,3 +78,58 @@ def _rank(name):
 def test_whole_step_path_matches_single_device(name):
     from masep.parallel.launch import spawn
     spawn(2, _rank, name, timeout_s=100)
+
+
+def _ep_rank(_):
+    """EP2 whose ranks hold different numbers of sequences (3 and 1): decode steps told the
+    largest rank's rows (StepRows.peer_rows) and the longest attention take the whole-step path
+    with no handshake, both ranks with the same shapes and block capacities, and each rank's
+    logits equal the single-device model's for its own rows."""
+    import torch.distributed as dist
+
+    from masep.parallel.cluster import agree_decode
+    from masep.parallel.ep import EpRuntime
+    from masep.parallel.groups import build_ep_groups, init_distributed
+    from masep.parallel.worker import apply_plan
+    from masep.plan import EpPlan
+    env = init_distributed("cpu", timeout_s=60)
+    model = build_model(CFG, seed=4)
+    oracle = LocalRuntime(build_model(CFG, seed=4))
+    plan = apply_plan(env, EpPlan(2, 2), model)
+    runtime = EpRuntime(model, plan, build_ep_groups(plan, CFG, env), env)
+    runtime.graphs = _CallingGraphs()
+    for rt in (runtime, oracle):
+        rt.start(6, CFG.max_seq_len)
+    gen = torch.Generator().manual_seed(0)
+    prompts = {u: [torch.randint(0, CFG.vocab_size, (3 + 2 * s + u,), generator=gen).tolist() for s in slots]
+               for u, slots in ((0, (0, 2, 4)), (1, (1,)))}  # every rank draws both ranks' prompts
+    slots = {0: [0, 2, 4], 1: [1]}
+    me = env.rank
+    rows = StepRows(slots[me], prompts[me], [0] * len(slots[me]), prefill=True)
+    torch.testing.assert_close(runtime.forward(rows), oracle.forward(rows), atol=1e-5, rtol=1e-4)
+    live = {u: {s: (p[-1], len(p)) for s, p in zip(slots[u], prompts[u])} for u in (0, 1)}
+    for _ in range(3):
+        step = {u: StepRows(sorted(live[u]), [[live[u][s][0]] for s in sorted(live[u])],
+                            [live[u][s][1] for s in sorted(live[u])]) for u in (0, 1)}
+        step = agree_decode(step)
+        assert step[me].peer_rows == 5 and step[me].attend_len == max(r.attend_len for r in step.values())
+        got = runtime.forward(step[me])
+        want = oracle.forward(StepRows(step[me].slots, step[me].tokens, step[me].starts))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for u in (0, 1):  # both ranks' next tokens: the other's are stood in for (each checks its own)
+            live[u] = {s: ((int(t) if u == me else 0), live[u][s][1] + 1)
+                       for s, t in zip(sorted(live[u]), got.argmax(-1) if u == me else [0] * len(live[u]))}
+    keys = [k for k in runtime.graphs.keys if k[0] == "step"]
+    # rank 0's slots up to 4 -> 5 rows -> bucket 8, capped at 6 slots: on both ranks, whatever their own rows
+    assert len(keys) == 3 and all(k[1] == 6 for k in keys), keys
+    both = [None, None]
+    dist.all_gather_object(both, keys)
+    assert both[0] == both[1], f"the ranks' whole-step graph keys differ, so would their captures: {both}"
+    assert runtime.dispatcher.reruns == 0 and runtime.step == 4
+    return {}
+
+
+@pytest.mark.timeout(120)
+def test_ep_ranks_of_unequal_batches_take_the_whole_step_path_alike():
+    from masep.parallel.launch import spawn
+    spawn(2, _ep_rank, None, timeout_s=100)

@@ -97,7 +97,9 @@ def _sync(device: torch.device) -> None:
 def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer, energy) -> list[float]:
     """Seconds of each timed decode step (CUDA events on CUDA, else the host clock)."""
     cfg = runtime.cfg
-    runtime.start(rows, spec.context + spec.warmup + spec.steps + 1)
+    # EP: every rank is told the largest rank's rows (StepRows.peer_rows), and keeps as many slots
+    peer = len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime) else None
+    runtime.start(peer or rows, spec.context + spec.warmup + spec.steps + 1)
     gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
     for k, v in zip(runtime.cache.k, runtime.cache.v):
         k.normal_(generator=gen)
@@ -113,7 +115,7 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
             timer.busy_s.clear()
             energy.start()
         with _StepClock(device) as clock:
-            logits = runtime.decode(tokens, positions, spec.context + i)
+            logits = runtime.decode(tokens, positions, spec.context + i, peer_rows=peer)
         times.append(clock.seconds)
         tokens, positions = logits.argmax(-1), positions + 1
     bar.close()

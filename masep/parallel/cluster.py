@@ -28,6 +28,7 @@ The scheduler in this process holds every request; nothing is lost with the rank
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -149,7 +150,7 @@ class ClusterExecutor:
         if self.replacing:
             raise EngineDead(f"expert ranks {sorted(self.replacing)} are dead and not replaced yet")
         if self.lockstep:
-            rows = {u: rows.get(u, StepRows.empty()) for u in range(self.num_units)}
+            rows = agree_decode({u: rows.get(u, StepRows.empty()) for u in range(self.num_units)})
         lost: dict[int, str] = {}
         try:
             while True:
@@ -492,6 +493,19 @@ class ClusterExecutor:
         if msg[0] != kind:
             raise EngineDead(f"rank {rank} sent {msg[0]!r}, expected {kind!r}")
         return msg
+
+
+def agree_decode(rows: dict[int, StepRows]) -> dict[int, StepRows]:
+    """EP ranks in a decode step are each told the largest rank's rows and the longest
+    attention of the step (StepRows.peer_rows, attend_at_least): they then run the same shapes
+    and size their blocks alike without a handshake. Other steps are left as they are."""
+    busy = [r for r in rows.values() if len(r)]
+    if not busy or not all(r.is_decode for r in busy):
+        return rows
+    top = max(max(r.slots) + 1 for r in busy)
+    attend = max(r.attend_len for r in busy)
+    return {u: dataclasses.replace(r, peer_rows=top, attend_at_least=max(r.attend_at_least, attend))
+            for u, r in rows.items()}
 
 
 class _ExpertLost(Exception):

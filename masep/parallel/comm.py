@@ -339,6 +339,15 @@ def expert_begin_step(bridge: Bridge, step: int, microbatches: int, hidden: int,
                    [r[HEADER:HEADER + m] for r in rows], caps, hidden, dtype)
 
 
+def agreed_decode_step(bridge: Bridge, step: int, rows_M: list[int], caps_M: list[int], hidden: int,
+                       dtype: torch.dtype) -> StepLayout:
+    """A padded step whose rows and capacities every member computed alike from what they were
+    all told (EP: the largest rank's rows): the layout the handshake would agree on, without it.
+    Nothing moves and nothing is read; a member that computed otherwise is caught by the block
+    header checks."""
+    return _layout(bridge, step, [FLAG_WORK] * bridge.size, True, [rows_M], [caps_M], hidden, dtype)
+
+
 def ep_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int, dtype: torch.dtype,
                   idle: bool, caps_M: list[int] | None = None) -> StepLayout:
     """EP rank: every rank announces and reads every other's (all ranks send and receive); the

@@ -84,6 +84,21 @@ class TokenDispatcher:
             self.demand_M.zero_()
         return self.layout
 
+    def begin_agreed_step(self, step: int, rows_M: list[int], full: bool = False, device_work: bool = True
+                          ) -> comm.StepLayout:
+        """A decode step whose rows_M every rank of the bridge was given alike: the layout with no
+        handshake (comm.agreed_decode_step). device_work=False: leave the step's header and demand
+        buffers alone (a whole-step graph being captured sets them before its replays)."""
+        caps = self.capacity.caps(rows_M, full)
+        self.layout = comm.agreed_decode_step(self.bridge, step, rows_M, caps, self.hidden, self.dtype)
+        if device_work:
+            self.new_step_buffers(step)
+        return self.layout
+
+    def new_step_buffers(self, step: int) -> None:
+        self.heads.set_step(step)
+        self.demand_M.zero_()
+
     def finish_step(self) -> bool:
         """After the step's ops (its logits queued): read the device-side checks (one host read),
         learn the capacity from the routing; True when a transfer overflowed its blocks, so the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..model import MoETransformer
-from ..plan import EpPlan
+from ..plan import EpPlan, split_evenly
 from ..runtime import StepRows
 from . import comm
 from .dispatcher import EpDispatcher, weighted_sum
@@ -47,6 +47,8 @@ class EpRuntime(MicroBatchRuntime):
         self.dispatcher = EpDispatcher(self.bridge, self.route, cfg, plan.expert_placement(cfg), plan.microbatches,
                                        model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
+        self.peer_rows: int | None = None  # this decode step's largest EP rank's rows (StepRows.peer_rows)
+        self._graph_checks: dict = {}  # whole-step graph key -> (its header verdicts, payload rows per replay)
         self.all_idle = False
         self.stopped = False
         # rows served per (layer, local expert), kept on the device during the run
@@ -64,9 +66,50 @@ class EpRuntime(MicroBatchRuntime):
         self.stopped, self.cache = True, None
 
     def forward(self, rows: StepRows, step_id: int | None = None):
-        """A step with no rows serves the other ranks' experts (flag idle)."""
+        """A step with no rows serves the other ranks' experts (flag idle). A decode step that
+        says the largest EP rank's rows (`rows.peer_rows`) sizes its blocks from them, as every
+        rank does, and skips the handshake: it reads nothing on the host, so with graphs it is
+        replayed whole (one CUDA graph: compute, all-to-alls, logits)."""
         self.idle = len(rows) == 0
+        self.peer_rows = rows.peer_rows if rows.is_decode else None
         return super().forward(rows, step_id)
+
+    @property
+    def whole_step_graphs(self) -> bool:
+        return self.peer_rows is not None
+
+    def _agreed_rows(self) -> list[int]:
+        """Rows per micro-batch of the step: every rank computes the same (_dense_rows)."""
+        return [len(r) for r in split_evenly(self._agreed_count(), self.plan.microbatches)]
+
+    def _agreed_count(self) -> int:
+        return min(self._bucket(self.peer_rows), self.cache.num_slots)
+
+    def _dense_rows(self, rows: StepRows) -> int | None:
+        """A decode step told the largest rank's rows runs that many rows on every rank (its own
+        padded with empty ones): every rank then has the same shapes, so every rank captures a
+        whole-step graph at the same step, and a capture's eager warm-up runs its collectives
+        on all of them alike (the EP ranks' caches have the same number of slots)."""
+        if rows.is_decode and self.peer_rows is not None:
+            return self._agreed_count()
+        return super()._dense_rows(rows)
+
+    def _step_graph_key(self) -> tuple:
+        lay = self.dispatcher.begin_agreed_step(self.step, self._agreed_rows())  # the buffers: set here, not captured
+        self._agreed_layout, self._payload_before = lay, self.dispatcher.payload_rows
+        return tuple(lay.caps), lay.header_rows
+
+    def _after_graphed_step(self, key: tuple, captured: bool) -> None:
+        """A replay rewrites the header verdicts the capture allocated, but appends them to no
+        layout: keep them (and the payload count) from the capture, put them back on each replay."""
+        d = self.dispatcher
+        if captured:
+            self._graph_checks[key] = (list(d.layout.checks), d.payload_rows - self._payload_before)
+            return
+        checks, payload = self._graph_checks[key]
+        d.layout = self._agreed_layout
+        d.layout.checks.extend(checks)
+        d.payload_rows += payload
 
     @property
     def load_LE(self) -> torch.Tensor:
@@ -79,7 +122,14 @@ class EpRuntime(MicroBatchRuntime):
         return ep_schedule(self.cfg.num_layers, microbatches, self.cfg.first_dense_layers)
 
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
-        """Agree on the step with every EP rank (the one host read per step)."""
+        """Agree on the step with every EP rank: from the largest rank's rows when the step says
+        them (inside a whole-step capture the step's buffers were set before it), else by the
+        handshake (the one host read per step)."""
+        if self.peer_rows is not None:
+            self.dispatcher.begin_agreed_step(self.step, self._agreed_rows(), self.full_capacity,
+                                              device_work=not self.whole_step)
+            self.all_idle = False
+            return
         layout = self.dispatcher.begin_step(self.step, [mb.ids.numel() for mb in mbs], self.decoding,
                                             self.full_capacity, self.idle)
         self.all_idle = all(f == comm.FLAG_IDLE for f in layout.flags)

@@ -137,8 +137,9 @@ class MicroBatchRuntime(StaticBatchMixin):
         self.decoding = st.decode  # decode steps use padded transfers and graphs; prefill steps exact ones
         if (st.decode and self.graphs.enabled and self.whole_step_graphs
                 and st.ids_BT.shape[0] >= self.plan.microbatches):
-            return self._graphed_step(st)  # tp_pp: no routed transfers, so no overflow to rerun
-        logits = self._run(st, rows)
+            logits = self._graphed_step(st)
+        else:
+            logits = self._run(st, rows)
         if self._rerun():
             # A routed transfer overflowed the capacity sized from the routing (dispatcher.py): this
             # step's result is wrong. Run it again with blocks of the worst-case size; a step is
@@ -181,10 +182,21 @@ class MicroBatchRuntime(StaticBatchMixin):
             finally:
                 self.whole_step = False
         number = self.step  # _step counts the step only where it runs: in the capture, not in a replay
-        logits_nV = self.graphs.run(("step", n, attend, self.plan.microbatches), step, st.ids_BT, st.positions_BT,
-                                    shared_pool=True)
+        key = ("step", n, attend, self.plan.microbatches) + self._step_graph_key()
+        captures = self.graphs.captures
+        logits_nV = self.graphs.run(key, step, st.ids_BT, st.positions_BT, shared_pool=True)
         self.step = number + 1
+        self._after_graphed_step(key, self.graphs.captures != captures)
         return logits_nV[st.logit_rows_B]  # a copy: the next replay overwrites the graph's output
+
+    def _step_graph_key(self) -> tuple:
+        """Before a whole-step graph runs: what else its key must name (EP: the step's block
+        capacities, agreed here, outside the capture)."""
+        return ()
+
+    def _after_graphed_step(self, key: tuple, captured: bool) -> None:
+        """After a whole-step graph ran (captured now, or replayed): host state a replay does not
+        rebuild (EP: the step's header checks)."""
 
     def _dense_rows(self, rows: StepRows) -> int | None:
         """Rows of a decode step: the slots up to the highest one, rounded up to a batch-size
@@ -192,7 +204,11 @@ class MicroBatchRuntime(StaticBatchMixin):
         if not rows.is_decode:
             return None
         n = max(rows.slots, default=-1) + 1
-        return min(bucket_rows(n), self.cache.num_slots) if self.graphs.enabled and n else n
+        return min(self._bucket(n), self.cache.num_slots)
+
+    def _bucket(self, n: int) -> int:
+        """Decode rows rounded up to a batch-size bucket when graphs are replayed."""
+        return bucket_rows(n) if self.graphs.enabled and n else n
 
     def _sequence_chunks(self, st: StepTensors, rows: StepRows) -> list[MicroBatch]:
         """Prefill cut along the tokens: chunk r of every row, attending up to its end."""
