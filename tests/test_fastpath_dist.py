@@ -144,8 +144,10 @@ def _rank(arg):
             failed.append(str(err))
     check(runtime.prefill(ids, lens), oracle.prefill(ids, lens))
     tokens, positions = ids[:, -1], lens.clone()
+    # EP: decode steps told the largest rank's rows, as the front end does: one whole-step graph each
+    peer = len(split_evenly(batch, plan.ep)[0]) if plan.strategy == "ep" else None
     for _ in range(STEPS):
-        got = runtime.decode(tokens, positions, int(positions.max()) + 1)
+        got = runtime.decode(tokens, positions, int(positions.max()) + 1, peer_rows=peer)
         want = oracle.decode(tokens, positions, int(positions.max()) + 1)
         check(got, want)
         tokens, positions = want.argmax(-1), positions + 1
