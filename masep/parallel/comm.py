@@ -5,7 +5,8 @@ ranks) as `all_to_all_single`, which gloo and NCCL both support with uneven spli
 
 Every step opens with a handshake (`attention_begin_step`, `expert_begin_step`,
 `ep_begin_step`): each sender tells the bridge its flag (work, stop, idle), whether the step
-is *padded*, and how many token rows it has per micro-batch. That is the one message the
+is *padded*, and how many token rows it has per micro-batch. (An EP decode step whose ranks
+were all told the largest rank's rows skips it: `agreed_decode_step`.) That is the one message the
 receivers read on the host, at the step boundary, where the engine has just read the previous
 step's tokens anyway. Then, per (layer, micro-batch):
 

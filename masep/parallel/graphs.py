@@ -20,8 +20,11 @@ from step to step, so most are not copied at all.
 With `enabled=False` (CPU, or --eager) `run` just calls `fn`: the CPU tests exercise the same
 segment code the GPU replays.
 
-A runtime whose decode step reads nothing on the host (tp_pp: compute and NCCL collectives only)
-captures the whole step, collectives included, as one entry (stepper.py `whole_step_graphs`);
+A runtime whose decode step reads nothing on the host (tp_pp: compute and NCCL collectives only;
+EP when each rank is told the largest rank's rows, ep.py) captures the whole step, collectives
+included, as one entry (stepper.py `whole_step_graphs`). Every rank of a collective must
+capture at the same step (a capture's eager warm-up runs the collectives once more), so the
+ranks' keys must agree: same shapes on every rank;
 NCCL collectives and point-to-point transfers can be captured once their communicator exists,
 which the eager warm-up call makes sure of.
 
