@@ -126,6 +126,9 @@ def _ep_rank(_):
     dist.all_gather_object(both, keys)
     assert both[0] == both[1], f"the ranks' whole-step graph keys differ, so would their captures: {both}"
     assert runtime.dispatcher.reruns == 0 and runtime.step == 4
+    bad = StepRows([0, 2, 4], [[1], [1], [1]], [9, 9, 9], peer_rows=3)  # slot 4 needs 5 rows
+    with pytest.raises(ValueError, match=r"peer_rows=3 must be at least this rank's rows \(5"):
+        runtime.forward(bad)
     return {}
 
 

@@ -72,6 +72,11 @@ class EpRuntime(MicroBatchRuntime):
         replayed whole (one CUDA graph: compute, all-to-alls, logits)."""
         self.idle = len(rows) == 0
         self.peer_rows = rows.peer_rows if rows.is_decode else None
+        own = max(rows.slots, default=-1) + 1
+        if self.peer_rows is not None and not own <= self.peer_rows <= (self.cache.num_slots if self.cache else own):
+            raise ValueError(f"rank {self.env.rank}: StepRows.peer_rows={self.peer_rows} must be at least this "
+                             f"rank's rows ({own}: its highest slot + 1) and at most its KV slots; it is the "
+                             "largest EP rank's rows, the same on every rank")
         return super().forward(rows, step_id)
 
     @property
