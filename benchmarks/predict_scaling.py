@@ -102,11 +102,12 @@ def predict(factors: dict, one_gpu: dict, hw, gpus_list=(4, 8)) -> list[dict]:
                     rows.append(dict(
                         preset=name, batch=batch, context=context, gpus=gpus, plan=format_plan(v),
                         family=family(v), simulated_ms=round(sim, 3), factor=f and round(f, 3),
-                        factor_from="paper" if name != "paper" else name,
+                        factor_from="paper",  # the only preset measured on 2 GPUs
                         calibrated_ms=cal and round(cal, 3),
                         floor_ms=round(plan_floor(v, cfg, work, hw).seconds * 1e3, 3),
                         calibrated_tok_s=cal and round(batch / cal * 1e3),
-                        scaling_efficiency=(cal and base and name == "paper") and round(base / cal / gpus, 3)))
+                        # against one GPU's measured tok/s, which exists for `paper` only
+                        scaling_efficiency=round(base / cal / gpus, 3) if cal and base and name == "paper" else None))
     return rows
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from masep.engine.executor import LocalExecutor
 from masep.engine.sampling import sample
 from masep.engine.scheduler import Scheduler, SchedulerConfig
 from masep.model import build_model
@@ -99,13 +98,14 @@ def test_losing_every_unit_fails_every_request():
 
 
 # --- on real gloo ranks ----------------------------------------------------------------------
-def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0):
+def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0, mirror=False, **where):
+    """where: RunSpec's device and backend (test_failover_nccl.py: cuda, nccl)."""
     from masep.parallel.cluster import ClusterExecutor
     from masep.parallel.faults import FaultSpec
     from masep.parallel.worker import RunSpec
-    return ClusterExecutor(RunSpec(plan=plan.validate(CFG), requests=[], preset="tiny", timeout_s=timeout_s),
+    return ClusterExecutor(RunSpec(plan=plan.validate(CFG), requests=[], preset="tiny", timeout_s=timeout_s, **where),
                            max_len=64, max_num_seqs=2, faults=tuple(FaultSpec.parse(f) for f in faults),
-                           join_timeout_s=join_timeout_s)
+                           join_timeout_s=join_timeout_s, mirror=mirror)
 
 
 def _no_rank_left(executor) -> None:

@@ -26,6 +26,8 @@ from masep.plan import EpPlan, SeparatedPlan
 from masep.runtime import LocalRuntime
 from masep.serve.engine_client import EngineDead, ReplaceableRankLost, SamplingParams
 
+from test_failover import _cluster as failover_cluster, _no_rank_left
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs 2 GPUs")
 
@@ -38,13 +40,7 @@ def _needs(gpus: int):
 
 
 def _cluster(plan, faults, timeout_s=60.0, join_timeout_s=0.0, mirror=False):
-    from masep.parallel.cluster import ClusterExecutor
-    from masep.parallel.faults import FaultSpec
-    from masep.parallel.worker import RunSpec
-    run = RunSpec(plan=plan.validate(CFG), requests=[], preset="tiny", device="cuda", backend="nccl",
-                  timeout_s=timeout_s)
-    return ClusterExecutor(run, max_len=64, max_num_seqs=2, faults=tuple(FaultSpec.parse(f) for f in faults),
-                           join_timeout_s=join_timeout_s, mirror=mirror)
+    return failover_cluster(plan, faults, timeout_s, join_timeout_s, mirror, device="cuda", backend="nccl")
 
 
 def _serve(executor, prompts, keep: list | None = None, protection: str = "recompute") -> list[list[int]]:
@@ -63,11 +59,6 @@ def reference():
     # drawn on the GPU, as the ranks draw their slices (CPU and CUDA generators differ for one seed)
     executor = LocalExecutor(LocalRuntime(build_model(CFG, seed=0, device="cuda")), num_slots=2, max_len=64)
     return _serve(executor, PROMPTS)
-
-
-def _no_rank_left(executor) -> None:
-    executor.shutdown()
-    assert not any(p.is_alive() for p in executor.procs.procs)
 
 
 def _until_lost(sched, error, match):
