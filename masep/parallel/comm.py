@@ -135,9 +135,7 @@ def give_up_groups_with(dead: set[int], why: str) -> list[str]:
     their names. Safe to call from another thread while a step runs.
 
     NCCL: a kernel waiting on a dead peer never finishes, and neither does a host read queued
-    behind it, so the communicators are aborted (ncclCommAbort, all in one NCCL group call as
-    torch does for the world, so that two aborts cannot wait on each other's kernels). The
-    kernels end, whatever the step thread was blocked on returns, and the mark makes its next
+    behind it, so the communicators are aborted, all at once (`_abort_all`). The kernels end, whatever the step thread was blocked on returns, and the mark makes its next
     launch or check raise CommError: a group is never used again after an abort (torch would
     try to build a new communicator with the dead peer). gloo: marked only; its transfers end
     with an error when the dead peer's sockets close (the front end kills a stuck rank)."""
@@ -185,8 +183,9 @@ def given_up_count() -> int:
 def given_up_why(groups) -> str | None:
     """Why one of `groups` (None entries skipped) was given up, or None."""
     for group in groups:
-        if group is not None and _given_up.get(_group_name(group)) is not None:
-            return _given_up[_group_name(group)]
+        why = _given_up.get(_group_name(group)) if group is not None else None
+        if why is not None:
+            return why
     return None
 
 
@@ -197,10 +196,10 @@ def forget_given_up() -> None:
 
 def check_group(group, where: str) -> None:
     """Raise CommError when `group` was given up (before a launch, after a host read)."""
-    if _given_up:
-        why = _given_up.get(_group_name(group))
-        if why is not None:
-            raise CommError(f"{where}: the group was given up: {why}")
+    # nothing given up: no lookup on the hot path; group None is the world, as in torch's calls
+    why = given_up_why([dist.group.WORLD if group is None else group]) if _given_up else None
+    if why is not None:
+        raise CommError(f"{where}: the group was given up: {why}")
 
 
 def _check_bridge(bridge: Bridge, where: str) -> None:

@@ -80,8 +80,7 @@ class TokenDispatcher:
         caps = self.capacity.caps(rows_M, full) if padded else [0] * len(rows_M)
         self.layout = self._announce(step, rows_M, padded, caps, idle)
         if self.layout.padded:
-            self.heads.set_step(step)
-            self.demand_M.zero_()
+            self.new_step_buffers(step)
         return self.layout
 
     def begin_agreed_step(self, step: int, rows_M: list[int], full: bool = False, device_work: bool = True
