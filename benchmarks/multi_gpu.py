@@ -43,7 +43,7 @@ import torch.distributed as dist  # noqa: E402
 from masep.config import preset  # noqa: E402
 from masep.engine import Request, generate, random_prompts  # noqa: E402
 from masep.model import build_model  # noqa: E402
-from masep.parallel.bench_dist import DistBenchSpec, bench_on  # noqa: E402
+from masep.parallel.bench_dist import DistBenchSpec, bench_points_on  # noqa: E402
 from masep.parallel.groups import init_distributed  # noqa: E402
 from masep.parallel.worker import RunSpec, run_on  # noqa: E402
 from masep.plan import EpPlan, SeparatedPlan, TpPpPlan  # noqa: E402
@@ -125,46 +125,60 @@ def check_tokens(env, out: Path, plans, args) -> None:
         free(env)
 
 
+def scaling_plans(gpus: int) -> list:
+    """The plans a scaling run times on `gpus` GPUs: separated at every attention:expert ratio of
+    one replica, two replicas where they fit, then TP, TP/2 x PP2 and EP (baseline_plans)."""
+    plans = separated_splits(gpus, limit=gpus)
+    if gpus >= 4:
+        plans += [SeparatedPlan(2, a, gpus - 2 * a, 2) for a in range(1, gpus // 2) if gpus - 2 * a >= 1]
+    return plans + baseline_plans(gpus)
+
+
 def bench_points(env, out: Path, args) -> None:
+    """Plan by plan (the model is built, sliced and its groups made once per plan), every point."""
     gpus = env.world_size
     batches = args.batches or ((24,) if args.quick else (24, 128, 512))
     contexts = (2048,) if args.quick else (2048, 8192)
     points = args.points or [(b, c) for c in contexts for b in batches]
-    presets = args.presets
     traced = set()
-    for name in presets:
-        for batch, context in points:
-            cfg = preset(name).replace(max_seq_len=context + 64)
-            plans = separated_splits(gpus, limit=3) + baseline_plans(gpus)
-            best = best_separated(cfg, gpus, batch, context, args.hardware)
-            if best is not None and best not in plans:
-                plans.insert(0, best)
-            for plan in [p for p in plans if args.plan_filter in p.describe()]:
-                for impl in args.impls:
-                    bench_one(env, out, args, cfg, plan, impl, batch, context, best, traced)
+    for name in args.presets:
+        longest = max(c for _, c in points)
+        cfg = preset(name).replace(max_seq_len=longest + 64)
+        plans = scaling_plans(gpus) if args.all_ratios else separated_splits(gpus, limit=3) + baseline_plans(gpus)
+        best = {pt: best_separated(cfg, gpus, *pt, args.hardware) for pt in points}
+        plans += [b for b in dict.fromkeys(best.values()) if b is not None and b not in plans]
+        for plan in [p for p in plans if args.plan_filter in p.describe()]:
+            for impl in args.impls:
+                bench_plan(env, out, args, cfg, plan, impl, points, best, traced)
 
 
-def bench_one(env, out: Path, args, cfg, plan, impl: str, batch: int, context: int, best, traced: set) -> None:
-    trace = args.trace and batch == 24 and (plan.strategy, impl) not in traced
+def bench_plan(env, out: Path, args, cfg, plan, impl: str, points, best: dict, traced: set) -> None:
     run = RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout,
                   eager=impl == "eager")
-    spec = DistBenchSpec(run, batch=batch, context=context, warmup=3, steps=args.steps)
+    specs = [DistBenchSpec(run, batch=b, context=c, warmup=3, steps=args.steps) for b, c in points]
+    trace = args.trace and (plan.strategy, impl) not in traced and specs[0].batch == 24
+    start = time.perf_counter()
     model = build_model(cfg, seed=0, device=env.device)
+    built_s = time.perf_counter() - start
     try:
         with _profile(out / "traces" / f"{plan.strategy}_{impl}", env.rank, trace):
-            row = bench_on(env, spec, model)
+            rows = bench_points_on(env, specs, model)
         error = None
-    except Exception as err:  # e.g. out of memory: every rank fails the same point
-        row, error = None, f"{type(err).__name__}: {str(err)[:300]}"
+    except Exception as err:  # e.g. out of memory: every rank fails the plan's remaining points
+        rows, error = [None] * len(specs), f"{type(err).__name__}: {str(err)[:300]}"
     if trace:
         traced.add((plan.strategy, impl))
     if env.rank == 0:
-        row = row or dict(strategy=plan.strategy, preset=cfg.name, batch=batch, context=context,
-                          plan_text=plan.describe())
-        row.update(kind="decode", impl=impl, error=error, planner_best=best == plan, gpus=env.world_size,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if env.backend == "nccl" else None,
-                   **predicted(plan, cfg, batch, context, args.hardware))
-        write_row(out, row)
+        for spec, row in zip(specs, rows):
+            row = row or dict(error=error)
+            row.setdefault("strategy", plan.strategy)
+            row.setdefault("plan_text", plan.describe())
+            row.update(kind="decode", impl=impl, preset=cfg.name, batch=spec.batch, context=spec.context,
+                       planner_best=best.get((spec.batch, spec.context)) == plan, gpus=env.world_size,
+                       model_build_s=round(built_s, 2),
+                       nccl=".".join(map(str, torch.cuda.nccl.version())) if env.backend == "nccl" else None,
+                       **predicted(plan, cfg, spec.batch, spec.context, args.hardware))
+            write_row(out, row)
     del model
     free(env)
 
@@ -210,6 +224,9 @@ def main() -> None:
     parser.add_argument("--points", type=_point, nargs="+", default=None,
                         help="BATCHxCONTEXT points (e.g. 24x2048 2048x512) instead of --batches x the contexts")
     parser.add_argument("--plan-filter", default="", help="time only plans whose description contains this")
+    parser.add_argument("--all-ratios", action="store_true",
+                        help="every attention:expert ratio and two replicas where they fit (scaling_plans), "
+                             "not the 3 most attention-heavy splits")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--no-trace", dest="trace", action="store_false")
     args = parser.parse_args()

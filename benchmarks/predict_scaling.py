@@ -31,14 +31,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from multi_gpu import baseline_plans, separated_splits  # noqa: E402
+from multi_gpu import scaling_plans  # noqa: E402
 
 from masep.config import preset  # noqa: E402
 from masep.perf.costmodel import Workload, plan_from_dict  # noqa: E402
 from masep.perf.floor import plan_floor  # noqa: E402
 from masep.perf.hardware import get_profile  # noqa: E402
 from masep.perf.simulator import simulate  # noqa: E402
-from masep.plan import SeparatedPlan, format_plan  # noqa: E402
+from masep.plan import format_plan  # noqa: E402
 
 POINTS = [(24, 2048), (128, 2048), (512, 2048), (2048, 512)]
 PRESETS = ["paper", "paper-swiglu"]
@@ -74,22 +74,13 @@ def factor_for(plan, factors: dict, batch: int, context: int) -> float | None:
     return factors.get((fam, batch, context))
 
 
-def plans_for(gpus: int) -> list:
-    """What issue-style scaling runs would time: separated at every attention:expert ratio of one
-    replica, two replicas where they fit, TP, TP/2 x PP2 and EP."""
-    plans = separated_splits(gpus, limit=gpus)
-    if gpus >= 4:
-        plans += [SeparatedPlan(2, a, gpus - 2 * a, 2) for a in range(1, gpus // 2) if gpus - 2 * a >= 1]
-    return plans + baseline_plans(gpus)
-
-
 def predict(factors: dict, one_gpu: dict, hw, gpus_list=(4, 8)) -> list[dict]:
     rows = []
     for name in PRESETS:
         cfg = preset(name)
         for batch, context in POINTS:
             for gpus in gpus_list:
-                for plan in plans_for(gpus):
+                for plan in scaling_plans(gpus):
                     try:
                         v = plan.validate(cfg)
                     except ValueError:

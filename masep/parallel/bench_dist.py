@@ -54,18 +54,27 @@ class DistBenchSpec:
     hardware: str | None = None  # profile for the floor and the prediction; None: from the GPU's name
 
 
-def _attention_runtime(spec: DistBenchSpec, model, plan, env, timer, graphs: bool):
+def _plan_groups(plan, cfg, env):
+    """The plan's process groups, built once and shared by every point of a benchmark (NCCL
+    creates a communicator per group on first use, which costs seconds per group)."""
+    if plan.strategy == "separated":
+        return build_separated_groups(plan, cfg, env)
+    if plan.strategy == "ep":
+        return build_ep_groups(plan, cfg, env)
+    return build_tp_pp_groups(plan, env)
+
+
+def _attention_runtime(spec: DistBenchSpec, model, plan, groups, env, timer, graphs: bool):
     """(runtime, rows this rank decodes), or (groups, 0) on an expert rank (it serves instead)."""
     if plan.strategy == "separated":
-        groups = build_separated_groups(plan, model.cfg, env)
         if groups.role.kind == "expert":
             return groups, 0
         rows = len(split_evenly(spec.batch, plan.attn_replicas)[groups.role.replica])
         return SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs), rows
     if plan.strategy == "ep":
         rows = len(split_evenly(spec.batch, plan.ep)[env.rank])
-        return EpRuntime(model, plan, build_ep_groups(plan, model.cfg, env), env, timer, graphs), rows
-    return TpPpRuntime(model, plan, build_tp_pp_groups(plan, env), env, timer, graphs), spec.batch
+        return EpRuntime(model, plan, groups, env, timer, graphs), rows
+    return TpPpRuntime(model, plan, groups, env, timer, graphs), spec.batch
 
 
 class CacheDoesNotFit(RuntimeError):
@@ -154,21 +163,55 @@ def bench_rank(spec: DistBenchSpec) -> dict | None:
 def bench_on(env, spec: DistBenchSpec, model) -> dict | None:
     """This rank's part of the benchmark in an initialised world (`model` is parallelized in
     place). Rank 0 returns the summary row."""
-    plan = apply_plan(env, spec.run.plan, model)
+    return bench_points_on(env, [spec], model)[0]
+
+
+def bench_points_on(env, specs: list[DistBenchSpec], model) -> list[dict | None]:
+    """Several points (batch, context) of one plan: the model is parallelized and the groups are
+    built once, then each point gets its own runtime, KV cache and graphs. Rank 0 returns one
+    row per point (an error row where a point's KV cache does not fit some rank); other ranks
+    a list of None. Every spec must carry the same plan, dtype and implementation."""
+    first = specs[0]
+    if any(s.run.plan != first.run.plan or s.run.eager != first.run.eager for s in specs):
+        raise ValueError("bench_points_on: every point must share one plan and implementation")
+    plan = apply_plan(env, first.run.plan, model)
     cuda = env.device.type == "cuda"
     copy_bw = measure_copy_bandwidth() if cuda and env.rank == 0 else None  # before the weights grow the pool
+    graphs = use_fast_path(first.run, model, env.device)
+    groups = _plan_groups(plan, model.cfg, env)
+    rows = []
+    for spec in specs:
+        start = time.perf_counter()
+        try:
+            row = _bench_point(env, spec, model, plan, groups, graphs, copy_bw)
+        except CacheDoesNotFit as err:  # raised on every rank alike: the next point can still run
+            row = dict(error=f"{type(err).__name__}: {err}") if env.rank == 0 else None
+        if row is not None:
+            row |= dict(batch=spec.batch, context=spec.context, wall_s=round(time.perf_counter() - start, 2))
+        rows.append(row)
+        _free(env.device)
+    return rows
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, copy_bw: float | None) -> dict | None:
+    cuda = env.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(env.device)
     timer = OpTimer(cuda_events=cuda)
     energy = EnergyMeter(env.device)
-    graphs = use_fast_path(spec.run, model, env.device)
-    part, rows = _attention_runtime(spec, model, plan, env, timer, graphs)
+    part, rows = _attention_runtime(spec, model, plan, groups, env, timer, graphs)
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
         serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start)
         times = None
     else:
         times = _decode_steps(part, rows, spec, env.device, timer, energy)
+        del part  # its KV cache and graphs go before the next point allocates its own
     _sync(env.device)
     used = energy.stop()
     mem = torch.cuda.max_memory_allocated(env.device) if cuda else None
