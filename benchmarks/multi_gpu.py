@@ -91,7 +91,7 @@ def write_row(out: Path, row: dict) -> None:
         f.write(json.dumps(row, default=str) + "\n")
     print(json.dumps({k: row.get(k) for k in ("kind", "impl", "strategy", "plan_text", "preset", "batch", "context",
                                               "median_tpot_ms", "floor_ms", "floor_ratio", "predicted_tpot_ms",
-                                              "joules_per_token", "match", "error")},
+                                              "joules_per_token", "match", "error", "wall_s", "model_build_s")},
                      default=str), flush=True)
 
 
@@ -147,6 +147,7 @@ def bench_points(env, out: Path, args) -> None:
         plans = scaling_plans(gpus) if args.all_ratios else separated_splits(gpus, limit=3) + baseline_plans(gpus)
         best = {pt: best_separated(cfg, gpus, *pt, args.hardware) for pt in points}
         plans += [b for b in dict.fromkeys(best.values()) if b is not None and b not in plans]
+        plans.sort(key=lambda p: p.strategy == "separated")  # baselines first: a run cut short keeps them
         for plan in [p for p in plans if args.plan_filter in p.describe()]:
             for impl in args.impls:
                 bench_plan(env, out, args, cfg, plan, impl, points, best, traced)
