@@ -2,7 +2,8 @@
 
 The fake streams `max_tokens` tokens after a known first delay and known gaps, sends usage and
 [DONE], and records the peak number of streams in flight. A text prompt steers one request:
-words "ttft=0.5", "itl=0.01", "status=429" or "mode=nodone|error". Timing assertions only check
+words "ttft=0.5", "itl=0.01", "status=429" or "mode=nodone|error". Asked for token ids
+(return_token_ids), it sends output token k of a token-id prompt P as id P[0] + k. Timing assertions only check
 ordering and rough magnitudes with wide margins (CI machines stall); the exact checks are the
 definitions (E2EL = TTFT + sum of ITLs, TPOT = (E2EL - TTFT) / (n - 1)), which hold on any machine.
 """
@@ -56,6 +57,7 @@ async def _stream(fake: Fake, body: dict, chat: bool, prompt, opts: dict):
     fake.in_flight += 1
     fake.peak = max(fake.peak, fake.in_flight)
     choice = (lambda text: {"index": 0, "delta": {"content": text}}) if chat else (lambda text: {"index": 0, "text": text})
+    first = prompt[0] if isinstance(prompt, list) else 1000
     try:
         if chat:  # the opening role-only chunk comes at once; it must not count as the first token
             yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
@@ -64,7 +66,10 @@ async def _stream(fake: Fake, body: dict, chat: bool, prompt, opts: dict):
         for i in range(0, n, k):
             if i:
                 await asyncio.sleep(opts["itl"])
-            yield _sse({"choices": [choice(" tok" * min(k, n - i))]})
+            out = choice(" tok" * min(k, n - i))
+            if body.get("return_token_ids"):  # as masep: in the chat delta, else in the choice
+                (out["delta"] if chat else out)["token_ids"] = [first + j for j in range(i, min(i + k, n))]
+            yield _sse({"choices": [out]})
             if opts["mode"] == "error":
                 yield _sse({"error": {"message": "fake broke mid-stream", "code": 500}})
                 return
@@ -332,3 +337,31 @@ def test_which_chunks_are_token_arrivals():
     assert not _carries_output({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}, 3)
     assert _carries_output({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}, 0)  # one-token answer
     assert not _carries_output({"choices": [], "usage": {"completion_tokens": 3}}, 3)
+
+
+@pytest.mark.timeout(60)
+def test_save_detailed_keeps_each_requests_token_ids(fake, tmp_path, capsys):
+    fake.tokens_per_chunk = 2  # 5 tokens in chunks of 2, 2, 1: every chunk's ids are kept, in order
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt_token_ids": [10 * i, 1]}) + "\n" for i in range(1, 4))
+                    + json.dumps({"prompt": "status=429"}) + "\n" + json.dumps({"prompt": "mode=error"}) + "\n")
+    changes = dict(dataset_name="jsonl", dataset_path=str(path), num_prompts=5, random_output_len=5)
+    r = run(fake, save_detailed=True, **changes)
+    assert all(b["return_token_ids"] is True for b in fake.bodies)
+    assert (r["completed"], r["failed"]) == (3, 2)
+    assert r["generated_token_ids"] == [list(range(p, p + 5)) for p in (10, 20, 30)] + [[], []]  # failed: []
+    fake.bodies.clear()
+    r = run(fake, **changes)  # without the flag: nothing asked, nothing kept
+    assert "generated_token_ids" not in r and not any("return_token_ids" in b for b in fake.bodies)
+    # the chat delta's ids; the command line's --json and --save-result
+    chat = run(fake, save_detailed=True, endpoint="/v1/chat/completions", model="m", num_prompts=2)
+    assert chat["generated_token_ids"] == [list(range(1000, 1005))] * 2
+    save = tmp_path / "result.json"
+    args = ["--base-url", fake.url, "--dataset-name", "jsonl", "--dataset-path", str(path), "--num-prompts", "3",
+            "--random-output-len", "4", "--disable-tqdm", "--json", "--save-result", str(save)]
+    assert bench_serve_main([*args, "--save-detailed"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["generated_token_ids"] == [list(range(p, p + 4)) for p in (10, 20, 30)]
+    assert json.loads(save.read_text())["rows"][0] == row
+    assert bench_serve_main(args) == 0
+    assert "generated_token_ids" not in json.loads(capsys.readouterr().out)["rows"][0]

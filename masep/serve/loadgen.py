@@ -14,6 +14,8 @@ The per-request definitions are masep.metrics.RequestOutput's; the aggregates ar
 (mean, median, population std, numpy linear percentiles; an empty list reports 0).
 A request fails on a non-200 answer, an error object in the stream, a stream that ends
 without `data: [DONE]` or without any output chunk, or --request-timeout.
+--save-detailed (vLLM's flag) also asks for the output token ids (`return_token_ids`, a vLLM
+extension masep serves) and keeps them per request in the result's `generated_token_ids`.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class BenchServeConfig:
     request_timeout: float = 3600.0  # seconds per request
     max_duration: float | None = None  # seconds: stop sending and cancel what still runs
     disable_tqdm: bool = False
+    save_detailed: bool = False  # send return_token_ids; the result gets generated_token_ids per request
 
     @property
     def chat(self) -> bool:
@@ -227,6 +230,8 @@ def request_body(cfg: BenchServeConfig, model: str, req: Request) -> dict:
         body["prompt"] = req.prompt
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # not OpenAI's; vLLM, SGLang and masep honour it
+    if cfg.save_detailed:
+        body["return_token_ids"] = True  # vLLM's extension; masep honours it
     return body
 
 
@@ -281,8 +286,18 @@ async def _lines(content: aiohttp.StreamReader):
         yield buf.decode(errors="replace").strip()
 
 
-async def read_stream(content: aiohttp.StreamReader, start: float) -> tuple[list[float], dict | None, str | None]:
-    """Read an SSE stream: (seconds from `start` of each chunk that carries output, the last usage, error)."""
+def _chunk_token_ids(data: dict) -> list[int]:
+    """The output token ids a chunk carries (return_token_ids): in the choice (completions, vLLM's
+    chat) or in the chat delta (masep's chat)."""
+    choices = data.get("choices") or [{}]
+    choice = choices[0]
+    return choice.get("token_ids") or (choice.get("delta") or {}).get("token_ids") or []
+
+
+async def read_stream(content: aiohttp.StreamReader, start: float,
+                      token_ids: list[int] | None = None) -> tuple[list[float], dict | None, str | None]:
+    """Read an SSE stream: (seconds from `start` of each chunk that carries output, the last usage, error).
+    A `token_ids` list gets the output token ids of the chunks appended."""
     times, usage = [], None
     async for line in _lines(content):
         now = time.perf_counter()
@@ -298,6 +313,8 @@ async def read_stream(content: aiohttp.StreamReader, start: float) -> tuple[list
             return times, usage, f"error in the stream: {error_text(data)}"
         if _carries_output(data, len(times)):
             times.append(now - start)
+        if token_ids is not None:
+            token_ids += _chunk_token_ids(data)
         usage = data.get("usage") or usage
     return times, usage, "the stream ended without data: [DONE]"
 
@@ -313,14 +330,15 @@ def _request_output(times: list[float], usage: dict | None, error: str | None, p
 
 
 async def send_request(session: aiohttp.ClientSession, url: str, body: dict, prompt_len: int | None,
-                       timeout_s: float) -> RequestOutput:
-    """POST one streaming request; a failure comes back as RequestOutput.error, never raised."""
+                       timeout_s: float, token_ids: list[int] | None = None) -> RequestOutput:
+    """POST one streaming request; a failure comes back as RequestOutput.error, never raised.
+    A `token_ids` list gets the output token ids the stream carried (read_stream)."""
     start = time.perf_counter()
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 return RequestOutput(prompt_len or 0, error=f"HTTP {resp.status}: {error_text(await resp.text())}")
-            times, usage, error = await read_stream(resp.content, start)
+            times, usage, error = await read_stream(resp.content, start, token_ids)
     except TimeoutError:
         return RequestOutput(prompt_len or 0, error=f"no complete answer within --request-timeout {timeout_s:g} s")
     except aiohttp.ClientError as e:
@@ -340,14 +358,16 @@ async def first_model(session: aiohttp.ClientSession, base_url: str) -> str:
 
 # --- the run -----------------------------------------------------------------------------------
 async def _dispatch(cfg: BenchServeConfig, session, url: str, bodies: list[dict], requests: list[Request],
-                    bar: tqdm) -> tuple[list[RequestOutput], float]:
-    """Send on the arrival schedule until done or --max-duration; (outputs of the requests sent, duration)."""
+                    bar: tqdm, token_ids: list[list[int]] | None = None) -> tuple[list[RequestOutput], float]:
+    """Send on the arrival schedule until done or --max-duration; (outputs of the requests sent, duration).
+    `token_ids` (one list per request) gets each request's output token ids."""
     slots = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     tasks: list[asyncio.Task] = []
 
     async def one(i: int) -> RequestOutput:
         try:
-            return await send_request(session, url, bodies[i], requests[i].prompt_len, cfg.request_timeout)
+            return await send_request(session, url, bodies[i], requests[i].prompt_len, cfg.request_timeout,
+                                      None if token_ids is None else token_ids[i])
         finally:
             if slots:
                 slots.release()
@@ -388,11 +408,13 @@ async def run_benchmark(cfg: BenchServeConfig, requests: list[Request] | None = 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         model = cfg.model or await first_model(session, cfg.base_url)
         bodies = [request_body(cfg, model, r) for r in requests]
+        token_ids = [[] for _ in requests] if cfg.save_detailed else None
         before = await engine_step_counters(session, cfg.base_url)
         with progress(len(requests), "requests", "req", enabled=not cfg.disable_tqdm, delay=0) as bar:
-            outputs, duration = await _dispatch(cfg, session, url, bodies, requests, bar)
+            outputs, duration = await _dispatch(cfg, session, url, bodies, requests, bar, token_ids)
         after = await engine_step_counters(session, cfg.base_url)
-    result = summarize(cfg, model, outputs, duration, num_unsent=len(requests) - len(outputs))
+    result = summarize(cfg, model, outputs, duration, num_unsent=len(requests) - len(outputs),
+                       token_ids=None if token_ids is None else token_ids[:len(outputs)])
     if before is not None and after is not None:
         result["server"] = server_step_stats(before, after)
     return result
@@ -464,7 +486,9 @@ def _jsonable(x):
 
 
 def summarize(cfg: BenchServeConfig, model: str, outputs: list[RequestOutput], duration: float,
-              num_unsent: int = 0) -> dict:
+              num_unsent: int = 0, token_ids: list[list[int]] | None = None) -> dict:
+    """vLLM's result; `token_ids` (--save-detailed: one list per output) adds generated_token_ids,
+    [] for a failed request."""
     base = compute_metrics(outputs, duration).to_dict()
     done = [o for o in outputs if o.ok]
     result = {k: base[k] for k in ("completed", "failed", "total_input_tokens", "total_output_tokens",
@@ -480,6 +504,8 @@ def summarize(cfg: BenchServeConfig, model: str, outputs: list[RequestOutput], d
     result |= dict(input_lens=[o.prompt_len for o in outputs], output_lens=[len(o.tokens) for o in outputs],
                    ttfts=[o.ttft_s or 0.0 for o in outputs], itls=[o.itl_s for o in outputs],
                    errors=[o.error or "" for o in outputs])
+    if token_ids is not None:
+        result["generated_token_ids"] = [list(ids) if o.ok else [] for o, ids in zip(outputs, token_ids)]
     args = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
     result["meta"] = dict(date=datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), base_url=cfg.base_url,
                           endpoint=cfg.endpoint, model=model, args=args)
@@ -574,6 +600,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     a("--max-duration", type=float, default=None, help="seconds: stop sending then and cancel what still runs")
     a("--json", action="store_true", help="print the result as one JSON document ({meta, rows}) instead of the table")
     a("--save-result", metavar="FILE", default=None, help="write the result document (JSON, as --json prints it) to FILE")
+    a("--save-detailed", action="store_true",
+      help="ask for the output token ids (return_token_ids) and keep them per request in the result "
+           "(generated_token_ids, in request order; [] for a failed request)")
     a("--disable-tqdm", action="store_true", help="no progress bar")
 
 
