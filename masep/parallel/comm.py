@@ -202,6 +202,25 @@ def check_group(group, where: str) -> None:
         raise CommError(f"{where}: the group was given up: {why}")
 
 
+def pair_transfers(ops: list[tuple[bool, torch.Tensor, int, object]], what: str) -> list:
+    """Launch point-to-point transfers, each (send?, tensor, peer global rank, group), as one
+    batch per group: NCCL then runs them on the group's own communicator, and a send and a
+    receive with one peer on one group go in one batch (in two, each rank's send would queue
+    its receive behind it on the group's stream and wait for the peer's, which waits alike).
+
+    Why batches: a lone isend/irecv makes torch build a second, 2-rank communicator inside the
+    group, and giving the group up then aborts two in sequence; the idle one's abort frees
+    memory, which waits for the whole device, where the other's kernel still waits on the dead
+    peer (seen on 4 x H200: the mirror exchange outlived the step limit). Every member of a
+    group must take part in its first batch (torch's rule for batch_isend_irecv): a pair group
+    has two members and both transfer. Returns the works to wait on."""
+    by_group: dict[int, list] = {}
+    for send, tensor, peer, group in ops:
+        check_group(group, f"{what}: {'to' if send else 'from'} rank {peer}")
+        by_group.setdefault(id(group), []).append(dist.P2POp(dist.isend if send else dist.irecv, tensor, peer, group))
+    return [work for batch in by_group.values() for work in dist.batch_isend_irecv(batch)]
+
+
 def _check_bridge(bridge: Bridge, where: str) -> None:
     if bridge.group is None:
         raise CommError(f"{where}: the bridge was given up")

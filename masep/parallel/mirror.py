@@ -94,17 +94,14 @@ def exchange(links: MirrorLinks, cache: KVCache, shadow: KVCache, mine: MirrorRo
              theirs: MirrorRows | None) -> None:
     """Send the rows this rank wrote in the step to the next replica; receive the previous
     replica's into the shadow cache. Raises on a failed transfer (a dead neighbour)."""
-    works = []
+    ops, buf = [], None
     if mine is not None and mine.num_tokens:
-        out = _gather(cache, mine)
-        comm.check_group(links.next_group, f"mirror rows to rank {links.next_rank}")
-        works.append(dist.isend(out, links.next_rank, group=links.next_group))
-    buf = None
+        ops.append((True, _gather(cache, mine), links.next_rank, links.next_group))
     if theirs is not None and theirs.num_tokens:
         L, (_, K, _, Dk), Dv = len(shadow.k), shadow.k[0].shape, shadow.v[0].shape[-1]
         buf = torch.empty(theirs.num_tokens, L, K, Dk + Dv, dtype=shadow.k[0].dtype, device=shadow.k[0].device)
-        comm.check_group(links.prev_group, f"mirror rows from rank {links.prev_rank}")
-        works.append(dist.irecv(buf, links.prev_rank, group=links.prev_group))
+        ops.append((False, buf, links.prev_rank, links.prev_group))
+    works = comm.pair_transfers(ops, "mirror rows") if ops else []
     for work in works:
         work.wait()
     if buf is not None:
