@@ -119,7 +119,7 @@ def placement(num_experts: int) -> str:
 def serve_args(args, protection: str) -> list[str]:
     cmd = ["--preset", args.preset, "--device", args.device, "--strategy", "separated", "--attn-replicas", "2",
            "--expert-ranks", "2", "--placement", placement(preset(args.preset).num_experts),
-           "--protection", protection, "--timeout", "5", "--seed", str(args.seed), "--log-level", "warning"]
+           "--protection", protection, "--timeout", str(args.serve_timeout), "--seed", str(args.seed), "--log-level", "warning"]
     return cmd + (["--dtype", args.dtype] if args.dtype else [])
 
 
@@ -206,7 +206,11 @@ class Fault(threading.Thread):
             return
         m = get_metrics(self.url)
         info.update(running_at_kill=int(m.get("running", -1)), tokens_at_kill=int(m.get("generation_tokens", -1)))
-        os.kill(self.target["pid"], signal.SIGKILL)
+        try:
+            os.kill(self.target["pid"], signal.SIGKILL)
+        except ProcessLookupError:  # the rank was gone already: the server lost or restarted it by itself
+            info["why_no_kill"] = f"pid {self.target['pid']} was gone before the kill (see /health)"
+            return
         killed = time.monotonic()
         info.update(killed=True, since_first_token_s=round(killed - first, 3))
         while time.monotonic() < killed + 60:
@@ -386,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-duration", type=float, default=120.0, help="bench serve --max-duration, seconds")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server's /health to answer ok")
+    p.add_argument("--serve-timeout", type=float, default=5.0,
+                   help="serve --timeout: seconds a rank may wait for a peer (a model whose first steps compile "
+                        "kernels needs more; a SIGKILL is noticed at once either way)")
     p.add_argument("--tag", default="", help="added to the file names")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
@@ -393,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     names = ["no-fault"] + [n for n in names if n != "no-fault"]
+    longest = preset(args.preset).max_seq_len
+    if args.input_len + args.output_len > longest:  # the server would refuse every request
+        p.error(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds {args.preset}'s "
+                f"max_seq_len {longest}")
     # SIGTERM ends the script through the finally blocks (servers stopped), as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
