@@ -35,6 +35,7 @@ import torch.distributed as dist
 from ..logs import progress
 from ..perf.bench import measure_copy_bandwidth
 from ..perf.energy import EnergyMeter
+from ..perf.costmodel import plan_to_dict
 from ..plan import format_plan, split_evenly
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
@@ -234,7 +235,7 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     return dict(date=datetime.date.today().isoformat(), device=device_name, torch=torch.__version__,
                 backend=env.backend, world_size=env.world_size, strategy=plan.strategy,
-                plan=dict(plan.__dict__, strategy=plan.strategy), plan_notation=format_plan(plan),
+                plan=plan_to_dict(plan), plan_notation=format_plan(plan),
                 plan_text=plan.describe(),
                 preset=cfg.name, expert_matrices=cfg.expert_matrices, dtype=spec.run.dtype, batch=spec.batch,
                 context=spec.context, steps=spec.steps, timing=reports[0]["timing"], duration=duration,
