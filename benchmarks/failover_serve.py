@@ -295,7 +295,12 @@ def run_scenario(args, sc: Scenario, logdir: Path) -> dict:
                 bench.wait(timeout=10)
             stop_server(proc)
     if "error" in row or row.get("failed") or (sc.fault and not row.get("killed")):
-        row["server_log_tail"] = log_path.read_text(errors="replace")[-3000:]
+        text = log_path.read_text(errors="replace")
+        row["server_log_tail"] = text[-3000:]
+        keep = args.out / f"{args.stem}_logs"  # the whole log: the first error is rarely in the tail
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / f"{sc.name}.log").write_text(text)
+        row["server_log"] = str(keep / f"{sc.name}.log")
     return row
 
 
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     hw = hardware(args.device)
     date = datetime.date.today().strftime("%Y%m%d")
     stem = f"failover_serve_{host_tag(args.device, hw)}{'_' + args.tag if args.tag else ''}_{date}"
+    args.stem = stem
     flags = shlex.join(serve_args(args, "recompute")[:12])
     meta = dict(hardware=hw, torch=hw.get("torch"), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["failover_serve.py", *argv]),
@@ -418,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 request_rate=args.request_rate or args.num_prompts / 2.0, kill_after=args.kill_after, seed=args.seed,
                 plan=dict(notation="sep 2x1+2", strategy="separated", attn_replicas=2, attn_tp=1, expert_ranks=2,
                           placement=placement(preset(args.preset).num_experts), ranks=4, flags=flags,
-                          serve_timeout_s=5),
+                          serve_timeout_s=args.serve_timeout),
                 scenarios=names)
     rows = []
     with tempfile.TemporaryDirectory(prefix="failover_serve_") as tmp:

@@ -178,3 +178,54 @@ def test_the_front_end_tells_every_live_rank_which_rank_died():
     ex._kill(2)
     want = ("abort", 1, [2], "rank 2 (pid 5) was killed by SIGKILL (signal 9)")
     assert sent == {0: [want], 1: [want]}
+
+
+def _opens_its_groups_in_creation_order(_):
+    """Three ranks, pair groups in a ring: each rank opens only its own groups, in the order they
+    were created, and none waits forever on a peer opening another group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    rank = dist.get_rank()
+    pairs = [dist.new_group(list(p)) for p in ((0, 1), (1, 2), (0, 2))]
+    mine = 1 + sum(rank in p for p in ((0, 1), (1, 2), (0, 2)))  # the world and two pairs
+    opened = comm.open_groups(torch.device("cpu"))
+    assert opened == mine, (rank, opened, mine)
+    if rank == 0:  # a given-up group is not opened again
+        comm.give_up_groups_with({2}, "rank 2 (pid 9) was killed by SIGKILL")
+        assert comm.open_groups(torch.device("cpu")) == 1  # only the (0, 1) pair has no rank 2
+        comm.forget_given_up()
+    elif rank == 1:  # rank 0's second opening of the (0, 1) pair
+        dist.all_reduce(torch.zeros(1), group=pairs[0])
+    dist.barrier()
+    return opened
+
+
+@pytest.mark.timeout(60)
+def test_open_groups_builds_every_group_of_the_rank_before_the_first_step():
+    assert spawn(3, _opens_its_groups_in_creation_order, None, timeout_s=50) == 3
+
+
+def _ring_sends_go_on_past_a_given_up_neighbour(_):
+    """Mirror ring 0 -> 1 -> 2 -> 0 after rank 1's groups were given up: rank 2 still sends its
+    rows to rank 0 (which waits for them) and only then reports the dead group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    rank = dist.get_rank()
+    g01, g12, g20 = (dist.new_group(list(p)) for p in ((0, 1), (1, 2), (2, 0)))
+    if rank == 1:
+        return None  # "dead": takes part in nothing
+    if rank == 2:
+        comm.give_up_groups_with({1}, "rank 1 (pid 7) was killed by SIGKILL")
+        with pytest.raises(comm.CommError, match=r"mirror rows from rank 1: the group was given up: rank 1"):
+            comm.pair_transfers([(True, torch.full((3,), 2.0), 0, g20), (False, torch.empty(3), 1, g12)],
+                                "mirror rows")
+        return None
+    got = torch.empty(3)
+    for work in comm.pair_transfers([(False, got, 2, g20)], "mirror rows"):
+        work.wait()
+    return got.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_a_ring_neighbour_still_sends_when_its_other_neighbour_is_given_up():
+    assert spawn(3, _ring_sends_go_on_past_a_given_up_neighbour, None, timeout_s=50) == [2.0, 2.0, 2.0]

@@ -130,6 +130,27 @@ def _group_name(group) -> str:
     return getattr(group, "group_name", None) or str(id(group))
 
 
+def open_groups(device: torch.device) -> int:
+    """Build now the communicator of every group this rank belongs to: one one-element sum per
+    group, in the order the groups were created. NCCL would otherwise build each at the group's
+    first transfer, inside a serving step, where a cold start of a few groups (seconds each)
+    counts against the step's limit and the front end's timeouts. The creation order is the same
+    on every rank, so the ranks meet group by group: the earliest group not yet open has every
+    member waiting on it, and no rank waits on a peer busy opening another. Returns the number
+    of groups opened."""
+    table = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_group_ranks", None)
+    if not dist.is_initialized() or table is None:
+        return 0
+    me, one, opened = dist.get_rank(), torch.zeros(1, device=device), 0
+    for pg, members in list(table.items()):
+        if me in members and _group_name(pg) not in _given_up:
+            dist.all_reduce(one, group=pg)
+            opened += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return opened
+
+
 def give_up_groups_with(dead: set[int], why: str) -> list[str]:
     """Give up every group of this process that has a member in `dead` (global ranks); returns
     their names. Safe to call from another thread while a step runs.
@@ -213,12 +234,29 @@ def pair_transfers(ops: list[tuple[bool, torch.Tensor, int, object]], what: str)
     memory, which waits for the whole device, where the other's kernel still waits on the dead
     peer (seen on 4 x H200: the mirror exchange outlived the step limit). Every member of a
     group must take part in its first batch (torch's rule for batch_isend_irecv): a pair group
-    has two members and both transfer. Returns the works to wait on."""
+    has two members and both transfer.
+
+    A group given up (its peer died) gets no transfer, but the other groups' still go, since
+    their live peers wait for them (a ring neighbour that skipped its send would leave the next
+    replica waiting out its timeout); then CommError names the dead group. Returns the works to
+    wait on."""
     by_group: dict[int, list] = {}
     for send, tensor, peer, group in ops:
-        check_group(group, f"{what}: {'to' if send else 'from'} rank {peer}")
         by_group.setdefault(id(group), []).append(dist.P2POp(dist.isend if send else dist.irecv, tensor, peer, group))
-    return [work for batch in by_group.values() for work in dist.batch_isend_irecv(batch)]
+    works, dead = [], []
+    for batch in by_group.values():
+        peers = ", ".join(f"{'to' if op.op is dist.isend else 'from'} rank {op.peer}" for op in batch)
+        try:
+            check_group(batch[0].group, f"{what} {peers}")
+        except CommError as err:
+            dead.append(str(err))
+            continue
+        works += dist.batch_isend_irecv(batch)
+    if dead:
+        for work in works:  # the live peers take part: these end, and no buffer is freed under them
+            work.wait()
+        raise CommError("; ".join(dead))
+    return works
 
 
 def _check_bridge(bridge: Bridge, where: str) -> None:

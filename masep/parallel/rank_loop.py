@@ -354,6 +354,7 @@ def reform_world(member, spec: RankSpec, env, join: JoinPoint) -> None:
     groups = build_separated_groups(member.plan, member.cfg, env)
     links = mirror.build_mirror_links(member.plan, env) if spec.mirror else None
     member.use_groups(groups, links)
+    comm.open_groups(env.device)  # as the replacement does before its hello
 
 
 def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
@@ -409,6 +410,7 @@ def serve_front_end(spec: RankSpec, env, address: control.Address) -> None:
     member = build_member(spec, model, env)
     who = f"rank {env.rank}"
     world = WorldEpoch(spec.join.epoch if spec.join else 0)
+    comm.open_groups(env.device)  # before "hello": the front end serves only once every rank has
     channel = RankChannel(control.connect(address, spec.run.timeout_s), who, world.on_abort,
                           rank_wait_s(spec.run.timeout_s))
     channel.send(("hello", member.info))
