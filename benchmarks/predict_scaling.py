@@ -54,21 +54,52 @@ def _simulated_ms(plan, cfg, batch: int, context: int, hw) -> float:
     return simulate(plan.validate(cfg), cfg, Workload(batch=batch, context=context), hw).tpot_s * 1e3
 
 
-def calibrate(rows: list[dict], hw) -> dict[tuple[str, int, int], float]:
-    """(family, batch, context) -> measured / simulated TPOT, from 2-GPU rows."""
-    out = {}
+def calibrate(rows: list[dict], hw, gpus: int = 2, by_preset: bool = False, mean: bool = False) -> dict[tuple, float]:
+    """(family, batch, context) -> measured / simulated TPOT, from rows of `gpus` GPUs (the key
+    starts with the preset when `by_preset`). Several rows of one key: the last one counts (a
+    re-measurement replaces), or with `mean` their geometric mean (several plans of a family at
+    one point, like the separated ratios of 4 GPUs)."""
+    ratios: dict[tuple, list[float]] = {}
     for r in rows:
-        if r.get("error") or r.get("kind", "decode") != "decode" or r.get("world_size") != 2:
+        if r.get("error") or r.get("kind", "decode") != "decode" or r.get("world_size") != gpus:
             continue
-        plan, cfg = plan_from_dict(r["plan"]), preset(r["preset"])
-        out[family(plan), r["batch"], r["context"]] = r["median_tpot_ms"] / _simulated_ms(
-            plan, cfg, r["batch"], r["context"], hw)
-    return out
+        plan = plan_from_dict({k: v for k, v in r["plan"].items() if not k.startswith("_")})  # no cached hash
+        cfg = preset(r["preset"])
+        key = (family(plan), r["batch"], r["context"])
+        ratios.setdefault((r["preset"], *key) if by_preset else key, []).append(
+            r["median_tpot_ms"] / _simulated_ms(plan, cfg, r["batch"], r["context"], hw))
+    return {k: math.exp(sum(map(math.log, v)) / len(v)) if mean else v[-1] for k, v in ratios.items()}
+
+
+def extrapolate_eight(two: dict, four: dict, hw) -> list[dict]:
+    """8-GPU predictions from one lease's 2- and 4-GPU factors (keys with the preset): the factor
+    is assumed to grow by the same ratio from 4 to 8 GPUs as from 2 to 4 (f8 = f4^2 / f2), the
+    trend the first out-of-sample check showed (4-GPU rows ran 3-16% above the 2-GPU factors)."""
+    rows = []
+    for name in PRESETS:
+        cfg = preset(name)
+        for batch, context in POINTS:
+            for plan in scaling_plans(8):
+                try:
+                    v = plan.validate(cfg)
+                except ValueError:
+                    continue
+                f2, f4 = (factor_for(v, {k[1:]: f for k, f in t.items() if k[0] == name}, batch, context)
+                          for t in (two, four))
+                if f2 is None or f4 is None:
+                    continue
+                f8 = f4 * f4 / f2
+                sim = _simulated_ms(v, cfg, batch, context, hw)
+                rows.append(dict(preset=name, batch=batch, context=context, gpus=8, plan=format_plan(v),
+                                 family=family(v), simulated_ms=round(sim, 3), factor_2=round(f2, 3),
+                                 factor_4=round(f4, 3), factor=round(f8, 3), calibrated_ms=round(sim * f8, 3),
+                                 floor_ms=round(plan_floor(v, cfg, Workload(batch, context), hw).seconds * 1e3, 3)))
+    return rows
 
 
 def factor_for(plan, factors: dict, batch: int, context: int) -> float | None:
     fam = family(plan)
-    if fam == "tp_pp":
+    if fam == "tp_pp" and (fam, batch, context) not in factors:  # measured TP x PP (4 GPUs) comes first
         parts = [factors.get((f, batch, context)) for f in ("tp", "pp")]
         return math.sqrt(parts[0] * parts[1]) if None not in parts else None
     return factors.get((fam, batch, context))
@@ -156,8 +187,13 @@ def main() -> int:
     p.add_argument("--one-gpu", default=str(HERE / "results" / "dist_floor_h200x2_20261130.md"),
                    help="the 2-GPU report, whose one-GPU rows give the scaling baseline")
     p.add_argument("--old-four-gpu", default=str(HERE / "results" / "multi_gpu_fastpath_h200x4_20261127.jsonl"))
+    p.add_argument("--eight-from", nargs=2, metavar=("TWO_GPU_JSONL", "FOUR_GPU_JSONL"),
+                   help="instead: 8-GPU predictions from one lease's 2- and 4-GPU rows (per preset; the factor's "
+                        "growth from 2 to 4 GPUs assumed again from 4 to 8); writes ..._eight_from_four")
     args = p.parse_args()
     hw = get_profile("h200")
+    if args.eight_from:
+        return write_eight_from_four(args, hw)
     factors = calibrate([json.loads(x) for f in args.two_gpu for x in Path(f).read_text().splitlines()], hw)
     one_gpu = {}
     for line in Path(args.one_gpu).read_text().splitlines():  # "| 24 x 2048 | one GPU (...) | 4.95 | ..."
@@ -177,6 +213,27 @@ def main() -> int:
         indent=1))
     stem.with_suffix(".md").write_text(_markdown(meta, factors, rows, old))
     print(stem.with_suffix(".md").read_text()[:3000])
+    return 0
+
+
+def write_eight_from_four(args, hw) -> int:
+    two, four = ([json.loads(x) for x in Path(f).read_text().splitlines()] for f in args.eight_from)
+    rows = extrapolate_eight(calibrate(two, hw, 2, by_preset=True, mean=True),
+                             calibrate(four, hw, 4, by_preset=True, mean=True), hw)
+    date = datetime.date.today().isoformat()
+    stem = Path(args.out) / f"predict_scaling_h200_{date.replace('-', '')}_eight_from_four"
+    how = (f"Written {date}, before any 8-GPU run. Factor = measured / simulated TPOT per preset, family and "
+           f"point, from {args.eight_from[0]} (2 GPUs) and {args.eight_from[1]} (4 GPUs) of one lease; the 8-GPU "
+           "factor is factor_4^2 / factor_2 (its growth from 2 to 4 GPUs assumed again from 4 to 8).")
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=dict(date=date, how=how), rows=rows), indent=1))
+    lines = [f"# 8 x H200 predictions from 2- and 4-GPU rows, written {date} before any 8-GPU run", "", how, "",
+             "| preset | batch x context | plan | simulated | factor 2 / 4 / 8 | calibrated | floor |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['batch']} x {r['context']} | {r['plan']} | {r['simulated_ms']} | "
+              f"{r['factor_2']} / {r['factor_4']} / {r['factor']} | {r['calibrated_ms']} | {r['floor_ms']} |"
+              for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"{len(rows)} rows -> {stem}.md")
     return 0
 
 
