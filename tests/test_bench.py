@@ -144,3 +144,45 @@ def test_energy_rows_sum_every_gpu_per_token_and_say_why_when_missing():
     assert "cpu" in missing["unavailable"]
     row = _energy([ranks[0], dict(rank=1, energy=missing)], tokens=400)
     assert row["joules_per_token"] is None and "cpu" in row["energy_unavailable"]
+
+
+def _points_of_one_plan(plan):
+    """Every rank of a gloo world runs three points of one plan on one sliced model and one set
+    of groups; the middle point's KV cache is made not to fit (every rank agrees it does not)."""
+    import torch.distributed as dist
+
+    from masep.config import preset
+    from masep.parallel import bench_dist
+    from masep.parallel.groups import init_distributed
+    from masep.parallel.worker import RunSpec
+    env = init_distributed("cpu", 30.0)
+    model = build_model(preset("tiny"), seed=0)
+    run = RunSpec(plan=plan, requests=[], dtype="float32", device="cpu", timeout_s=30.0)
+    specs = [bench_dist.DistBenchSpec(run, batch=b, context=c, warmup=1, steps=2) for b, c in ((4, 16), (6, 8), (3, 24))]
+    real = bench_dist._check_cache_fits
+
+    def second_does_not_fit(spec, runtime, rows, env):
+        if spec.batch == 6:
+            raise bench_dist.CacheDoesNotFit("planted: point 2 does not fit")
+        real(spec, runtime, rows, env)
+
+    bench_dist._check_cache_fits = second_does_not_fit
+    rows = bench_dist.bench_points_on(env, specs, model)
+    dist.destroy_process_group()
+    return rows if env.rank == 0 else None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("plan_args", [("separated", (1, 1, 1, 2)), ("ep", (2, 2))], ids=["separated", "ep"])
+def test_one_plans_points_share_its_groups_and_a_point_that_does_not_fit_is_a_row(plan_args):
+    from masep.parallel.launch import spawn
+    from masep.perf.costmodel import plan_from_dict
+    from masep.plan import EpPlan, SeparatedPlan
+    kind, args = plan_args
+    plan = SeparatedPlan(*args) if kind == "separated" else EpPlan(*args)
+    rows = spawn(2, _points_of_one_plan, plan, timeout_s=100)
+    assert [(r["batch"], r["context"]) for r in rows] == [(4, 16), (6, 8), (3, 24)]
+    assert "planted: point 2 does not fit" in rows[1]["error"]
+    for r in (rows[0], rows[2]):
+        assert r["strategy"] == kind and r["steps"] == 2 and r["median_tpot_ms"] > 0 and r["wall_s"] > 0
+        assert plan_from_dict(r["plan"]).strategy == kind  # fields only (no cached hash): it reads back
