@@ -6,7 +6,7 @@
 The plan: separated, two attention replicas and two expert ranks that each hold every expert
 (`--attn-replicas 2 --expert-ranks 2 --placement "0,...,N-1;0,...,N-1"`), so 4 ranks: gloo on
 CPU, one GPU each (NCCL) with --device cuda. Each scenario starts a fresh server
-(`python -m masep serve ... --timeout 5`, a free port on 127.0.0.1), waits for /health, then
+(`python -m masep serve ... --timeout 5`, or --serve-timeout; a free port on 127.0.0.1), waits for /health, then
 runs `masep bench serve --save-detailed --json` (greedy, --ignore-eos, fixed seed, input and
 output lengths, fixed arrivals spread over about 2 s) as a subprocess:
   no-fault            the reference tokens and baseline timings;
