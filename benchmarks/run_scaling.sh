@@ -7,7 +7,8 @@
 #   bash benchmarks/run_scaling.sh failover OUT      # the NCCL failover tests (3+ GPUs), then
 #                                                    # benchmarks/failover_serve.py under bench serve
 # then, here: copy OUT's files to benchmarks/results/scaling_<host>_<date>_{1gpu.json,2gpu.jsonl,
-# <N>gpu.jsonl} and run benchmarks/scaling_report.py --tag <host>_<date>.
+# <N>gpu.jsonl} and run benchmarks/scaling_report.py --tag <host>_<date> --predictions FILES (every
+# predict_scaling file written before the run: on 8 GPUs both predict_scaling_h200_20261130*.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:?usage: run_scaling.sh small|all|failover OUT [PRESET]}"

@@ -75,14 +75,18 @@ def family(plan) -> str:
     return plan.strategy
 
 
-def attach_predictions(rows: list[dict], predictions: dict) -> None:
-    """The calibrated prediction (written before the run) and its error, where one exists."""
+def attach_predictions(rows: list[dict], predictions: dict, label: str = "predictions", primary: bool = True) -> None:
+    """Each row's prediction from one file written before the run, and its error, under
+    row["checks"][label]; the primary file's also as calibrated_ms / calibrated_error."""
     made = {(p["preset"], p["batch"], p["context"], p["plan"]): p for p in predictions["rows"]}
     for r in rows:
         p = made.get((r["preset"], r["batch"], r["context"], r["plan"]))
-        if p and p.get("calibrated_ms"):
-            r["calibrated_ms"] = p["calibrated_ms"]
-            r["calibrated_error"] = p["calibrated_ms"] / r["tpot_ms"] - 1
+        if not (p and p.get("calibrated_ms")):
+            continue
+        check = dict(calibrated_ms=p["calibrated_ms"], error=p["calibrated_ms"] / r["tpot_ms"] - 1)
+        r.setdefault("checks", {})[label] = check
+        if primary:
+            r["calibrated_ms"], r["calibrated_error"] = check["calibrated_ms"], check["error"]
             r["factor_from"] = p.get("factor_from")
 
 
@@ -115,17 +119,17 @@ def wins(rows: list[dict]) -> list[dict]:
     return out
 
 
-def error_summary(rows: list[dict], gpus: int) -> dict:
+def error_summary(rows: list[dict], gpus: int, label: str = "predictions") -> dict:
     by = {}
     for r in rows:
-        if r["gpus"] == gpus and "calibrated_error" in r:
-            by.setdefault(r["preset"], []).append(r)
+        if r["gpus"] == gpus and label in r.get("checks", {}):
+            by.setdefault(r["preset"], []).append((r["family"], r["checks"][label]["error"]))
     out = {}
     for preset, rs in by.items():
-        errs = sorted(abs(r["calibrated_error"]) for r in rs)
+        errs = sorted(abs(e) for _, e in rs)
         fams = {}
-        for r in rs:
-            fams.setdefault(r["family"], []).append(r["calibrated_error"])
+        for fam, e in rs:
+            fams.setdefault(fam, []).append(e)
         out[preset] = dict(rows=len(rs), within=sum(e <= WITHIN for e in errs), median_abs=statistics.median(errs),
                            largest_abs=errs[-1],
                            by_family={f: dict(median=statistics.median(v), rows=len(v)) for f, v in fams.items()})
@@ -151,15 +155,17 @@ def markdown(tag: str, rows: list[dict], errors: dict, duel: list[dict], meta: d
                              f"{_f(r['simulated_ms'])} | {_f(r.get('calibrated_ms'))} | "
                              f"{_f(r.get('calibrated_error'), '{:+.0%}')} | {_f(r['efficiency'])} |")
         lines.append("")
-    lines += ["## The simulator out of sample (4 GPUs)", "",
-              "Calibrated predictions were written before any 4-GPU run (`predict_scaling_h200_20261130.md`, "
-              "factors from 2-GPU rows of an earlier lease). Error = calibrated / measured - 1.", "",
-              "| preset | rows | within 15% | median abs error | largest | median error by family |",
-              "|---|---|---|---|---|---|"]
-    for preset, e in errors.items():
-        fams = ", ".join(f"{f} {v['median']:+.0%} ({v['rows']})" for f, v in sorted(e["by_family"].items()))
-        lines.append(f"| {preset} | {e['rows']} | {e['within']} | {e['median_abs']:.0%} | {e['largest_abs']:.0%} | "
-                     f"{fams} |")
+    lines += ["## The simulator out of sample", "",
+              "Each file of predictions was written before the runs it is checked against (the first: "
+              "`predict_scaling_h200_20261130.md`, factors from 2-GPU rows of an earlier lease). "
+              "Error = calibrated / measured - 1.", "",
+              "| predictions | GPUs | preset | rows | within 15% | median abs error | largest | median error by family |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (label, gpus), by_preset in errors.items():
+        for preset, e in by_preset.items():
+            fams = ", ".join(f"{f} {v['median']:+.0%} ({v['rows']})" for f, v in sorted(e["by_family"].items()))
+            lines.append(f"| `{label}` | {gpus} | {preset} | {e['rows']} | {e['within']} | {e['median_abs']:.0%} | "
+                         f"{e['largest_abs']:.0%} | {fams} |")
     lines += ["", "## Best separated plan against the best baseline", "",
               "speedup = best baseline TPOT / best separated TPOT (> 1: separation wins); floor speedup = the same "
               "ratio of the two plans' floors (what physics allows them).", "",
@@ -175,22 +181,27 @@ def markdown(tag: str, rows: list[dict], errors: dict, duel: list[dict], meta: d
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tag", required=True, help="the files' host kind and date, e.g. h200x4_20261130")
-    p.add_argument("--predictions", default=str(RESULTS / "predict_scaling_h200_20261130.json"))
+    p.add_argument("--predictions", nargs="+", default=[str(RESULTS / "predict_scaling_h200_20261130.json")],
+                   help="predict_scaling files, each written before the runs it is checked against; the first "
+                        "fills the main table's calibrated column")
     p.add_argument("--host", default="4 x NVIDIA H200 of one host (NVLink, NV18 between every pair)")
     args = p.parse_args()
     rows = load_rows(args.tag)
-    attach_predictions(rows, json.loads(Path(args.predictions).read_text()))
+    labels = [Path(f).stem for f in args.predictions]
+    for i, (label, path) in enumerate(zip(labels, args.predictions)):
+        attach_predictions(rows, json.loads(Path(path).read_text()), label, primary=i == 0)
     attach_efficiency(rows)
-    errors = {g: error_summary(rows, g) for g in (4, 8) if any(r["gpus"] == g for r in rows)}
+    errors = {(label, g): e for label in labels for g in (4, 8) if (e := error_summary(rows, g, label))}
     duel = wins(rows)
     gpus_txt = RESULTS / f"scaling_{args.tag}_gpus.txt"
     meta = dict(tag=args.tag, host=args.host, date=args.tag.rsplit("_", 1)[-1],
                 versions=gpus_txt.read_text().splitlines()[-2] if gpus_txt.exists() else None,
                 how=HOW)
     stem = RESULTS / f"scaling_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, out_of_sample=errors, duel=duel),
-                                                    indent=1))
-    stem.with_suffix(".md").write_text(markdown(args.tag, rows, errors.get(4, {}), duel, meta))
+    out_of_sample = {f"{label} {g} GPUs": e for (label, g), e in errors.items()}
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, out_of_sample=out_of_sample,
+                                                         duel=duel), indent=1))
+    stem.with_suffix(".md").write_text(markdown(args.tag, rows, errors, duel, meta))
     print(stem.with_suffix(".md").read_text())
     return 0
 
