@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Scaling and failover on one lent N-GPU host (N = 4 or 8), each phase within the device tool's
-# 10 minutes a call. What produced scaling_h200x4_20261130* and failover_*_h200x4_20261130*:
+# 10 minutes a call. The commands behind scaling_h200x4_20261130* and failover_*_h200x4_20261130*, as phases:
 #   bash benchmarks/run_scaling.sh small OUT         # 1 and 2 GPUs, paper and paper-swiglu (~4 min)
 #   bash benchmarks/run_scaling.sh all OUT PRESET    # all N GPUs, one preset, every strategy and ratio
 #                                                    # (multi_gpu.py --all-ratios; ~2 min at N = 4)
