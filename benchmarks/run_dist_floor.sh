@@ -5,12 +5,10 @@
 #   bash benchmarks/run_dist_floor.sh one OUT   # CUDA tests + one-GPU rows (masep bench decode)
 #   bash benchmarks/run_dist_floor.sh two OUT   # every 2-GPU strategy (benchmarks/multi_gpu.py)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 phase="${1:?usage: run_dist_floor.sh one|two OUT}"
 out="${2:?usage: run_dist_floor.sh one|two OUT}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 points=(24x2048 128x2048 512x2048 2048x512)
 if [ "$phase" = one ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee "$out/gpus.txt"

@@ -7,10 +7,9 @@
 # own process, so a crash in one loses only that stage. `--stage hfprofile` profiles one transformers
 # decode step per experts implementation (profile_transformers_b1.txt).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:-benchmarks/results}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$out/bench.log"
 for stage in decode calibrate profile; do
   python3 benchmarks/bench_decode.py --out "$out" --stage "$stage" 2>&1 | tee -a "$out/bench.log"

@@ -6,12 +6,10 @@
 # 2. benchmarks/multi_gpu.py over all GPUs (token checks, fast vs eager decode rows with the
 #    simulator's predictions) -> OUT_DIR/mg/multi_gpu.jsonl
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:?usage: run_multi_gpu.sh OUT_DIR [multi_gpu.py options]}"
 shift
 mkdir -p "$out/mg"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())" | tee -a "$out/gpus.txt"

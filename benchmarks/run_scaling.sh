@@ -10,12 +10,10 @@
 # <N>gpu.jsonl} and run benchmarks/scaling_report.py --tag <host>_<date> --predictions FILES (every
 # predict_scaling file written before the run: on 8 GPUs both predict_scaling_h200_20261130*.json).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 phase="${1:?usage: run_scaling.sh small|all|failover OUT [PRESET]}"
 out="${2:?usage: run_scaling.sh small|all|failover OUT [PRESET]}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 gpus=$(nvidia-smi -L | wc -l)
 points=(24x2048 128x2048 512x2048 2048x512)
 mg() {  # mg NPROC DIR SECONDS PRESETS...: every plan of NPROC GPUs (a plan's points share its model and groups)

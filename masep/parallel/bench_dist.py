@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..logs import progress
-from ..perf.bench import measure_copy_bandwidth
+from ..perf.bench import free_cuda, measure_copy_bandwidth
 from ..perf.energy import EnergyMeter
 from ..perf.costmodel import plan_to_dict
 from ..plan import format_plan, split_evenly
@@ -190,13 +190,9 @@ def bench_points_on(env, specs: list[DistBenchSpec], model) -> list[dict | None]
         if row is not None:
             row |= dict(batch=spec.batch, context=spec.context, wall_s=round(time.perf_counter() - start, 2))
         rows.append(row)
-        _free(env.device)
+        if cuda:
+            free_cuda()
     return rows
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, copy_bw: float | None) -> dict | None:

@@ -245,11 +245,10 @@ def pair_transfers(ops: list[tuple[bool, torch.Tensor, int, object]], what: str)
         by_group.setdefault(id(group), []).append(dist.P2POp(dist.isend if send else dist.irecv, tensor, peer, group))
     works, dead = [], []
     for batch in by_group.values():
-        peers = ", ".join(f"{'to' if op.op is dist.isend else 'from'} rank {op.peer}" for op in batch)
-        try:
-            check_group(batch[0].group, f"{what} {peers}")
-        except CommError as err:
-            dead.append(str(err))
+        why = given_up_why([batch[0].group]) if _given_up else None  # nothing given up: no lookup
+        if why is not None:
+            peers = ", ".join(f"{'to' if op.op is dist.isend else 'from'} rank {op.peer}" for op in batch)
+            dead.append(f"{what} {peers}: the group was given up: {why}")
             continue
         works += dist.batch_isend_irecv(batch)
     if dead:
