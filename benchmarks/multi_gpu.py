@@ -16,8 +16,9 @@ and parallelized for each plan), so process start-up is paid once:
    context 2048), packed into traces.tar.gz.
 
 Every point runs twice (--impls): `fast` (the CUDA fast path: compute between transfers
-replayed from CUDA graphs, Triton grouped matmul experts, padded transfers) and `eager`
-(plain PyTorch ops, same transfers), so the rows show what the fast path buys per strategy.
+replayed from CUDA graphs, Triton grouped matmul experts, the fused small-op kernels, padded
+transfers) and `eager` (plain PyTorch ops, same transfers), so the rows show what the fast path
+buys per strategy. `fast-unfused` is `fast` without the fused small-op kernels.
 
 Rows are appended to DIR/multi_gpu.jsonl as they finish, so a cut-off run keeps what it did.
 Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -155,7 +156,7 @@ def bench_points(env, out: Path, args) -> None:
 
 def bench_plan(env, out: Path, args, cfg, plan, impl: str, points, best: dict, traced: set) -> None:
     run = RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout,
-                  eager=impl == "eager")
+                  eager=impl == "eager", fused=impl != "fast-unfused")
     specs = [DistBenchSpec(run, batch=b, context=c, warmup=3, steps=args.steps) for b, c in points]
     trace = args.trace and (plan.strategy, impl) not in traced and specs[0].batch == 24
     start = time.perf_counter()
@@ -219,8 +220,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["paper", "paper-swiglu"])
     parser.add_argument("--check-preset", default="paper", help="model of the fp32 token check")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo dry run")
-    parser.add_argument("--impls", nargs="+", choices=("fast", "eager"), default=["fast", "eager"],
-                        help="fast: CUDA graphs per compute segment + Triton experts; eager: plain PyTorch")
+    parser.add_argument("--impls", nargs="+", choices=("fast", "fast-unfused", "eager"), default=["fast", "eager"],
+                        help="fast: CUDA graphs + Triton experts + fused small-op kernels; fast-unfused: "
+                             "without the fused kernels; eager: plain PyTorch")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
     parser.add_argument("--points", type=_point, nargs="+", default=None,
                         help="BATCHxCONTEXT points (e.g. 24x2048 2048x512) instead of --batches x the contexts")

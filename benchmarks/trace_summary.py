@@ -65,7 +65,7 @@ def summarize(path: Path, last_ms: float | None) -> dict:
     return {"trace": str(path), "kernels": len(kernels), "span_ms": span / 1e3,
             "compute_ms": _length(compute) / 1e3, "nccl_only_ms": _minus(nccl, compute) / 1e3,
             "idle_ms": (span - _length(busy)) / 1e3,
-            "top_kernels_ms": {k: round(v / 1e3, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]}}
+            "top_kernels_ms": {k: round(v / 1e3, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:14]}}
 
 
 def main() -> None:

@@ -8,7 +8,9 @@ decode / finish). On CUDA its decode step
   faster), with routing counts kept on the device (model.Experts._forward_all_local),
 - optionally (`set_fused`) replaces the small ops around them with Triton kernels: RMSNorm in
   one kernel, RoPE of q and k plus the KV-cache write in one, the router's softmax/top-k in
-  one, the routing sort/count in one (a decode step is otherwise ~250 tiny kernels),
+  one, the routing sort/count in one (a decode step is otherwise ~250 tiny kernels), and the
+  masked SDPA with split-KV decode attention that reads only each row's keys
+  (decode_attention.py),
 - is captured once per (batch, attend_len bucket) in a CUDA graph with static input buffers
   for tokens and positions, and replayed: no host sync and no per-kernel launch cost.
 
@@ -25,10 +27,12 @@ E experts.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from .model import Attention, Experts, MoETransformer, RMSNorm, Router
+from .decode_attention import decode_attention
+from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none.
@@ -51,6 +55,11 @@ def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
     if step < 1:
         raise ValueError(f"bucket step={step}: must be a positive integer")
     return min(max_len, -(-attend_len // step) * step)
+
+
+# The fused decode attention: "split_kv" (decode_attention.py: reads each row's own keys, no
+# mask) or "sdpa" (the model's masked SDPA over the bucket; kept to measure the difference)
+DECODE_ATTENTION = "split_kv"
 
 
 # --- Triton grouped matmul for decode-sized expert batches -----------------------------------
@@ -361,11 +370,14 @@ def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_le
     """Attention.forward for a CUDA decode step (one token per row, a cache, RoPE tables given):
     projections, then one kernel for RoPE + cache write, then the model's own SDPA and o_proj."""
     b, t, _ = x_BTH.shape
-    if not (x_BTH.is_cuda and cache is not None and cache.rows is None and t == 1 and b > 0 and rope is not None
-            and x_BTH.dtype == cache.k[layer].dtype and attn.cfg.head_dim % 2 == 0
-            and attn.cfg.head_dim & (attn.cfg.head_dim - 1) == 0):
+    cfg = attn.cfg
+    if not (x_BTH.is_cuda and cache is not None and cache.rows is None and t == 1 and b > 0
+            and x_BTH.dtype == cache.k[layer].dtype and cfg.rope_dim == cfg.head_dim and cfg.head_dim % 2 == 0
+            and cfg.head_dim & (cfg.head_dim - 1) == 0):
         return type(attn).forward(attn, x_BTH, positions_BT, cache, layer, attend_len, rope)
-    d = attn.cfg.head_dim
+    if rope is None:  # the distributed runtimes call attention per layer without the tables
+        rope = rope_tables(cfg, positions_BT, x_BTH.dtype)
+    d = cfg.head_dim
     n, kv = len(attn.heads), len(attn.kv_heads)
     q = attn.q_proj(x_BTH).view(b, n, d)
     k = attn.k_proj(x_BTH).view(b, kv, d)
@@ -374,8 +386,14 @@ def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_le
         q, k = attn.q_norm(q), attn.k_norm(k)
     q_BN1D = fused_rope_cache_write(q, k, v, rope[0], rope[1], positions_BT[:, 0], cache.k[layer], cache.v[layer])
     s = attend_len or cache.max_len
+    keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
+    if DECODE_ATTENTION == "split_kv" and (attn.full_grid or cfg.kv_group == 1):
+        # row b attends to keys 0..position_b (the model's mask), read in place, never past them
+        lengths_B = (positions_BT[:, 0] + 1).clamp_max(s)
+        out = decode_attention(q_BN1D[:, :, 0], keys, values, lengths_B, 1.0 / math.sqrt(d))
+        return attn.o_proj(out.reshape(b, t, n * d))
     key_pos = torch.arange(s, device=x_BTH.device).expand(b, s)
-    out = attn._attend(q_BN1D, cache.k[layer][:, :, :s], cache.v[layer][:, :, :s], positions_BT, key_pos)
+    out = attn._attend(q_BN1D, keys, values, positions_BT, key_pos)
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

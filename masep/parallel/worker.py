@@ -42,6 +42,9 @@ class RunSpec:
     quiet: bool = False
     warmup: int = 0  # untimed rounds of the same requests before the timed one
     eager: bool = False  # CUDA: plain PyTorch (no CUDA graphs, no Triton kernels)
+    # CUDA: the fused Triton small-op kernels too (RMSNorm, router softmax/top-k, routing sort,
+    # RoPE + KV write: fastpath.set_fused); off only to measure what they save
+    fused: bool = True
 
 
 def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
@@ -107,16 +110,18 @@ def apply_plan(env, plan, model):
 
 def use_fast_path(spec: RunSpec, model, device: torch.device) -> bool:
     """The CUDA fast path on this rank's part of the model (after apply_plan): the Triton
-    grouped matmul for the experts where triton is installed (masep/fastpath.py). Returns
-    whether the runtimes should replay their decode segments from CUDA graphs (every strategy
-    does, unless --eager). The fused small-op kernels are not used here: they are measured
-    only on one GPU. CPU: nothing changes, the model stays the oracle."""
+    grouped matmul for the experts and, unless `spec.fused` is off, the fused small-op kernels
+    (masep/fastpath.py) where triton is installed. Returns whether the runtimes should replay
+    their decode segments from CUDA graphs (every strategy does, unless --eager). Each fused
+    kernel falls back to the model's own code on inputs it does not cover. CPU: nothing
+    changes, the model stays the oracle."""
     if device.type != "cuda" or spec.eager:
         return False
-    from ..fastpath import auto_expert_impl, set_expert_impl
+    from ..fastpath import auto_expert_impl, set_expert_impl, set_fused
     impl = auto_expert_impl(model)
     if impl is not None:
         set_expert_impl(model, impl)
+        set_fused(model, spec.fused)
     return True
 
 

@@ -1,0 +1,79 @@
+"""Decode attention alone, on one CUDA GPU: split-KV (masep/decode_attention.py) against the
+model's masked SDPA (model.Attention._attend), each replayed from a CUDA graph.
+
+    python benchmarks/bench_attention.py --out attention.json
+
+For each shape (rows, query heads, KV heads, keys, head_dim; every row attends to all `keys`
+keys, as in `masep bench decode`) a row holds both times (CUDA events, median of graph replays),
+the bytes the step must read (K and V of every row: rows x KV heads x keys x head_dim x 2 x
+element size), that over each time as GB/s and as a fraction of the copy bandwidth measured in
+the same run, and the largest difference between the two outputs relative to their scale.
+The shapes are the `paper` model's attention per rank at the decode benchmark's points: one GPU
+(32 heads), a TP2 rank (16), and a GQA layout (32 query heads over 8 KV heads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from masep.config import preset
+from masep.decode_attention import chunk_len, decode_attention, num_splits
+from masep.model import Attention
+from masep.perf.bench import device_meta, measure_copy_bandwidth, time_graph
+
+POINTS = [(1, 2048), (24, 2048), (128, 2048), (512, 2048), (2048, 512)]
+LAYOUTS = [("one GPU", 32, 32), ("TP2 rank", 16, 16), ("GQA 32/8", 32, 8)]
+
+
+def bench_shape(rows: int, heads: int, kv_heads: int, keys: int, copy_bw: float, head_dim: int = 128) -> dict:
+    cfg = preset("paper").replace(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_seq_len=keys)
+    attn = Attention(cfg, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(rows, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(rows, kv_heads, keys + 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    positions = torch.full((rows, 1), keys - 1, device="cuda")
+    key_pos = torch.arange(keys, device="cuda").expand(rows, keys)
+    lengths = positions[:, 0] + 1
+    kk, vv = k[:, :, :keys], v[:, :, :keys]
+    scale = 1.0 / math.sqrt(head_dim)
+    sdpa = lambda: attn._attend(q, kk, vv, positions, key_pos)  # noqa: E731
+    split = lambda: decode_attention(q[:, :, 0], kk, vv, lengths, scale)  # noqa: E731
+    ref, got = sdpa()[:, :, 0].float(), split().float()
+    nbytes = 2 * rows * kv_heads * keys * head_dim * k.element_size()
+    t_sdpa, t_split = time_graph(sdpa), time_graph(split)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = num_splits(rows, kv_heads, keys, sms)
+    return dict(rows=rows, heads=heads, kv_heads=kv_heads, keys=keys, head_dim=head_dim, bytes=nbytes,
+                splits=splits, chunk=chunk_len(keys, splits), sdpa_ms=t_sdpa, split_kv_ms=t_split,
+                floor_ms=nbytes / copy_bw * 1e3, sdpa_gbps=nbytes / t_sdpa / 1e6, split_kv_gbps=nbytes / t_split / 1e6,
+                sdpa_of_copy_bw=nbytes / (t_sdpa / 1e3) / copy_bw, split_kv_of_copy_bw=nbytes / (t_split / 1e3) / copy_bw,
+                rel_diff=float((got - ref).norm() / ref.norm()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    copy_bw = measure_copy_bandwidth()
+    rows = []
+    for label, heads, kv in LAYOUTS:
+        for batch, keys in POINTS:
+            row = dict(layout=label, **bench_shape(batch, heads, kv, keys, copy_bw))
+            torch.cuda.empty_cache()  # the shape's cache went with bench_shape's frame
+            rows.append(row)
+            print(f"{label:9s} B={batch:5d} S={keys:5d}: sdpa {row['sdpa_ms']:.3f} ms "
+                  f"({row['sdpa_of_copy_bw']:.2f} of copy bw), split-kv {row['split_kv_ms']:.3f} ms "
+                  f"({row['split_kv_of_copy_bw']:.2f}, {row['splits']} chunks), floor {row['floor_ms']:.3f} ms, "
+                  f"rel diff {row['rel_diff']:.1e}", flush=True)
+    doc = dict(meta=dict(**device_meta(), copy_bw_measured=copy_bw, timing="cuda_events (graph replays)",
+                         triton=__import__("triton").__version__), rows=rows)
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
