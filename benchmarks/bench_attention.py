@@ -48,8 +48,12 @@ def bench_shape(rows: int, heads: int, kv_heads: int, keys: int, copy_bw: float,
     t_sdpa, t_split = time_graph(sdpa), time_graph(split)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = num_splits(rows, kv_heads, keys, sms)
+    # the chunk count the heuristic did not pick, to check it: ms per forced count
+    by_splits = {c: time_graph(lambda c=c: decode_attention(q[:, :, 0], kk, vv, lengths, scale, splits=c))
+                 for c in (1, 2, 4, 8, 16) if c != splits and chunk_len(keys, c) * (c - 1) < keys}
     return dict(rows=rows, heads=heads, kv_heads=kv_heads, keys=keys, head_dim=head_dim, bytes=nbytes,
                 splits=splits, chunk=chunk_len(keys, splits), sdpa_ms=t_sdpa, split_kv_ms=t_split,
+                split_kv_ms_by_splits=by_splits,
                 floor_ms=nbytes / copy_bw * 1e3, sdpa_gbps=nbytes / t_sdpa / 1e6, split_kv_gbps=nbytes / t_split / 1e6,
                 sdpa_of_copy_bw=nbytes / (t_sdpa / 1e3) / copy_bw, split_kv_of_copy_bw=nbytes / (t_split / 1e3) / copy_bw,
                 rel_diff=float((got - ref).norm() / ref.norm()))
@@ -69,7 +73,8 @@ def main() -> None:
             print(f"{label:9s} B={batch:5d} S={keys:5d}: sdpa {row['sdpa_ms']:.3f} ms "
                   f"({row['sdpa_of_copy_bw']:.2f} of copy bw), split-kv {row['split_kv_ms']:.3f} ms "
                   f"({row['split_kv_of_copy_bw']:.2f}, {row['splits']} chunks), floor {row['floor_ms']:.3f} ms, "
-                  f"rel diff {row['rel_diff']:.1e}", flush=True)
+                  f"rel diff {row['rel_diff']:.1e}; other chunk counts "
+                  + " ".join(f"{c}:{t:.3f}" for c, t in row["split_kv_ms_by_splits"].items()), flush=True)
     doc = dict(meta=dict(**device_meta(), copy_bw_measured=copy_bw, timing="cuda_events (graph replays)",
                          triton=__import__("triton").__version__), rows=rows)
     Path(args.out).write_text(json.dumps(doc, indent=1))

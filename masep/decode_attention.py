@@ -92,13 +92,13 @@ def split_kv_reference(q_BND, k_BKSD, v_BKSD, lengths_B, splits: int, scale: flo
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ml_ptr, chunk, scale,
-                      stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                      G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-        """Program (row b, KV head j, chunk c): the partial softmax of the G query heads of KV
-        head j over keys [c*chunk, min((c+1)*chunk, length)). Writes acc [B, N, C, D] and
-        (m, l) [B, N, C, 2] in float32."""
+    def _split_group_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ml_ptr, chunk, scale,
+                            stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        """Program (row b, KV head j, chunk c), GQA (G > 1 query heads per KV head): the partial
+        softmax of the G heads over keys [c*chunk, min((c+1)*chunk, length)) on the tensor
+        cores (G padded to BLOCK_G >= 16 rows). Writes acc [B, N, C, D], (m, l) [B, N, C, 2]."""
         b = tl.program_id(0)
         j = tl.program_id(1)
         c = tl.program_id(2)
@@ -124,24 +124,58 @@ if triton is not None:
             rows = keys.to(tl.int64)
             k = tl.load(k_base + rows[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * stride_vs + d[None, :], mask=ok[:, None], other=0.0)
-            if USE_DOT:
-                score = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            else:  # one query head: a dot of BLOCK_G=1 rows would waste the tensor cores' 16
-                score = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            score = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             score = tl.where(ok[None, :], score * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(score, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(score - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         part = (b64 * (tl.num_programs(1) * G) + heads) * splits + c  # [B, N, C] index
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(ml_ptr + part * 2, m_i, mask=g_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+    @triton.jit
+    def _split_head_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ml_ptr, chunk, scale,
+                           stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """The same for one query head per KV head (G = 1): a vector against a [BLOCK_S, D]
+        tile, on the CUDA cores (a tensor-core dot would pad 1 row to 16)."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        c = tl.program_id(2)
+        splits = tl.num_programs(2)
+        length = tl.load(len_ptr + b)
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, length)
+        d = tl.arange(0, D)
+        s = tl.arange(0, BLOCK_S)
+        b64 = b.to(tl.int64)
+        q = tl.load(q_ptr + b64 * stride_qb + j * stride_qh + d).to(tl.float32) * scale
+        k_base = k_ptr + b64 * stride_kb + j.to(tl.int64) * stride_kh
+        v_base = v_ptr + b64 * stride_vb + j.to(tl.int64) * stride_vh
+        m_i = float("-inf")
+        l_i = 0.0
+        acc = tl.zeros((D,), tl.float32)
+        for s0 in range(lo, hi, BLOCK_S):
+            keys = s0 + s
+            ok = keys < hi
+            rows = keys.to(tl.int64)
+            k = tl.load(k_base + rows[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
+            score = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(score, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(score - m_new)
+            v = tl.load(v_base + rows[:, None] * stride_vs + d[None, :], mask=ok[:, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+        part = (b64 * tl.num_programs(1) + j) * splits + c
+        tl.store(acc_ptr + part * D + d, acc)
+        tl.store(ml_ptr + part * 2, m_i)
+        tl.store(ml_ptr + part * 2 + 1, l_i)
 
     @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, N,
@@ -188,14 +222,14 @@ def decode_attention(q_BND, k_BKSD, v_BKSD, lengths_B, scale: float, splits: int
     dev = q_BND.device
     acc = torch.empty(b, n, splits, d, dtype=torch.float32, device=dev)
     ml = torch.empty(b, n, splits, 2, dtype=torch.float32, device=dev)
-    use_dot = g > 1
-    block_g = max(16, 1 << (g - 1).bit_length()) if use_dot else 1
-    _split_kernel[(b, kv, splits)](
-        q_BND, k_BKSD, v_BKSD, lengths_B, acc, ml, chunk, scale,
-        q_BND.stride(0), q_BND.stride(1), k_BKSD.stride(0), k_BKSD.stride(1), k_BKSD.stride(2),
-        v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2),
-        G=g, BLOCK_G=block_g, D=d, BLOCK_S=BLOCK_S, USE_DOT=use_dot,
-        PRECISION="ieee" if q_BND.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 in full precision
+    args = (q_BND, k_BKSD, v_BKSD, lengths_B, acc, ml, chunk, scale, q_BND.stride(0), q_BND.stride(1),
+            k_BKSD.stride(0), k_BKSD.stride(1), k_BKSD.stride(2), v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2))
+    if g == 1:
+        _split_head_kernel[(b, kv, splits)](*args, D=d, BLOCK_S=BLOCK_S, num_warps=4)
+    else:
+        _split_group_kernel[(b, kv, splits)](
+            *args, G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d, BLOCK_S=BLOCK_S,
+            PRECISION="ieee" if q_BND.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 in full precision
     out = torch.empty(b, n, d, dtype=q_BND.dtype, device=dev)
     _merge_kernel[(b, n)](acc, ml, out, out.stride(0), out.stride(1), n,
                           SPLITS=splits, BLOCK_C=max(2, 1 << (splits - 1).bit_length()), D=d, num_warps=1)

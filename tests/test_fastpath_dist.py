@@ -96,7 +96,7 @@ def _rank(arg):
     """Prefill, then STEPS decode steps fed the oracle's greedy tokens; compare logits each step.
     With `mutate`, layer 0's experts 0 and 1 are swapped on the distributed model first, and the
     comparison must fail at some step."""
-    from masep.parallel.bench_dist import DistBenchSpec, _attention_runtime
+    from masep.parallel.bench_dist import DistBenchSpec, _attention_runtime, _plan_groups
     from masep.parallel.groups import init_distributed
     from masep.parallel.separated import serve_experts
     from masep.parallel.stepper import OpTimer
@@ -117,7 +117,7 @@ def _rank(arg):
     plan = apply_plan(env, spec.run.plan, model)
     graphs = use_fast_path(spec.run, model, env.device)
     assert graphs
-    runtime, rows = _attention_runtime(spec, model, plan, env, OpTimer(), graphs)
+    runtime, rows = _attention_runtime(spec, model, plan, _plan_groups(plan, cfg, env), env, OpTimer(), graphs)
     if rows == 0:
         stats = serve_experts(model, plan, runtime, env, graphs=True)
         assert not biased or stats.reruns >= 1, "the expert rank served no overflowed step again"
