@@ -16,10 +16,11 @@ steps, never inside one. On CPU the host clock is all there is (`timing: "host_c
 Beside the times, on CUDA, every row carries
 - `energy`: joules every GPU of the plan used over the timed steps (NVML's energy counter, read
   before and after; perf/energy.py) and `joules_per_token` = their sum / tokens generated;
-- `floor_ms`: perf/floor.py's `plan_floor` of this plan and workload with the HBM rate measured
-  in the same run (a large device copy on rank 0) and transfers at the hardware profile's
-  collective times (fitted to measured NCCL latencies), and `floor_ms_no_transfers` (transfers
-  free: the bytes bound alone); `floor_ratio` = median TPOT / floor_ms;
+- `floor_ms`: perf/floor.py's `plan_floor` of this plan and workload with the HBM rate and the
+  bf16 matmul rate measured in the same run (a large device copy and an 8192^3 matmul on rank 0;
+  each op is bound by the larger of bytes/bandwidth and FLOPs/peak) and transfers at the
+  hardware profile's collective times, and `floor_ms_no_transfers` (transfers free);
+  `floor_ratio` = median TPOT / floor_ms;
 - `predicted_tpot_ms`: the simulator's step time for the same plan, workload and profile.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..logs import progress
-from ..perf.bench import free_cuda, measure_copy_bandwidth
+from ..perf.bench import free_cuda, measure_copy_bandwidth, measure_matmul_flops
 from ..perf.energy import EnergyMeter
 from ..perf.costmodel import plan_to_dict
 from ..plan import format_plan, split_evenly
@@ -177,14 +178,16 @@ def bench_points_on(env, specs: list[DistBenchSpec], model) -> list[dict | None]
         raise ValueError("bench_points_on: every point must share one plan and implementation")
     plan = apply_plan(env, first.run.plan, model)
     cuda = env.device.type == "cuda"
-    copy_bw = measure_copy_bandwidth() if cuda and env.rank == 0 else None  # before the weights grow the pool
+    # rank 0 measures what the floor divides by, before the points' caches grow the pool
+    copy_bw = measure_copy_bandwidth() if cuda and env.rank == 0 else None
+    matmul = measure_matmul_flops() if cuda and env.rank == 0 else None
     graphs = use_fast_path(first.run, model, env.device)
     groups = _plan_groups(plan, model.cfg, env)
     rows = []
     for spec in specs:
         start = time.perf_counter()
         try:
-            row = _bench_point(env, spec, model, plan, groups, graphs, copy_bw)
+            row = _bench_point(env, spec, model, plan, groups, graphs, copy_bw, matmul)
         except CacheDoesNotFit as err:  # raised on every rank alike: the next point can still run
             row = dict(error=f"{type(err).__name__}: {err}") if env.rank == 0 else None
         if row is not None:
@@ -195,7 +198,8 @@ def bench_points_on(env, specs: list[DistBenchSpec], model) -> list[dict | None]
     return rows
 
 
-def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, copy_bw: float | None) -> dict | None:
+def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, copy_bw: float | None,
+                 matmul: float | None = None) -> dict | None:
     cuda = env.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -217,7 +221,7 @@ def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, co
     gathered = gather_reports(env, dict(report))
     if env.rank != 0:
         return None
-    row = summarize(spec, plan, model.cfg, env, gathered) | floor_and_prediction(spec, plan, model.cfg, env, copy_bw)
+    row = summarize(spec, plan, model.cfg, env, gathered) | floor_and_prediction(spec, plan, model.cfg, env, copy_bw, matmul)
     if "floor_ms" in row:
         row["floor_ratio"] = row["median_tpot_ms"] / row["floor_ms"]
     return row
@@ -265,9 +269,11 @@ def profile_for(spec: DistBenchSpec, device_name: str) -> str:
     return tag if tag in PROFILES else "h100"
 
 
-def floor_and_prediction(spec: DistBenchSpec, plan, cfg, env, copy_bw: float | None) -> dict:
-    """The plan's floor at the run's measured HBM rate and the simulator's step time (CUDA only:
-    a CPU run has no meaningful floor)."""
+def floor_and_prediction(spec: DistBenchSpec, plan, cfg, env, copy_bw: float | None,
+                         matmul: float | None = None) -> dict:
+    """The plan's floor at the run's measured HBM rate (and bf16 matmul rate: an op is bound by
+    the larger of bytes/bandwidth and FLOPs/peak) and the simulator's step time (CUDA only: a
+    CPU run has no meaningful floor)."""
     if copy_bw is None:
         return {}
     from ..perf.costmodel import Workload
@@ -276,13 +282,14 @@ def floor_and_prediction(spec: DistBenchSpec, plan, cfg, env, copy_bw: float | N
     from ..perf.simulator import simulate
     name = profile_for(spec, torch.cuda.get_device_name(env.device))
     hw, work = get_profile(name), Workload(spec.batch, spec.context)
-    with_tr = plan_floor(plan, cfg, work, hw, Rates(copy_bw, None, None, f"copy measured in the run; {name} "
-                                                                            "profile's collective times"))
-    bare = plan_floor(plan, cfg, work, hw, Rates(copy_bw, None, {}, "copy measured in the run; transfers free"))
+    measured = "copy" + (" and matmul" if matmul else "") + " measured in the run"
+    with_tr = plan_floor(plan, cfg, work, hw, Rates(copy_bw, matmul, None, f"{measured}; {name} profile's "
+                                                                          "collective times"))
+    bare = plan_floor(plan, cfg, work, hw, Rates(copy_bw, matmul, {}, f"{measured}; transfers free"))
     sim = simulate(plan, cfg, work, hw)
-    return dict(copy_bw_measured=copy_bw, floor_profile=name, floor_ms=with_tr.seconds * 1e3,
-                floor_ms_no_transfers=bare.seconds * 1e3, floor_binds=with_tr.label or with_tr.binds,
-                predicted_tpot_ms=sim.tpot_s * 1e3)
+    return dict(copy_bw_measured=copy_bw, matmul_flops_measured=matmul, floor_profile=name,
+                floor_ms=with_tr.seconds * 1e3, floor_ms_no_transfers=bare.seconds * 1e3,
+                floor_binds=with_tr.label or with_tr.binds, predicted_tpot_ms=sim.tpot_s * 1e3)
 
 
 def launch_bench(spec: DistBenchSpec) -> dict | None:
