@@ -2,18 +2,19 @@
 
 A decode step has one query token per row; row b attends to the first `lengths[b]` positions of
 its cache (its position + 1). SDPA needs a boolean mask for that (keys past a row's position,
-up to the bucketed attend length of a CUDA graph) and reads every key of the bucket; on an
-H200 it reached ~75% of the copy bandwidth at batch 2048 x context 512, where decode is
-KV-bound. Here each program reads one KV head of one row over one chunk of its keys
-(flash-decoding): with few rows and heads the keys are cut into more chunks so every SM
-streams, and a second kernel merges the chunks' partial softmaxes:
+up to the bucketed attend length of a CUDA graph) and reads every key of the bucket. Here each
+program reads one KV head of one row over one chunk of its keys (flash-decoding): with few
+rows and heads the keys are cut into more chunks so every SM streams, and a second kernel
+merges the chunks' partial softmaxes:
 
     chunk c of row b, query head h:  m_c = max_s score_s,  l_c = sum_s exp(score_s - m_c),
                                      acc_c = sum_s exp(score_s - m_c) v_s
     merged:  M = max_c m_c,  out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c
 
 The query heads of one KV head (GQA group) share the program, so K and V are read once per
-KV head. `split_kv_reference` is the same algorithm in torch (the CPU check of the chunking
+KV head, and its tensor cores do the dots. It serves GQA layouts (`covers`): at 32 query
+over 8 KV heads it reads at 0.83-1.06 of the copy bandwidth where the masked SDPA reads at
+0.43-0.68. `split_kv_reference` is the same algorithm in torch (the CPU check of the chunking
 and the merge); `decode_attention` runs the Triton kernels on CUDA.
 
 Shapes: q [B, N, D] (N query heads, N = KV x G), k, v [B, KV, S, D] (a layer of the cache,
@@ -50,6 +51,15 @@ def chunk_len(max_len: int, splits: int) -> int:
     """Keys per chunk: max_len over `splits` chunks, rounded up to a multiple of BLOCK_S."""
     per = -(-max_len // splits)
     return -(-per // BLOCK_S) * BLOCK_S
+
+
+def covers(kv_group: int, head_dim: int) -> bool:
+    """Where the kernel runs: GQA groups (>= 2 query heads per KV head; tl.dot needs head_dim
+    >= 16). With one query head per KV head cuDNN's SDPA already reads K and V at the copy
+    bandwidth (H200: 0.99-1.10 of it at batch >= 24), while a vector version of this kernel
+    reached 0.49-0.76 and a tensor-core one padded to 16 rows 0.45-0.49
+    (benchmarks/results/attention_h200_20261201*.json), so MHA keeps the masked SDPA."""
+    return kv_group >= 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def _check(q_BND, k_BKSD, v_BKSD, lengths_B) -> tuple[int, int, int, int, int]:
@@ -138,46 +148,6 @@ if triton is not None:
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
     @triton.jit
-    def _split_head_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ml_ptr, chunk, scale,
-                           stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                           D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """The same for one query head per KV head (G = 1): a vector against a [BLOCK_S, D]
-        tile, on the CUDA cores (a tensor-core dot would pad 1 row to 16)."""
-        b = tl.program_id(0)
-        j = tl.program_id(1)
-        c = tl.program_id(2)
-        splits = tl.num_programs(2)
-        length = tl.load(len_ptr + b)
-        lo = c * chunk
-        hi = tl.minimum(lo + chunk, length)
-        d = tl.arange(0, D)
-        s = tl.arange(0, BLOCK_S)
-        b64 = b.to(tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + j * stride_qh + d).to(tl.float32) * scale
-        k_base = k_ptr + b64 * stride_kb + j.to(tl.int64) * stride_kh
-        v_base = v_ptr + b64 * stride_vb + j.to(tl.int64) * stride_vh
-        m_i = float("-inf")
-        l_i = 0.0
-        acc = tl.zeros((D,), tl.float32)
-        for s0 in range(lo, hi, BLOCK_S):
-            keys = s0 + s
-            ok = keys < hi
-            rows = keys.to(tl.int64)
-            k = tl.load(k_base + rows[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
-            score = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(score, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(score - m_new)
-            v = tl.load(v_base + rows[:, None] * stride_vs + d[None, :], mask=ok[:, None], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m_i = m_new
-        part = (b64 * tl.num_programs(1) + j) * splits + c
-        tl.store(acc_ptr + part * D + d, acc)
-        tl.store(ml_ptr + part * 2, m_i)
-        tl.store(ml_ptr + part * 2 + 1, l_i)
-
-    @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, N,
                       SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr):
         """Program (row b, query head h): the chunks' partial softmaxes merged -> out[b, h]."""
@@ -210,26 +180,26 @@ def decode_attention(q_BND, k_BKSD, v_BKSD, lengths_B, scale: float, splits: int
                      sms: int | None = None) -> torch.Tensor:
     """Attention of one query token per row over its first lengths[b] cached keys -> [B, N, D].
     Reads only those keys (no mask); `splits` chunks per (row, KV head), default num_splits."""
+    b, n, d, kv, s = _check(q_BND, k_BKSD, v_BKSD, lengths_B)
+    g = n // kv
+    if not covers(g, d):
+        raise ValueError(f"decode attention: {g} query heads per KV head, head_dim {d}: the kernel needs >= 2 "
+                         "and a power of two >= 16 (use the masked SDPA otherwise)")
+    if k_BKSD.stride(-1) != 1 or v_BKSD.stride(-1) != 1 or q_BND.stride(-1) != 1:
+        raise ValueError("decode attention: q, k and v need a contiguous last dimension")
     if triton is None:
         raise RuntimeError("decode_attention needs triton (install a CUDA build of torch)")
-    b, n, d, kv, s = _check(q_BND, k_BKSD, v_BKSD, lengths_B)
-    if d & (d - 1) or k_BKSD.stride(-1) != 1 or v_BKSD.stride(-1) != 1 or q_BND.stride(-1) != 1:
-        raise ValueError(f"decode attention: head_dim {d} must be a power of two and the last dims contiguous")
-    g = n // kv
     if splits is None:
         splits = num_splits(b, kv, s, sms or (_sm_count(q_BND.device) if q_BND.is_cuda else 1))
     chunk = chunk_len(s, splits)
     dev = q_BND.device
     acc = torch.empty(b, n, splits, d, dtype=torch.float32, device=dev)
     ml = torch.empty(b, n, splits, 2, dtype=torch.float32, device=dev)
-    args = (q_BND, k_BKSD, v_BKSD, lengths_B, acc, ml, chunk, scale, q_BND.stride(0), q_BND.stride(1),
-            k_BKSD.stride(0), k_BKSD.stride(1), k_BKSD.stride(2), v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2))
-    if g == 1:
-        _split_head_kernel[(b, kv, splits)](*args, D=d, BLOCK_S=BLOCK_S, num_warps=4)
-    else:
-        _split_group_kernel[(b, kv, splits)](
-            *args, G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d, BLOCK_S=BLOCK_S,
-            PRECISION="ieee" if q_BND.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 in full precision
+    _split_group_kernel[(b, kv, splits)](
+        q_BND, k_BKSD, v_BKSD, lengths_B, acc, ml, chunk, scale, q_BND.stride(0), q_BND.stride(1),
+        k_BKSD.stride(0), k_BKSD.stride(1), k_BKSD.stride(2), v_BKSD.stride(0), v_BKSD.stride(1), v_BKSD.stride(2),
+        G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d, BLOCK_S=BLOCK_S,
+        PRECISION="ieee" if q_BND.dtype == torch.float32 else "tf32", num_warps=4)  # fp32 in full precision
     out = torch.empty(b, n, d, dtype=q_BND.dtype, device=dev)
     _merge_kernel[(b, n)](acc, ml, out, out.stride(0), out.stride(1), n,
                           SPLITS=splits, BLOCK_C=max(2, 1 << (splits - 1).bit_length()), D=d, num_warps=1)

@@ -8,8 +8,8 @@ decode / finish). On CUDA its decode step
   faster), with routing counts kept on the device (model.Experts._forward_all_local),
 - optionally (`set_fused`) replaces the small ops around them with Triton kernels: RMSNorm in
   one kernel, RoPE of q and k plus the KV-cache write in one, the router's softmax/top-k in
-  one, the routing sort/count in one (a decode step is otherwise ~250 tiny kernels), and the
-  masked SDPA with split-KV decode attention that reads only each row's keys
+  one, the routing sort/count in one (a decode step is otherwise ~250 tiny kernels), and, for
+  GQA layouts, the masked SDPA with split-KV decode attention that reads only each row's keys
   (decode_attention.py),
 - is captured once per (batch, attend_len bucket) in a CUDA graph with static input buffers
   for tokens and positions, and replayed: no host sync and no per-kernel launch cost.
@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from .decode_attention import covers as decode_attention_covers
 from .decode_attention import decode_attention
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
@@ -57,8 +58,9 @@ def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
     return min(max_len, -(-attend_len // step) * step)
 
 
-# The fused decode attention: "split_kv" (decode_attention.py: reads each row's own keys, no
-# mask) or "sdpa" (the model's masked SDPA over the bucket; kept to measure the difference)
+# The fused decode attention of GQA layouts: "split_kv" (decode_attention.py: reads each row's
+# own keys, no mask) or "sdpa" (the model's masked SDPA over the bucket, as MHA layouts always
+# run: decode_attention.covers)
 DECODE_ATTENTION = "split_kv"
 
 
@@ -387,7 +389,7 @@ def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_le
     q_BN1D = fused_rope_cache_write(q, k, v, rope[0], rope[1], positions_BT[:, 0], cache.k[layer], cache.v[layer])
     s = attend_len or cache.max_len
     keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
-    if DECODE_ATTENTION == "split_kv" and (attn.full_grid or cfg.kv_group == 1):
+    if DECODE_ATTENTION == "split_kv" and attn.full_grid and decode_attention_covers(cfg.kv_group, d):
         # row b attends to keys 0..position_b (the model's mask), read in place, never past them
         lengths_B = (positions_BT[:, 0] + 1).clamp_max(s)
         out = decode_attention(q_BN1D[:, :, 0], keys, values, lengths_B, 1.0 / math.sqrt(d))

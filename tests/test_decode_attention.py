@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masep.decode_attention import MIN_CHUNK, chunk_len, num_splits, split_kv_reference
+from masep.decode_attention import MIN_CHUNK, chunk_len, covers, decode_attention, num_splits, split_kv_reference
 
 
 def _sdpa(q_BND, k, v, lengths_B, scale):
@@ -81,6 +81,14 @@ def test_bad_shapes_name_the_shapes():
         split_kv_reference(q, k[:1], v[:1], lengths, 1, 1.0)
     with pytest.raises(ValueError, match="batch=0"):
         num_splits(0, 4, 10, 1)
+    with pytest.raises(ValueError, match="1 query heads per KV head, head_dim 8"):
+        decode_attention(q, k, v, lengths, 1.0)  # checked before any kernel: no triton needed
+
+
+@pytest.mark.parametrize("group,head_dim,covered", [(1, 128, False), (2, 128, True), (4, 8, False), (8, 96, False),
+                                                    (16, 64, True)])
+def test_covers_gqa_layouts_the_kernel_can_run(group, head_dim, covered):
+    assert covers(group, head_dim) is covered
 
 
 def _has_triton() -> bool:
@@ -109,7 +117,7 @@ def test_triton_kernels_match_the_reference_in_interpreter():
         import math, torch
         from masep.decode_attention import decode_attention, split_kv_reference
         gen = torch.Generator().manual_seed(0)
-        for b, n, kv, s, d, splits in [(3, 4, 4, 200, 16, 3), (2, 8, 2, 130, 16, 2), (2, 4, 4, 70, 8, 1)]:
+        for b, n, kv, s, d, splits in [(3, 8, 4, 200, 16, 3), (2, 8, 2, 130, 16, 2), (2, 32, 2, 70, 32, 1)]:
             q = torch.randn(b, n, d, generator=gen)
             k, v = torch.randn(b, kv, s, d, generator=gen), torch.randn(b, kv, s, d, generator=gen)
             lengths = torch.tensor([1, s] + [s // 3] * (b - 2))[:b]
@@ -136,8 +144,8 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and triton")
-@pytest.mark.parametrize("b,n,kv,s,d", [(24, 32, 32, 2048, 128), (3, 16, 16, 300, 128), (5, 32, 8, 777, 128),
-                                        (1, 4, 1, 4096, 64), (64, 8, 8, 40, 128)])
+@pytest.mark.parametrize("b,n,kv,s,d", [(24, 32, 8, 2048, 128), (3, 16, 8, 300, 128), (5, 32, 8, 777, 128),
+                                        (1, 4, 1, 4096, 64), (64, 16, 4, 40, 16)])
 def test_bf16_on_cuda_matches_masked_sdpa(b, n, kv, s, d):
     """bf16 K and V, float32 statistics: both kernels round only their output to bf16, so they
     agree to ~1 bf16 ulp (2^-8 relative); 1e-2 of the output's scale. Rows of random lengths."""
@@ -158,7 +166,7 @@ def test_bf16_check_fails_on_one_key_too_many():
     """The tolerance above can fail: short rows (8 keys), each reading one key past its length."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(16, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(16, 8, 64, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(16, 2, 64, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
     lengths = torch.full((16,), 8, device="cuda")
     from masep.decode_attention import decode_attention
@@ -169,14 +177,15 @@ def test_bf16_check_fails_on_one_key_too_many():
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and triton")
 def test_past_2_31_elements_of_kv():
     """A cache layer of 520 rows x 32 KV heads x 1024 positions x 128 (2.2e9 elements, as batch
-    512 / context 2048 of `paper`): the last rows are reached (int64 offsets) and correct."""
+    512 / context 2048 of `paper`), 2 query heads per KV head: the last rows are reached (int64
+    offsets) and correct."""
     from masep.decode_attention import decode_attention
     b, kv, s, d = 520, 32, 1024, 128
     assert b * kv * s * d > 2**31
     gen = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(b, kv, s, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
-    q = torch.randn(b, kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(b, 2 * kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     lengths = torch.randint(1, s + 1, (b,), device="cuda", generator=gen)
     got = decode_attention(q, k, v, lengths, 1 / math.sqrt(d))
     torch.cuda.synchronize()
