@@ -63,10 +63,34 @@ def bench_shape(rows: int, heads: int, kv_heads: int, keys: int, copy_bw: float,
                 sdpa_of_copy_bw=share(t_sdpa), split_kv_of_copy_bw=share(t_split), rel_diff=diff)
 
 
+def markdown(doc: dict) -> str:
+    """The document as a table: ms and share of the copy bandwidth per kernel and shape."""
+    meta = doc["meta"]
+    lines = [f"# Decode attention alone: split-KV vs masked SDPA, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['timing']}; bf16, head_dim 128, every row "
+             f"attends to all keys; copy bandwidth {meta['copy_bw_measured'] / 1e12:.2f} TB/s (read + written). "
+             "floor = K and V bytes / copy bandwidth; a kernel that only reads can pass 1.0. Split-KV runs only on "
+             "GQA layouts (decode_attention.covers).", "",
+             "| layout (query/KV heads) | rows x keys | floor ms | SDPA ms (of copy bw) | split-KV ms (of copy bw) "
+             "| chunks | rel. diff |", "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        split = (f"{r['split_kv_ms']:.3f} ({r['split_kv_of_copy_bw']:.2f})", str(r["splits"]), f"{r['rel_diff']:.1e}") \
+            if r.get("split_kv_ms") else ("-", "-", "-")
+        layout = r["layout"] if "/" in r["layout"] else f"{r['layout']} ({r['heads']}/{r['kv_heads']})"
+        lines.append(f"| {layout} | {r['rows']} x {r['keys']} | {r['floor_ms']:.3f} | "
+                     f"{r['sdpa_ms']:.3f} ({r['sdpa_of_copy_bw']:.2f}) | " + " | ".join(split) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="the JSON document; a markdown table is written beside it")
+    parser.add_argument("--report", action="store_true", help="only write the table of an existing --out document")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.report:
+        out.with_suffix(".md").write_text(markdown(json.loads(out.read_text())))
+        return
     copy_bw = measure_copy_bandwidth()
     rows = []
     for label, heads, kv in LAYOUTS:
@@ -81,7 +105,8 @@ def main() -> None:
                   f"({row['sdpa_of_copy_bw']:.2f} of copy bw), {split}", flush=True)
     doc = dict(meta=dict(**device_meta(), copy_bw_measured=copy_bw, timing="cuda_events (graph replays)",
                          triton=__import__("triton").__version__), rows=rows)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    out.write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(markdown(doc))
 
 
 if __name__ == "__main__":

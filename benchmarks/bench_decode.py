@@ -198,36 +198,37 @@ def run_calibration(out: Path, presets, calib_batches) -> None:
     log(f"calibration ({impl} experts): {time.time() - t0:.0f} s")
 
 
-def run_profile(out: Path, preset: str = "paper", batch: int = 24, impl: str = "triton+fused") -> None:
+def run_profile(out: Path, preset: str = "paper", batch: int = 24, impl: str = "triton+fused",
+                context: int = 2048) -> None:
     """Kernel time of graph-replayed decode steps, by kernel: where the time over the floor goes."""
     from torch.profiler import ProfilerActivity, profile
 
     from masep.fastpath import GraphedLocalRuntime, set_expert_impl, set_fused
 
-    model = bench.build_paper_model(preset, 2048)
+    model = bench.build_paper_model(preset, context)
     mm, _, fused = impl.partition("+")
     set_expert_impl(model, mm)
     set_fused(model, fused == "fused")
     rt = GraphedLocalRuntime(model, expert_impl=None)
-    rt.start(batch, 2048)
+    rt.start(batch, context)
     bench.fill_cache_(rt.cache, 1)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device="cuda")
-    pos = torch.full((batch,), 2047, device="cuda")
+    pos = torch.full((batch,), context - 1, device="cuda")
     with torch.inference_mode():
         for _ in range(5):
-            rt.decode(tokens, pos, 2048)
+            rt.decode(tokens, pos, context)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                rt.decode(tokens, pos, 2048)
+                rt.decode(tokens, pos, context)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.time_range.elapsed_us() for e in kernels) / 5 / 1e3
-    log(f"profile {preset} B={batch} {impl}: {len(kernels) / 5:.0f} kernels per step, "
+    log(f"profile {preset} B={batch} ctx={context} {impl}: {len(kernels) / 5:.0f} kernels per step, "
         f"kernel time {total:.3f} ms per step")
     table = prof.key_averages().table(sort_by="device_time_total", row_limit=25)
     log(table)
-    (out / f"profile_{preset}_b{batch}.txt").write_text(table)
+    (out / f"profile_{preset}_b{batch}_c{context}.txt").write_text(table)
 
 
 def run_hf_profile(out: Path, batch: int = 1) -> None:
@@ -278,6 +279,7 @@ def main() -> int:
     parser.add_argument("--calib-batches", type=int, nargs="+", default=[8, 24, 64, 256])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    parser.add_argument("--profile-point", default="24x2048", help="BATCHxCONTEXT of --stage profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.probe:
@@ -289,7 +291,9 @@ def main() -> int:
     if args.stage in ("all", "calibrate"):
         run_calibration(args.out, args.presets, args.calib_batches)
     if args.stage in ("all", "profile"):
-        run_profile(args.out, impl="triton+fused" if triton else "grouped_mm")
+        batch, _, context = args.profile_point.partition("x")
+        impl = (args.impls or ["triton+fused" if triton else "grouped_mm"])[0]
+        run_profile(args.out, batch=int(batch), context=int(context), impl=impl)
     if args.stage == "hfprofile":
         run_hf_profile(args.out)
     return 0

@@ -1,9 +1,9 @@
 """Markdown table of the decode-at-floor runs (benchmarks/run_dist_floor.sh).
 
-    python benchmarks/dist_floor_report.py ONE_GPU.json TWO_GPU.jsonl > OUT.md
+    python benchmarks/dist_floor_report.py TWO_GPU.jsonl ONE_GPU.json [ONE_GPU.json ...] > OUT.md
 
-ONE_GPU.json: `masep bench decode` rows (one GPU, best kernel set per point); TWO_GPU.jsonl:
-benchmarks/multi_gpu.py rows. Every row: median TPOT (CUDA events), tokens/s, the plan's floor at
+TWO_GPU.jsonl: benchmarks/multi_gpu.py rows; ONE_GPU.json: `masep bench decode` documents (one
+GPU, the best kernel set per point over all of them). Every row: median TPOT (CUDA events), tokens/s, the plan's floor at
 the copy bandwidth measured in the same run, their ratio, the simulator's prediction, and joules
 per token over every GPU of the plan (NVML energy counter).
 """
@@ -13,25 +13,32 @@ import json
 import sys
 
 
-def _one_gpu(path: str) -> dict:
+def _one_gpu(paths: list[str]) -> dict:
     best = {}
-    for r in json.load(open(path))["rows"]:
+    for r in [r for path in paths for r in json.load(open(path))["rows"]]:
         key = (r["batch"], r["context"])
         if key not in best or r["tpot_ms_median"] < best[key]["tpot_ms_median"]:
             best[key] = r
     return best
 
 
-def main(one_path: str, two_path: str) -> None:
-    one = _one_gpu(one_path)
+def main(two_path: str, *one_paths: str) -> None:
+    one = _one_gpu(list(one_paths))
     two = [json.loads(line) for line in open(two_path) if line.strip()]
     meta = two[0]
     print(f"# Decode at each plan's floor: `paper` (bf16) on {meta['device']} x2, {meta['date']}\n")
+    one_bw = sorted({r["copy_bw_measured"] / 1e12 for r in one.values()})
+    two_bw = sorted({r["copy_bw_measured"] / 1e12 for r in two if r.get("copy_bw_measured")})
+    matmul = sorted({r["matmul_flops_measured"] / 1e12 for r in two if r.get("matmul_flops_measured")})
+    span = lambda v: f"{v[0]:.2f}" if f"{v[0]:.2f}" == f"{v[-1]:.2f}" else f"{v[0]:.2f}-{v[-1]:.2f}"  # noqa: E731
+    flops = (f" and FLOPs over the bf16 matmul rate measured beside it ({span(matmul)} TFLOP/s; each op is bound "
+             "by the larger)") if matmul else ""
     print(f"torch {meta['torch']}, NCCL {meta.get('nccl')}, CUDA-event times, {meta['steps']} timed steps per row. "
-          "floor = perf/floor.py `plan_floor` at the HBM copy bandwidth measured in the same run "
-          "(one-GPU runs: 4.28 TB/s; two-GPU runs: 3.82-4.28 TB/s, measured on rank 0 before each point) with "
-          "transfers at the h200 profile's collective times; ratio = TPOT / floor; predicted = `masep simulate` "
-          "(h200 profile). J/token: the energy of every GPU of the plan over the timed steps / tokens.\n")
+          "floor = perf/floor.py `plan_floor`: bytes over the HBM copy bandwidth measured in the same run "
+          f"(one-GPU runs: {span(one_bw)} TB/s; two-GPU runs: {span(two_bw)} TB/s, measured on rank 0 before each "
+          f"plan){flops}, transfers at the h200 profile's collective times; ratio = TPOT / floor; predicted = "
+          "`masep simulate` (h200 profile). J/token: the energy of every GPU of the plan over the timed steps / "
+          "tokens.\n")
     print("| batch x context | plan | TPOT ms | tokens/s | vs one GPU | floor ms | ratio | predicted ms | J/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (batch, context), r1 in sorted(one.items(), key=lambda kv: (kv[0][1] != 2048, kv[0][0])):
@@ -53,4 +60,4 @@ def main(one_path: str, two_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], *sys.argv[2:])
