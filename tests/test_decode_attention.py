@@ -99,16 +99,8 @@ def _has_triton() -> bool:
     return True
 
 
-def _interpreter_runs_dynamic_loops() -> bool:
-    """Triton's interpreter runs loops whose bounds are loaded from memory from 3.9 on (3.6's
-    fails converting the bound); the compiled kernels do on every version."""
-    import triton
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
-
-
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not _has_triton() or not _interpreter_runs_dynamic_loops(),
-                    reason="needs triton >= 3.9 (its interpreter) on CPU")
+@pytest.mark.skipif(not _has_triton(), reason="triton not installed (CPU-only torch)")
 def test_triton_kernels_match_the_reference_in_interpreter():
     """The Triton split and merge kernels, run by Triton's interpreter on CPU (TRITON_INTERPRET
     must be set before triton.jit runs, hence the subprocess): one query head per KV head (the
@@ -132,6 +124,8 @@ def test_triton_kernels_match_the_reference_in_interpreter():
     """)
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=280)
+    if "only 0-dimensional arrays can be converted" in out.stderr:  # as tests/test_fastpath.py
+        pytest.skip("this triton's interpreter does not run under this numpy (>= 2.4)")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

@@ -146,6 +146,25 @@ def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     assert calls == ["triton", "grouped_mm", "triton"]
 
 
+def test_fast_path_sets_the_fused_kernels_as_the_spec_says(monkeypatch):
+    """use_fast_path on a CUDA rank: the auto expert kernels, and the fused small-op kernels
+    unless RunSpec.fused is off (what `multi_gpu.py --impls fast-unfused` measures); --eager
+    and CPU ranks change nothing."""
+    from masep import fastpath as fp
+    from masep.parallel.worker import RunSpec, use_fast_path
+    calls = []
+    monkeypatch.setattr(fp, "auto_expert_impl", lambda model: "auto")
+    monkeypatch.setattr(fp, "set_expert_impl", lambda model, impl: calls.append(("impl", impl)))
+    monkeypatch.setattr(fp, "set_fused", lambda model, on: calls.append(("fused", on)))
+    model, cuda = object(), torch.device("cuda", 0)
+    assert use_fast_path(RunSpec(plan=None, requests=[]), model, cuda)
+    assert use_fast_path(RunSpec(plan=None, requests=[], fused=False), model, cuda)
+    assert calls == [("impl", "auto"), ("fused", True), ("impl", "auto"), ("fused", False)]
+    assert not use_fast_path(RunSpec(plan=None, requests=[], eager=True), model, cuda)
+    assert not use_fast_path(RunSpec(plan=None, requests=[]), model, torch.device("cpu"))
+    assert len(calls) == 4
+
+
 def _run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh process with Triton's CPU interpreter; it must print "ok"."""
     env = dict(os.environ, TRITON_INTERPRET="1")
