@@ -58,12 +58,6 @@ def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
     return min(max_len, -(-attend_len // step) * step)
 
 
-# The fused decode attention of GQA layouts: "split_kv" (decode_attention.py: reads each row's
-# own keys, no mask) or "sdpa" (the model's masked SDPA over the bucket, as MHA layouts always
-# run: decode_attention.covers)
-DECODE_ATTENTION = "split_kv"
-
-
 # --- Triton grouped matmul for decode-sized expert batches -----------------------------------
 def bucket_rows(rows: int) -> int:
     """Batch-size bucket of a decode step replayed from CUDA graphs: 1, 2, 4, 8, then multiples
@@ -389,8 +383,9 @@ def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_le
     q_BN1D = fused_rope_cache_write(q, k, v, rope[0], rope[1], positions_BT[:, 0], cache.k[layer], cache.v[layer])
     s = attend_len or cache.max_len
     keys, values = cache.k[layer][:, :, :s], cache.v[layer][:, :, :s]
-    if DECODE_ATTENTION == "split_kv" and attn.full_grid and decode_attention_covers(cfg.kv_group, d):
-        # row b attends to keys 0..position_b (the model's mask), read in place, never past them
+    if attn.full_grid and decode_attention_covers(cfg.kv_group, d):
+        # GQA: split-KV; row b attends to keys 0..position_b (the model's mask), read in place,
+        # never past them. MHA keeps the masked SDPA, which reads at the copy bandwidth there.
         lengths_B = (positions_BT[:, 0] + 1).clamp_max(s)
         out = decode_attention(q_BN1D[:, :, 0], keys, values, lengths_B, 1.0 / math.sqrt(d))
         return attn.o_proj(out.reshape(b, t, n * d))
