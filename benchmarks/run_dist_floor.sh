@@ -4,7 +4,7 @@
 # plan's floor and NVML energy per row. Two phases, each under the device tool's 10 minutes:
 #   bash benchmarks/run_dist_floor.sh one OUT   # CUDA tests + one-GPU rows (masep bench decode) +
 #                                               # decode attention alone (bench_attention.py)
-#   bash benchmarks/run_dist_floor.sh two OUT   # every 2-GPU strategy (benchmarks/multi_gpu.py)
+#   bash benchmarks/run_dist_floor.sh two OUT   # every 2-GPU strategy at m = 1 and 2 (benchmarks/multi_gpu.py)
 #   bash benchmarks/run_dist_floor.sh ab OUT    # the same with and without the fused small-op
 #                                               # kernels, then profiler traces at batch 24 and
 #                                               # where each rank's GPU time goes (trace_summary.py)
@@ -36,6 +36,6 @@ elif [ "$phase" = ab ]; then
     --last-ms 40 | tee "$out/trace_summary.jsonl" && rm -rf traces traces.tar.gz)
 else
   timeout 560 torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --out "$out/mg" --hardware h200 --presets paper \
-    --points "${points[@]}" --impls fast --steps 60 --no-check --no-trace 2>&1 | grep -v "^W1\|Warning\|warn(" \
+    --points "${points[@]}" --impls fast --microbatches 1 2 --steps 60 --no-check --no-trace 2>&1 | grep -v "^W1\|Warning\|warn(" \
     | tail -60 | tee "$out/mg_log.txt"
 fi

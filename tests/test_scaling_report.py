@@ -47,3 +47,14 @@ def test_eight_gpu_factor_carries_the_growth_from_two_to_four_on():
     # TP x PP: measured on 4 GPUs directly; on 2 the geometric mean of TP and PP
     assert rows["tp4pp2 m2"]["factor"] == pytest.approx(1.4 ** 2 / (1.5 * 1.2) ** 0.5, abs=1e-3)
     assert not any(r["family"] in ("ep", "separated") for r in rows.values())  # no factor, no prediction
+
+
+def test_with_microbatches_times_each_pipelined_plan_at_each_count():
+    """`multi_gpu.py --microbatches 1 2`: separated, EP and PP plans at both counts, TP-only plans
+    once, no plan twice (a planner's best plan may already be in the list)."""
+    import multi_gpu
+    from masep.plan import EpPlan, SeparatedPlan, TpPpPlan
+    plans = [SeparatedPlan(1, 1, 1, 2), TpPpPlan(2, 1, 1), TpPpPlan(1, 2, 2), EpPlan(2, 2), SeparatedPlan(1, 1, 1, 1)]
+    got = multi_gpu.with_microbatches(plans, [1, 2])
+    assert got == [SeparatedPlan(1, 1, 1, 1), SeparatedPlan(1, 1, 1, 2), TpPpPlan(2, 1, 1), TpPpPlan(1, 2, 1),
+                   TpPpPlan(1, 2, 2), EpPlan(2, 1), EpPlan(2, 2)]
