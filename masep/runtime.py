@@ -37,9 +37,12 @@ unit, in any batch, and after being moved to another replica.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -73,24 +76,34 @@ class StepRows:
     def __len__(self) -> int:
         return len(self.slots)
 
+    # The properties and check below run once per step on the host, in front of the GPU's work:
+    # they iterate with builtins (map, min, max) rather than Python loops, which at 2048 rows took
+    # about 1 ms a step on a 2-core CPU.
     @property
     def is_decode(self) -> bool:
-        return not self.prefill and all(len(t) == 1 for t in self.tokens)
+        return not self.prefill and all(map((1).__eq__, map(len, self.tokens)))
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
+        return sum(map(len, self.tokens))
 
     @property
     def attend_len(self) -> int:
         """Keys the step needs: one past the furthest position written (0 for no rows)."""
-        return max([self.attend_at_least] + [s + len(t) for s, t in zip(self.starts, self.tokens)])
+        return max(self.attend_at_least, max(map(operator.add, self.starts, map(len, self.tokens)), default=0))
 
     def check(self, num_slots: int, max_len: int) -> None:
         """Internal invariant (the scheduler guarantees it); cheap enough to keep on."""
-        for slot, start, toks in zip(self.slots, self.starts, self.tokens):
-            assert 0 <= slot < num_slots and toks and start >= 0 and start + len(toks) <= max_len, \
-                f"row (slot {slot}, start {start}, {len(toks)} tokens) outside {num_slots} slots x {max_len}"
+        if not self.slots:
+            return
+        lengths = list(map(len, self.tokens))
+        ends = list(map(operator.add, self.starts, lengths))
+        if (min(self.slots) >= 0 and max(self.slots) < num_slots and min(lengths) > 0 and min(self.starts) >= 0
+                and max(ends) <= max_len):
+            return
+        for slot, start, n in zip(self.slots, self.starts, lengths):  # name the first bad row
+            assert 0 <= slot < num_slots and n and start >= 0 and start + n <= max_len, \
+                f"row (slot {slot}, start {start}, {n} tokens) outside {num_slots} slots x {max_len}"
 
 
 @dataclass
@@ -116,13 +129,17 @@ def lay_out(rows: StepRows, scratch: int, device, dense_rows: int | None = None)
     b = len(rows)
     if rows.is_decode:
         n = dense_rows if dense_rows is not None else max(rows.slots, default=-1) + 1
-        ids = torch.zeros(n, 1, dtype=torch.long)
-        pos = torch.full((n, 1), scratch, dtype=torch.long)
-        slots = torch.tensor(rows.slots, dtype=torch.long)
-        ids[slots, 0] = torch.tensor([t[0] for t in rows.tokens], dtype=torch.long)
-        pos[slots, 0] = torch.tensor(rows.starts, dtype=torch.long)
-        return StepTensors(ids.to(device), pos.to(device), slice(0, n), slots.to(device),
-                           torch.zeros(b, dtype=torch.long, device=device), rows.attend_len, True)
+        # ids and positions [2, n, 1] built on the host in numpy (torch.tensor of a Python list
+        # costs ~0.1 us an element, numpy's conversion a tenth of that) and moved in one copy
+        both = np.empty((2, n, 1), dtype=np.int64)
+        both[0] = 0
+        both[1] = scratch
+        slots = np.asarray(rows.slots, dtype=np.int64)
+        both[0, slots, 0] = np.fromiter(itertools.chain.from_iterable(rows.tokens), dtype=np.int64, count=b)
+        both[1, slots, 0] = np.asarray(rows.starts, dtype=np.int64)
+        both, slots = torch.from_numpy(both).to(device), torch.from_numpy(slots).to(device)
+        return StepTensors(both[0], both[1], slice(0, n), slots, torch.zeros(b, dtype=torch.long, device=device),
+                           rows.attend_len, True)
     t = max(len(x) for x in rows.tokens)
     ids = torch.zeros(b, t, dtype=torch.long)
     pos = torch.full((b, t), scratch, dtype=torch.long)
@@ -140,9 +157,9 @@ def lay_out(rows: StepRows, scratch: int, device, dense_rows: int | None = None)
 def static_rows(ids_BT: torch.Tensor, lengths_B: torch.Tensor | None = None, positions_B=None) -> StepRows:
     """A static batch as slot-addressed rows (slot b = row b): prefill of right-padded prompts
     [B, T] with true lengths [B], or (positions_B given) one decode token per row."""
-    if positions_B is not None:
-        return StepRows(list(range(ids_BT.shape[0])), [[int(x)] for x in ids_BT.tolist()],
-                        [int(p) for p in positions_B.tolist()])
+    if positions_B is not None:  # tolist() gives Python ints already
+        return StepRows(list(range(ids_BT.shape[0])), [[x] for x in ids_BT.view(-1).tolist()],
+                        positions_B.view(-1).tolist())
     lens = lengths_B.tolist() if lengths_B is not None else [ids_BT.shape[1]] * ids_BT.shape[0]
     return StepRows(list(range(ids_BT.shape[0])), [row[:n] for row, n in zip(ids_BT.tolist(), lens)],
                     [0] * ids_BT.shape[0])

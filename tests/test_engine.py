@@ -195,3 +195,28 @@ def test_engine_timestamps_with_a_fake_clock(runtime):
     m = result.metrics
     assert m.duration_s == 6.0 and m.output_throughput == pytest.approx(7 / 6.0)
     assert m.mean_ttft_ms == 1000.0 and m.mean_tpot_ms == 1000.0 and m.mean_e2el_ms == 3500.0
+
+
+@pytest.mark.parametrize("slots,tokens,starts,bad", [
+    ([0, 5], [[1], [2]], [3, 4], "slot 5"),  # slot past the cache
+    ([0, 1], [[1], []], [3, 4], "0 tokens"),  # an empty row
+    ([0, 1], [[1], [2, 3]], [3, -1], "start -1"),  # a negative position
+    ([0, 1], [[1], [2, 3]], [3, 15], "start 15, 2 tokens"),  # past max_len
+])
+def test_step_rows_check_names_the_first_bad_row(slots, tokens, starts, bad):
+    """StepRows.check (vectorised for the host's step preparation) still names the bad row."""
+    from masep.runtime import StepRows
+    StepRows([0, 1], [[1], [2, 3]], [3, 14]).check(4, 16)  # in range: no error
+    with pytest.raises(AssertionError, match=re.escape(bad)):
+        StepRows(slots, tokens, starts).check(4, 16)
+
+
+def test_decode_lay_out_places_each_row_at_its_slot():
+    """lay_out of a decode step over slots [3, 0] with a 6-row bucket: ids and positions at the
+    slots, padding rows at the scratch position, logits of row b from slot b's row."""
+    from masep.runtime import StepRows, lay_out
+    rows = StepRows([3, 0], [[7], [9]], [5, 2])
+    st = lay_out(rows, 99, torch.device("cpu"), 6)
+    assert st.ids_BT[:, 0].tolist() == [9, 0, 0, 7, 0, 0]
+    assert st.positions_BT[:, 0].tolist() == [2, 99, 99, 5, 99, 99]
+    assert st.logit_rows_B.tolist() == [3, 0] and st.attend_len == 6 and st.decode
