@@ -56,8 +56,8 @@ def chunk_len(max_len: int, splits: int) -> int:
 def covers(kv_group: int, head_dim: int) -> bool:
     """Where the kernel runs: GQA groups (>= 2 query heads per KV head; tl.dot needs head_dim
     >= 16). With one query head per KV head cuDNN's SDPA already reads K and V at the copy
-    bandwidth (H200: 0.99-1.10 of it at batch >= 24), while a vector version of this kernel
-    reached 0.49-0.76 and a tensor-core one padded to 16 rows 0.45-0.49
+    bandwidth (H200: 0.84-1.10 of it at batch >= 24), while a vector version of this kernel
+    reached 0.48-0.76 and a tensor-core one padded to 16 rows 0.44-0.49
     (benchmarks/results/attention_h200_20261201*.json), so MHA keeps the masked SDPA."""
     return kv_group >= 2 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
