@@ -363,8 +363,9 @@ def fused_rope_cache_write(q_BND, k_BKD, v_BKD, cos, sin, positions_B, cache_k, 
 
 
 def _attention_forward(attn, x_BTH, positions_BT, cache=None, layer=0, attend_len=None, rope=None):
-    """Attention.forward for a CUDA decode step (one token per row, a cache, RoPE tables given):
-    projections, then one kernel for RoPE + cache write, then the model's own SDPA and o_proj."""
+    """Attention.forward for a CUDA decode step (one token per row, a cache; RoPE tables given,
+    or made here): projections, then one kernel for RoPE + cache write, then split-KV attention
+    (GQA layouts, decode_attention.covers) or the model's own SDPA, and o_proj."""
     b, t, _ = x_BTH.shape
     cfg = attn.cfg
     if not (x_BTH.is_cuda and cache is not None and cache.rows is None and t == 1 and b > 0
