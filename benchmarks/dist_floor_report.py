@@ -39,25 +39,37 @@ def main(two_path: str, *one_paths: str) -> None:
           f"plan){flops}, transfers at the h200 profile's collective times; ratio = TPOT / floor; predicted = "
           "`masep simulate` (h200 profile). J/token: the energy of every GPU of the plan over the timed steps / "
           "tokens.\n")
-    print("| batch x context | plan | TPOT ms | tokens/s | vs one GPU | floor ms | ratio | predicted ms | J/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    launch = any(r.get("median_from_launch_ms") for r in two)
+    if launch:
+        print("from launch = the same steps timed from the whole-step graph's launch, without the runtime's "
+              "host preparation, which the one-GPU rows leave out too (TP x PP and EP plans).\n")
+    extra = " from launch ms (ratio) |" if launch else ""
+    print(f"| batch x context | plan | TPOT ms | tokens/s | vs one GPU | floor ms | ratio |{extra} predicted ms | J/token |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if launch else "") + "---|---|")
     for (batch, context), r1 in sorted(one.items(), key=lambda kv: (kv[0][1] != 2048, kv[0][0])):
         rows = [r for r in two if (r["batch"], r["context"]) == (batch, context)]
         if not rows:
             continue
         base = r1["tpot_ms_median"]
         print(f"| {batch} x {context} | one GPU ({r1['impl']}) | {base:.2f} | {r1['tps']:.0f} | 1.00x | "
-              f"{r1['floor_ms']:.2f} | {base / r1['floor_ms']:.2f} | - | {r1['joules_per_token']:.3f} |")
+              f"{r1['floor_ms']:.2f} | {base / r1['floor_ms']:.2f} |{' - |' if launch else ''} - | "
+              f"{_joules(r1['joules_per_token'])} |")
         for r in rows:
             if r.get("error"):
                 print(f"| {batch} x {context} | {r.get('plan_notation', r['plan_text'])} | error: {r['error'][:60]} |")
                 continue
             t = r["median_tpot_ms"]
-            jpt = r.get("joules_per_token")
+            from_launch = ""
+            if launch:
+                ms = r.get("median_from_launch_ms")
+                from_launch = f" {ms:.2f} ({ms / r['floor_ms']:.2f}) |" if ms else " - |"
             print(f"| {batch} x {context} | {r['plan_notation']} | {t:.2f} | {batch / t * 1e3:.0f} | {base / t:.2f}x | "
-                  f"{r['floor_ms']:.2f} | {r['floor_ratio']:.2f} | {r['predicted_tpot_ms']:.2f} | "
-                  f"{jpt:.3f} |" if jpt is not None else "- |")
+                  f"{r['floor_ms']:.2f} | {r['floor_ratio']:.2f} |{from_launch} {r['predicted_tpot_ms']:.2f} | "
+                  f"{_joules(r.get('joules_per_token'))} |")
 
+
+def _joules(value) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[2:])

@@ -146,6 +146,21 @@ def test_energy_rows_sum_every_gpu_per_token_and_say_why_when_missing():
     assert row["joules_per_token"] is None and "cpu" in row["energy_unavailable"]
 
 
+def test_from_launch_time_is_the_slowest_ranks_per_step_median():
+    """median_from_launch_ms: per step the slowest rank (a step ends when every rank's does),
+    then the median over steps; absent when a timed rank has no launch time (no whole-step
+    graph) or on an expert rank's empty report alone."""
+    from masep.parallel.bench_dist import DistBenchSpec, _from_launch_ms
+    from masep.parallel.worker import RunSpec
+    spec = DistBenchSpec(RunSpec(plan=None, requests=[]), batch=4, steps=3)
+    ranks = [dict(times_s=[5e-3] * 3, from_launch_s=[1e-3, 4e-3, 2e-3]),
+             dict(times_s=[5e-3] * 3, from_launch_s=[3e-3, 1e-3, 2e-3]),
+             dict(times_s=None, from_launch_s=None)]  # an expert rank: not timed
+    assert _from_launch_ms(spec, ranks) == {"median_from_launch_ms": 3.0}
+    ranks[1]["from_launch_s"] = None
+    assert _from_launch_ms(spec, ranks) == {}
+
+
 def _points_of_one_plan(plan):
     """Every rank of a gloo world runs three points of one plan on one sliced model and one set
     of groups; the middle point's KV cache is made not to fit (every rank agrees it does not)."""

@@ -11,7 +11,11 @@ median_tpot_ms, std_tpot_ms, p99_tpot_ms), `duration` is the timed steps' second
 
 Clocks. On CUDA, step times and per-op busy times come from CUDA events on the rank's stream
 (`timing: "cuda_events"`, which `masep replan` accepts); the host only synchronises between
-steps, never inside one. On CPU the host clock is all there is (`timing: "host_clock"`).
+steps, never inside one. On CPU the host clock is all there is (`timing: "host_clock"`). A step
+starts on an idle GPU, so its time includes the runtime's host preparation (rows checked, laid
+out and copied), as a serving step's does; the one-GPU benchmark replays its graphs back to back
+and leaves that out. Where the runtime replays a whole-step graph, `median_from_launch_ms` (and
+`from_launch_floor_ratio`) time the step from the graph's launch instead, for comparing with it.
 
 Beside the times, on CUDA, every row carries
 - `energy`: joules every GPU of the plan used over the timed steps (NVML's energy counter, read
@@ -105,8 +109,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer, energy) -> list[float]:
-    """Seconds of each timed decode step (CUDA events on CUDA, else the host clock)."""
+def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTimer,
+                  energy) -> tuple[list[float], list[float] | None]:
+    """Seconds of each timed decode step (CUDA events on CUDA, else the host clock), and on CUDA
+    for whole-step-graph runtimes the seconds from the graph's launch to the step's end: the step
+    without the host preparation it starts with (None where the runtime has no such launch)."""
     cfg = runtime.cfg
     # EP: every rank is told the largest rank's rows (StepRows.peer_rows), and keeps as many slots
     peer = len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime) else None
@@ -117,7 +124,7 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
         v.normal_(generator=gen)
     tokens = torch.randint(0, cfg.vocab_size, (rows,), generator=gen, device=device)
     positions = torch.full((rows,), spec.context - 1, device=device)
-    times = []
+    times, launched = [], []
     bar = progress(spec.warmup + spec.steps, "decode steps", "step")  # shown by rank 0 only
     for i in range(spec.warmup + spec.steps):
         bar.update(1)
@@ -126,21 +133,32 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
             timer.busy_s.clear()
             energy.start()
         with _StepClock(device) as clock:
+            runtime.on_launch = clock.launch if clock.cuda else None
             logits = runtime.decode(tokens, positions, spec.context + i, peer_rows=peer)
         times.append(clock.seconds)
+        launched.append(clock.from_launch_s)
         tokens, positions = logits.argmax(-1), positions + 1
+    runtime.on_launch = None
     bar.close()
     runtime.finish()
-    return times[spec.warmup:]
+    timed = launched[spec.warmup:]
+    return times[spec.warmup:], (timed if all(t is not None for t in timed) else None)
 
 
 class _StepClock:
     """One step's time: CUDA events around it on CUDA (read after a synchronisation at its end,
-    so the next step starts from an idle GPU), the host clock on CPU."""
+    so the next step starts from an idle GPU), the host clock on CPU. `launch()` records one more
+    event where the step's GPU work is launched (runtime.on_launch): `from_launch_s`."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.launched = None
+        self.from_launch_s = None
+
+    def launch(self) -> None:
+        self.launched = torch.cuda.Event(enable_timing=True)
+        self.launched.record()
 
     def __enter__(self):
         _sync(self.device)
@@ -156,6 +174,8 @@ class _StepClock:
             self.end.record()
         _sync(self.device)
         self.seconds = self.start.elapsed_time(self.end) * 1e-3 if self.cuda else time.perf_counter() - self.t0
+        if self.launched is not None:
+            self.from_launch_s = self.launched.elapsed_time(self.end) * 1e-3
 
 
 def bench_rank(spec: DistBenchSpec) -> dict | None:
@@ -209,22 +229,34 @@ def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, co
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
         serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start)
-        times = None
+        times = launched = None
     else:
-        times = _decode_steps(part, rows, spec, env.device, timer, energy)
+        times, launched = _decode_steps(part, rows, spec, env.device, timer, energy)
         del part  # its KV cache and graphs go before the next point allocates its own
     _sync(env.device)
     used = energy.stop()
     mem = torch.cuda.max_memory_allocated(env.device) if cuda else None
-    report = dict(rank=env.rank, times_s=times, busy_s=dict(timer.busy_s), max_memory_bytes=mem, energy=used,
-                  timing=timer.timing)
+    report = dict(rank=env.rank, times_s=times, from_launch_s=launched, busy_s=dict(timer.busy_s),
+                  max_memory_bytes=mem, energy=used, timing=timer.timing)
     gathered = gather_reports(env, dict(report))
     if env.rank != 0:
         return None
     row = summarize(spec, plan, model.cfg, env, gathered) | floor_and_prediction(spec, plan, model.cfg, env, copy_bw, matmul)
     if "floor_ms" in row:
         row["floor_ratio"] = row["median_tpot_ms"] / row["floor_ms"]
+        if row.get("median_from_launch_ms"):
+            row["from_launch_floor_ratio"] = row["median_from_launch_ms"] / row["floor_ms"]
     return row
+
+
+def _from_launch_ms(spec: DistBenchSpec, reports: list[dict]) -> dict:
+    """Median over the timed steps of the slowest rank's launch-to-end time (ms), where every
+    timed rank has one (whole-step graphs on CUDA)."""
+    timed = [r for r in reports if r["times_s"]]
+    if not timed or any(r.get("from_launch_s") is None for r in timed):
+        return {}
+    per_step = [max(r["from_launch_s"][i] for r in timed) for i in range(spec.steps)]
+    return dict(median_from_launch_ms=float(np.median(per_step)) * 1e3)
 
 
 def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
@@ -241,7 +273,7 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
                 context=spec.context, steps=spec.steps, timing=reports[0]["timing"], duration=duration,
                 total_output_tokens=spec.batch * spec.steps, output_throughput=spec.batch * spec.steps / duration,
                 mean_tpot_ms=float(ms.mean()), median_tpot_ms=float(np.median(ms)), std_tpot_ms=float(ms.std()),
-                p99_tpot_ms=float(np.percentile(ms, 99)),
+                p99_tpot_ms=float(np.percentile(ms, 99)), **_from_launch_ms(spec, reports),
                 busy_ms_per_step={r["rank"]: {k: v * 1e3 / spec.steps for k, v in r["busy_s"].items()}
                                   for r in reports},
                 max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports},

@@ -118,6 +118,9 @@ class MicroBatchRuntime(StaticBatchMixin):
         self._ops: dict[int, list[Op]] = {}  # the op list per micro-batch count, built once
         self._op_runners: dict[str, Callable[[Op], None]] | None = None  # per op kind, built once
         self._mbs: list[MicroBatch] = []  # the running step's micro-batches (what the runners act on)
+        # a benchmark's hook, called right before a whole-step graph runs, after the step's host
+        # preparation (rows checked, laid out, copied): it records a CUDA event there
+        self.on_launch: Callable[[], None] | None = None
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
@@ -184,6 +187,8 @@ class MicroBatchRuntime(StaticBatchMixin):
         number = self.step  # _step counts the step only where it runs: in the capture, not in a replay
         key = ("step", n, attend, self.plan.microbatches) + self._step_graph_key()
         captures = self.graphs.captures
+        if self.on_launch is not None:
+            self.on_launch()
         logits_nV = self.graphs.run(key, step, st.ids_BT, st.positions_BT, shared_pool=True)
         self.step = number + 1
         self._after_graphed_step(key, self.graphs.captures != captures)
