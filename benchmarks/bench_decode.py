@@ -198,6 +198,13 @@ def run_calibration(out: Path, presets, calib_batches) -> None:
     log(f"calibration ({impl} experts): {time.time() - t0:.0f} s")
 
 
+def _point(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition("x")
+    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT of positive integers, e.g. 24x2048")
+    return int(batch), int(context)
+
+
 def run_profile(out: Path, preset: str = "paper", batch: int = 24, impl: str = "triton+fused",
                 context: int = 2048) -> None:
     """Kernel time of graph-replayed decode steps, by kernel: where the time over the floor goes."""
@@ -279,7 +286,7 @@ def main() -> int:
     parser.add_argument("--calib-batches", type=int, nargs="+", default=[8, 24, 64, 256])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
-    parser.add_argument("--profile-point", default="24x2048", help="BATCHxCONTEXT of --stage profile")
+    parser.add_argument("--profile-point", default="24x2048", type=_point, help="BATCHxCONTEXT of --stage profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.probe:
@@ -291,9 +298,9 @@ def main() -> int:
     if args.stage in ("all", "calibrate"):
         run_calibration(args.out, args.presets, args.calib_batches)
     if args.stage in ("all", "profile"):
-        batch, _, context = args.profile_point.partition("x")
+        batch, context = args.profile_point
         impl = (args.impls or ["triton+fused" if triton else "grouped_mm"])[0]
-        run_profile(args.out, batch=int(batch), context=int(context), impl=impl)
+        run_profile(args.out, batch=batch, context=context, impl=impl)
     if args.stage == "hfprofile":
         run_hf_profile(args.out)
     return 0

@@ -226,6 +226,12 @@ class _profile:
         return False
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a micro-batch count is a positive integer")
+    return int(text)
+
+
 def _point(text: str) -> tuple[int, int]:
     batch, _, context = text.partition("x")
     if not (batch.isdigit() and context.isdigit()):
@@ -253,7 +259,7 @@ def main() -> None:
     parser.add_argument("--all-ratios", action="store_true",
                         help="every attention:expert ratio and two replicas where they fit (scaling_plans), "
                              "not the 3 most attention-heavy splits")
-    parser.add_argument("--microbatches", type=int, nargs="+", default=None,
+    parser.add_argument("--microbatches", type=_positive, nargs="+", default=None,
                         help="time every separated, EP and PP plan at each of these micro-batch counts "
                              "(default: the plans' own, 2)")
     parser.add_argument("--no-check", dest="check", action="store_false")
