@@ -30,22 +30,33 @@ def share_config(name: str, tp: int, context: int):
                        max_seq_len=context)
 
 
+def _point(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition("x")
+    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT of positive integers, e.g. 24x2048")
+    return int(batch), int(context)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--points", nargs="+", default=["24x2048", "128x2048"])
+    parser.add_argument("--tp", type=int, default=2, help="the TP degree whose rank share is timed (>= 1)")
+    parser.add_argument("--points", type=_point, nargs="+", default=[(24, 2048), (128, 2048)])
     parser.add_argument("--impl", default="auto+fused")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.tp < 1:
+        parser.error(f"--tp {args.tp}: must be >= 1")
+    try:  # every point's shape checked before any GPU work
+        configs = [share_config(args.preset, args.tp, context) for _, context in args.points]
+    except ValueError as err:
+        parser.error(str(err))
     copy_bw, matmul = measure_copy_bandwidth(), measure_matmul_flops()
     rows = []
-    for point in args.points:
-        batch, _, context = point.partition("x")
-        cfg = share_config(args.preset, args.tp, int(context))
+    for (batch, context), cfg in zip(args.points, configs):
         model = build_model(cfg, seed=0, device="cuda", dtype=cfg.torch_dtype)
-        row = bench_decode(cfg.name, int(batch), int(context), model=model, impl=args.impl, steps=args.steps,
+        row = bench_decode(cfg.name, batch, context, model=model, impl=args.impl, steps=args.steps,
                            copy_bw=copy_bw, matmul_flops=matmul)
         rows.append(row | dict(tp=args.tp, share_of=args.preset))
         del model
