@@ -198,13 +198,6 @@ def run_calibration(out: Path, presets, calib_batches) -> None:
     log(f"calibration ({impl} experts): {time.time() - t0:.0f} s")
 
 
-def _point(text: str) -> tuple[int, int]:
-    batch, _, context = text.partition("x")
-    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT of positive integers, e.g. 24x2048")
-    return int(batch), int(context)
-
-
 def run_profile(out: Path, preset: str = "paper", batch: int = 24, impl: str = "triton+fused",
                 context: int = 2048) -> None:
     """Kernel time of graph-replayed decode steps, by kernel: where the time over the floor goes."""
@@ -286,7 +279,7 @@ def main() -> int:
     parser.add_argument("--calib-batches", type=int, nargs="+", default=[8, 24, 64, 256])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
-    parser.add_argument("--profile-point", default="24x2048", type=_point, help="BATCHxCONTEXT of --stage profile")
+    parser.add_argument("--profile-point", default="24x2048", type=bench.decode_point, help="BATCHxCONTEXT of --stage profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.probe:

@@ -46,6 +46,7 @@ from masep.config import preset  # noqa: E402
 from masep.engine import Request, generate, random_prompts  # noqa: E402
 from masep.model import build_model  # noqa: E402
 from masep.parallel.bench_dist import DistBenchSpec, bench_points_on  # noqa: E402
+from masep.perf.bench import decode_point  # noqa: E402
 from masep.parallel.groups import init_distributed  # noqa: E402
 from masep.parallel.worker import RunSpec, run_on  # noqa: E402
 from masep.plan import EpPlan, SeparatedPlan, TpPpPlan  # noqa: E402
@@ -232,13 +233,6 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _point(text: str) -> tuple[int, int]:
-    batch, _, context = text.partition("x")
-    if not (batch.isdigit() and context.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 128x2048")
-    return int(batch), int(context)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -253,7 +247,7 @@ def main() -> None:
                         help="fast: CUDA graphs + Triton experts + fused small-op kernels; fast-unfused: "
                              "without the fused kernels; eager: plain PyTorch")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
-    parser.add_argument("--points", type=_point, nargs="+", default=None,
+    parser.add_argument("--points", type=decode_point, nargs="+", default=None,
                         help="BATCHxCONTEXT points (e.g. 24x2048 2048x512) instead of --batches x the contexts")
     parser.add_argument("--plan-filter", default="", help="time only plans whose description contains this")
     parser.add_argument("--all-ratios", action="store_true",

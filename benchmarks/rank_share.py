@@ -17,7 +17,8 @@ from pathlib import Path
 
 from masep.config import preset
 from masep.model import build_model
-from masep.perf.bench import bench_decode, device_meta, free_cuda, measure_copy_bandwidth, measure_matmul_flops
+from masep.perf.bench import (bench_decode, decode_point, device_meta, free_cuda, measure_copy_bandwidth,
+                              measure_matmul_flops)
 
 
 def share_config(name: str, tp: int, context: int):
@@ -30,18 +31,11 @@ def share_config(name: str, tp: int, context: int):
                        max_seq_len=context)
 
 
-def _point(text: str) -> tuple[int, int]:
-    batch, _, context = text.partition("x")
-    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT of positive integers, e.g. 24x2048")
-    return int(batch), int(context)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--tp", type=int, default=2, help="the TP degree whose rank share is timed (>= 1)")
-    parser.add_argument("--points", type=_point, nargs="+", default=[(24, 2048), (128, 2048)])
+    parser.add_argument("--points", type=decode_point, nargs="+", default=[(24, 2048), (128, 2048)])
     parser.add_argument("--impl", default="auto+fused")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", required=True)

@@ -103,6 +103,14 @@ def hardware_tag(device_name: str) -> str:
     return device_name.lower().replace(" ", "-")[:20]
 
 
+def decode_point(text: str) -> tuple[int, int]:
+    """A benchmark point "BATCHxCONTEXT" (e.g. 24x2048) -> (batch, context); an argparse type."""
+    batch, _, context = text.partition("x")
+    if not (batch.isdigit() and context.isdigit() and int(batch) > 0 and int(context) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT of positive integers, e.g. 24x2048")
+    return int(batch), int(context)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     pos = (len(ordered) - 1) * q / 100
