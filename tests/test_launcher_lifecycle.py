@@ -76,3 +76,54 @@ def test_spawn_has_no_deadline_unless_asked():
     assert spawn(2, _sleep_then_answer, 2.0) == "done"
     with pytest.raises(TimeoutError):
         spawn(2, _sleep_then_answer, 30.0, timeout_s=1.0)
+
+
+class _Proc:
+    def __init__(self, exitcode):
+        self.exitcode, self.pid = exitcode, 1000
+
+
+class _Procs:
+    """Rank processes as the front end sees them: rank 1's exit (a signal) shows only after
+    `lag` dead_ranks() reads, as when a survivor's report beats the reaping of the dead."""
+
+    def __init__(self, exitcodes, lag):
+        self.procs, self.lag, self.killed = [_Proc(None) for _ in exitcodes], lag, []
+        self.exitcodes = exitcodes
+
+    def poll(self):
+        self.lag -= 1
+        if self.lag <= 0:
+            for proc, code in zip(self.procs, self.exitcodes):
+                proc.exitcode = code
+
+    def dead_ranks(self):
+        from masep.parallel.launch import exit_reason
+        return {r: exit_reason(p.pid, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)}
+
+    def kill(self, r):
+        self.killed.append(r)
+
+
+def _front_end(procs):
+    from masep.parallel.cluster import ClusterExecutor
+    from masep.parallel.control import RankInfo
+    from masep.plan import TpPpPlan
+    front = object.__new__(ClusterExecutor)
+    front.plan, front.procs, front.gone, front.conns, front.epoch = TpPpPlan(1, 2, 2), procs, {}, {}, 0
+    front.infos = {r: RankInfo(r, "tp_pp", 0, r == 1, 4, 1000) for r in range(2)}
+    return front
+
+
+@pytest.mark.parametrize("exitcodes,named", [((None, -9), "rank 1 (tp_pp) (pid 1000) was killed by SIGKILL"),
+                                             ((None, 1), "rank 0 (tp_pp) failed: RuntimeError: peer reset")])
+def test_a_survivors_error_names_the_killed_peer_first(monkeypatch, exitcodes, named):
+    """Rank 0's send fails because rank 1 was SIGKILLed, and rank 0's error reaches the front end
+    before rank 1's exit shows: the engine names rank 1 and the signal, not rank 0's failed send.
+    A peer that exited with a code (it may have failed because of rank 0) does not take the blame."""
+    from masep.parallel import cluster
+    from masep.parallel.cluster import EngineDead
+    procs = _Procs(exitcodes, lag=5)
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: procs.poll())
+    with pytest.raises(EngineDead, match=named.replace("(", "\\(").replace(")", "\\)")):
+        _front_end(procs)._on_message(0, ("error", "Traceback ...\nRuntimeError: peer reset"), 3, {}, {}, {})

@@ -233,6 +233,12 @@ class ClusterExecutor:
             if msg[1] == step_id:
                 self._done.add(r)
         elif kind == "error":
+            # a rank's transfer fails when a peer is killed, and its report can arrive before the
+            # killed process is reaped: name that peer first (the signal is the cause). A peer that
+            # exited with a code may have failed because of r, so it does not take r's place.
+            dead = self._signalled_rank(grace_s=1.0, besides=r)
+            if dead is not None:
+                self._rank_gone(dead, self.procs.dead_ranks()[dead], lost)
             text = msg[1].strip().splitlines()
             self._rank_gone(r, f"failed: {text[-1] if text else 'an error'}", lost)
         elif kind in ("lost", "failed"):
@@ -306,6 +312,21 @@ class ClusterExecutor:
             return False
         held = Counter(e for x in self.experts for e in self.infos[x].experts)
         return len(self.experts) >= 2 and min(held.values()) >= 2
+
+    def _signalled_rank(self, grace_s: float, besides: int) -> int | None:
+        """A rank other than `besides`, not handled yet, whose process a signal ended (SIGKILL,
+        the OOM killer), waiting up to grace_s for one to show; None where this process did not
+        start the ranks (it sees no exit codes)."""
+        procs = getattr(self.procs, "procs", None)
+        if procs is None:
+            return None
+        deadline = time.monotonic() + grace_s
+        while True:
+            killed = [x for x, proc in enumerate(procs)
+                      if x != besides and x not in self.gone and proc.exitcode is not None and proc.exitcode < 0]
+            if killed or time.monotonic() > deadline:
+                return killed[0] if killed else None
+            time.sleep(0.02)
 
     def _dead_expert_rank(self, grace_s: float) -> int | None:
         """An expert rank whose process has ended, waiting up to grace_s for some rank's exit to
