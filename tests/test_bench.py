@@ -150,15 +150,13 @@ def test_from_launch_time_is_the_slowest_ranks_per_step_median():
     """median_from_launch_ms: per step the slowest rank (a step ends when every rank's does),
     then the median over steps; absent when a timed rank has no launch time (no whole-step
     graph) or on an expert rank's empty report alone."""
-    from masep.parallel.bench_dist import DistBenchSpec, _from_launch_ms
-    from masep.parallel.worker import RunSpec
-    spec = DistBenchSpec(RunSpec(plan=None, requests=[]), batch=4, steps=3)
+    from masep.parallel.bench_dist import _from_launch_ms
     ranks = [dict(times_s=[5e-3] * 3, from_launch_s=[1e-3, 4e-3, 2e-3]),
              dict(times_s=[5e-3] * 3, from_launch_s=[3e-3, 1e-3, 2e-3]),
              dict(times_s=None, from_launch_s=None)]  # an expert rank: not timed
-    assert _from_launch_ms(spec, ranks) == {"median_from_launch_ms": 3.0}
+    assert _from_launch_ms(ranks) == {"median_from_launch_ms": 3.0}
     ranks[1]["from_launch_s"] = None
-    assert _from_launch_ms(spec, ranks) == {}
+    assert _from_launch_ms(ranks) == {}
 
 
 def _points_of_one_plan(plan):

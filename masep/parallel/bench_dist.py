@@ -249,19 +249,22 @@ def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, co
     return row
 
 
-def _from_launch_ms(spec: DistBenchSpec, reports: list[dict]) -> dict:
+def _from_launch_ms(reports: list[dict]) -> dict:
     """Median over the timed steps of the slowest rank's launch-to-end time (ms), where every
     timed rank has one (whole-step graphs on CUDA)."""
     timed = [r for r in reports if r["times_s"]]
     if not timed or any(r.get("from_launch_s") is None for r in timed):
         return {}
-    per_step = [max(r["from_launch_s"][i] for r in timed) for i in range(spec.steps)]
-    return dict(median_from_launch_ms=float(np.median(per_step)) * 1e3)
+    return dict(median_from_launch_ms=float(np.median(_slowest_per_step([r["from_launch_s"] for r in timed]))) * 1e3)
+
+
+def _slowest_per_step(series: list[list[float]]) -> list[float]:
+    """Per step, the slowest rank's seconds: a step ends when every rank's does."""
+    return [max(step) for step in zip(*series)]
 
 
 def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
-    timed = [r["times_s"] for r in reports if r["times_s"]]
-    per_step = [max(t[i] for t in timed) for i in range(spec.steps)]  # a step ends when the slowest does
+    per_step = _slowest_per_step([r["times_s"] for r in reports if r["times_s"]])
     ms = np.asarray(per_step, dtype=np.float64) * 1e3
     duration = float(sum(per_step))
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
@@ -273,7 +276,7 @@ def summarize(spec: DistBenchSpec, plan, cfg, env, reports: list[dict]) -> dict:
                 context=spec.context, steps=spec.steps, timing=reports[0]["timing"], duration=duration,
                 total_output_tokens=spec.batch * spec.steps, output_throughput=spec.batch * spec.steps / duration,
                 mean_tpot_ms=float(ms.mean()), median_tpot_ms=float(np.median(ms)), std_tpot_ms=float(ms.std()),
-                p99_tpot_ms=float(np.percentile(ms, 99)), **_from_launch_ms(spec, reports),
+                p99_tpot_ms=float(np.percentile(ms, 99)), **_from_launch_ms(reports),
                 busy_ms_per_step={r["rank"]: {k: v * 1e3 / spec.steps for k, v in r["busy_s"].items()}
                                   for r in reports},
                 max_memory_gib={r["rank"]: (r["max_memory_bytes"] or 0) / 2**30 for r in reports},

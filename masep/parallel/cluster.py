@@ -236,8 +236,9 @@ class ClusterExecutor:
             # a rank's transfer fails when a peer is killed, and its report can arrive before the
             # killed process is reaped: name that peer first (the signal is the cause). A peer that
             # exited with a code may have failed because of r, so it does not take r's place.
-            dead = self._signalled_rank(grace_s=1.0, besides=r)
-            if dead is not None:
+            killed = self._ended_ranks(1.0, lambda x, exitcode: x != r and exitcode < 0)
+            if killed:
+                dead = min(killed)
                 self._rank_gone(dead, self.procs.dead_ranks()[dead], lost)
             text = msg[1].strip().splitlines()
             self._rank_gone(r, f"failed: {text[-1] if text else 'an error'}", lost)
@@ -313,31 +314,26 @@ class ClusterExecutor:
         held = Counter(e for x in self.experts for e in self.infos[x].experts)
         return len(self.experts) >= 2 and min(held.values()) >= 2
 
-    def _signalled_rank(self, grace_s: float, besides: int) -> int | None:
-        """A rank other than `besides`, not handled yet, whose process a signal ended (SIGKILL,
-        the OOM killer), waiting up to grace_s for one to show; None where this process did not
-        start the ranks (it sees no exit codes)."""
+    def _ended_ranks(self, grace_s: float, wanted=lambda rank, exitcode: True) -> dict[int, int]:
+        """{rank: exit code} of the ranks not handled yet whose process ended with an error or a
+        signal and that `wanted` accepts, waiting up to grace_s for one to show (a survivor's
+        failed transfer can be reported before the dead process is reaped); {} where this process
+        did not start the ranks (it sees no exit codes)."""
         procs = getattr(self.procs, "procs", None)
         if procs is None:
-            return None
+            return {}
         deadline = time.monotonic() + grace_s
         while True:
-            killed = [x for x, proc in enumerate(procs)
-                      if x != besides and x not in self.gone and proc.exitcode is not None and proc.exitcode < 0]
-            if killed or time.monotonic() > deadline:
-                return killed[0] if killed else None
+            ended = {r: p.exitcode for r, p in enumerate(procs)
+                     if r not in self.gone and p.exitcode not in (None, 0) and wanted(r, p.exitcode)}
+            if ended or time.monotonic() > deadline:
+                return ended
             time.sleep(0.02)
 
     def _dead_expert_rank(self, grace_s: float) -> int | None:
-        """An expert rank whose process has ended, waiting up to grace_s for some rank's exit to
-        show (a survivor's failed transfer can be reported before the dead process is reaped)."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            ended = [r for r in self.procs.dead_ranks() if r not in self.gone]
-            dead = [r for r in ended if r in self.experts and r not in self.lost_experts]
-            if ended or time.monotonic() > deadline or not hasattr(self.procs, "procs"):
-                return dead[0] if dead else None
-            time.sleep(0.02)
+        """An expert rank whose process has ended, once some rank's exit shows (grace_s at most)."""
+        dead = [r for r in self._ended_ranks(grace_s) if r in self.experts and r not in self.lost_experts]
+        return dead[0] if dead else None
 
     def _can_replace(self) -> bool:
         """A separated plan whose ranks this process started, replacements allowed, and every
