@@ -33,6 +33,7 @@ import torch
 
 from .decode_attention import covers as decode_attention_covers
 from .decode_attention import decode_attention
+from .grouped_mm_wide import wide_grouped_mm
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
 
@@ -42,11 +43,18 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-EXPERT_IMPLS = ("grouped_mm", "triton", "auto")
-# From this many token-expert rows on, F.grouped_mm (CUTLASS) beats our Triton kernel: on an H200
-# (`paper`, bf16) 28.5 vs 34.4 ms a step at 4096 rows (batch 2048), 21.5 vs 21.8 at 1024 rows;
-# below, the Triton kernel's deep weight pipeline wins (1.4x at batch 24).
-GROUPED_MM_FROM_ROWS = 1024
+EXPERT_IMPLS = ("grouped_mm", "triton", "wide", "auto")
+# The expert kernel by token-expert rows ("auto"), from benchmarks/bench_grouped_mm.py on an H200
+# (`paper`, bf16, one weight matrix; results/grouped_mm_h200_20261201.md):
+# - below WIDE_FROM_ROWS, the decode kernel below: its deep weight pipeline wins where the
+#   matmul is memory-bound (1.4x F.grouped_mm at batch 24);
+# - from WIDE_FROM_ROWS, the wide kernel (grouped_mm_wide.py): 0.62 against F.grouped_mm's 0.70 ms
+#   at 1024 rows over 16 experts, 0.95-0.99 against 1.09 at 2048 (a whole step at batch 512:
+#   21.3 against 21.9 ms);
+# - from GROUPED_MM_FROM_ROWS, F.grouped_mm (CUTLASS): 1.28 against the wide kernel's 1.39 ms at
+#   4096 rows over 16 experts (batch 2048), where the matmul is bound by FLOPs.
+WIDE_FROM_ROWS = 1024
+GROUPED_MM_FROM_ROWS = 4096
 
 
 def bucket_len(attend_len: int, max_len: int, step: int = 256) -> int:
@@ -437,16 +445,19 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
 
 
 def auto_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """The faster kernel for this many rows (GROUPED_MM_FROM_ROWS): a host-side choice from the
-    shape, so it adds no sync and each CUDA graph holds one kernel. fp32 always takes the Triton
-    kernel (F.grouped_mm has no fp32 CUDA kernel)."""
-    if x_NK.shape[0] >= GROUPED_MM_FROM_ROWS and x_NK.dtype != torch.float32:
-        return torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
-    return triton_grouped_mm(x_NK, w_EKM, offs_E)
+    """The faster kernel for this many rows (WIDE_FROM_ROWS, GROUPED_MM_FROM_ROWS): a host-side
+    choice from the shape, so it adds no sync and each CUDA graph holds one kernel. fp32 always
+    takes the Triton decode kernel (F.grouped_mm has no fp32 CUDA kernel)."""
+    rows = x_NK.shape[0]
+    if x_NK.dtype == torch.float32 or rows < WIDE_FROM_ROWS:
+        return triton_grouped_mm(x_NK, w_EKM, offs_E)
+    if rows < GROUPED_MM_FROM_ROWS:
+        return wide_grouped_mm(x_NK, w_EKM, offs_E)
+    return torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
 
 
 def auto_expert_impl(model: torch.nn.Module) -> str | None:
-    """"auto" (Triton below GROUPED_MM_FROM_ROWS rows, F.grouped_mm from there) for a model on
+    """"auto" (auto_grouped_mm: Triton kernels below GROUPED_MM_FROM_ROWS rows, F.grouped_mm from there) for a model on
     CUDA where triton is installed, else None (keep the model's F.grouped_mm). fp32 takes the
     Triton kernel at every size: F.grouped_mm has no fp32 CUDA kernel, and its fallback copies
     the offsets to the host, which a CUDA graph cannot hold; the Triton kernel runs fp32 in
@@ -455,13 +466,22 @@ def auto_expert_impl(model: torch.nn.Module) -> str | None:
     return "auto" if param.is_cuda and triton is not None else None
 
 
+def wide_or_decode_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """"wide": the Triton decode kernel below WIDE_FROM_ROWS rows, the wide Triton kernel from
+    there at every size (16-bit; fp32 keeps the decode kernel, which runs it in IEEE). "auto"
+    hands the largest matmuls to F.grouped_mm instead; this is the A/B against it."""
+    if x_NK.shape[0] >= WIDE_FROM_ROWS and x_NK.dtype != torch.float32:
+        return wide_grouped_mm(x_NK, w_EKM, offs_E)
+    return triton_grouped_mm(x_NK, w_EKM, offs_E)
+
+
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:
-    """Use `impl` ("grouped_mm", "triton" or "auto": by row count) for every Experts module."""
+    """Use `impl` ("grouped_mm", "triton", "wide" or "auto": by row count) for every Experts module."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert impl {impl!r}: choose one of {EXPERT_IMPLS}")
     if impl != "grouped_mm" and triton is None:
         raise ValueError(f"expert impl {impl!r} needs triton, which is not installed: use 'grouped_mm'")
-    fn = {"grouped_mm": None, "triton": triton_grouped_mm, "auto": auto_grouped_mm}[impl]
+    fn = {"grouped_mm": None, "triton": triton_grouped_mm, "wide": wide_or_decode_mm, "auto": auto_grouped_mm}[impl]
     for module in model.modules():
         if isinstance(module, Experts):
             module.grouped_mm_fn = fn

@@ -132,18 +132,27 @@ def test_set_expert_impl_validates():
 
 
 def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
-    """Below GROUPED_MM_FROM_ROWS rows the Triton kernel, from there F.grouped_mm (16-bit); fp32
-    always Triton (no fp32 F.grouped_mm on CUDA). The choice reads only the shape."""
+    """Below WIDE_FROM_ROWS rows the Triton decode kernel, then the wide Triton kernel, from
+    GROUPED_MM_FROM_ROWS F.grouped_mm (16-bit); fp32 always the decode kernel (no fp32
+    F.grouped_mm on CUDA). The choice reads only the shape. "wide" never takes F.grouped_mm."""
     from masep import fastpath as fp
     calls = []
     monkeypatch.setattr(fp, "triton_grouped_mm", lambda x, w, o: calls.append("triton"))
+    monkeypatch.setattr(fp, "wide_grouped_mm", lambda x, w, o: calls.append("wide"))
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda x, w, offs: calls.append("grouped_mm"),
                         raising=False)
     w, offs = torch.zeros(2, 4, 4), torch.tensor([1, 2], dtype=torch.int32)
-    for rows, dtype in ((fp.GROUPED_MM_FROM_ROWS - 1, torch.bfloat16), (fp.GROUPED_MM_FROM_ROWS, torch.bfloat16),
-                        (fp.GROUPED_MM_FROM_ROWS, torch.float32)):
+    assert fp.WIDE_FROM_ROWS < fp.GROUPED_MM_FROM_ROWS
+    cases = ((fp.WIDE_FROM_ROWS - 1, torch.bfloat16), (fp.WIDE_FROM_ROWS, torch.bfloat16),
+             (fp.GROUPED_MM_FROM_ROWS - 1, torch.bfloat16), (fp.GROUPED_MM_FROM_ROWS, torch.bfloat16),
+             (fp.GROUPED_MM_FROM_ROWS, torch.float32))
+    for rows, dtype in cases:
         fp.auto_grouped_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
-    assert calls == ["triton", "grouped_mm", "triton"]
+    assert calls == ["triton", "wide", "wide", "grouped_mm", "triton"]
+    calls.clear()
+    for rows, dtype in cases:
+        fp.wide_or_decode_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
+    assert calls == ["triton", "wide", "wide", "wide", "triton"]
 
 
 def test_fast_path_sets_the_fused_kernels_as_the_spec_says(monkeypatch):
@@ -202,6 +211,43 @@ def test_triton_grouped_mm_matches_grouped_mm_in_interpreter():
         print("ok")
     """)
     _run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton not installed (CPU-only torch)")
+def test_wide_grouped_mm_matches_per_group_matmuls_in_interpreter():
+    """The wide kernel, both load paths and both tile orders, against one matmul per group
+    (float32: exact to rounding). Empty groups, a group of one row, groups longer than a tile,
+    K not a multiple of the tile, one group holding every row: a tile given the wrong group or
+    rows fails the 1e-5 bound by orders of magnitude."""
+    code = textwrap.dedent("""
+        import torch
+        from masep.grouped_mm_wide import wide_grouped_mm
+        gen = torch.Generator().manual_seed(0)
+        cases = [(48, 16, 64, 96, None), (7, 4, 48, 24, [0, 5, 0, 2]), (130, 3, 256, 64, None), (70, 2, 64, 80, [70, 0])]
+        for n, e, k, m, counts in cases:
+            c = torch.tensor(counts) if counts else torch.bincount(torch.randint(0, e, (n,), generator=gen), minlength=e)
+            offs = c.cumsum(0).to(torch.int32)
+            x = torch.randn(n, k, generator=gen)
+            w = torch.randn(e, m, k, generator=gen).transpose(1, 2)  # [E, K, M] view, as the model passes it
+            ends = offs.tolist()
+            ref = torch.cat([x[a:b] @ w[g] for g, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
+            for tma in (False, True):
+                for major in (True, False):
+                    cfg = dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=32, SLOT_MAJOR=major, num_warps=4, num_stages=2)
+                    out = wide_grouped_mm(x, w, offs, tma=tma, config=cfg)
+                    err = float((out - ref).norm() / ref.norm())
+                    assert err < 1e-5, (n, e, k, m, tma, major, err)
+        print("ok")
+    """)
+    _run_in_triton_interpreter(code)
+
+
+def test_wide_grouped_mm_names_bad_shapes():
+    from masep import grouped_mm_wide as gw
+    if gw.triton is None:
+        pytest.skip("triton not installed")
+    with pytest.raises(ValueError, match=r"x \(4, 8\), w \(2, 6, 5\), offs \(2,\)"):
+        gw.wide_grouped_mm(torch.zeros(4, 8), torch.zeros(2, 6, 5), torch.tensor([1, 4], dtype=torch.int32))
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton not installed (CPU-only torch)")
@@ -327,6 +373,38 @@ def test_graphed_runtime_serves_sparse_slots_on_cuda():
         assert err < 3e-2, (step, slots, err)
         live = {s: (int(t), live[s][1] + 1) for s, t in zip(slots, a.argmax(-1))}
     assert len(fast._graphs) == 32  # nothing captured after capture_all
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and triton")
+def test_wide_grouped_mm_on_cuda_bf16():
+    """bf16 on the GPU, both load paths (autotuned), against F.grouped_mm: the same products
+    summed in another order, so ~1e-3 relative (bf16 outputs); swapping two groups' weights
+    moves the output by ~1.4 (unrelated random weights) and must fail it. A CUDA-graph replay
+    gives the eager call's bits: the autotuner ran outside the capture."""
+    import torch.nn.functional as F
+    from masep.grouped_mm_wide import tma_applies, wide_grouped_mm
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, e, k, m in [(1024, 16, 512, 768), (2500, 8, 384, 256), (3000, 3, 256, 512)]:
+        counts = torch.bincount(torch.randint(0, e, (n,), device="cuda", generator=gen), minlength=e)
+        counts[1] = 0  # an empty group
+        counts[0] += n - int(counts.sum())
+        offs = counts.cumsum(0).to(torch.int32)
+        x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(e, m, k, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2) / k ** 0.5
+        ref = F.grouped_mm(x, w, offs=offs).float()
+        swapped = w[[2, *range(1, 2), 0, *range(3, e)]] if e > 2 else w.flip(0)
+        for tma in (False, True) if tma_applies(x, w) else (False,):
+            out = wide_grouped_mm(x, w, offs, tma=tma)
+            err = float((out.float() - ref).norm() / ref.norm())
+            assert err < 1e-2, (n, e, tma, err)
+            bad = float((wide_grouped_mm(x, swapped, offs, tma=tma).float() - ref).norm() / ref.norm())
+            assert bad > 0.1, (n, e, tma, bad)  # the planted bug fails the bound above
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = wide_grouped_mm(x, w, offs, tma=tma)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(replayed, out), (n, e, tma)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and triton")

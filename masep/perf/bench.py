@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="sequences decoding together (one point each)")
     dec.add_argument("--context", type=int, default=2048, help="KV cache length every sequence attends to")
     dec.add_argument("--impl", nargs="+", default=["grouped_mm"] + (["triton", "triton+fused"] if triton else []),
-                     choices=["grouped_mm", "triton", "auto", "grouped_mm+fused", "triton+fused", "auto+fused"],
+                     choices=[f"{i}{f}" for i in ("grouped_mm", "triton", "wide", "auto") for f in ("", "+fused")],
                      help="expert kernels (+fused: also the fused norm/RoPE/router kernels)")
     dec.add_argument("--steps", type=int, default=100, help="timed decode steps per point")
     dec.add_argument("--peer", action="store_true", help="also time transformers' MixtralForCausalLM (SwiGLU presets)")
