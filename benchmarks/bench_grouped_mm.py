@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from masep.config import preset as get_preset
 from masep.fastpath import triton_grouped_mm
+from masep import grouped_mm_wide as gw
 from masep.grouped_mm_wide import tma_applies, wide_grouped_mm
 from masep.perf import bench
 
@@ -78,8 +79,11 @@ def time_matrices(cfg, copy_bw: float, flops: float, meta: dict) -> list[dict]:
                     err = float((fn(x, w, offs).float() - ref).norm() / ref.norm())
                     ms = bench.time_graph(lambda: fn(x, w, offs))
                     row.update(ms=ms, tflops=fl / ms / 1e9, of_floor=ms / floor_ms, rel_err=err)
+                    tuned = {"wide, pointers": gw._wide_ptr, "wide, TMA": gw._wide_tma}.get(name)
+                    if tuned is not None:  # the candidate the autotuner kept for this shape
+                        row["config"] = str(tuned.best_config)
                     log(f"{s['what']:42} {matrix:4} {name:22} {ms:7.3f} ms  {fl / ms / 1e9:5.0f} TFLOP/s  "
-                        f"x{ms / floor_ms:.2f} floor  err {err:.1e}")
+                        f"x{ms / floor_ms:.2f} floor  err {err:.1e} {row.get('config', '')}")
                 except Exception as err:  # a kernel that fails here is reported, not fatal
                     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     log(f"{s['what']:42} {matrix:4} {name:22} failed: {row['error']}")

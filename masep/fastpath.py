@@ -33,6 +33,7 @@ import torch
 
 from .decode_attention import covers as decode_attention_covers
 from .decode_attention import decode_attention
+from .grouped_mm_wide import tma_applies as wide_tma_applies
 from .grouped_mm_wide import wide_grouped_mm
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
@@ -48,11 +49,11 @@ EXPERT_IMPLS = ("grouped_mm", "triton", "wide", "auto")
 # (`paper`, bf16, one weight matrix; results/grouped_mm_h200_20261201.md):
 # - below WIDE_FROM_ROWS, the decode kernel below: its deep weight pipeline wins where the
 #   matmul is memory-bound (1.4x F.grouped_mm at batch 24);
-# - from WIDE_FROM_ROWS, the wide kernel (grouped_mm_wide.py): 0.62 against F.grouped_mm's 0.70 ms
-#   at 1024 rows over 16 experts, 0.95-0.99 against 1.09 at 2048 (a whole step at batch 512:
-#   21.3 against 21.9 ms);
-# - from GROUPED_MM_FROM_ROWS, F.grouped_mm (CUTLASS): 1.28 against the wide kernel's 1.39 ms at
-#   4096 rows over 16 experts (batch 2048), where the matmul is bound by FLOPs.
+# - from WIDE_FROM_ROWS, the wide kernel (grouped_mm_wide.py): 0.56 against F.grouped_mm's 0.70 ms
+#   at 1024 rows over 16 experts, 0.84 against 1.10 at 2048; at 4096 rows (batch 2048) its TMA
+#   path ties or beats F.grouped_mm (1.21 / 1.12 against 1.22 / 1.19 ms, up / down) but its
+#   pointer path does not (1.37 / 1.31), so from GROUPED_MM_FROM_ROWS rows F.grouped_mm (CUTLASS)
+#   runs wherever the TMA path does not apply.
 WIDE_FROM_ROWS = 1024
 GROUPED_MM_FROM_ROWS = 4096
 
@@ -451,13 +452,13 @@ def auto_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tenso
     rows = x_NK.shape[0]
     if x_NK.dtype == torch.float32 or rows < WIDE_FROM_ROWS:
         return triton_grouped_mm(x_NK, w_EKM, offs_E)
-    if rows < GROUPED_MM_FROM_ROWS:
+    if rows < GROUPED_MM_FROM_ROWS or wide_tma_applies(x_NK, w_EKM):
         return wide_grouped_mm(x_NK, w_EKM, offs_E)
     return torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
 
 
 def auto_expert_impl(model: torch.nn.Module) -> str | None:
-    """"auto" (auto_grouped_mm: Triton kernels below GROUPED_MM_FROM_ROWS rows, F.grouped_mm from there) for a model on
+    """"auto" (auto_grouped_mm: Triton kernels, F.grouped_mm for the largest matmuls without TMA) for a model on
     CUDA where triton is installed, else None (keep the model's F.grouped_mm). fp32 takes the
     Triton kernel at every size: F.grouped_mm has no fp32 CUDA kernel, and its fallback copies
     the offsets to the host, which a CUDA graph cannot hold; the Triton kernel runs fp32 in

@@ -7,12 +7,15 @@ kernel must keep the tensor cores busy rather than stream weights: large tiles (
 of 64+ rows), and an order of tiles that reads every weight tile from HBM about once.
 
 Tile order. Program p takes row block `slot` (the blocks of every group, in order: the same
-slot numbering as fastpath's decode kernel) and column block `col`. SLOT_MAJOR puts the column
-blocks of one row block next to each other: the row block's activations stay in L2 while every
-weight tile of its expert streams past, and the expert's other row blocks, a few dozen programs
-later, find the same weight tiles still in L2. The other order (slots fastest) keeps one column
-block's weight tiles of every expert in flight at once instead; which wins depends on the
-shapes, so autotuning tries both.
+slot numbering as fastpath's decode kernel) and column block `col`, in one of three orders
+(ORDER; autotuning tries each, the best depends on the shapes):
+0. row block major: a row block's activations stay in L2 while every weight tile of its group
+   streams past; the group's other row blocks come a whole row of column blocks later;
+1. row blocks fastest: one column block's weight tiles of every group are in flight at once,
+   each shared by its group's row blocks; every activation is read once per column block;
+2. group by group, column outer, the group's row blocks inner: the programs that share a weight
+   tile run side by side (each weight tile leaves HBM once) and a group's activations (a few
+   MB) stay in L2 across its column blocks.
 
 Two load paths, chosen on the host: pointers (any strides, any triton with tl.dot) and TMA
 tensor descriptors (Hopper, triton with `triton.tools.tensor_descriptor`, weights stored
@@ -41,14 +44,27 @@ except ImportError:  # pragma: no cover
 if triton is not None:
     @triton.jit
     def _find_tile(offs_ptr, pid, N, M, E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   SLOT_MAJOR: tl.constexpr):
-        """Program -> (group, first row, row end of the group, first column); group -1: no tile."""
+                   ORDER: tl.constexpr):
+        """Program -> (group, first row, row end of the group, first column); group -1: no tile.
+        ORDER (module docstring): 0 row block major, 1 row blocks fastest, 2 group by group."""
         num_slots = (N + E * (BLOCK_N - 1)) // BLOCK_N  # bound on sum_e ceil(count_e / BLOCK_N)
         num_cols = tl.cdiv(M, BLOCK_M)
-        if SLOT_MAJOR:
+        if ORDER == 0:
             slot, col = pid // num_cols, pid % num_cols
-        else:
+        elif ORDER == 1:
             slot, col = pid % num_slots, pid // num_slots
+        else:  # find the group whose tiles hold pid, then column outer, its row blocks inner
+            first_tile, first_block, start, slot, col = 0, 0, 0, -1, 0
+            for e in tl.static_range(E):
+                end = tl.load(offs_ptr + e)
+                blocks = (end - start + BLOCK_N - 1) // BLOCK_N
+                local = pid - first_tile
+                hit = (local >= 0) & (local < blocks * num_cols)
+                slot = tl.where(hit, first_block + local % tl.maximum(blocks, 1), slot)
+                col = tl.where(hit, local // tl.maximum(blocks, 1), col)
+                first_tile += blocks * num_cols
+                first_block += blocks
+                start = end
         first_block, start, group, row0, row1 = 0, 0, -1, 0, 0
         for e in tl.static_range(E):
             end = tl.load(offs_ptr + e)
@@ -73,9 +89,9 @@ if triton is not None:
     def _wide_ptr_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, N, M, K, N_BUCKET,
                          stride_xn, stride_xk, stride_we, stride_wk, stride_wm, stride_on, stride_om,
                          E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SLOT_MAJOR: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                         ORDER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         """N_BUCKET: only the autotuner's key."""
-        group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, SLOT_MAJOR)
+        group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, ORDER)
         if group >= 0:
             rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows x K of a prefill can pass 2^31
             cols = col0 + tl.arange(0, BLOCK_M)
@@ -100,10 +116,10 @@ if triton is not None:
     @triton.jit
     def _wide_tma_kernel(x_desc, w_desc, out_ptr, offs_ptr, N, M, K, N_BUCKET, stride_on, stride_om,
                          E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SLOT_MAJOR: tl.constexpr):
+                         ORDER: tl.constexpr):
         """w_desc: the weights as a 2-D [E * M, K] tensor (K contiguous); a column block that runs
         past M reads the next expert's rows, which land only in columns that are not stored."""
-        group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, SLOT_MAJOR)
+        group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, ORDER)
         if group >= 0:
             w_row = group * M + col0
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -120,9 +136,9 @@ if triton is not None:
                 nargs["w_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
         shapes = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                   (64, 256, 64, 4, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 5), (128, 128, 128, 8, 3)]
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "SLOT_MAJOR": major},
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "ORDER": order},
                               num_warps=w, num_stages=s, pre_hook=set_blocks)
-                for bn, bm, bk, w, s in shapes for major in (True, False)]
+                for bn, bm, bk, w, s in shapes for order in (0, 1, 2)]
 
     # keyed by the shapes that set the best tile; N in powers of two (rows vary step to step)
     _wide_ptr = triton.autotune(configs=_configs(False), key=["M", "K", "E", "N_BUCKET"])(
@@ -149,7 +165,7 @@ def wide_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tenso
     """F.grouped_mm(x, w, offs=offs)'s contract (2-D x, 3-D w) for many rows per group.
 
     tma: None = where it applies (tma_applies). config: pin one candidate (BLOCK_N, BLOCK_M,
-    BLOCK_K, SLOT_MAJOR, num_warps, num_stages) instead of autotuning (tests, benchmarks)."""
+    BLOCK_K, ORDER, num_warps, num_stages) instead of autotuning (tests, benchmarks)."""
     if triton is None:
         raise RuntimeError("wide_grouped_mm needs triton (install a CUDA build of torch)")
     n, k = x_NK.shape

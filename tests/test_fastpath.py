@@ -133,8 +133,9 @@ def test_set_expert_impl_validates():
 
 def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     """Below WIDE_FROM_ROWS rows the Triton decode kernel, then the wide Triton kernel, from
-    GROUPED_MM_FROM_ROWS F.grouped_mm (16-bit); fp32 always the decode kernel (no fp32
-    F.grouped_mm on CUDA). The choice reads only the shape. "wide" never takes F.grouped_mm."""
+    GROUPED_MM_FROM_ROWS F.grouped_mm (16-bit) unless the wide kernel's TMA path applies; fp32
+    always the decode kernel (no fp32 F.grouped_mm on CUDA). The choice reads only the shape and
+    layout. "wide" never takes F.grouped_mm."""
     from masep import fastpath as fp
     calls = []
     monkeypatch.setattr(fp, "triton_grouped_mm", lambda x, w, o: calls.append("triton"))
@@ -149,6 +150,10 @@ def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     for rows, dtype in cases:
         fp.auto_grouped_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
     assert calls == ["triton", "wide", "wide", "grouped_mm", "triton"]
+    calls.clear()
+    monkeypatch.setattr(fp, "wide_tma_applies", lambda x, w: True)
+    fp.auto_grouped_mm(torch.zeros(fp.GROUPED_MM_FROM_ROWS, 4, dtype=torch.bfloat16), w, offs)
+    assert calls == ["wide"]
     calls.clear()
     for rows, dtype in cases:
         fp.wide_or_decode_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
@@ -232,11 +237,11 @@ def test_wide_grouped_mm_matches_per_group_matmuls_in_interpreter():
             ends = offs.tolist()
             ref = torch.cat([x[a:b] @ w[g] for g, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
             for tma in (False, True):
-                for major in (True, False):
-                    cfg = dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=32, SLOT_MAJOR=major, num_warps=4, num_stages=2)
+                for order in (0, 1, 2):
+                    cfg = dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=32, ORDER=order, num_warps=4, num_stages=2)
                     out = wide_grouped_mm(x, w, offs, tma=tma, config=cfg)
                     err = float((out - ref).norm() / ref.norm())
-                    assert err < 1e-5, (n, e, k, m, tma, major, err)
+                    assert err < 1e-5, (n, e, k, m, tma, order, err)
         print("ok")
     """)
     _run_in_triton_interpreter(code)
