@@ -26,11 +26,7 @@ import math
 
 import torch
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs have none.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from .triton_util import tl, triton  # triton None: not installed
 
 BLOCK_S = 64  # keys per inner iteration
 MIN_CHUNK = 256  # a chunk shorter than this costs more in the merge than it gains in parallelism

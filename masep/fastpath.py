@@ -38,11 +38,7 @@ from .grouped_mm_wide import wide_grouped_mm
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs (CI) have none.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from .triton_util import tl, triton, round_bf16  # triton None: not installed
 
 EXPERT_IMPLS = ("grouped_mm", "triton", "wide", "auto")
 # The expert kernel by token-expert rows ("auto"), from benchmarks/bench_grouped_mm.py on an H200
@@ -188,16 +184,6 @@ def triton_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Ten
 # --- fused small ops: a decode step is ~250 tiny kernels besides the weight streams -----------
 if triton is not None:
     @triton.jit
-    def _round_bf16(x):
-        """float32 -> the nearest bf16 value (ties to even), kept in float32. Bit arithmetic, so
-        the compiler cannot fold it away as it does a .to(bf16).to(fp32) round trip (and the
-        result no longer depends on the cast's rounding mode: Triton's CPU interpreter truncates).
-        torch rounds every bf16 op's result this way; matching it keeps routing identical."""
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_o, BLOCK: tl.constexpr,
                          ROUND_BF16: tl.constexpr):
         """One row: float32 mean of squares, rsqrt, cast to x's dtype, times the weight (as RMSNorm)."""
@@ -207,13 +193,13 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
         if ROUND_BF16:
-            y = _round_bf16(x * r)
+            y = round_bf16(x * r)
         else:
             y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         out = w * y
         if ROUND_BF16:
-            out = _round_bf16(out)  # exact in bf16 now, whatever rounding the final cast uses
+            out = round_bf16(out)  # exact in bf16 now, whatever rounding the final cast uses
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -246,24 +232,56 @@ if triton is not None:
             q = tl.where(cols[None, :] == pick[:, None], -1.0, q)
 
     @triton.jit
-    def _route_kernel(ids_ptr, w_ptr, offs_ptr, token_ptr, w_sorted_ptr, n, K: tl.constexpr, E: tl.constexpr,
-                      E2: tl.constexpr, BLOCK: tl.constexpr):
-        """Stable counting sort of n token-expert pairs by expert, in one program: cumulative row
-        ends offs [E] (int32), the token of each sorted row (int64) and its routing weight."""
-        j = tl.arange(0, BLOCK)
+    def _route_kernel(ids_ptr, w_ptr, offs_ptr, token_ptr, w_sorted_ptr, where_ptr, n, K: tl.constexpr,
+                      E: tl.constexpr, E2: tl.constexpr, BLOCK: tl.constexpr):
+        """Stable counting sort of n token-expert pairs by expert: cumulative row ends offs [E]
+        (int32), the token of each sorted row (int64), its routing weight, and where each pair
+        went (where[j] = its sorted row). Program p places pairs [p*BLOCK, (p+1)*BLOCK): it counts
+        every pair's expert (all programs read all n ids: a few KB) for the experts' starts, and
+        the earlier programs' pairs for its own offset within each expert."""
+        pid = tl.program_id(0)
+        experts = tl.arange(0, E2)
+        counts = tl.zeros((E2,), dtype=tl.int32)
+        before = tl.zeros((E2,), dtype=tl.int32)
+        for b in range(0, tl.cdiv(n, BLOCK)):
+            j = b * BLOCK + tl.arange(0, BLOCK)
+            ids = tl.load(ids_ptr + j, mask=j < n, other=-1)
+            c = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+            counts += c
+            before += tl.where(b < pid, c, 0)
+        ends = tl.cumsum(counts, axis=0)
+        j = pid * BLOCK + tl.arange(0, BLOCK)
         ok = j < n
         ids = tl.load(ids_ptr + j, mask=ok, other=-1)
-        experts = tl.arange(0, E2)
         onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, E2]
-        counts = tl.sum(onehot, axis=0)
-        ends = tl.cumsum(counts, axis=0)
-        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1  # earlier pairs with my expert
-        start = tl.sum(onehot * (ends - counts)[None, :], axis=1)
-        dest = start + rank
-        tl.store(offs_ptr + experts, ends, mask=experts < E)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1  # earlier pairs of mine, same expert
+        dest = tl.sum(onehot * (ends - counts + before)[None, :], axis=1) + rank
+        if pid == 0:
+            tl.store(offs_ptr + experts, ends, mask=experts < E)
         tl.store(token_ptr + dest, (j // K).to(tl.int64), mask=ok)
         tl.store(w_sorted_ptr + dest, tl.load(w_ptr + j, mask=ok), mask=ok)
+        tl.store(where_ptr + j, dest.to(tl.int64), mask=ok)
 
+    @triton.jit
+    def _combine_kernel(y_ptr, w_ptr, where_ptr, out_ptr, H, stride_y, stride_o, K: tl.constexpr,
+                        BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """Program (token t, column block): out[t] = sum_i w[t, i] * y[where[t*K + i]], each
+        product rounded to y's dtype and the sum rounded after each add, as the model's
+        `y * w` then index_add_ into zeros round them; no atomics, so the result is the same
+        every run."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = cols < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for i in tl.static_range(K):
+            row = tl.load(where_ptr + t * K + i)
+            w = tl.load(w_ptr + t * K + i).to(tl.float32)
+            y = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+            if ROUND_BF16:
+                acc = round_bf16(acc + round_bf16(y * w))
+            else:
+                acc = (acc + (y * w).to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, ck_ptr, cv_ptr, N,
@@ -287,7 +305,7 @@ if triton is not None:
             src = q_ptr + b * s_qb + h * s_qh
             x, xp = tl.load(src + i).to(tl.float32), tl.load(src + partner).to(tl.float32)
             if ROUND_BF16:
-                out = _round_bf16(_round_bf16(x * cos) + _round_bf16(sign * xp * sin)).to(ty)
+                out = round_bf16(round_bf16(x * cos) + round_bf16(sign * xp * sin)).to(ty)
             else:
                 out = ((x * cos).to(ty).to(tl.float32) + (sign * xp * sin).to(ty).to(tl.float32)).to(ty)
             tl.store(q_out_ptr + b * s_ob + h * s_oh + i, out)
@@ -297,14 +315,14 @@ if triton is not None:
             src = k_ptr + b * s_kb + kh * s_kh
             x, xp = tl.load(src + i).to(tl.float32), tl.load(src + partner).to(tl.float32)
             if ROUND_BF16:
-                out = _round_bf16(_round_bf16(x * cos) + _round_bf16(sign * xp * sin)).to(ty)
+                out = round_bf16(round_bf16(x * cos) + round_bf16(sign * xp * sin)).to(ty)
             else:
                 out = ((x * cos).to(ty).to(tl.float32) + (sign * xp * sin).to(ty).to(tl.float32)).to(ty)
             tl.store(ck_ptr + b * s_ckb + kh * s_ckh + pos * s_cks + i, out)
             tl.store(cv_ptr + b * s_cvb + kh * s_cvh + pos * s_cvs + i, tl.load(v_ptr + b * s_vb + kh * s_vh + i))
 
 
-ROUTE_MAX_PAIRS = 4096  # one program sorts at most this many token-expert pairs (decode sizes)
+ROUTE_MAX_PAIRS = 1 << 16  # each program of the routing sort reads every pair's expert: keep it to kilobytes
 
 
 def _pow2(n: int) -> int:
@@ -338,7 +356,8 @@ def fused_topk_softmax(logits_XE: torch.Tensor, top_k: int, norm: bool, dtype: t
 
 def fused_route(local_ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, num_experts: int):
     """Stable sort of token-expert pairs by local expert: offs [E] int32 (cumulative row ends),
-    token [X*k] int64, sorted weights [X*k]; the same order as argsort(stable=True)."""
+    token [X*k] int64, sorted weights [X*k], where [X*k] int64 (pair j's sorted row); the same
+    order as argsort(stable=True)."""
     x, k = local_ids_Xk.shape
     n = x * k
     if n > ROUTE_MAX_PAIRS:
@@ -346,12 +365,29 @@ def fused_route(local_ids_Xk: torch.Tensor, weights_Xk: torch.Tensor, num_expert
     dev = local_ids_Xk.device
     offs = torch.empty(num_experts, dtype=torch.int32, device=dev)
     token = torch.empty(n, dtype=torch.long, device=dev)
+    where = torch.empty(n, dtype=torch.long, device=dev)
     w_sorted = torch.empty(n, dtype=weights_Xk.dtype, device=dev)
-    block = max(16, _pow2(n))
-    _route_kernel[(1,)](local_ids_Xk.contiguous(), weights_Xk.contiguous(), offs, token, w_sorted, n, K=k,
-                        E=num_experts, E2=max(16, _pow2(num_experts)), BLOCK=block,
-                        num_warps=4 if block <= 1024 else 8)
-    return offs, token, w_sorted
+    block = min(256, max(16, _pow2(n)))
+    _route_kernel[(triton.cdiv(n, block),)](local_ids_Xk.contiguous(), weights_Xk.contiguous(), offs, token,
+                                            w_sorted, where, n, K=k, E=num_experts,
+                                            E2=max(16, _pow2(num_experts)), BLOCK=block, num_warps=4)
+    return offs, token, w_sorted, where
+
+
+def fused_combine(y_NH: torch.Tensor, weights_Xk: torch.Tensor, where: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The weighted sum of each token's expert outputs [X, H]: y_NH the expert rows in sorted
+    order, weights [X, k] as the router gave them, where [X*k] from fused_route."""
+    y_NH = y_NH.contiguous()  # the kernel reads rows with unit column stride
+    n, h = y_NH.shape
+    x = n // top_k
+    out = torch.empty(x, h, dtype=y_NH.dtype, device=y_NH.device)
+    if x == 0:
+        return out
+    block_h = min(1024, _pow2(h))
+    _combine_kernel[(x, triton.cdiv(h, block_h))](y_NH, weights_Xk.contiguous(), where, out, h, y_NH.stride(0),
+                                                  out.stride(0), K=top_k, BLOCK_H=block_h,
+                                                  ROUND_BF16=y_NH.dtype == torch.bfloat16, num_warps=4)
+    return out
 
 
 def fused_rope_cache_write(q_BND, k_BKD, v_BKD, cos, sin, positions_B, cache_k, cache_v) -> torch.Tensor:
@@ -422,13 +458,8 @@ def _experts_forward(experts, x_XH, weights_Xk, ids_Xk, grouped=True):
     """Experts.forward for all-local experts with the routing prologue in one kernel."""
     if not (x_XH.is_cuda and grouped and experts.all_local and 0 < ids_Xk.numel() <= ROUTE_MAX_PAIRS):
         return type(experts).forward(experts, x_XH, weights_Xk, ids_Xk, grouped)
-    offs, token, w_sorted = fused_route(experts.local_index[ids_Xk], weights_Xk, len(experts.expert_ids))
-    mm = experts.grouped_mm_fn or (lambda a, b, o: torch.nn.functional.grouped_mm(a, b, offs=o))
-    x_NH = x_XH[token]
-    up = mm(x_NH, experts.w_up.transpose(1, 2), offs)
-    gate = mm(x_NH, experts.w_gate.transpose(1, 2), offs) if experts.w_gate is not None else None
-    y = mm(experts._act(gate, up), experts.w_down.transpose(1, 2), offs) * w_sorted[:, None]
-    return torch.zeros_like(x_XH).index_add_(0, token, y.to(x_XH.dtype))
+    offs, token, _, where = fused_route(experts.local_index[ids_Xk], weights_Xk, len(experts.expert_ids))
+    return fused_combine(experts.matmuls(x_XH[token], offs), weights_Xk, where, ids_Xk.shape[1])
 
 
 def set_fused(model: torch.nn.Module, on: bool) -> None:
@@ -445,16 +476,18 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
             module.forward = functools.partial(patch, module)
 
 
-def auto_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+def auto_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor, act: str | None = None
+                    ) -> torch.Tensor:
     """The faster kernel for this many rows (WIDE_FROM_ROWS, GROUPED_MM_FROM_ROWS): a host-side
     choice from the shape, so it adds no sync and each CUDA graph holds one kernel. fp32 always
     takes the Triton decode kernel (F.grouped_mm has no fp32 CUDA kernel)."""
     rows = x_NK.shape[0]
     if x_NK.dtype == torch.float32 or rows < WIDE_FROM_ROWS:
-        return triton_grouped_mm(x_NK, w_EKM, offs_E)
+        return _then(act, triton_grouped_mm(x_NK, w_EKM, offs_E))
     if rows < GROUPED_MM_FROM_ROWS or wide_tma_applies(x_NK, w_EKM):
-        return wide_grouped_mm(x_NK, w_EKM, offs_E)
-    return torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E)
+        return wide_grouped_mm(x_NK, w_EKM, offs_E, act=act)
+    return _then(act, torch.nn.functional.grouped_mm(x_NK, w_EKM, offs=offs_E))
+
 
 
 def auto_expert_impl(model: torch.nn.Module) -> str | None:
@@ -467,13 +500,25 @@ def auto_expert_impl(model: torch.nn.Module) -> str | None:
     return "auto" if param.is_cuda and triton is not None else None
 
 
-def wide_or_decode_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+def _then(act: str | None, out: torch.Tensor) -> torch.Tensor:
+    """A kernel without an activation epilogue: the activation as its own pass (as model.Experts)."""
+    if act not in (None, "gelu"):
+        raise ValueError(f"grouped matmul act={act!r}: only None or 'gelu' can be fused")
+    return out if act is None else torch.nn.functional.gelu(out)
+
+
+def wide_or_decode_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor, act: str | None = None
+                      ) -> torch.Tensor:
     """"wide": the Triton decode kernel below WIDE_FROM_ROWS rows, the wide Triton kernel from
     there at every size (16-bit; fp32 keeps the decode kernel, which runs it in IEEE). "auto"
     hands the largest matmuls to F.grouped_mm instead; this is the A/B against it."""
     if x_NK.shape[0] >= WIDE_FROM_ROWS and x_NK.dtype != torch.float32:
-        return wide_grouped_mm(x_NK, w_EKM, offs_E)
-    return triton_grouped_mm(x_NK, w_EKM, offs_E)
+        return wide_grouped_mm(x_NK, w_EKM, offs_E, act=act)
+    return _then(act, triton_grouped_mm(x_NK, w_EKM, offs_E))
+
+
+# model.Experts.matmuls hands a GELU expert's activation to these (the wide kernel's epilogue)
+auto_grouped_mm.fuses_gelu = wide_or_decode_mm.fuses_gelu = True
 
 
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:

@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs have none.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from .triton_util import tl, triton, round_bf16  # triton None: not installed
 
 try:  # host-side TMA descriptors: triton >= 3.3 (feature-checked, not version-pinned)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -79,7 +75,15 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+                    BLOCK_M: tl.constexpr, GELU: tl.constexpr):
+        """The tile's rows of its group; GELU: the exact (erf) GELU of the rounded product, as
+        F.gelu of the matmul's output computes it (in float32, rounded once more at the end)."""
+        if GELU:
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                v = round_bf16(acc)
+            else:
+                v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
         rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         cols = col0 + tl.arange(0, BLOCK_M)
         ptrs = out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_om
@@ -89,7 +93,7 @@ if triton is not None:
     def _wide_ptr_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, N, M, K, N_BUCKET,
                          stride_xn, stride_xk, stride_we, stride_wk, stride_wm, stride_on, stride_om,
                          E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ORDER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                         ORDER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, GELU: tl.constexpr):
         """N_BUCKET: only the autotuner's key."""
         group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, ORDER)
         if group >= 0:
@@ -111,12 +115,12 @@ if triton is not None:
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
-            _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N, BLOCK_M)
+            _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N, BLOCK_M, GELU)
 
     @triton.jit
     def _wide_tma_kernel(x_desc, w_desc, out_ptr, offs_ptr, N, M, K, N_BUCKET, stride_on, stride_om,
                          E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ORDER: tl.constexpr):
+                         ORDER: tl.constexpr, GELU: tl.constexpr):
         """w_desc: the weights as a 2-D [E * M, K] tensor (K contiguous); a column block that runs
         past M reads the next expert's rows, which land only in columns that are not stored."""
         group, row0, row1, col0 = _find_tile(offs_ptr, tl.program_id(0), N, M, E, BLOCK_N, BLOCK_M, ORDER)
@@ -127,7 +131,7 @@ if triton is not None:
                 a = x_desc.load([row0, k0])
                 b = w_desc.load([w_row, k0])
                 acc = tl.dot(a, b.T, acc)
-            _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N, BLOCK_M)
+            _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N, BLOCK_M, GELU)
 
     def _configs(tma: bool):
         def set_blocks(nargs):  # TMA descriptors carry their block shape: set it per candidate
@@ -161,8 +165,9 @@ def tma_applies(x_NK: torch.Tensor, w_EKM: torch.Tensor) -> bool:
 
 
 def wide_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor, tma: bool | None = None,
-                    config: dict | None = None) -> torch.Tensor:
-    """F.grouped_mm(x, w, offs=offs)'s contract (2-D x, 3-D w) for many rows per group.
+                    config: dict | None = None, act: str | None = None) -> torch.Tensor:
+    """F.grouped_mm(x, w, offs=offs)'s contract (2-D x, 3-D w) for many rows per group; act
+    "gelu": F.gelu of it, applied in the epilogue.
 
     tma: None = where it applies (tma_applies). config: pin one candidate (BLOCK_N, BLOCK_M,
     BLOCK_K, ORDER, num_warps, num_stages) instead of autotuning (tests, benchmarks)."""
@@ -173,13 +178,15 @@ def wide_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tenso
     if k != k2 or offs_E.shape != (e,):
         raise ValueError(f"wide_grouped_mm: x {tuple(x_NK.shape)}, w {tuple(w_EKM.shape)}, offs "
                          f"{tuple(offs_E.shape)}: need x [N, K], w [E, K, M], offs [E]")
+    if act not in (None, "gelu"):
+        raise ValueError(f"wide_grouped_mm: act={act!r}, the epilogue has None or 'gelu'")
     out = torch.empty(n, m, dtype=x_NK.dtype, device=x_NK.device)
     if n == 0:
         return out
     use_tma = tma_applies(x_NK, w_EKM) if tma is None else tma
     n_bucket = 1 << max(0, n - 1).bit_length()
     grid = lambda meta: (_num_slots(n, e, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    extra = {}
+    extra = {"GELU": act == "gelu"}
     if use_tma:
         x_desc = TensorDescriptor.from_tensor(x_NK, [64, 64])  # block shapes: set per candidate
         w_desc = TensorDescriptor.from_tensor(w_EKM.transpose(1, 2).reshape(e * m, k), [64, 64])

@@ -368,11 +368,20 @@ class Experts(nn.Module):
 
         One grouped matmul per weight matrix; the offsets stay on the device (no host sync).
         """
-        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return self.matmuls(x_NH, torch.cumsum(counts_E, 0).to(torch.int32))
+
+    def matmuls(self, x_NH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """forward_sorted given the cumulative row ends offs [E] (int32). A grouped-matmul kernel
+        that says `fuses_gelu` applies a GELU expert's activation in its epilogue instead of a
+        separate pass over the [N, I] hidden rows."""
         mm = self.grouped_mm_fn or _grouped_mm
-        up = mm(x_NH, self.w_up.transpose(1, 2), offs)
-        gate = mm(x_NH, self.w_gate.transpose(1, 2), offs) if self.w_gate is not None else None
-        return mm(self._act(gate, up), self.w_down.transpose(1, 2), offs)
+        if self.w_gate is None and getattr(mm, "fuses_gelu", False):
+            hidden = mm(x_NH, self.w_up.transpose(1, 2), offs_E, act="gelu")
+        else:
+            up = mm(x_NH, self.w_up.transpose(1, 2), offs_E)
+            gate = mm(x_NH, self.w_gate.transpose(1, 2), offs_E) if self.w_gate is not None else None
+            hidden = self._act(gate, up)
+        return mm(hidden, self.w_down.transpose(1, 2), offs_E)
 
     def forward_loop(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Reference path: one expert at a time, plain matmuls."""

@@ -139,7 +139,7 @@ def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     from masep import fastpath as fp
     calls = []
     monkeypatch.setattr(fp, "triton_grouped_mm", lambda x, w, o: calls.append("triton"))
-    monkeypatch.setattr(fp, "wide_grouped_mm", lambda x, w, o: calls.append("wide"))
+    monkeypatch.setattr(fp, "wide_grouped_mm", lambda x, w, o, act=None: calls.append("wide"))
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda x, w, offs: calls.append("grouped_mm"),
                         raising=False)
     w, offs = torch.zeros(2, 4, 4), torch.tensor([1, 2], dtype=torch.int32)
@@ -242,9 +242,36 @@ def test_wide_grouped_mm_matches_per_group_matmuls_in_interpreter():
                     out = wide_grouped_mm(x, w, offs, tma=tma, config=cfg)
                     err = float((out - ref).norm() / ref.norm())
                     assert err < 1e-5, (n, e, k, m, tma, order, err)
+            gelu = wide_grouped_mm(x, w, offs, tma=False, config=cfg, act="gelu")  # the epilogue
+            act = torch.nn.functional.gelu(ref)
+            assert float((gelu - act).norm() / act.norm()) < 1e-5, (n, e, k, m)
         print("ok")
     """)
     _run_in_triton_interpreter(code)
+
+
+def test_experts_hand_the_gelu_to_a_kernel_that_fuses_it():
+    """Experts.matmuls: a kernel that says fuses_gelu gets act="gelu" for the up matrix of a
+    GELU expert (and returns it applied); the result equals the unfused chain. SwiGLU experts
+    never pass an act (their activation needs the gate)."""
+    import torch.nn.functional as F
+    acts = []
+
+    def mm(x, w, offs, act=None):
+        acts.append(act)
+        out = F.grouped_mm(x, w, offs=offs)
+        return F.gelu(out) if act == "gelu" else out
+    mm.fuses_gelu = True
+    for act_name, want in (("gelu", ["gelu", None]), ("swiglu", [None, None, None])):
+        cfg = PRESETS["tiny"].replace(expert_act=act_name)
+        experts = Experts(cfg)
+        for p in experts.parameters():
+            p.data.normal_(0, 0.1)
+        x, counts = torch.randn(10, cfg.hidden_size), torch.tensor([3, 0, 7] + [0] * (cfg.num_experts - 3))
+        plain = experts.forward_sorted(x, counts)
+        experts.grouped_mm_fn, acts[:] = mm, []
+        torch.testing.assert_close(experts.forward_sorted(x, counts), plain)
+        assert acts == want, (act_name, acts)
 
 
 def test_wide_grouped_mm_names_bad_shapes():
@@ -253,12 +280,14 @@ def test_wide_grouped_mm_names_bad_shapes():
         pytest.skip("triton not installed")
     with pytest.raises(ValueError, match=r"x \(4, 8\), w \(2, 6, 5\), offs \(2,\)"):
         gw.wide_grouped_mm(torch.zeros(4, 8), torch.zeros(2, 6, 5), torch.tensor([1, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="act='relu'"):
+        gw.wide_grouped_mm(torch.zeros(4, 8), torch.zeros(2, 8, 5), torch.tensor([1, 4], dtype=torch.int32), act="relu")
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton not installed (CPU-only torch)")
 def test_fused_small_op_kernels_match_torch_in_interpreter():
-    """RMSNorm, router tail, routing sort and RoPE + cache-write kernels against the model's
-    own code (float32)."""
+    """RMSNorm, router tail, routing sort, combine and RoPE + cache-write kernels against the
+    model's own code (float32; bf16 where no tl.dot is involved)."""
     code = textwrap.dedent("""
         import torch
         from masep.config import PRESETS
@@ -278,14 +307,23 @@ def test_fused_small_op_kernels_match_torch_in_interpreter():
         assert torch.equal(ids, ids2)
         torch.testing.assert_close(w, w2)
         experts = Experts(cfg)
-        ids = torch.rand(37, cfg.num_experts).topk(cfg.top_k, dim=-1).indices
-        wt = torch.rand(37, cfg.top_k)
-        flat = experts.local_index[ids].flatten()
-        order = torch.argsort(flat, stable=True)
-        offs, token, w_sorted = fp.fused_route(experts.local_index[ids], wt, cfg.num_experts)
-        assert torch.equal(offs, torch.bincount(flat, minlength=cfg.num_experts).cumsum(0).to(torch.int32))
-        assert torch.equal(token, (torch.arange(flat.numel()) // cfg.top_k)[order])
-        assert torch.equal(w_sorted, wt.flatten()[order])
+        for tokens in (37, 300):  # 600 pairs: three programs of the routing sort
+            ids = torch.rand(tokens, cfg.num_experts).topk(cfg.top_k, dim=-1).indices
+            wt = torch.rand(tokens, cfg.top_k)
+            flat = experts.local_index[ids].flatten()
+            order = torch.argsort(flat, stable=True)
+            offs, token, w_sorted, where = fp.fused_route(experts.local_index[ids], wt, cfg.num_experts)
+            assert torch.equal(offs, torch.bincount(flat, minlength=cfg.num_experts).cumsum(0).to(torch.int32))
+            assert torch.equal(token, (torch.arange(flat.numel()) // cfg.top_k)[order])
+            assert torch.equal(w_sorted, wt.flatten()[order])
+            assert torch.equal(order[where], torch.arange(flat.numel()))  # where inverts the sort
+            # the combine against the model's `y * w` then index_add_ into zeros, fp32 and bf16
+            # (no tl.dot: the interpreter is faithful); a wrong `where` moves rows between tokens
+            for dt in (torch.float32, torch.bfloat16):
+                y, w = torch.randn(flat.numel(), 48).to(dt), wt.to(dt)
+                ref = torch.zeros(tokens, 48, dtype=dt).index_add_(0, token, y * w_sorted.to(dt)[:, None])
+                assert torch.equal(fp.fused_combine(y, w, where, cfg.top_k), ref)
+            assert not torch.equal(fp.fused_combine(y, w, where.flip(0), cfg.top_k), ref)
         from masep.model import KVCache, apply_rope, rope_cos_sin
         b, n, kv, d, s = 3, 4, 2, 16, 10
         q, k, v = torch.randn(b, n, d), torch.randn(b, kv, d), torch.randn(b, kv, d)
@@ -410,11 +448,15 @@ def test_wide_grouped_mm_on_cuda_bf16():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(replayed, out), (n, e, tma)
+            # the GELU epilogue: F.gelu of the rounded product, but for erf's last bits
+            gelu, want = wide_grouped_mm(x, w, offs, tma=tma, act="gelu"), F.gelu(out)
+            assert (gelu != want).float().mean() < 0.01, (n, e, tma)
+            torch.testing.assert_close(gelu, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()), reason="needs CUDA and triton")
 def test_fused_kernels_on_cuda_bf16():
-    """bf16 on the GPU: RoPE + cache write and the routing sort are exact; RMSNorm is within one
+    """bf16 on the GPU: RoPE + cache write, the routing sort and the combine are exact; RMSNorm is within one
     bf16 rounding (float32 reduction order); the router picks the same experts but for ties."""
     from masep import fastpath as fp
     from masep.model import KVCache, RMSNorm, Router, apply_rope, rope_cos_sin
@@ -437,10 +479,22 @@ def test_fused_kernels_on_cuda_bf16():
     experts = Experts(cfg, device=dev, dtype=dt)
     flat = experts.local_index[ids].flatten()
     order = torch.argsort(flat, stable=True)
-    offs, token, w_sorted = fp.fused_route(experts.local_index[ids], w, cfg.num_experts)
+    offs, token, w_sorted, where = fp.fused_route(experts.local_index[ids], w, cfg.num_experts)
     assert torch.equal(offs, torch.bincount(flat, minlength=cfg.num_experts).cumsum(0).to(torch.int32))
     assert torch.equal(token, (torch.arange(flat.numel(), device=dev) // cfg.top_k)[order])
     assert torch.equal(w_sorted, w.flatten()[order])
+    assert torch.equal(order[where], torch.arange(flat.numel(), device=dev))
+    # the combine: each product rounded, then one rounded sum (top-2), as index_add_ into zeros
+    y = torch.randn(flat.numel(), cfg.hidden_size, device=dev, dtype=dt, generator=gen)
+    ref = torch.zeros(x.shape[0], cfg.hidden_size, device=dev, dtype=dt).index_add_(0, token, y * w_sorted[:, None])
+    assert torch.equal(fp.fused_combine(y, w, where, cfg.top_k), ref)
+    # 4096 pairs (batch 2048, top-2): the routing sort over 16 programs
+    big = torch.rand(2048, cfg.num_experts, device=dev, generator=gen).topk(cfg.top_k, dim=-1).indices
+    flat = big.flatten()
+    offs, token, _, where = fp.fused_route(big, torch.ones(2048, cfg.top_k, device=dev, dtype=dt), cfg.num_experts)
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(token, (torch.arange(flat.numel(), device=dev) // cfg.top_k)[order])
+    assert torch.equal(order[where], torch.arange(flat.numel(), device=dev))
     b, n, kv, d, s = 24, 32, 32, 128, 64
     q, k, v = (torch.randn(b, h, d, device=dev, dtype=dt, generator=gen) for h in (n, kv, kv))
     pos = torch.randint(0, s, (b, 1), device=dev, generator=gen)
