@@ -296,3 +296,49 @@ def test_decode_blocks_sized_from_the_routing_carry_fewer_rows_than_the_worst_ca
     # 4 x min(2, 4) = 8 rows, the fullest rank gets 2 on average
     got = spawn(4, _capacity_rank, ("ep4 m1", False, 16), timeout_s=100)
     assert 0 < got["payload_rows"] < 0.85 * got["worst_payload_rows"], got
+
+
+def _agreed_rank(arg) -> dict:
+    """Prefill with the step handshake, then decode steps whose rows both sides were told (the
+    replica's StepRows.peer_rows, the expert ranks' `agreed`): no handshake, each side sizing
+    the blocks with its own copy of the replica's capacity policy. Biased routing overflows the
+    first decode step's blocks on both sides alike, so both run it again."""
+    plan_text, sequences, decode_steps = arg
+    from masep.plan import parse_plan
+    env = init_distributed("cpu", timeout_s=60)
+    model = _biased(build_model(CFG, seed=3))
+    plan = parse_plan(plan_text).validate(CFG, env.world_size)
+    groups = build_separated_groups(plan, CFG, env)
+    per_replica = [len(r) for r in split_evenly(sequences, plan.attn_replicas)]
+    if groups.role.kind == "expert":
+        told = lambda step: per_replica if 1 <= step <= decode_steps else None  # noqa: E731
+        stats = serve_experts(model, plan, groups, env, agreed=told)
+        return {"expert_reruns": stats.reruns, "steps": stats.steps}
+    prompts = random_prompts(sequences, PROMPT, CFG.vocab_size, seed=11)
+    mine = [prompts[i] for i in split_evenly(sequences, plan.attn_replicas)[groups.role.replica]]
+    ids, lens = torch.tensor(mine), torch.full((len(mine),), PROMPT)
+    runtime, local = SeparatedAttentionRuntime(model, plan, groups, env), LocalRuntime(model)
+    for rt in (runtime, local):
+        rt.start(len(mine), CFG.max_seq_len)
+    torch.testing.assert_close(runtime.prefill(ids, lens), local.prefill(ids, lens), atol=ATOL, rtol=RTOL)
+    tokens, positions = ids[:, 0].clone(), lens.clone()
+    for _ in range(decode_steps):
+        got = runtime.decode(tokens, positions, peer_rows=len(mine))
+        want = local.decode(tokens, positions)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+        tokens, positions = want.argmax(-1), positions + 1
+    reruns = runtime.dispatcher.reruns
+    runtime.finish()
+    return {"reruns": reruns}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("plan,world", [("sep 1x2+2 m1", 4), ("sep 2x1+2 m2", 4)])
+def test_decode_steps_told_their_rows_need_no_handshake_and_match_the_model(plan, world):
+    # 8 sequences with every token routed to the first experts: the first decode step overflows
+    # the blocks sized for balanced routing; the replica and the expert ranks both see it in the
+    # block headers, run it again at the worst case, and widen their capacity alike (had their
+    # policies diverged, the next step's block sizes would disagree and the transfer fail: an
+    # expert rank that does not observe the demand makes gloo abort here)
+    got = spawn(world, _agreed_rank, (plan, 8, 3), timeout_s=150)
+    assert got["reruns"] >= 1, got

@@ -45,7 +45,7 @@ from ..plan import format_plan, split_evenly
 from .ep import EpRuntime
 from .groups import build_ep_groups, build_separated_groups, build_tp_pp_groups
 from .separated import SeparatedAttentionRuntime, serve_experts
-from .stepper import OpTimer
+from .stepper import OpTimer, dense_decode_rows
 from .tp_pp import TpPpRuntime
 from .worker import RunSpec, apply_plan, gather_reports, in_world, use_fast_path
 
@@ -115,8 +115,10 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
     for whole-step-graph runtimes the seconds from the graph's launch to the step's end: the step
     without the host preparation it starts with (None where the runtime has no such launch)."""
     cfg = runtime.cfg
-    # EP: every rank is told the largest rank's rows (StepRows.peer_rows), and keeps as many slots
-    peer = len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime) else None
+    # EP: every rank is told the largest rank's rows (StepRows.peer_rows), and keeps as many
+    # slots; a separated replica is told its own, as its expert ranks are (serve_experts)
+    peer = len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime) else rows
+    peer = peer if isinstance(runtime, (EpRuntime, SeparatedAttentionRuntime)) else None
     runtime.start(peer or rows, spec.context + spec.warmup + spec.steps + 1)
     gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
     for k, v in zip(runtime.cache.k, runtime.cache.v):
@@ -228,7 +230,10 @@ def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, co
     part, rows = _attention_runtime(spec, model, plan, groups, env, timer, graphs)
     _check_cache_fits(spec, part if rows else None, rows, env)
     if rows == 0:  # an expert rank of `separated`: `part` is its groups
-        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start)
+        # every replica decodes its rows for warmup + steps steps (_decode_steps), then stops
+        replica_rows = [dense_decode_rows(len(r), len(r), graphs) for r in split_evenly(spec.batch, plan.attn_replicas)]
+        serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start,
+                      agreed=lambda step: replica_rows if step < spec.warmup + spec.steps else None)
         times = launched = None
     else:
         times, launched = _decode_steps(part, rows, spec, env.device, timer, energy)

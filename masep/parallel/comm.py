@@ -436,12 +436,24 @@ def end_step(layout: StepLayout, bridge: Bridge) -> bool:
     """Read the device-side checks of a padded step (one host read, after the step): raise on a
     bad header; True when a sender's rows overflowed a block's capacity (the senders run the
     step again at the worst-case capacity, and the receivers serve it again)."""
+    return read_step_checks(layout, bridge)[0]
+
+
+def read_step_checks(layout: StepLayout, bridge: Bridge) -> tuple[bool, list[int]]:
+    """end_step, and the senders' largest rows to one receiver per micro-batch (any layer, any
+    sender): what the senders' capacity policy observes (capacity.py), so a receiver that sizes
+    the next blocks itself (an expert rank told the replica's rows) observes the same."""
     if not layout.checks and not layout.demands:
-        return False
+        return False, []
     flags = [c[3].any() for c in layout.checks] + [(d > layout.caps[mb]).any() for mb, d in layout.demands]
-    verdicts = torch.stack(flags).tolist()
+    largest = [d.max() for _, d in layout.demands]
+    values = torch.stack([f.long() for f in flags] + largest).tolist()  # the one host read
+    verdicts = values[:len(flags)]
     _check_bridge(bridge, bridge.where("block header check", layout.step, -1, -1))
     checks, overflow = layout.checks[:], any(verdicts[len(layout.checks):])
+    demand_M = [0] * len(layout.caps)
+    for (mb, _), d in zip(layout.demands, values[len(flags):]):
+        demand_M[mb] = max(demand_M[mb], d)
     layout.checks.clear()
     layout.demands.clear()
     for (layer, mb, first, bad_S), is_bad in zip(checks, verdicts):
@@ -450,7 +462,7 @@ def end_step(layout: StepLayout, bridge: Bridge) -> bool:
             raise CommError(f"{bridge.where('block header check', layout.step, layer, mb)}: ranks {senders} sent "
                             "a header for another (step, layer, micro-batch) or counts beyond the capacity: the "
                             "schedules diverged (their rows were dropped)")
-    return overflow
+    return overflow, demand_M
 
 
 def send_stop(bridge: Bridge, step: int, hidden: int, dtype: torch.dtype, microbatches: int) -> None:

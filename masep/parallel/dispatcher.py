@@ -63,7 +63,8 @@ class TokenDispatcher:
         self.bridge, self.route = bridge, route
         self.hidden, self.dtype = cfg.hidden_size, dtype
         self.heads = comm.StepHeads(cfg.num_layers, microbatches, device)
-        self.capacity = CapacityPolicy.for_placement(cfg.top_k, placement, cfg.num_experts)
+        self._new_capacity = lambda: CapacityPolicy.for_placement(cfg.top_k, placement, cfg.num_experts)
+        self.capacity = self._new_capacity()
         # the step's largest rows from one sender to one receiver, per micro-batch (any layer):
         # written by the graph segments (a fixed address), read once the step is over
         self.demand_M = torch.zeros(microbatches, dtype=torch.long, device=device)
@@ -93,6 +94,11 @@ class TokenDispatcher:
         if device_work:
             self.new_step_buffers(step)
         return self.layout
+
+    def restart_capacity(self) -> None:
+        """Forget the routing seen so far (the balanced share again): after a failure, at the
+        point where every rank that sizes this bridge's blocks restarts its policy too."""
+        self.capacity = self._new_capacity()
 
     def new_step_buffers(self, step: int) -> None:
         self.heads.set_step(step)

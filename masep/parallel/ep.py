@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..model import MoETransformer
-from ..plan import EpPlan, split_evenly
+from ..plan import EpPlan
 from ..runtime import StepRows
 from . import comm
 from .dispatcher import EpDispatcher, weighted_sum
 from .groups import DistEnv, EpGroups
 from .schedule import ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, Op, ep_schedule
 from .parts import shard_experts
-from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
+from .stepper import MicroBatch, MicroBatchRuntime, OpTimer, dense_decode_rows, microbatch_rows
 
 
 def ep_route(plan: EpPlan, cfg, rank: int, device) -> comm.ExpertRoute:
@@ -47,7 +47,6 @@ class EpRuntime(MicroBatchRuntime):
         self.dispatcher = EpDispatcher(self.bridge, self.route, cfg, plan.expert_placement(cfg), plan.microbatches,
                                        model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
-        self.peer_rows: int | None = None  # this decode step's largest EP rank's rows (StepRows.peer_rows)
         self._graph_checks: dict = {}  # whole-step graph key -> (its header verdicts, payload rows per replay)
         self.all_idle = False
         self.stopped = False
@@ -71,12 +70,7 @@ class EpRuntime(MicroBatchRuntime):
         rank does, and skips the handshake: it reads nothing on the host, so with graphs it is
         replayed whole (one CUDA graph: compute, all-to-alls, logits)."""
         self.idle = len(rows) == 0
-        self.peer_rows = rows.peer_rows if rows.is_decode else None
-        own = max(rows.slots, default=-1) + 1
-        if self.peer_rows is not None and not own <= self.peer_rows <= (self.cache.num_slots if self.cache else own):
-            raise ValueError(f"rank {self.env.rank}: StepRows.peer_rows={self.peer_rows} must be at least this "
-                             f"rank's rows ({own}: its highest slot + 1) and at most its KV slots; it is the "
-                             "largest EP rank's rows, the same on every rank")
+        self._take_peer_rows(rows, "the largest EP rank's rows, the same on every rank")
         return super().forward(rows, step_id)
 
     @property
@@ -85,10 +79,10 @@ class EpRuntime(MicroBatchRuntime):
 
     def _agreed_rows(self) -> list[int]:
         """Rows per micro-batch of the step: every rank computes the same (_dense_rows)."""
-        return [len(r) for r in split_evenly(self._agreed_count(), self.plan.microbatches)]
+        return microbatch_rows(self._agreed_count(), self.plan.microbatches)
 
     def _agreed_count(self) -> int:
-        return min(self._bucket(self.peer_rows), self.cache.num_slots)
+        return dense_decode_rows(self.peer_rows, self.cache.num_slots, self.graphs.enabled)
 
     def _dense_rows(self, rows: StepRows) -> int | None:
         """A decode step told the largest rank's rows runs that many rows on every rank (its own

@@ -41,7 +41,7 @@ from .ep import EpRuntime
 from .groups import (JoinPoint, build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed,
                      leave_world, rejoin_world)
 from .separated import SeparatedAttentionRuntime, _ExpertServer
-from .stepper import OpTimer
+from .stepper import OpTimer, dense_decode_rows
 from .tp_pp import TpPpRuntime
 from .worker import RunSpec, _maybe_profile, apply_plan, load_model, use_fast_path
 
@@ -281,7 +281,7 @@ class UnitMember:
 class ExpertMember:
     """A separated expert rank: serves the replicas named in each step message."""
 
-    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool):
+    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool, mirror: bool = False):
         self.plan, self.groups, self.timer = plan, groups, timer
         self.cfg = model.cfg
         self.server = _ExpertServer(model, plan, groups, env, graphs)
@@ -289,17 +289,23 @@ class ExpertMember:
                                      tuple(self.server.my_experts))
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
+        self.graphs, self.mirror = graphs, mirror
+        self.unit_slots = 0  # each replica's KV slots (as its attention ranks allocate them)
 
     def start(self, num_slots: int, max_len: int) -> None:
-        pass
+        # a mirroring replica keeps its buddy's rows in a second half of its cache (UnitMember.start)
+        self.unit_slots = 2 * num_slots if self.mirror else num_slots
 
     def step(self, step_id: int, rows, units) -> list[tuple[int, str]]:
         """Serve the replicas named for this step; returns [(unit, why)] of replicas whose
-        bridge failed (dropped for good; the others were served)."""
+        bridge failed (dropped for good; the others were served). rows: {unit: the peer_rows
+        its attention ranks were given} (None: that replica announces its step itself)."""
         units = [u for u in units if u not in self.lost]
         failed: dict[int, str] = {}
         bridges = [self.groups.bridges[u] for u in units]
-        _, loads = self.server.serve(bridges, step_id, self.timer, failed)
+        told = [(rows or {}).get(u) for u in units]
+        agreed = [None if t is None else dense_decode_rows(t, self.unit_slots, self.graphs) for t in told]
+        _, loads = self.server.serve(bridges, step_id, self.timer, failed, agreed)
         self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
         for i, bridge in enumerate(bridges):  # NCCL: an aborted transfer can end without an error
             why = comm.given_up_why([bridge.group, bridge.back_group]) if i not in failed else None
@@ -324,6 +330,7 @@ class ExpertMember:
                 comm.abandon_bridge(self.groups.bridges[u])
             self.groups.bridges[u] = self.groups.fallback[u, x]
         self.server.graphs.clear()
+        self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.drop_expert_rank)
         self.lost.clear()  # the failed step marked every bridge; the front end names live units
 
     def leave_world(self) -> None:
@@ -338,6 +345,7 @@ class ExpertMember:
         """Serve every replica over the groups of a re-formed world (the plan's own bridges)."""
         self.groups = groups
         self.server.graphs.clear()
+        self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.use_groups)
         self.lost.clear()
 
     def stop(self) -> dict:
@@ -369,7 +377,7 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
         links = mirror.build_mirror_links(plan, env) if spec.mirror else None  # every rank: the groups
         role = groups.role
         if role.kind == "expert":
-            return ExpertMember(model, plan, groups, env, timer, graphs)
+            return ExpertMember(model, plan, groups, env, timer, graphs, spec.mirror and plan.attn_replicas >= 2)
         runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs)
         info = ("attention", role.replica, role.index == 0)
     elif plan.strategy == "ep":

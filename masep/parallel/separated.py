@@ -27,13 +27,14 @@ from ..errors import error_line
 from ..model import MoETransformer
 from ..plan import SeparatedPlan, split_evenly
 from . import comm
+from .capacity import CapacityPolicy
 from .dispatcher import ExpertDispatcher, SeparatedDispatcher, weighted_sum
 from .groups import DistEnv, SeparatedGroups
 from .parts import shard_attention, shard_experts
 from .graphs import SegmentGraphs
 from .schedule import (ATTENTION, COMBINE, DISPATCH, EXPERTS, HEAD, MLP, RECV, SEND, Op, execute,
                        separated_schedule)
-from .stepper import MicroBatch, MicroBatchRuntime, OpTimer
+from .stepper import MicroBatch, MicroBatchRuntime, OpTimer, dense_decode_rows, microbatch_rows
 
 
 def expert_route(plan: SeparatedPlan, cfg: ModelConfig, replica: int, device) -> comm.ExpertRoute:
@@ -79,6 +80,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         placement = [p for i, p in enumerate(self.plan.expert_placement(self.cfg)) if i != x]
         holders = [self.plan.holder(self.cfg, e, replica, without=x) for e in range(self.cfg.num_experts)]
         d.route = comm.ExpertRoute.build(placement, [g - (g > x) for g in holders], self.plan.attn_tp, self.device)
+        d.restart_capacity()  # the expert ranks start theirs again at the same point
         self.graphs.clear()  # segment graphs bake in the old bridge's shapes
         self.in_step = False
 
@@ -89,8 +91,22 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         d.bridge, self.replica_group, self.fallback = groups.bridges[0], groups.replica_group, groups.fallback
         d.replica_group = groups.replica_group
         d.route = expert_route(self.plan, self.cfg, self.role.replica, self.device)
+        d.restart_capacity()  # the expert ranks (the replacement among them) start theirs again too
         self.graphs.clear()  # segment graphs bake in the old groups
         self.in_step = False
+
+    def forward(self, rows, step_id: int | None = None):
+        """A decode step that says the replica's rows (`rows.peer_rows`, which its expert ranks
+        are told too: cluster.py) runs without the step handshake: both sides lay the step out
+        from those rows and size its blocks with the same capacity policy (capacity.py), so
+        the expert ranks read nothing on the host before serving it."""
+        self._take_peer_rows(rows, "the replica's rows, which its expert ranks are told as well")
+        return super().forward(rows, step_id)
+
+    def _dense_rows(self, rows) -> int | None:
+        if rows.is_decode and self.peer_rows is not None:
+            return dense_decode_rows(self.peer_rows, self.cache.num_slots, self.graphs.enabled)
+        return super()._dense_rows(rows)
 
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
@@ -104,8 +120,13 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
 
     def _begin_step(self, mbs: list[MicroBatch]) -> None:
         """Announce the step: decode steps are padded (no host reads), each micro-batch's block
-        sized for the replica's largest token slice and the routing so far."""
+        sized for the replica's largest token slice and the routing so far. A decode step whose
+        rows the expert ranks were told too is laid out alike on both sides, with no handshake
+        (inside a whole-step capture the step's buffers were set before it)."""
         rows = [-(-mb.ids.numel() // self.plan.attn_tp) for mb in mbs]
+        if self.decoding and self.peer_rows is not None:
+            self.dispatcher.begin_agreed_step(self.step, rows, self.full_capacity, device_work=not self.whole_step)
+            return
         self.dispatcher.begin_step(self.step, rows, self.decoding, self.full_capacity)
 
     def _rerun(self) -> bool:
@@ -197,16 +218,19 @@ class ExpertStats:
 
 def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
                   timer: OpTimer | None = None, untimed_steps: int = 0, graphs: bool = False,
-                  on_timed: Callable[[], None] | None = None) -> ExpertStats:
+                  on_timed: Callable[[], None] | None = None,
+                  agreed: Callable[[int], list[int] | None] | None = None) -> ExpertStats:
     """Answer every replica's bridge, step after step, until each has sent stop. The timer
     restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
     communicators on first use), and `on_timed()` is called then (a benchmark starts its energy
     reading).
 
-    Each step starts by reading every live replica's handshake (the one host read per step);
-    the op list then runs without reading anything on the host (padded steps; with `graphs`
-    each (layer, micro-batch)'s expert compute is replayed from a CUDA graph), and the
-    device-side header checks are read after it."""
+    Each step starts by reading every live replica's handshake (the one host read per step),
+    or, where agreed(step) gives each replica's decode rows (dense_decode_rows of the peer_rows
+    the replicas were given), from those (no host read); the op list then runs without
+    reading anything on the host (padded steps; with `graphs` each (layer, micro-batch)'s
+    expert compute is replayed from a CUDA graph), and the device-side header checks are read
+    after it."""
     cfg = model.cfg
     timer = timer or OpTimer()
     server = _ExpertServer(model, plan, groups, env, graphs)
@@ -217,7 +241,8 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
             timer.busy_s.clear()
             if on_timed is not None:
                 on_timed()
-        layouts, loads = server.serve(live, stats.steps, timer)
+        rows = agreed(stats.steps) if agreed is not None else None
+        layouts, loads = server.serve(live, stats.steps, timer, agreed=rows and [rows[b.replica] for b in live])
         live = [b for b, lay in zip(live, layouts) if lay.flags[0] != comm.FLAG_STOP]
         if not live:
             break
@@ -274,16 +299,25 @@ class _ExpertServer:
         self.dispatcher = ExpertDispatcher(len(self.my_experts), cfg, self.dtype, self.heads, self.graphs)
         self.ops = separated_schedule("expert", cfg.num_layers, plan.microbatches, cfg.first_dense_layers)
         self.reruns = 0  # bridges served again after an overflow
+        self.capacity: dict[int, CapacityPolicy] = {}  # replica -> a copy of its capacity policy
         self._now: _ServingStep | None = None  # the step being served
         self._runners = None  # (timer, the op kinds' runners wrapped by it), built once per timer
 
-    def serve(self, bridges: list, step: int, timer: OpTimer, failed: dict[int, str] | None = None
-              ) -> tuple[list, torch.Tensor]:
-        """One step of the replicas on `bridges`: read each one's handshake, run the op list, read
-        the device-side checks. A replica whose blocks overflowed their capacity runs the step
-        again at the worst-case capacity, and is served again here. Returns each bridge's layout
-        (None where it failed; flags FLAG_STOP: that replica is done) and the rows served per
-        (layer, local expert) [layers, L] on the device (rows served twice count twice).
+    def serve(self, bridges: list, step: int, timer: OpTimer, failed: dict[int, str] | None = None,
+              agreed: list[int | None] | None = None) -> tuple[list, torch.Tensor]:
+        """One step of the replicas on `bridges`: lay it out (read each one's handshake, or from
+        `agreed`), run the op list, read the device-side checks. A replica whose blocks overflowed
+        their capacity runs the step again at the worst-case capacity, and is served again here.
+        Returns each bridge's layout (None where it failed; flags FLAG_STOP: that replica is
+        done) and the rows served per (layer, local expert) [layers, L] on the device (rows
+        served twice count twice).
+
+        agreed: per bridge, the rows of a decode step its replica runs (dense_decode_rows of
+        the rows the front end told both sides), or None: that replica announces its step in a
+        handshake. An agreed step is laid out here as the replica lays it out, its blocks sized
+        by this rank's copy of the replica's capacity policy, which observes what the replica's
+        observes after every padded step (the largest demand in the block headers): the step
+        then starts without a host read.
 
         failed: None = a failed transfer raises. A dict = failure isolation: a bridge whose
         transfer fails is recorded there (index into `bridges` -> why) and skipped for the
@@ -291,15 +325,18 @@ class _ExpertServer:
         cfg = self.cfg
         layouts: list = [None] * len(bridges)
         loads = torch.zeros(cfg.num_layers, len(self.my_experts), dtype=torch.long, device=self.device)
-        todo = list(range(len(bridges)))
+        todo, full = list(range(len(bridges))), set()
 
         def run(i, fn, *args):
             return fn(*args) if failed is None else guarded(failed, i, fn, *args)
 
         while todo:
             for i in todo:
-                layouts[i] = run(i, comm.expert_begin_step, bridges[i], step, self.plan.microbatches,
-                                 cfg.hidden_size, self.dtype)
+                if agreed is not None and agreed[i] is not None:
+                    layouts[i] = self._agreed_layout(bridges[i], step, agreed[i], i in full)
+                else:
+                    layouts[i] = run(i, comm.expert_begin_step, bridges[i], step, self.plan.microbatches,
+                                     cfg.hidden_size, self.dtype)
             working = [i for i in todo if layouts[i] is not None and layouts[i].flags[0] != comm.FLAG_STOP]
             if not working:
                 break
@@ -309,9 +346,35 @@ class _ExpertServer:
             if step_failed:
                 failed |= {working[j]: why for j, why in step_failed.items()}
             todo = [i for i in working if (failed is None or i not in failed)
-                    and run(i, comm.end_step, layouts[i], bridges[i])]
+                    and run(i, self._end_step, layouts[i], bridges[i])]
+            full |= set(todo)
             self.reruns += len(todo)
         return layouts, loads
+
+    def _policy(self, replica: int) -> CapacityPolicy:
+        """This rank's copy of a replica's capacity policy (the replica's SeparatedDispatcher
+        builds its own from the same placement)."""
+        if replica not in self.capacity:
+            self.capacity[replica] = CapacityPolicy.for_placement(self.cfg.top_k, self.plan.expert_placement(self.cfg),
+                                                                  self.cfg.num_experts)
+        return self.capacity[replica]
+
+    def restart_capacity(self) -> None:
+        """After a failure: every replica's policy starts again, as theirs do (restart_capacity)."""
+        self.capacity.clear()
+
+    def _agreed_layout(self, bridge: comm.Bridge, step: int, rows: int, full: bool) -> comm.StepLayout:
+        rows_M = microbatch_rows(rows, self.plan.microbatches, self.plan.attn_tp)
+        caps_M = self._policy(bridge.replica).caps(rows_M, full)
+        return comm.agreed_decode_step(bridge, step, rows_M, caps_M, self.cfg.hidden_size, self.dtype)
+
+    def _end_step(self, layout: comm.StepLayout, bridge: comm.Bridge) -> bool:
+        """Read the step's checks (raise on a bad header); the replica's policy observes the
+        demand of a padded step, as the replica's own does; True: the replica runs it again."""
+        overflow, demand_M = comm.read_step_checks(layout, bridge)
+        if layout.padded:
+            self._policy(bridge.replica).observe(demand_M, layout.rows)
+        return overflow
 
     def step(self, working, step: int, timer: OpTimer, failed: dict[int, str] | None = None) -> torch.Tensor:
         """One step's op list for the working bridges; rows served per (layer, local expert)

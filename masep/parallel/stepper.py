@@ -23,6 +23,22 @@ from .graphs import SegmentGraphs
 from .schedule import Op, execute
 
 
+def dense_decode_rows(top: int, num_slots: int, graphs: bool) -> int:
+    """Rows a decode step runs for slots below `top` in a cache of `num_slots`: with graphs,
+    rounded up to a batch-size bucket (one graph serves every batch in it), never past the
+    cache. The one rule for every rank that must agree on a step's shape without asking (EP
+    ranks, a separated replica and its expert ranks)."""
+    n = bucket_rows(top) if graphs and top else top
+    return min(n, num_slots)
+
+
+def microbatch_rows(rows: int, microbatches: int, slices: int = 1) -> list[int]:
+    """Tokens per micro-batch of a `rows`-row decode step, and of those the largest share of
+    one of `slices` ranks (a separated replica's head-parallel ranks split each micro-batch's
+    tokens): what a padded transfer's blocks are sized for (capacity.py)."""
+    return [-(-len(r) // slices) for r in split_evenly(rows, microbatches)]
+
+
 class OpTimer:
     """Per-op-kind busy seconds, and profiler labels (`record_function`) when tracing.
 
@@ -121,6 +137,7 @@ class MicroBatchRuntime(StaticBatchMixin):
         # a benchmark's hook, called right before a whole-step graph runs, after the step's host
         # preparation (rows checked, laid out, copied): it records a CUDA event there
         self.on_launch: Callable[[], None] | None = None
+        self.peer_rows: int | None = None  # this decode step's agreed rows (StepRows.peer_rows), or None
 
     # --- Runtime interface (runtime.py) --------------------------------------------------------
     def start(self, num_slots: int, max_len: int) -> None:
@@ -203,17 +220,21 @@ class MicroBatchRuntime(StaticBatchMixin):
         """After a whole-step graph ran (captured now, or replayed): host state a replay does not
         rebuild (EP: the step's header checks)."""
 
+    def _take_peer_rows(self, rows: StepRows, meaning: str) -> None:
+        """peer_rows of a decode step (StepRows.peer_rows; None otherwise), checked against this
+        rank's rows and cache: what the ranks that must agree on the step's shape were all told."""
+        self.peer_rows = rows.peer_rows if rows.is_decode else None
+        own = max(rows.slots, default=-1) + 1
+        if self.peer_rows is not None and not own <= self.peer_rows <= (self.cache.num_slots if self.cache else own):
+            raise ValueError(f"rank {self.env.rank}: StepRows.peer_rows={self.peer_rows} must be at least this "
+                             f"rank's rows ({own}: its highest slot + 1) and at most its KV slots; it is {meaning}")
+
     def _dense_rows(self, rows: StepRows) -> int | None:
         """Rows of a decode step: the slots up to the highest one, rounded up to a batch-size
         bucket when graphs are replayed (one graph serves every batch in the bucket)."""
         if not rows.is_decode:
             return None
-        n = max(rows.slots, default=-1) + 1
-        return min(self._bucket(n), self.cache.num_slots)
-
-    def _bucket(self, n: int) -> int:
-        """Decode rows rounded up to a batch-size bucket when graphs are replayed."""
-        return bucket_rows(n) if self.graphs.enabled and n else n
+        return dense_decode_rows(max(rows.slots, default=-1) + 1, self.cache.num_slots, self.graphs.enabled)
 
     def _sequence_chunks(self, st: StepTensors, rows: StepRows) -> list[MicroBatch]:
         """Prefill cut along the tokens: chunk r of every row, attending up to its end."""
