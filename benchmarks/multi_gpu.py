@@ -18,7 +18,8 @@ and parallelized for each plan), so process start-up is paid once:
 Every point runs twice (--impls): `fast` (the CUDA fast path: compute between transfers
 replayed from CUDA graphs, Triton grouped matmul experts, the fused small-op kernels, padded
 transfers) and `eager` (plain PyTorch ops, same transfers), so the rows show what the fast path
-buys per strategy. `fast-unfused` is `fast` without the fused small-op kernels.
+buys per strategy. `fast-unfused` is `fast` without the fused small-op kernels; `fast-stepgraphs`
+is `fast` with separated plans' decode steps replayed whole (RunSpec.separated_step_graphs).
 
 Rows are appended to DIR/multi_gpu.jsonl as they finish, so a cut-off run keeps what it did.
 Keep NVLink multicast off on shared hosts: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -112,7 +113,7 @@ def check_tokens(env, out: Path, plans, args) -> None:
         model = build_model(cfg, seed=0, device=env.device)
         reference = generate(LocalRuntime(model), reqs).tokens if env.rank == 0 else None
         spec = RunSpec(plan=plan, requests=reqs, dtype="float32", device=args.device, timeout_s=args.timeout,
-                       quiet=True, eager=impl == "eager")
+                       quiet=True, eager=impl == "eager", separated_step_graphs=impl == "fast-stepgraphs")
         try:
             result = run_on(env, spec, model)
             error = None
@@ -174,7 +175,8 @@ def bench_points(env, out: Path, args) -> None:
 
 def bench_plan(env, out: Path, args, cfg, plan, impl: str, points, best: dict, traced: set) -> None:
     run = RunSpec(plan=plan, requests=[], dtype=cfg.dtype, device=args.device, timeout_s=args.timeout,
-                  eager=impl == "eager", fused=impl != "fast-unfused")
+                  eager=impl == "eager", fused=impl != "fast-unfused",
+                  separated_step_graphs=impl == "fast-stepgraphs")
     specs = [DistBenchSpec(run, batch=b, context=c, warmup=3, steps=args.steps) for b, c in points]
     trace = args.trace and (plan.strategy, impl) not in traced and specs[0].batch == 24
     start = time.perf_counter()
@@ -243,9 +245,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["paper", "paper-swiglu"])
     parser.add_argument("--check-preset", default="paper", help="model of the fp32 token check")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo dry run")
-    parser.add_argument("--impls", nargs="+", choices=("fast", "fast-unfused", "eager"), default=["fast", "eager"],
+    parser.add_argument("--impls", nargs="+", choices=("fast", "fast-unfused", "fast-stepgraphs", "eager"),
+                        default=["fast", "eager"],
                         help="fast: CUDA graphs + Triton experts + fused small-op kernels; fast-unfused: "
-                             "without the fused kernels; eager: plain PyTorch")
+                             "without the fused kernels; fast-stepgraphs: fast with one CUDA graph per decode "
+                             "step on separated plans' ranks too; eager: plain PyTorch")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
     parser.add_argument("--points", type=decode_point, nargs="+", default=None,
                         help="BATCHxCONTEXT points (e.g. 24x2048 2048x512) instead of --batches x the contexts")

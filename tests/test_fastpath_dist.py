@@ -101,7 +101,8 @@ def _rank(arg):
     from masep.parallel.separated import serve_experts
     from masep.parallel.stepper import OpTimer
     from masep.parallel.worker import RunSpec, apply_plan, use_fast_path
-    name, dtype, tol, mutate, biased, device = arg
+    name, dtype, tol, mutate, biased, device, *more = arg
+    step_graphs = bool(more and more[0])  # separated plans: one CUDA graph per decode step
     batch = 16 if biased else BATCH  # 16: blocks sized for balanced routing overflow when biased
     shared_gpus = torch.cuda.device_count() < PLANS[name].world_size  # then gloo: NCCL wants a GPU per rank
     env = init_distributed(device, timeout_s=120, backend="gloo" if shared_gpus else "auto")
@@ -114,13 +115,21 @@ def _rank(arg):
     if biased:
         _biased(model)
         _biased(oracle.model)
-    spec = DistBenchSpec(RunSpec(plan=PLANS[name], requests=[], dtype=dtype, device=device), batch=batch)
+    spec = DistBenchSpec(RunSpec(plan=PLANS[name], requests=[], dtype=dtype, device=device,
+                                 separated_step_graphs=step_graphs), batch=batch)
     plan = apply_plan(env, spec.run.plan, model)
     graphs = use_fast_path(spec.run, model, env.device)
     assert graphs == cuda  # CPU: the harness itself, without graphs (test_harness_runs_on_cpu)
     runtime, rows = _attention_runtime(spec, model, plan, _plan_groups(plan, cfg, env), env, OpTimer(), graphs)
     if rows == 0:
-        stats = serve_experts(model, plan, runtime, env, graphs=cuda)
+        # decode steps 1.. are told each replica's rows, as the front end tells them (the
+        # replicas' caches hold exactly their rows: dense_decode_rows is the rows); the whole-step
+        # runtimes' three extra steps under the sync check too; prefill and stop: handshakes
+        from masep.parallel import comm
+        extra = 3 if step_graphs and cuda and not mutate and comm.transfers_capturable() else 0
+        per_replica = [len(r) for r in split_evenly(batch, plan.attn_replicas)]
+        told = lambda step: per_replica if 1 <= step <= STEPS + extra else None  # noqa: E731
+        stats = serve_experts(model, plan, runtime, env, graphs=cuda, agreed=told, step_graphs=step_graphs)
         assert not biased or stats.reruns >= 1, "the expert rank served no overflowed step again"
         return {}
     if plan.strategy == "ep":
@@ -145,8 +154,11 @@ def _rank(arg):
             failed.append(str(err))
     check(runtime.prefill(ids, lens), oracle.prefill(ids, lens))
     tokens, positions = ids[:, -1], lens.clone()
-    # EP: decode steps told the largest rank's rows, as the front end does: one whole-step graph each
-    peer = len(split_evenly(batch, plan.ep)[0]) if plan.strategy == "ep" else None
+    # decode steps told their rows, as the front end tells them: EP the largest rank's (one
+    # whole-step graph each), a separated replica its own (no handshake; with step graphs one
+    # whole-step graph each)
+    peer = {"ep": lambda: len(split_evenly(batch, plan.ep)[0]), "separated": lambda: len(mine)}.get(
+        plan.strategy, lambda: None)()
     for _ in range(STEPS):
         got = runtime.decode(tokens, positions, int(positions.max()) + 1, peer_rows=peer)
         want = oracle.decode(tokens, positions, int(positions.max()) + 1)
@@ -175,6 +187,29 @@ def test_fast_path_matches_single_device(name, dtype, tol):
     spawn(PLANS[name].world_size, _rank, (name, dtype, tol, False, False, "cuda"), timeout_s=280)
 
 
+SEPARATED = sorted(n for n, p in PLANS.items() if p.strategy == "separated")
+
+
+@needs_2_gpus
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", SEPARATED)
+@pytest.mark.parametrize("dtype,tol", [("float32", (1e-4, 1e-3)), ("bfloat16", BF16_REL)], ids=["fp32", "bf16"])
+def test_separated_step_graphs_match_single_device(name, dtype, tol):
+    """RunSpec.separated_step_graphs: the replica's and the expert ranks' decode steps replayed
+    whole (each side warms its capture up without transfers, so the other serves every step
+    once); the replica's last steps run under set_sync_debug_mode("error")."""
+    from masep.parallel.launch import spawn
+    spawn(PLANS[name].world_size, _rank, (name, dtype, tol, False, False, "cuda", True), timeout_s=280)
+
+
+@needs_2_gpus
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["sep1x1+2"])
+def test_separated_step_graphs_rerun_overflowing_steps(name):
+    from masep.parallel.launch import spawn
+    spawn(PLANS[name].world_size, _rank, (name, "float32", (1e-4, 1e-3), False, True, "cuda", True), timeout_s=280)
+
+
 @needs_2_gpus
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(PLANS))
@@ -184,7 +219,7 @@ def test_bf16_check_fails_on_two_swapped_experts(name):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["tp2", "ep", "sep1x1+2"])
+@pytest.mark.parametrize("name", ["tp2", "ep", "sep1x1+2", "sep2x1+1"])
 def test_harness_runs_on_cpu(name):
     """The GPU tests' harness on gloo CPU ranks, fp32, without graphs: CI has no GPU, so this is
     what notices when the runtimes' or the benchmark's interfaces move under the GPU tests (their

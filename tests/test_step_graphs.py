@@ -30,7 +30,12 @@ class _CallingGraphs:
         self.keys = []
         self.captures = 0
 
-    def run(self, key, fn, *inputs, shared_pool=False):
+    def run(self, key, fn, *inputs, shared_pool=False, warm_up=None):
+        """A new key with a warm-up context (a separated plan's dry warm-up): the warm-up call
+        runs in it first, as before a capture."""
+        if warm_up is not None and key not in self.keys:
+            with warm_up():
+                fn(*inputs)
         self.keys.append(key)
         self.captures += 1
         return fn(*inputs)
@@ -136,3 +141,51 @@ def _ep_rank(_):
 def test_ep_ranks_of_unequal_batches_take_the_whole_step_path_alike():
     from masep.parallel.launch import spawn
     spawn(2, _ep_rank, None, timeout_s=100)
+
+
+def _separated_rank(_):
+    """Separated 1+2 (two expert ranks, two micro-batches): the replica's decode steps told their
+    rows take the whole-step path (the stand-in runs the capture's dry warm-up before the first
+    call of each key); the expert ranks serve those steps laid out from the same rows. Every
+    step's logits equal the single-device model's, and the expert ranks serve each step exactly
+    once: a warm-up that moved anything would leave one side waiting or make gloo abort."""
+    from masep.parallel import comm
+    from masep.parallel.groups import build_separated_groups, init_distributed
+    from masep.parallel.separated import SeparatedAttentionRuntime, serve_experts
+    from masep.parallel.worker import apply_plan
+    from masep.plan import SeparatedPlan
+    env = init_distributed("cpu", timeout_s=60)
+    model = build_model(CFG, seed=4)
+    plan = apply_plan(env, SeparatedPlan(1, 1, 2, 2), model)
+    groups = build_separated_groups(plan, CFG, env)
+    steps = 4
+    if groups.role.kind == "expert":
+        stats = serve_experts(model, plan, groups, env, agreed=lambda s: [3] if 1 <= s <= steps else None)
+        assert stats.steps == 1 + steps, stats.steps  # the prefill and the decode steps, once each
+        return {}
+    comm.transfers_capturable = lambda: True  # as on NCCL: the whole-step path is taken
+    oracle = LocalRuntime(build_model(CFG, seed=4))
+    runtime = SeparatedAttentionRuntime(model, plan, groups, env, step_graphs=True)
+    runtime.graphs = _CallingGraphs()
+    for rt in (runtime, oracle):
+        rt.start(3, CFG.max_seq_len)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, CFG.vocab_size, (3 + s,), generator=gen).tolist() for s in range(3)]
+    rows = StepRows([0, 1, 2], prompts, [0, 0, 0], prefill=True)
+    torch.testing.assert_close(runtime.forward(rows), oracle.forward(rows), atol=1e-5, rtol=1e-4)
+    live = [(p[-1], len(p)) for p in prompts]
+    for _ in range(steps):
+        rows = StepRows([0, 1, 2], [[t] for t, _ in live], [n for _, n in live], peer_rows=3)
+        got, want = runtime.forward(rows), oracle.forward(StepRows(rows.slots, rows.tokens, rows.starts))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        live = [(int(t), n + 1) for t, (_, n) in zip(want.argmax(-1), live)]
+    keys = [k for k in runtime.graphs.keys if k[0] == "step"]
+    assert len(keys) == steps, keys  # every decode step took the whole-step path
+    runtime.finish()
+    return {}
+
+
+@pytest.mark.timeout(120)
+def test_separated_whole_step_path_warms_up_without_transfers():
+    from masep.parallel.launch import spawn
+    spawn(3, _separated_rank, None, timeout_s=100)

@@ -76,7 +76,8 @@ def _attention_runtime(spec: DistBenchSpec, model, plan, groups, env, timer, gra
         if groups.role.kind == "expert":
             return groups, 0
         rows = len(split_evenly(spec.batch, plan.attn_replicas)[groups.role.replica])
-        return SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs), rows
+        return SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs,
+                                         spec.run.separated_step_graphs), rows
     if plan.strategy == "ep":
         rows = len(split_evenly(spec.batch, plan.ep)[env.rank])
         return EpRuntime(model, plan, groups, env, timer, graphs), rows
@@ -233,7 +234,8 @@ def _bench_point(env, spec: DistBenchSpec, model, plan, groups, graphs: bool, co
         # every replica decodes its rows for warmup + steps steps (_decode_steps), then stops
         replica_rows = [dense_decode_rows(len(r), len(r), graphs) for r in split_evenly(spec.batch, plan.attn_replicas)]
         serve_experts(model, plan, part, env, timer, untimed_steps=spec.warmup, graphs=graphs, on_timed=energy.start,
-                      agreed=lambda step: replica_rows if step < spec.warmup + spec.steps else None)
+                      agreed=lambda step: replica_rows if step < spec.warmup + spec.steps else None,
+                      step_graphs=spec.run.separated_step_graphs)
         times = launched = None
     else:
         times, launched = _decode_steps(part, rows, spec, env.device, timer, energy)

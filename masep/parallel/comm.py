@@ -5,8 +5,9 @@ ranks) as `all_to_all_single`, which gloo and NCCL both support with uneven spli
 
 Every step opens with a handshake (`attention_begin_step`, `expert_begin_step`,
 `ep_begin_step`): each sender tells the bridge its flag (work, stop, idle), whether the step
-is *padded*, and how many token rows it has per micro-batch. (An EP decode step whose ranks
-were all told the largest rank's rows skips it: `agreed_decode_step`.) That is the one message the
+is *padded*, and how many token rows it has per micro-batch. (A decode step whose rows every
+member was told skips it: `agreed_decode_step`; EP ranks are told the largest rank's rows, a
+separated replica and its expert ranks the replica's.) That is the one message the
 receivers read on the host, at the step boundary, where the engine has just read the previous
 step's tokens anyway. Then, per (layer, micro-batch):
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -77,6 +79,41 @@ class Bridge:
                 f"step {step}, layer {layer}, micro-batch {mb}")
 
 
+# --- dry transfers: a whole-step graph's eager warm-up on one side of a bridge ----------------------
+_dry = threading.local()
+
+
+class _NoTransfer:
+    """The work handle of a transfer that did not happen (dry_transfers)."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+@contextmanager
+def dry_transfers():
+    """Inside: every transfer of this thread does nothing and every buffer it would receive into
+    holds zeros. The eager warm-up before a CUDA-graph capture runs the step once to tune and
+    allocate; where the peers do not run that extra step alongside (a separated replica and its
+    expert ranks capture their whole-step graphs at different steps), its transfers must not
+    reach them. What the warm-up computes from the zeros is thrown away: it rewrites only what
+    the replay after it rewrites again (KV positions, the step's buffers, reset by the caller)."""
+    before = getattr(_dry, "on", False)
+    _dry.on = True
+    try:
+        yield
+    finally:
+        _dry.on = before
+
+
+def _is_dry(*receive_into: torch.Tensor) -> bool:
+    if not getattr(_dry, "on", False):
+        return False
+    for buf in receive_into:
+        buf.zero_()
+    return True
+
+
 def _wait(work, bridge: Bridge, what: str, step: int, layer: int, mb: int) -> None:
     _wait_named(work, bridge.timeout, bridge.where(what, step, layer, mb))
 
@@ -88,6 +125,8 @@ def _wait_named(work, timeout: timedelta, what: str) -> None:
     passing a timeout there turns it into a host busy-wait that polls in 10 ms sleeps (we
     measured 10 ms per wait on H200), so the bound is the process group's own timeout, given
     at group creation, which NCCL's watchdog enforces by aborting the communicator."""
+    if isinstance(work, _NoTransfer):
+        return
     try:
         ok = work.wait() if _stream_waits() else work.wait(timeout=timeout)
     except Exception as err:  # gloo/NCCL raise their own types; re-raise naming the transfer
@@ -284,8 +323,16 @@ def _stream_waits() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
+def transfers_capturable() -> bool:
+    """Whether a CUDA graph can hold this world's transfers: NCCL's, not gloo's (gloo moves a
+    CUDA tensor through host memory, which a capture cannot hold)."""
+    return _stream_waits()
+
+
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
     _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
+    if _is_dry(out):
+        return _NoTransfer()
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.group, async_op=True)
 
 
@@ -293,6 +340,8 @@ def _all_to_all_back(out, inp, out_splits, in_splits, bridge):
     """Expert outputs on their way back: on the bridge's second group, so (with NCCL, one
     communicator per group) they need not queue behind the next micro-batch's dispatch."""
     _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
+    if _is_dry(out):
+        return _NoTransfer()
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.back_group or bridge.group,
                                   async_op=True)
 
@@ -318,6 +367,7 @@ class StepLayout:
     rows: list[int] = field(default_factory=list)  # per micro-batch: the largest sender's tokens
     checks: list = field(default_factory=list)  # (layer, mb, first sender member, bad_S [S] bool)
     demands: list = field(default_factory=list)  # (mb, demand_S [S]): senders' largest rows to one receiver
+    agreed: bool = False  # laid out from rows every member was told, with no handshake
 
 
 class StepHeads:
@@ -401,7 +451,9 @@ def agreed_decode_step(bridge: Bridge, step: int, rows_M: list[int], caps_M: lis
     all told (EP: the largest rank's rows): the layout the handshake would agree on, without it.
     Nothing moves and nothing is read; a member that computed otherwise is caught by the block
     header checks."""
-    return _layout(bridge, step, [FLAG_WORK] * bridge.size, True, [rows_M], [caps_M], hidden, dtype)
+    layout = _layout(bridge, step, [FLAG_WORK] * bridge.size, True, [rows_M], [caps_M], hidden, dtype)
+    layout.agreed = True
+    return layout
 
 
 def ep_begin_step(bridge: Bridge, step: int, rows_M: list[int], padded: bool, hidden: int, dtype: torch.dtype,
@@ -727,7 +779,8 @@ def replica_all_reduce(x: torch.Tensor, group, timeout: timedelta, what: str, la
     the element-wise maximum instead (ranks agreeing on a step's largest demand)."""
     op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
     check_group(group, what)
-    _wait_named(dist.all_reduce(x, op=op, group=group, async_op=True), timeout, f"{what}: all-reduce")
+    if not _is_dry():  # dry: this rank's part stands for the sum
+        _wait_named(dist.all_reduce(x, op=op, group=group, async_op=True), timeout, f"{what}: all-reduce")
     return x
 
 
@@ -740,7 +793,8 @@ def replica_all_gather_rows(x_slice: torch.Tensor, splits: list[int], group, tim
     buf[: x_slice.shape[0]] = x_slice
     parts = [torch.empty_like(buf) for _ in splits]
     check_group(group, what)
-    _wait_named(dist.all_gather(parts, buf, group=group, async_op=True), timeout, f"{what}: all-gather")
+    if not _is_dry(*parts):
+        _wait_named(dist.all_gather(parts, buf, group=group, async_op=True), timeout, f"{what}: all-gather")
     return torch.cat([p[:n] for p, n in zip(parts, splits)])
 
 

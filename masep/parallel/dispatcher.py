@@ -141,6 +141,14 @@ class TokenDispatcher:
         self.worst_payload_rows += blocks * routing.capacity(lay.rows[mb], self.bridge.top_k,
                                                              self.bridge.max_local_experts)
 
+    def count_payload(self, mb: int, transfers: int) -> None:
+        """Count `transfers` dispatches of micro-batch mb's blocks (a replayed graph's, which
+        runs no Python)."""
+        self._count_payload(mb, transfers * self._receivers())
+
+    def _receivers(self) -> int:
+        raise NotImplementedError
+
     # --- for subclasses ---------------------------------------------------------------------------
     def _announce(self, step, rows_M, padded, caps, idle) -> comm.StepLayout:
         raise NotImplementedError
@@ -184,11 +192,16 @@ class SeparatedDispatcher(TokenDispatcher):
         return comm.replica_all_reduce(self.demand_M.clone(), self.replica_group, self.timeout,
                                        f"{self.who}: step {self.layout.step} block demand", largest=True)
 
-    def dispatch(self, out: Outbound, layer: int, mb: int) -> comm.DispatchHandle:
-        """Launch the rows to the expert ranks; the handle is all `combine` needs."""
+    def _receivers(self) -> int:
+        return len(self.bridge.expert_members())
+
+    def dispatch(self, out: Outbound, layer: int, mb: int, count: bool = True) -> comm.DispatchHandle:
+        """Launch the rows to the expert ranks; the handle is all `combine` needs. count: add the
+        blocks to payload_rows (a whole-step graph counts its replays instead: count_payload)."""
         if out.packed is None:
             return comm.dispatch_rows(out.x_XH, out.rows, self.bridge, self.layout, layer, mb)
-        self._count_payload(mb, len(self.bridge.expert_members()))
+        if count:
+            self._count_payload(mb, self._receivers())
         return comm.send_packed(out.packed, self.bridge, self.layout, layer, mb, out.num_tokens)
 
     def combine(self, handle: comm.DispatchHandle) -> tuple[torch.Tensor, ...]:
@@ -215,10 +228,13 @@ class EpDispatcher(TokenDispatcher):
             comm.end_step(self.layout, self.bridge)  # bad headers raise; the demand is read below
         return super().finish_step()
 
+    def _receivers(self) -> int:
+        return self.bridge.size
+
     def dispatch(self, out: Outbound, layer: int, mb: int) -> comm.ExchangeHandle:
         if out.packed is None:
             return comm.ep_dispatch_rows(out.x_XH, out.rows, self.bridge, self.layout, self.num_local, layer, mb)
-        self._count_payload(mb, self.bridge.size)
+        self._count_payload(mb, self._receivers())
         return comm.ep_send_packed(out.packed, self.bridge, self.layout, layer, mb, out.num_tokens)
 
     def received(self, handle: comm.ExchangeHandle):
@@ -255,6 +271,7 @@ class ExpertDispatcher:
     def __init__(self, num_local: int, cfg, dtype: torch.dtype, heads: comm.StepHeads, graphs: SegmentGraphs):
         self.num_local, self.hidden, self.dtype = num_local, cfg.hidden_size, dtype
         self.heads, self.graphs = heads, graphs
+        self.whole_step = False  # inside a whole-step graph's capture: no segment graphs of its own
 
     def receive(self, bridge: comm.Bridge, layout: comm.StepLayout, layer: int, mb: int):
         """Padded: post the receive of the replica's blocks (serve waits). Exact: agree the counts and
@@ -291,7 +308,7 @@ class ExpertDispatcher:
             return routing.serve_blocks(list(blocks_), [head] * len(blocks_), experts.forward_sorted, hdr, max_local,
                                         self.num_local)
 
-        if any(b.shape[1] == hdr for b in blocks):  # an empty micro-batch somewhere: no zero-size capture
+        if self.whole_step or any(b.shape[1] == hdr for b in blocks):  # empty micro-batch: no zero-size capture
             return serve(*blocks)
         key = ("experts", layer, mb, hdr, tuple(b.replica for b, _, _ in arrivals), tuple(tuple(b.shape) for b in blocks))
         return self.graphs.run(key, serve, *blocks)

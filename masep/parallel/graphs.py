@@ -39,8 +39,9 @@ dropped graph produced stays valid while referenced).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, ContextManager, Hashable
 
 import torch
 
@@ -65,14 +66,18 @@ class SegmentGraphs:
         self._pool = None
         self.captures = 0
 
-    def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor, shared_pool: bool = False):
+    def run(self, key: Hashable, fn: Callable, *inputs: torch.Tensor, shared_pool: bool = False,
+            warm_up: Callable[[], ContextManager] | None = None):
+        """fn(*inputs), replayed from the graph captured for `key` (captured now if new).
+        warm_up: a context the capture's eager warm-up call runs in (comm.dry_transfers where
+        the peers do not run the warm-up alongside: a separated plan's whole-step graphs)."""
         if not self.enabled:
             return fn(*inputs)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.clear()
-            entry = self._graphs[key] = self._capture(fn, inputs, shared_pool)
+            entry = self._graphs[key] = self._capture(fn, inputs, shared_pool, warm_up)
             self.captures += 1
         else:
             self._load(key, entry, inputs)
@@ -95,10 +100,11 @@ class SegmentGraphs:
                                  f"{tuple(static.shape)} {static.dtype} (the key must name every shape)")
             static.copy_(given)
 
-    def _capture(self, fn: Callable, inputs, shared_pool: bool) -> _Captured:
+    def _capture(self, fn: Callable, inputs, shared_pool: bool, warm_up=None) -> _Captured:
         # Keep the given tensors as the graph's inputs: most are outputs of an earlier segment's
         # graph, whose address never changes, so later replays need no copy.
-        fn(*inputs)  # warm-up: autotuning, cuBLAS workspaces, lazy allocations
+        with warm_up() if warm_up is not None else nullcontext():
+            fn(*inputs)  # warm-up: autotuning, cuBLAS workspaces, lazy allocations
         graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog thread polls events while we capture; under the
         # default "global" mode that would invalidate the capture.

@@ -281,10 +281,11 @@ class UnitMember:
 class ExpertMember:
     """A separated expert rank: serves the replicas named in each step message."""
 
-    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool, mirror: bool = False):
+    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool, mirror: bool = False,
+                 step_graphs: bool = False):
         self.plan, self.groups, self.timer = plan, groups, timer
         self.cfg = model.cfg
-        self.server = _ExpertServer(model, plan, groups, env, graphs)
+        self.server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
@@ -329,7 +330,7 @@ class ExpertMember:
             if self.groups.bridges[u] is not None:  # bridges that did not fail: given up here
                 comm.abandon_bridge(self.groups.bridges[u])
             self.groups.bridges[u] = self.groups.fallback[u, x]
-        self.server.graphs.clear()
+        self.server.forget_graphs()
         self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.drop_expert_rank)
         self.lost.clear()  # the failed step marked every bridge; the front end names live units
 
@@ -344,7 +345,7 @@ class ExpertMember:
     def use_groups(self, groups, links) -> None:
         """Serve every replica over the groups of a re-formed world (the plan's own bridges)."""
         self.groups = groups
-        self.server.graphs.clear()
+        self.server.forget_graphs()
         self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.use_groups)
         self.lost.clear()
 
@@ -377,8 +378,9 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
         links = mirror.build_mirror_links(plan, env) if spec.mirror else None  # every rank: the groups
         role = groups.role
         if role.kind == "expert":
-            return ExpertMember(model, plan, groups, env, timer, graphs, spec.mirror and plan.attn_replicas >= 2)
-        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs)
+            return ExpertMember(model, plan, groups, env, timer, graphs, spec.mirror and plan.attn_replicas >= 2,
+                                spec.run.separated_step_graphs)
+        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs, spec.run.separated_step_graphs)
         info = ("attention", role.replica, role.index == 0)
     elif plan.strategy == "ep":
         runtime = EpRuntime(model, plan, build_ep_groups(plan, cfg, env), env, timer, graphs)

@@ -17,6 +17,7 @@ runs the whole MLP on the whole micro-batch; nothing crosses the bridge.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,7 +48,10 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
     """The attention side of MA separation as an engine `Runtime` for one replica's sequences."""
 
     def __init__(self, model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                 timer: OpTimer | None = None, graphs: bool = False):
+                 timer: OpTimer | None = None, graphs: bool = False, step_graphs: bool = False):
+        """step_graphs (with graphs): a decode step told its rows is replayed from one CUDA graph
+        (compute, the bridge's and the replica's transfers, the logits) instead of one graph per
+        compute segment with the transfers launched between them."""
         cfg = self.cfg = model.cfg
         self.plan, self.env, self.role = plan, env, groups.role
         self.device = env.device
@@ -64,6 +68,8 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
                                               f"rank {env.rank}")
         self.fallback = groups.fallback
         self.stopped = False
+        self.step_graphs = step_graphs
+        self.moe_layers = sum(b.moe is not None for b in self.blocks)
 
     @property
     def bridge(self) -> comm.Bridge:
@@ -107,6 +113,31 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         if rows.is_decode and self.peer_rows is not None:
             return dense_decode_rows(self.peer_rows, self.cache.num_slots, self.graphs.enabled)
         return super()._dense_rows(rows)
+
+    # --- one CUDA graph per decode step (step_graphs) ---------------------------------------------
+    @property
+    def whole_step_graphs(self) -> bool:
+        return self.step_graphs and self.peer_rows is not None and comm.transfers_capturable()
+
+    def _step_graph_key(self) -> tuple:
+        """The step's layout (the buffers its graph reads are set here, outside the capture)."""
+        rows = microbatch_rows(dense_decode_rows(self.peer_rows, self.cache.num_slots, self.graphs.enabled),
+                               self.plan.microbatches, self.plan.attn_tp)
+        lay = self.dispatcher.begin_agreed_step(self.step, rows)
+        return tuple(lay.caps), lay.header_rows
+
+    @contextmanager
+    def _capture_warm_up(self):
+        """The capture's eager warm-up moves nothing: the expert ranks serve this step once, when
+        its graph replays. Its demand came from zeros: the step's buffers are set again."""
+        with comm.dry_transfers():
+            yield
+        self.dispatcher.new_step_buffers(self.dispatcher.layout.step)
+
+    def _after_graphed_step(self, key: tuple, captured: bool) -> None:
+        """A replay runs no Python: count its blocks here (dispatch does not, in a whole step)."""
+        for mb in range(self.plan.microbatches):
+            self.dispatcher.count_payload(mb, self.moe_layers)
 
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
@@ -186,7 +217,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         mb.x = self._segment(("mlp", layer, i), mlp, mb.x, mb.work.pop("attention"))
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        mb.work["handle"] = self.dispatcher.dispatch(mb.work.pop("out"), layer, i)
+        mb.work["handle"] = self.dispatcher.dispatch(mb.work.pop("out"), layer, i, count=not self.whole_step)
 
     def _combine(self, mb: MicroBatch, layer: int, i: int) -> None:
         """Expert outputs back, weighted per token, the block's MoE residual; the replica's slices
@@ -219,7 +250,7 @@ class ExpertStats:
 def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
                   timer: OpTimer | None = None, untimed_steps: int = 0, graphs: bool = False,
                   on_timed: Callable[[], None] | None = None,
-                  agreed: Callable[[int], list[int] | None] | None = None) -> ExpertStats:
+                  agreed: Callable[[int], list[int] | None] | None = None, step_graphs: bool = False) -> ExpertStats:
     """Answer every replica's bridge, step after step, until each has sent stop. The timer
     restarts after `untimed_steps` steps (a benchmark's warm-up, where NCCL builds its
     communicators on first use), and `on_timed()` is called then (a benchmark starts its energy
@@ -229,11 +260,11 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     or, where agreed(step) gives each replica's decode rows (dense_decode_rows of the peer_rows
     the replicas were given), from those (no host read); the op list then runs without
     reading anything on the host (padded steps; with `graphs` each (layer, micro-batch)'s
-    expert compute is replayed from a CUDA graph), and the device-side header checks are read
-    after it."""
+    expert compute is replayed from a CUDA graph; with `step_graphs` too, an agreed step is
+    replayed whole from one), and the device-side header checks are read after it."""
     cfg = model.cfg
     timer = timer or OpTimer()
-    server = _ExpertServer(model, plan, groups, env, graphs)
+    server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
     stats = ExpertStats(load_LE=torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long))
     live = list(groups.bridges)
     while live:
@@ -285,7 +316,7 @@ class _ExpertServer:
     """An expert rank's state across steps: its experts, the step headers, the CUDA graphs."""
 
     def __init__(self, model: MoETransformer, plan: SeparatedPlan, groups: SeparatedGroups, env: DistEnv,
-                 graphs: bool):
+                 graphs: bool, step_graphs: bool = False):
         self.cfg = cfg = model.cfg
         self.plan = plan
         self.my_experts = plan.expert_placement(cfg)[groups.role.index]
@@ -296,6 +327,9 @@ class _ExpertServer:
         self.device = env.device
         self.heads = comm.StepHeads(cfg.num_layers, plan.microbatches, env.device)
         self.graphs = SegmentGraphs(graphs, env.device)
+        # whole-step graphs (steps laid out from told rows): their own cache, one memory pool
+        self.step_graphs = SegmentGraphs(graphs and step_graphs, env.device, max_graphs=64)
+        self._graph_checks: dict = {}  # whole-step graph key -> per bridge (its checks, its demands)
         self.dispatcher = ExpertDispatcher(len(self.my_experts), cfg, self.dtype, self.heads, self.graphs)
         self.ops = separated_schedule("expert", cfg.num_layers, plan.microbatches, cfg.first_dense_layers)
         self.reruns = 0  # bridges served again after an overflow
@@ -363,6 +397,12 @@ class _ExpertServer:
         """After a failure: every replica's policy starts again, as theirs do (restart_capacity)."""
         self.capacity.clear()
 
+    def forget_graphs(self) -> None:
+        """The bridges changed (a rank was routed around or replaced): graphs bake in the old ones."""
+        self.graphs.clear()
+        self.step_graphs.clear()
+        self._graph_checks.clear()
+
     def _agreed_layout(self, bridge: comm.Bridge, step: int, rows: int, full: bool) -> comm.StepLayout:
         rows_M = microbatch_rows(rows, self.plan.microbatches, self.plan.attn_tp)
         caps_M = self._policy(bridge.replica).caps(rows_M, full)
@@ -383,9 +423,18 @@ class _ExpertServer:
         Each (layer, micro-batch) arrives on every working bridge; `experts` waits for all of it
         and runs one grouped matmul over every replica's rows (the weights are read once), then
         each replica's outputs go back on its own bridge. failed: see `serve` (indices into
-        `working`); a failed bridge drops out of the (layer, micro-batch)s still to come."""
-        num_local = len(self.my_experts)
+        `working`); a failed bridge drops out of the (layer, micro-batch)s still to come.
+
+        With step graphs, a step whose every bridge was laid out from told rows is replayed
+        from one CUDA graph per (bridges, rows, capacities): transfers, grouped matmuls and
+        header checks, nothing launched one by one."""
         self.heads.set_step(step)
+        if self.step_graphs.enabled and all(lay.agreed for _, lay in working) and comm.transfers_capturable():
+            return self._graphed_step(working, timer, failed)
+        return self._run_ops(working, timer, failed)
+
+    def _run_ops(self, working, timer: OpTimer, failed) -> torch.Tensor:
+        num_local = len(self.my_experts)
         st = self._now = _ServingStep(working, failed, torch.zeros(self.cfg.num_layers, num_local, dtype=torch.long,
                                                                    device=self.device))
         if self._runners is None or self._runners[0] is not timer:
@@ -399,6 +448,35 @@ class _ExpertServer:
         finally:
             self._now = None
         return st.loads
+
+    def _graphed_step(self, working, timer: OpTimer, failed) -> torch.Tensor:
+        """The step from its whole-step graph. A replay appends no header checks to the step's
+        layouts: those the capture appended (tensors the graph rewrites) are kept per graph and
+        handed to each later step's layouts."""
+        layouts = [lay for _, lay in working]
+        key = (tuple((b.replica, tuple(lay.rows), tuple(lay.caps)) for b, lay in working), layouts[0].header_rows)
+
+        @contextmanager
+        def dry_warm_up():  # the replicas send this step once, to the replay: the warm-up moves nothing
+            with comm.dry_transfers():
+                yield
+            for lay in layouts:  # its checks read zeros
+                lay.checks.clear()
+                lay.demands.clear()
+
+        captures = self.step_graphs.captures
+        self.dispatcher.whole_step = True  # no segment graphs inside this one
+        try:
+            loads = self.step_graphs.run(key, lambda: self._run_ops(working, timer, failed), warm_up=dry_warm_up)
+        finally:
+            self.dispatcher.whole_step = False
+        if self.step_graphs.captures != captures:
+            self._graph_checks[key] = [(list(lay.checks), list(lay.demands)) for lay in layouts]
+        else:
+            for lay, (checks, demands) in zip(layouts, self._graph_checks[key]):
+                lay.checks.extend(checks)
+                lay.demands.extend(demands)
+        return loads
 
     # --- the op kinds, built once (the step's state is in self._now) ------------------------------
     def _receive(self, op: Op) -> None:

@@ -206,10 +206,15 @@ class MicroBatchRuntime(StaticBatchMixin):
         captures = self.graphs.captures
         if self.on_launch is not None:
             self.on_launch()
-        logits_nV = self.graphs.run(key, step, st.ids_BT, st.positions_BT, shared_pool=True)
+        logits_nV = self.graphs.run(key, step, st.ids_BT, st.positions_BT, shared_pool=True,
+                                    warm_up=self._capture_warm_up)
         self.step = number + 1
         self._after_graphed_step(key, self.graphs.captures != captures)
         return logits_nV[st.logit_rows_B]  # a copy: the next replay overwrites the graph's output
+
+    # The context a whole-step capture's eager warm-up runs in; None: as it is, its collectives
+    # run on every rank alike (TP x PP, EP: all ranks capture at the same step).
+    _capture_warm_up = None
 
     def _step_graph_key(self) -> tuple:
         """Before a whole-step graph runs: what else its key must name (EP: the step's block

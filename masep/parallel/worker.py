@@ -45,6 +45,10 @@ class RunSpec:
     # CUDA: the fused Triton small-op kernels too (RMSNorm, router softmax/top-k, routing sort,
     # RoPE + KV write: fastpath.set_fused); off only to measure what they save
     fused: bool = True
+    # CUDA graphs, separated plans: one graph per decode step on the attention and the expert
+    # ranks instead of one per compute segment with the transfers launched between them. Off
+    # until measured on GPUs (benchmarks/multi_gpu.py --impls fast-stepgraphs)
+    separated_step_graphs: bool = False
 
 
 def load_model(spec: RunSpec, device: torch.device, rank: int | None = None):
