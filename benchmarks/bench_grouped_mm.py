@@ -33,11 +33,11 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def shapes(cfg) -> list[dict]:
-    """(what, rows, experts, expert hidden) of `paper` plans' expert matmuls at batch 512 and 2048."""
+def shapes(cfg, batches=(512, 2048)) -> list[dict]:
+    """(what, rows, experts, expert hidden) of `paper` plans' expert matmuls at these batches."""
     e, i, k = cfg.num_experts, cfg.expert_hidden, cfg.top_k
     out = []
-    for batch in (512, 2048):
+    for batch in batches:
         pairs = batch * k
         out += [dict(what=f"one GPU, batch {batch}", rows=pairs, experts=e, hidden=i),
                 dict(what=f"TP2 rank, batch {batch}", rows=pairs, experts=e, hidden=i // 2),
@@ -53,11 +53,11 @@ def kernels() -> dict:
             "wide, TMA": lambda x, w, o: wide_grouped_mm(x, w, o, tma=True)}
 
 
-def time_matrices(cfg, copy_bw: float, flops: float, meta: dict) -> list[dict]:
+def time_matrices(cfg, copy_bw: float, flops: float, meta: dict, batches=(512, 2048)) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = cfg.hidden_size
-    for s in shapes(cfg):
+    for s in shapes(cfg, batches):
         e, n = s["experts"], s["rows"]
         picks = torch.rand(n // cfg.top_k, cfg.num_experts, device="cuda", generator=gen).topk(cfg.top_k, -1).indices
         picks = picks.flatten() % e  # an EP rank's share: its experts, drawn alike
@@ -139,6 +139,7 @@ def main() -> int:
                         help="decode points BATCHxCONTEXT for whole steps (none: matrices only)")
     parser.add_argument("--impls", nargs="+", default=["auto+fused", "wide+fused"])
     parser.add_argument("--no-matrices", action="store_true", help="whole decode steps only (part 2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[512, 2048], help="part 1's batch sizes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -149,11 +150,12 @@ def main() -> int:
     meta = {**bench.device_meta(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"), "copy_bw": copy_bw, "matmul_flops": flops}
     log(json.dumps(meta))
-    rows = [] if args.no_matrices else time_matrices(get_preset("paper"), copy_bw, flops, meta)
+    rows = [] if args.no_matrices else time_matrices(get_preset("paper"), copy_bw, flops, meta, args.batches)
     rows += time_decode(args.points, args.impls, copy_bw, flops)
     command = "python " + " ".join(sys.argv)
     stem = args.out / (f"grouped_mm_{bench.hardware_tag(meta['device'])}_{time.strftime('%Y%m%d')}"
-                       + ("_steps" if args.no_matrices else ""))
+                       + ("_steps" if args.no_matrices else "")
+                       + ("" if args.batches == [512, 2048] else "_b" + "_".join(map(str, args.batches))))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "command": command, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(report(rows, meta, command))
     log(f"done in {time.time() - t0:.0f} s: {stem}.md")

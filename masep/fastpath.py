@@ -42,15 +42,17 @@ from .triton_util import tl, triton, round_bf16  # triton None: not installed
 
 EXPERT_IMPLS = ("grouped_mm", "triton", "wide", "auto")
 # The expert kernel by token-expert rows ("auto"), from benchmarks/bench_grouped_mm.py on an H200
-# (`paper`, bf16, one weight matrix; results/grouped_mm_h200_20261201.md):
-# - below WIDE_FROM_ROWS, the decode kernel below: its deep weight pipeline wins where the
-#   matmul is memory-bound (1.4x F.grouped_mm at batch 24);
-# - from WIDE_FROM_ROWS, the wide kernel (grouped_mm_wide.py): 0.56 against F.grouped_mm's 0.70 ms
-#   at 1024 rows over 16 experts, 0.84 against 1.10 at 2048; at 4096 rows (batch 2048) its TMA
-#   path ties or beats F.grouped_mm (1.21 / 1.12 against 1.22 / 1.19 ms, up / down) but its
-#   pointer path does not (1.37 / 1.31), so from GROUPED_MM_FROM_ROWS rows F.grouped_mm (CUTLASS)
-#   runs wherever the TMA path does not apply.
-WIDE_FROM_ROWS = 1024
+# (`paper`, bf16, one weight matrix; results/grouped_mm_h200_20261201*.md):
+# - below WIDE_FROM_ROWS, the decode kernel below: its deep weight pipeline serves the
+#   memory-bound small batches (1.4x F.grouped_mm at batch 24); at 128 rows the two tie;
+# - from WIDE_FROM_ROWS, the wide kernel (grouped_mm_wide.py): 0.50 against the decode kernel's
+#   0.57-0.59 ms at 256 rows over 16 experts, 0.56 against F.grouped_mm's 0.68-0.71 at 1024, 0.84
+#   against 1.09-1.12 at 2048 (whole steps: 8.21 against 8.52 ms at batch 128, 12.09 against
+#   12.74 at 256, 20.97 against 21.93 at 512); at 4096 rows (batch 2048) its TMA path ties or
+#   beats F.grouped_mm (1.21 / 1.12 against 1.22 / 1.19 ms, up / down) but its pointer path does
+#   not (1.37 / 1.31), so from GROUPED_MM_FROM_ROWS rows F.grouped_mm (CUTLASS) runs wherever the
+#   TMA path does not apply.
+WIDE_FROM_ROWS = 256
 GROUPED_MM_FROM_ROWS = 4096
 
 
@@ -509,16 +511,11 @@ def _then(act: str | None, out: torch.Tensor) -> torch.Tensor:
 
 def wide_or_decode_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor, act: str | None = None
                       ) -> torch.Tensor:
-    """"wide": the Triton decode kernel below WIDE_FROM_ROWS rows, the wide Triton kernel from
-    there at every size (16-bit; fp32 keeps the decode kernel, which runs it in IEEE). "auto"
-    hands the largest matmuls to F.grouped_mm instead; this is the A/B against it."""
-    if x_NK.shape[0] >= WIDE_FROM_ROWS and x_NK.dtype != torch.float32:
+    """"wide": the wide Triton kernel at every size (16-bit; fp32 keeps the decode kernel, which
+    runs it in IEEE): the A/B against "auto", which picks a kernel by rows."""
+    if x_NK.dtype != torch.float32:
         return wide_grouped_mm(x_NK, w_EKM, offs_E, act=act)
     return _then(act, triton_grouped_mm(x_NK, w_EKM, offs_E))
-
-
-# model.Experts.matmuls hands a GELU expert's activation to these (the wide kernel's epilogue)
-auto_grouped_mm.fuses_gelu = wide_or_decode_mm.fuses_gelu = True
 
 
 def set_expert_impl(model: torch.nn.Module, impl: str) -> None:

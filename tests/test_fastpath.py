@@ -135,7 +135,7 @@ def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     """Below WIDE_FROM_ROWS rows the Triton decode kernel, then the wide Triton kernel, from
     GROUPED_MM_FROM_ROWS F.grouped_mm (16-bit) unless the wide kernel's TMA path applies; fp32
     always the decode kernel (no fp32 F.grouped_mm on CUDA). The choice reads only the shape and
-    layout. "wide" never takes F.grouped_mm."""
+    layout. "wide" takes the wide kernel at every size (fp32: the decode kernel)."""
     from masep import fastpath as fp
     calls = []
     monkeypatch.setattr(fp, "triton_grouped_mm", lambda x, w, o: calls.append("triton"))
@@ -157,7 +157,7 @@ def test_auto_expert_impl_picks_the_kernel_by_rows(monkeypatch):
     calls.clear()
     for rows, dtype in cases:
         fp.wide_or_decode_mm(torch.zeros(rows, 4, dtype=dtype), w, offs)
-    assert calls == ["triton", "wide", "wide", "wide", "triton"]
+    assert calls == ["wide", "wide", "wide", "wide", "triton"]
 
 
 def test_fast_path_sets_the_fused_kernels_as_the_spec_says(monkeypatch):
