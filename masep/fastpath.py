@@ -33,12 +33,12 @@ import torch
 
 from .decode_attention import covers as decode_attention_covers
 from .decode_attention import decode_attention
+from .grouped_mm_wide import group_tile  # None without triton, as the kernels below
 from .grouped_mm_wide import tma_applies as wide_tma_applies
 from .grouped_mm_wide import wide_grouped_mm
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
 from .runtime import LocalRuntime, lay_out
-
-from .triton_util import tl, triton, round_bf16  # triton None: not installed
+from .triton_util import round_bf16, tl, triton  # triton None: not installed
 
 EXPERT_IMPLS = ("grouped_mm", "triton", "wide", "auto")
 # The expert kernel by token-expert rows ("auto"), from benchmarks/bench_grouped_mm.py on an H200
@@ -119,24 +119,10 @@ if triton is not None:
             # int64 row offsets: a prefill's rows x K can pass 2^31 elements
             rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            ks = tl.arange(0, BLOCK_K)
             row_ok = rows < row1
             col_ok = cols < M
-            x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-            w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk
-                      + cols[None, :] * stride_wm)
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-                else:
-                    k_ok = (k0 + ks) < K
-                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = group_tile(x_ptr, w_ptr, group, rows, cols, row_ok, col_ok, K, stride_xn, stride_xk, stride_we,
+                             stride_wk, stride_wm, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, PRECISION)
             out_ptrs = out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_om
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -74,6 +74,30 @@ if triton is not None:
         return group, row0, row1, col * BLOCK_M
 
     @triton.jit
+    def group_tile(x_ptr, w_ptr, group, rows, cols, row_ok, col_ok, K, stride_xn, stride_xk, stride_we, stride_wk,
+                   stride_wm, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        """x[rows] @ w[group][:, cols] in float32 [BLOCK_N, BLOCK_M], over K in BLOCK_K steps
+        (rows past row_ok and columns past col_ok read zeros); rows int64. Shared with the decode
+        kernel (fastpath.py); Triton inlines it, so the K loop is pipelined as if written there."""
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+        w_ptrs = w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + ks) < K
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc
+
+    @triton.jit
     def _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N: tl.constexpr,
                     BLOCK_M: tl.constexpr, GELU: tl.constexpr):
         """The tile's rows of its group; GELU: the exact (erf) GELU of the rounded product, as
@@ -99,22 +123,8 @@ if triton is not None:
         if group >= 0:
             rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows x K of a prefill can pass 2^31
             cols = col0 + tl.arange(0, BLOCK_M)
-            ks = tl.arange(0, BLOCK_K)
-            row_ok, col_ok = rows < N, cols < M
-            x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-            w_ptrs = w_ptr + group.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-                else:
-                    k_ok = (k0 + ks) < K
-                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = group_tile(x_ptr, w_ptr, group, rows, cols, rows < N, cols < M, K, stride_xn, stride_xk, stride_we,
+                             stride_wk, stride_wm, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, PRECISION)
             _store_tile(out_ptr, acc, row0, row1, col0, M, stride_on, stride_om, BLOCK_N, BLOCK_M, GELU)
 
     @triton.jit
@@ -150,6 +160,8 @@ if triton is not None:
     _wide_ptr = triton.autotune(configs=_configs(False), key=["M", "K", "E", "N_BUCKET"])(
         triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_wide_ptr_kernel))
     _wide_tma = triton.autotune(configs=_configs(True), key=["M", "K", "E", "N_BUCKET"])(_wide_tma_kernel)
+else:  # the kernels exist only where triton is installed
+    group_tile = None
 
 
 def _num_slots(n: int, e: int, block_n: int) -> int:

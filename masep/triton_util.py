@@ -22,3 +22,5 @@ if triton is not None:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         return u.to(tl.float32, bitcast=True)
+else:
+    round_bf16 = None
