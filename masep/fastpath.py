@@ -33,7 +33,8 @@ import torch
 
 from .decode_attention import covers as decode_attention_covers
 from .decode_attention import decode_attention
-from .grouped_mm_wide import group_tile  # None without triton, as the kernels below
+from .grouped_mm_wide import group_tile, slot_rows  # None without triton, as the kernels below
+from .grouped_mm_wide import grouped_mm_shapes
 from .grouped_mm_wide import tma_applies as wide_tma_applies
 from .grouped_mm_wide import wide_grouped_mm
 from .model import Attention, Experts, MoETransformer, RMSNorm, Router, rope_tables
@@ -101,20 +102,7 @@ if triton is not None:
         pid = tl.program_id(0)
         slot = pid % num_slots
         pid_m = pid // num_slots
-        first_block = 0
-        start = 0
-        group = -1
-        row0 = 0
-        row1 = 0
-        for e in tl.static_range(E):
-            end = tl.load(offs_ptr + e)
-            blocks = (end - start + BLOCK_N - 1) // BLOCK_N
-            hit = (slot >= first_block) & (slot < first_block + blocks)
-            group = tl.where(hit, e, group)
-            row0 = tl.where(hit, start + (slot - first_block) * BLOCK_N, row0)
-            row1 = tl.where(hit, end, row1)
-            first_block += blocks
-            start = end
+        group, row0, row1 = slot_rows(offs_ptr, slot, E, BLOCK_N)
         if group >= 0:
             # int64 row offsets: a prefill's rows x K can pass 2^31 elements
             rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -140,13 +128,7 @@ def triton_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Ten
 
     `config` (BLOCK_M, BLOCK_K, num_warps, num_stages) pins the tile instead of autotuning.
     """
-    if triton is None:
-        raise RuntimeError("triton_grouped_mm needs triton (install a CUDA build of torch)")
-    n, k = x_NK.shape
-    e, k2, m = w_EKM.shape
-    if k != k2 or offs_E.shape != (e,):
-        raise ValueError(f"triton_grouped_mm: x {tuple(x_NK.shape)}, w {tuple(w_EKM.shape)}, offs "
-                         f"{tuple(offs_E.shape)}: need x [N, K], w [E, K, M], offs [E]")
+    n, k, e, m = grouped_mm_shapes("triton_grouped_mm", x_NK, w_EKM, offs_E)
     out = torch.empty(n, m, dtype=x_NK.dtype, device=x_NK.device)
     if n == 0:
         return out

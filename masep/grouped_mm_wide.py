@@ -61,6 +61,14 @@ if triton is not None:
                 first_tile += blocks * num_cols
                 first_block += blocks
                 start = end
+        group, row0, row1 = slot_rows(offs_ptr, slot, E, BLOCK_N)
+        return group, row0, row1, col * BLOCK_M
+
+    @triton.jit
+    def slot_rows(offs_ptr, slot, E: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Row block `slot`, counting the BLOCK_N-row blocks of every group in order -> (its
+        group, its first row, its group's row end); group -1 past the last block. Shared with
+        the decode kernel (fastpath.py)."""
         first_block, start, group, row0, row1 = 0, 0, -1, 0, 0
         for e in tl.static_range(E):
             end = tl.load(offs_ptr + e)
@@ -71,7 +79,7 @@ if triton is not None:
             row1 = tl.where(hit, end, row1)
             first_block += blocks
             start = end
-        return group, row0, row1, col * BLOCK_M
+        return group, row0, row1
 
     @triton.jit
     def group_tile(x_ptr, w_ptr, group, rows, cols, row_ok, col_ok, K, stride_xn, stride_xk, stride_we, stride_wk,
@@ -161,7 +169,20 @@ if triton is not None:
         triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_wide_ptr_kernel))
     _wide_tma = triton.autotune(configs=_configs(True), key=["M", "K", "E", "N_BUCKET"])(_wide_tma_kernel)
 else:  # the kernels exist only where triton is installed
-    group_tile = None
+    group_tile = slot_rows = None
+
+
+def grouped_mm_shapes(who: str, x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor
+                      ) -> tuple[int, int, int, int]:
+    """(N, K, E, M) of a grouped matmul's operands, checked (a Triton kernel's caller)."""
+    if triton is None:
+        raise RuntimeError(f"{who} needs triton (install a CUDA build of torch)")
+    n, k = x_NK.shape
+    e, k2, m = w_EKM.shape
+    if k != k2 or offs_E.shape != (e,):
+        raise ValueError(f"{who}: x {tuple(x_NK.shape)}, w {tuple(w_EKM.shape)}, offs "
+                         f"{tuple(offs_E.shape)}: need x [N, K], w [E, K, M], offs [E]")
+    return n, k, e, m
 
 
 def _num_slots(n: int, e: int, block_n: int) -> int:
@@ -185,13 +206,7 @@ def wide_grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tenso
 
     tma: None = where it applies (tma_applies). config: pin one candidate (BLOCK_N, BLOCK_M,
     BLOCK_K, ORDER, num_warps, num_stages) instead of autotuning (tests, benchmarks)."""
-    if triton is None:
-        raise RuntimeError("wide_grouped_mm needs triton (install a CUDA build of torch)")
-    n, k = x_NK.shape
-    e, k2, m = w_EKM.shape
-    if k != k2 or offs_E.shape != (e,):
-        raise ValueError(f"wide_grouped_mm: x {tuple(x_NK.shape)}, w {tuple(w_EKM.shape)}, offs "
-                         f"{tuple(offs_E.shape)}: need x [N, K], w [E, K, M], offs [E]")
+    n, k, e, m = grouped_mm_shapes("wide_grouped_mm", x_NK, w_EKM, offs_E)
     if act not in (None, "gelu"):
         raise ValueError(f"wide_grouped_mm: act={act!r}, the epilogue has None or 'gelu'")
     out = torch.empty(n, m, dtype=x_NK.dtype, device=x_NK.device)
