@@ -330,8 +330,7 @@ class ExpertMember:
             if self.groups.bridges[u] is not None:  # bridges that did not fail: given up here
                 comm.abandon_bridge(self.groups.bridges[u])
             self.groups.bridges[u] = self.groups.fallback[u, x]
-        self.server.forget_graphs()
-        self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.drop_expert_rank)
+        self.server.bridges_changed()
         self.lost.clear()  # the failed step marked every bridge; the front end names live units
 
     def leave_world(self) -> None:
@@ -345,8 +344,7 @@ class ExpertMember:
     def use_groups(self, groups, links) -> None:
         """Serve every replica over the groups of a re-formed world (the plan's own bridges)."""
         self.groups = groups
-        self.server.forget_graphs()
-        self.server.restart_capacity()  # as every replica's does (SeparatedAttentionRuntime.use_groups)
+        self.server.bridges_changed()
         self.lost.clear()
 
     def stop(self) -> dict:

@@ -393,15 +393,13 @@ class _ExpertServer:
                                                                   self.cfg.num_experts)
         return self.capacity[replica]
 
-    def restart_capacity(self) -> None:
-        """After a failure: every replica's policy starts again, as theirs do (restart_capacity)."""
-        self.capacity.clear()
-
-    def forget_graphs(self) -> None:
-        """The bridges changed (a rank was routed around or replaced): graphs bake in the old ones."""
+    def bridges_changed(self) -> None:
+        """A rank was routed around or replaced: the graphs bake in the old bridges, and every
+        replica's capacity policy starts again, as the replicas' own do (restart_capacity)."""
         self.graphs.clear()
         self.step_graphs.clear()
         self._graph_checks.clear()
+        self.capacity.clear()
 
     def _agreed_layout(self, bridge: comm.Bridge, step: int, rows: int, full: bool) -> comm.StepLayout:
         rows_M = microbatch_rows(rows, self.plan.microbatches, self.plan.attn_tp)
