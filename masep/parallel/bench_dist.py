@@ -118,8 +118,8 @@ def _decode_steps(runtime, rows: int, spec: DistBenchSpec, device, timer: OpTime
     cfg = runtime.cfg
     # EP: every rank is told the largest rank's rows (StepRows.peer_rows), and keeps as many
     # slots; a separated replica is told its own, as its expert ranks are (serve_experts)
-    peer = len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime) else rows
-    peer = peer if isinstance(runtime, (EpRuntime, SeparatedAttentionRuntime)) else None
+    peer = (len(split_evenly(spec.batch, runtime.plan.ep)[0]) if isinstance(runtime, EpRuntime)
+            else rows if isinstance(runtime, SeparatedAttentionRuntime) else None)
     runtime.start(peer or rows, spec.context + spec.warmup + spec.steps + 1)
     gen = torch.Generator(device=device).manual_seed(runtime.env.rank)
     for k, v in zip(runtime.cache.k, runtime.cache.v):

@@ -497,15 +497,16 @@ def read_step_checks(layout: StepLayout, bridge: Bridge) -> tuple[bool, list[int
     the next blocks itself (an expert rank told the replica's rows) observes the same."""
     if not layout.checks and not layout.demands:
         return False, []
-    flags = [c[3].any() for c in layout.checks] + [(d > layout.caps[mb]).any() for mb, d in layout.demands]
-    largest = [d.max() for _, d in layout.demands]
-    values = torch.stack([f.long() for f in flags] + largest).tolist()  # the one host read
-    verdicts = values[:len(flags)]
+    # one host read: each header check's verdict, each transfer's largest demand (an overflow
+    # is a demand past its micro-batch's capacity, decided here from those)
+    values = torch.stack([c[3].any().long() for c in layout.checks] + [d.max() for _, d in layout.demands]).tolist()
+    verdicts = values[:len(layout.checks)]
     _check_bridge(bridge, bridge.where("block header check", layout.step, -1, -1))
-    checks, overflow = layout.checks[:], any(verdicts[len(layout.checks):])
+    checks = layout.checks[:]
     demand_M = [0] * len(layout.caps)
-    for (mb, _), d in zip(layout.demands, values[len(flags):]):
+    for (mb, _), d in zip(layout.demands, values[len(layout.checks):]):
         demand_M[mb] = max(demand_M[mb], d)
+    overflow = any(d > c for d, c in zip(demand_M, layout.caps))
     layout.checks.clear()
     layout.demands.clear()
     for (layer, mb, first, bad_S), is_bad in zip(checks, verdicts):

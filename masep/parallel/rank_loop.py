@@ -281,10 +281,10 @@ class UnitMember:
 class ExpertMember:
     """A separated expert rank: serves the replicas named in each step message."""
 
-    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool, step_graphs: bool = False):
+    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool):
         self.plan, self.groups, self.timer = plan, groups, timer
         self.cfg = model.cfg
-        self.server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
+        self.server = _ExpertServer(model, plan, groups, env, graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
@@ -372,8 +372,9 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
         links = mirror.build_mirror_links(plan, env) if spec.mirror else None  # every rank: the groups
         role = groups.role
         if role.kind == "expert":
-            return ExpertMember(model, plan, groups, env, timer, graphs, spec.run.separated_step_graphs)
-        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs, spec.run.separated_step_graphs)
+            return ExpertMember(model, plan, groups, env, timer, graphs)
+        # no whole-step graphs here: the server announces separated steps in a handshake (ExpertMember.step)
+        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs)
         info = ("attention", role.replica, role.index == 0)
     elif plan.strategy == "ep":
         runtime = EpRuntime(model, plan, build_ep_groups(plan, cfg, env), env, timer, graphs)
