@@ -229,3 +229,41 @@ def _ring_sends_go_on_past_a_given_up_neighbour(_):
 @pytest.mark.timeout(60)
 def test_a_ring_neighbour_still_sends_when_its_other_neighbour_is_given_up():
     assert spawn(3, _ring_sends_go_on_past_a_given_up_neighbour, None, timeout_s=50) == [2.0, 2.0, 2.0]
+
+
+def _an_expert_rank_that_gives_up_leaves_the_other_to_finish(_):
+    """Bridge [attention = rank 0, experts = ranks 1 and 2]. The attention rank dispatches two
+    rows to each expert rank; expert rank 2 hears that the replica is dead before it launches its
+    receive (the front end's word) and gives the bridge up; expert rank 1, which got its rows,
+    must have them at once, not wait on rank 2 until the bridge's limit."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, members = dist.get_rank(), [0, 1, 2]
+    limit = timedelta(seconds=20)  # far above the moment the rows take to arrive on 2 cores
+    bridge = comm.Bridge(dist.new_group(members, timeout=limit), members, rank, 1, 0, 2, limit, torch.device("cpu"))
+    hidden, sending = 3, None
+    if rank == 0:  # its sends are kept until the end (rank 2 never takes its part)
+        rows = torch.arange(4 * hidden, dtype=torch.float32).view(4, hidden)
+        sending = comm._all_to_all(rows.new_empty(0, hidden), rows, [0, 0, 0], [0, 2, 2], bridge)
+    elif rank == 2:
+        comm.give_up_groups_with({0}, "rank 0 was killed by SIGKILL")
+        with pytest.raises(comm.CommError, match="given up: rank 0 was killed"):
+            comm._all_to_all(torch.empty(2, hidden), torch.empty(0, hidden), [2, 0, 0], [0, 0, 0], bridge)
+    else:
+        got = torch.empty(2, hidden)
+        t0 = time.monotonic()
+        comm._wait(comm._all_to_all(got, got.new_empty(0, hidden), [2, 0, 0], [0, 0, 0], bridge), bridge, "dispatch",
+                   0, 0, 0)
+        waited_s = time.monotonic() - t0
+        assert got.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        assert waited_s < 10.0, f"waited {waited_s:.1f} s for rows that had arrived"
+    dist.barrier(group=dist.group.WORLD)
+    del sending
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_an_expert_rank_giving_up_a_dead_replica_does_not_hold_up_the_other_expert_ranks():
+    # gloo's own all-to-all passes an empty message between the two expert ranks: rank 1 waits
+    # the bridge's 20 s limit for rank 2's and fails (CommError, "timed out": checked by hand)
+    assert spawn(3, _an_expert_rank_that_gives_up_leaves_the_other_to_finish, None, timeout_s=80)

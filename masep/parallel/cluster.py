@@ -151,6 +151,8 @@ class ClusterExecutor:
             raise EngineDead(f"expert ranks {sorted(self.replacing)} are dead and not replaced yet")
         if self.lockstep:
             rows = agree_decode({u: rows.get(u, StepRows.empty()) for u in range(self.num_units)})
+        elif self.experts:
+            rows = tell_replica_rows(rows)
         lost: dict[int, str] = {}
         try:
             while True:
@@ -182,7 +184,8 @@ class ClusterExecutor:
             sends += [(r, ("step", step_id, StepRows.empty(), units, mirror.MirrorRows.of(before[u])))
                       for u in range(n) if u not in units and before[u] is not None and u not in self.lost_units
                       for r in self.members[u]]
-        sends += [(r, ("step", step_id, None, units)) for r in self.experts]
+        told = {u: rows[u].peer_rows for u in units}  # the decode replicas' rows (tell_replica_rows)
+        sends += [(r, ("step", step_id, told, units)) for r in self.experts]
         self._sent = {r for r, _ in sends}  # the ranks in this step
         for r, msg in sends:
             if r in self.gone:
@@ -522,6 +525,15 @@ def agree_decode(rows: dict[int, StepRows]) -> dict[int, StepRows]:
     top = max(max(r.slots) + 1 for r in busy)
     attend = max(r.attend_len for r in busy)
     return {u: dataclasses.replace(r, peer_rows=top, attend_at_least=max(r.attend_at_least, attend))
+            for u, r in rows.items()}
+
+
+def tell_replica_rows(rows: dict[int, StepRows]) -> dict[int, StepRows]:
+    """A separated replica's decode step says its own rows (StepRows.peer_rows = highest slot
+    + 1), and its expert ranks are told the same number (cluster._send_step): both sides then
+    lay the step out and size its blocks alike, without a handshake. Prefill steps are left as
+    they are (the replica announces those)."""
+    return {u: dataclasses.replace(r, peer_rows=max(r.slots) + 1) if len(r) and r.is_decode else r
             for u, r in rows.items()}
 
 

@@ -1,7 +1,8 @@
 """All inter-rank communication. Runtime code calls these functions, never torch.distributed.
 
 Attention -> expert traffic runs on a *bridge* group (one attention replica + all expert
-ranks) as `all_to_all_single`, which gloo and NCCL both support with uneven splits.
+ranks): NCCL's `all_to_all_single` with uneven splits; on gloo, point-to-point transfers
+between the pairs that carry rows (`_PairWork` says why).
 
 Every step opens with a handshake (`attention_begin_step`, `expert_begin_step`,
 `ep_begin_step`): each sender tells the bridge its flag (work, stop, idle), whether the step
@@ -66,6 +67,11 @@ class Bridge:
     device: torch.device
     top_k: int = 1
     back_group: object = None  # the group the outputs return on (None: `group`)
+
+    def __post_init__(self):
+        if list(self.ranks) != sorted(self.ranks):  # torch numbers a group's members by global rank
+            raise ValueError(f"bridge members {self.ranks}: must be in ascending global rank order, the order "
+                             "of the group's ranks that the all-to-all splits follow")
 
     @property
     def size(self) -> int:
@@ -330,20 +336,85 @@ def transfers_capturable() -> bool:
 
 
 def _all_to_all(out, inp, out_splits, in_splits, bridge):
-    _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
-    if _is_dry(out):
-        return _NoTransfer()
-    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.group, async_op=True)
+    return _bridge_all_to_all(out, inp, out_splits, in_splits, bridge, bridge.group)
 
 
 def _all_to_all_back(out, inp, out_splits, in_splits, bridge):
     """Expert outputs on their way back: on the bridge's second group, so (with NCCL, one
     communicator per group) they need not queue behind the next micro-batch's dispatch."""
+    return _bridge_all_to_all(out, inp, out_splits, in_splits, bridge, bridge.back_group or bridge.group)
+
+
+def _bridge_all_to_all(out, inp, out_splits, in_splits, bridge: Bridge, group):
+    """One all-to-all on a bridge group (splits None: equal). NCCL: `all_to_all_single`. gloo:
+    transfers between the pairs that carry rows (`_PairWork`)."""
     _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
     if _is_dry(out):
         return _NoTransfer()
-    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=bridge.back_group or bridge.group,
-                                  async_op=True)
+    if _stream_waits():
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    return _pairwise(out, inp, out_splits, in_splits, bridge, group)
+
+
+def _talks(bridge: Bridge, i: int, j: int) -> bool:
+    """Whether bridge members i and j send each other anything: never two expert members."""
+    return i < bridge.num_attention or j < bridge.num_attention
+
+
+class _PairWork:
+    """The point-to-point transfers of one gloo bridge all-to-all, waited on together.
+
+    Why not gloo's all-to-all: it passes a message, empty or not, between every two members,
+    so an expert rank waits on the other expert ranks even where they send it nothing. When an
+    attention rank dies, an expert rank that notices first gives the bridge up before it sends
+    its empty messages, and a second expert rank, which had got every row it needed from the
+    replica, waits on the first for the whole timeout, away from the live replicas, which
+    then time out too (seen under `masep serve`: killing one replica's rank failed the other).
+    Here each rank waits only on the members that send it rows."""
+
+    def __init__(self, works: list, copy_in: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.works, self.copy_in = works, copy_in  # copy_in: (device slice, its host landing buffer)
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        for work in self.works:
+            if deadline is None:
+                work.wait()
+            else:  # gloo raises when its wait runs out
+                work.wait(timeout=timedelta(seconds=max(0.0, deadline - time.monotonic())))
+        for dst, landed in self.copy_in:
+            dst.copy_(landed)
+        return True
+
+
+def _pairwise(out, inp, out_splits, in_splits, bridge: Bridge, group) -> _PairWork:
+    """gloo: send each member its rows and receive each member's, pair by pair, skipping the
+    pairs with no rows and those of two expert members (what one would have received from the
+    other reads as zeros: expert members only ever send each other zeros, in the equal-split
+    handshake and count rows). Both sides of a pair know its split (all_to_all's contract) and
+    post their transfers in the schedule's order, which gloo keeps per pair.
+
+    Shapes: out [sum(out_splits), ...] receives, inp [sum(in_splits), ...] sends; splits per
+    member (None: equal)."""
+    size, me = bridge.size, bridge.me
+    out_parts = out.split(out_splits or [out.shape[0] // size] * size)
+    in_parts = inp.split(in_splits or [inp.shape[0] // size] * size)
+    send_staged, recv_staged = inp.device.type != "cpu", out.device.type != "cpu"  # gloo's p2p: host memory
+    works, copy_in = [], []
+    for j in range(size):
+        if j == me:
+            out_parts[j].copy_(in_parts[j])
+        elif not _talks(bridge, me, j):
+            out_parts[j].zero_()
+        elif in_parts[j].numel():
+            works.append(dist.isend(in_parts[j].cpu() if send_staged else in_parts[j], bridge.ranks[j], group=group))
+    for j in range(size):
+        if j != me and _talks(bridge, me, j) and out_parts[j].numel():
+            landing = torch.empty(out_parts[j].shape, dtype=out.dtype) if recv_staged else out_parts[j]
+            works.append(dist.irecv(landing, bridge.ranks[j], group=group))
+            if recv_staged:
+                copy_in.append((out_parts[j], landing))
+    return _PairWork(works, copy_in)
 
 
 def exchange_counts(bridge: Bridge, send_PC: torch.Tensor, step: int, layer: int, mb: int) -> torch.Tensor:

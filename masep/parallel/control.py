@@ -5,7 +5,8 @@ every rank connects once, says who it is, and from then on executes what it is t
 channel carries small pickled messages (step rows, sampled tokens, reports), never tensors:
 activations move between ranks over torch.distributed, as before.
 
-Front end -> rank:  ("start", num_slots, max_len) | ("step", step_id, StepRows | None, units)
+Front end -> rank:  ("start", num_slots, max_len) | ("step", step_id, rows, units): rows is the unit's StepRows
+                    (a separated expert rank: {unit: StepRows.peer_rows of its decode step, else None})
                     | ("drop_expert", expert_group_index) | ("rejoin", groups.JoinPoint) | ("stop",)
 Rank -> front end:  ("hello", RankInfo) | ("ready",) | ("tokens", step_id, [int | None])
                     | ("done", step_id) | ("beat",) | ("lost", step_id, unit, why)

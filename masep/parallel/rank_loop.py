@@ -41,7 +41,7 @@ from .ep import EpRuntime
 from .groups import (JoinPoint, build_ep_groups, build_separated_groups, build_tp_pp_groups, init_distributed,
                      leave_world, rejoin_world)
 from .separated import SeparatedAttentionRuntime, _ExpertServer
-from .stepper import OpTimer
+from .stepper import OpTimer, dense_decode_rows
 from .tp_pp import TpPpRuntime
 from .worker import RunSpec, _maybe_profile, apply_plan, load_model, use_fast_path
 
@@ -281,28 +281,32 @@ class UnitMember:
 class ExpertMember:
     """A separated expert rank: serves the replicas named in each step message."""
 
-    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool):
+    def __init__(self, model, plan, groups, env, timer: OpTimer, graphs: bool, mirror: bool = False,
+                 step_graphs: bool = False):
         self.plan, self.groups, self.timer = plan, groups, timer
         self.cfg = model.cfg
-        self.server = _ExpertServer(model, plan, groups, env, graphs)
+        self.server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
         self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
+        self.graphs, self.mirror = graphs, mirror
+        self.unit_slots = 0  # each replica's KV slots (as its attention ranks allocate them)
 
     def start(self, num_slots: int, max_len: int) -> None:
-        pass
+        # a mirroring replica keeps its buddy's rows in a second half of its cache (UnitMember.start)
+        self.unit_slots = 2 * num_slots if self.mirror else num_slots
 
     def step(self, step_id: int, rows, units) -> list[tuple[int, str]]:
         """Serve the replicas named for this step; returns [(unit, why)] of replicas whose
-        bridge failed (dropped for good; the others were served). Each replica announces its
-        step in a handshake: under the front end, decode steps are not laid out from told rows
-        (serve_experts' `agreed`) yet: with them a killed attention rank failed its peer replica
-        in 2 of 10 CPU failover runs, with the handshake in none of 6 (cause not found yet)."""
+        bridge failed (dropped for good; the others were served). rows: {unit: the peer_rows
+        its attention ranks were given} (None: that replica announces its step itself)."""
         units = [u for u in units if u not in self.lost]
         failed: dict[int, str] = {}
         bridges = [self.groups.bridges[u] for u in units]
-        _, loads = self.server.serve(bridges, step_id, self.timer, failed)
+        told = [(rows or {}).get(u) for u in units]
+        agreed = [None if t is None else dense_decode_rows(t, self.unit_slots, self.graphs) for t in told]
+        _, loads = self.server.serve(bridges, step_id, self.timer, failed, agreed)
         self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
         for i, bridge in enumerate(bridges):  # NCCL: an aborted transfer can end without an error
             why = comm.given_up_why([bridge.group, bridge.back_group]) if i not in failed else None
@@ -372,9 +376,9 @@ def build_member(spec: RankSpec, model, env) -> "UnitMember | ExpertMember":
         links = mirror.build_mirror_links(plan, env) if spec.mirror else None  # every rank: the groups
         role = groups.role
         if role.kind == "expert":
-            return ExpertMember(model, plan, groups, env, timer, graphs)
-        # no whole-step graphs here: the server announces separated steps in a handshake (ExpertMember.step)
-        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs)
+            return ExpertMember(model, plan, groups, env, timer, graphs, spec.mirror and plan.attn_replicas >= 2,
+                                spec.run.separated_step_graphs)
+        runtime = SeparatedAttentionRuntime(model, plan, groups, env, timer, graphs, spec.run.separated_step_graphs)
         info = ("attention", role.replica, role.index == 0)
     elif plan.strategy == "ep":
         runtime = EpRuntime(model, plan, build_ep_groups(plan, cfg, env), env, timer, graphs)

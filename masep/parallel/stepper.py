@@ -267,11 +267,16 @@ class MicroBatchRuntime(StaticBatchMixin):
         # nothing to gain, and no zero-size shapes to capture
         self.graphable = (self.graphs.enabled and self.decoding and not self.whole_step
                           and all(mb.ids.shape[0] > 0 for mb in mbs))
-        self._begin_step(mbs)
-        execute(ops, self._op_runners, self.timer.record)
-        self._end_step()
+        try:
+            self._begin_step(mbs)
+            execute(ops, self._op_runners, self.timer.record)
+            self._end_step()
+        finally:
+            # their tensors and transfers go with the step; on a failed one too: a transfer
+            # still referenced keeps its gloo group's connections open, and a peer waiting on
+            # this rank there gets no error until its own timeout
+            self._mbs = []
         self.in_step = False
-        self._mbs = []  # their tensors go with the step
         self.step += 1
         outs = [mb.out for mb in mbs]
         return torch.cat(outs, dim=dim) if all(o is not None for o in outs) else None

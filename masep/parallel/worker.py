@@ -46,10 +46,9 @@ class RunSpec:
     # RoPE + KV write: fastpath.set_fused); off only to measure what they save
     fused: bool = True
     # CUDA graphs, separated plans: one graph per decode step on the attention and the expert
-    # ranks instead of one per compute segment with the transfers launched between them, for
-    # decode steps laid out from told rows (bench dist, the benchmarks; the server announces its
-    # steps in a handshake). Off until measured on GPUs (benchmarks/multi_gpu.py --impls
-    # fast-stepgraphs)
+    # ranks instead of one per compute segment with the transfers launched between them (NCCL;
+    # decode steps, which both sides lay out from the rows they are told). Off until measured
+    # on GPUs (benchmarks/multi_gpu.py --impls fast-stepgraphs)
     separated_step_graphs: bool = False
 
 
