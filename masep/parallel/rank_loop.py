@@ -288,7 +288,9 @@ class ExpertMember:
         self.server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
         self.info = control.RankInfo(env.rank, "expert", None, False, None, os.getpid(),
                                      tuple(self.server.my_experts))
-        self.load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
+        # rows served per (layer, local expert), on the device: read when the rank stops
+        self.served = torch.zeros(self.cfg.num_layers, len(self.server.my_experts), dtype=torch.long,
+                                  device=env.device)
         self.lost: set[int] = set()  # replicas whose bridge failed: never served again
         self.graphs, self.mirror = graphs, mirror
         self.unit_slots = 0  # each replica's KV slots (as its attention ranks allocate them)
@@ -307,7 +309,7 @@ class ExpertMember:
         told = [(rows or {}).get(u) for u in units]
         agreed = [None if t is None else dense_decode_rows(t, self.unit_slots, self.graphs) for t in told]
         _, loads = self.server.serve(bridges, step_id, self.timer, failed, agreed)
-        self.load_LE[:, list(self.server.my_experts)] += loads.cpu()
+        self.served += loads
         for i, bridge in enumerate(bridges):  # NCCL: an aborted transfer can end without an error
             why = comm.given_up_why([bridge.group, bridge.back_group]) if i not in failed else None
             if why is not None:
@@ -348,7 +350,7 @@ class ExpertMember:
         self.lost.clear()
 
     def stop(self) -> dict:
-        return dict(role="expert", busy_s=dict(self.timer.busy_s), load=self.load_LE.tolist())
+        return dict(role="expert", busy_s=dict(self.timer.busy_s), load=self.server.global_loads(self.served).tolist())
 
 
 def reform_world(member, spec: RankSpec, env, join: JoinPoint) -> None:

@@ -265,7 +265,8 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
     cfg = model.cfg
     timer = timer or OpTimer()
     server = _ExpertServer(model, plan, groups, env, graphs, step_graphs)
-    stats = ExpertStats(load_LE=torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long))
+    stats = ExpertStats()
+    served = torch.zeros(cfg.num_layers, len(server.my_experts), dtype=torch.long, device=env.device)
     live = list(groups.bridges)
     while live:
         if stats.steps == untimed_steps:
@@ -277,8 +278,9 @@ def serve_experts(model: MoETransformer, plan: SeparatedPlan, groups: SeparatedG
         live = [b for b, lay in zip(live, layouts) if lay.flags[0] != comm.FLAG_STOP]
         if not live:
             break
-        stats.load_LE[:, list(server.my_experts)] += loads.cpu()
+        served += loads  # on the device: read once, at the end
         stats.steps += 1
+    stats.load_LE = server.global_loads(served)
     stats.reruns = server.reruns
     return stats
 
@@ -384,6 +386,13 @@ class _ExpertServer:
             full |= set(todo)
             self.reruns += len(todo)
         return layouts, loads
+
+    def global_loads(self, served_LX: torch.Tensor) -> torch.Tensor:
+        """Rows served per (layer, local expert) [layers, L] on the device -> per (layer, global
+        expert) [layers, num_experts] on the host (a host read: once a run, not once a step)."""
+        load_LE = torch.zeros(self.cfg.num_layers, self.cfg.num_experts, dtype=torch.long)
+        load_LE[:, list(self.my_experts)] = served_LX.cpu()
+        return load_LE
 
     def _policy(self, replica: int) -> CapacityPolicy:
         """This rank's copy of a replica's capacity policy (the replica's SeparatedDispatcher
