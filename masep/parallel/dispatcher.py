@@ -231,10 +231,12 @@ class EpDispatcher(TokenDispatcher):
     def _receivers(self) -> int:
         return self.bridge.size
 
-    def dispatch(self, out: Outbound, layer: int, mb: int) -> comm.ExchangeHandle:
+    def dispatch(self, out: Outbound, layer: int, mb: int, count: bool = True) -> comm.ExchangeHandle:
+        """count: as SeparatedDispatcher.dispatch."""
         if out.packed is None:
             return comm.ep_dispatch_rows(out.x_XH, out.rows, self.bridge, self.layout, self.num_local, layer, mb)
-        self._count_payload(mb, self._receivers())
+        if count:
+            self._count_payload(mb, self._receivers())
         return comm.ep_send_packed(out.packed, self.bridge, self.layout, layer, mb, out.num_tokens)
 
     def received(self, handle: comm.ExchangeHandle):

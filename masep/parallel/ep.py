@@ -47,7 +47,8 @@ class EpRuntime(MicroBatchRuntime):
         self.dispatcher = EpDispatcher(self.bridge, self.route, cfg, plan.expert_placement(cfg), plan.microbatches,
                                        model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
-        self._graph_checks: dict = {}  # whole-step graph key -> (its header verdicts, payload rows per replay)
+        self._graph_checks: dict = {}  # whole-step graph key -> its header verdicts
+        self.moe_layers = sum(b.moe is not None for b in self.blocks)
         self.all_idle = False
         self.stopped = False
         # rows served per (layer, local expert), kept on the device during the run
@@ -95,20 +96,22 @@ class EpRuntime(MicroBatchRuntime):
 
     def _step_graph_key(self) -> tuple:
         lay = self.dispatcher.begin_agreed_step(self.step, self._agreed_rows())  # the buffers: set here, not captured
-        self._agreed_layout, self._payload_before = lay, self.dispatcher.payload_rows
+        self._agreed_layout = lay
         return tuple(lay.caps), lay.header_rows
 
     def _after_graphed_step(self, key: tuple, captured: bool) -> None:
         """A replay rewrites the header verdicts the capture allocated, but appends them to no
-        layout: keep them (and the payload count) from the capture, put them back on each replay."""
+        layout: keep them from the capture, put them back on each replay. Its blocks are counted
+        here, once a step (dispatch does not count inside a whole step: its warm-up and its
+        capture would count them twice)."""
         d = self.dispatcher
         if captured:
-            self._graph_checks[key] = (list(d.layout.checks), d.payload_rows - self._payload_before)
-            return
-        checks, payload = self._graph_checks[key]
-        d.layout = self._agreed_layout
-        d.layout.checks.extend(checks)
-        d.payload_rows += payload
+            self._graph_checks[key] = list(d.layout.checks)
+        else:
+            d.layout = self._agreed_layout
+            d.layout.checks.extend(self._graph_checks[key])
+        for mb in range(self.plan.microbatches):
+            d.count_payload(mb, self.moe_layers)
 
     @property
     def load_LE(self) -> torch.Tensor:
@@ -195,7 +198,7 @@ class EpRuntime(MicroBatchRuntime):
         mb.x = self._segment(("mlp", layer, i), lambda h: h + block.mlp(block.moe_norm(h)), mb.work.pop("h"))
 
     def _dispatch(self, mb: MicroBatch, layer: int, i: int) -> None:
-        mb.work["handle"] = self.dispatcher.dispatch(mb.work.pop("out"), layer, i)
+        mb.work["handle"] = self.dispatcher.dispatch(mb.work.pop("out"), layer, i, count=not self.whole_step)
 
     def _experts(self, mb: MicroBatch, layer: int, i: int) -> None:
         """This rank's experts over the rows every rank sent it (one grouped matmul)."""
