@@ -8,9 +8,13 @@
 #   bash benchmarks/run_dist_floor.sh ab OUT    # the same with and without the fused small-op
 #                                               # kernels, then profiler traces at batch 24 and
 #                                               # where each rank's GPU time goes (trace_summary.py)
+#   bash benchmarks/run_dist_floor.sh graphs OUT  # the 2-GPU CUDA tests (separated whole-step graphs
+#                                               # under sync-debug "error", failover over NCCL with
+#                                               # handshake-free separated decode steps), then separated
+#                                               # plans with and without whole-step graphs
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-usage="usage: run_dist_floor.sh one|two|ab OUT"
+usage="usage: run_dist_floor.sh one|two|ab|graphs OUT"
 phase="${1:?$usage}"
 out="${2:?$usage}"
 mkdir -p "$out"
@@ -34,6 +38,12 @@ elif [ "$phase" = ab ]; then
     --points 24x2048 --impls fast --steps 20 --no-check 2>&1 | grep -v "^W1\|Warning\|warn(" | tail -20
   (cd "$out/tr" && tar xzf traces.tar.gz && python3 "$OLDPWD/benchmarks/trace_summary.py" traces/*/rank*.json \
     --last-ms 40 | tee "$out/trace_summary.jsonl" && rm -rf traces traces.tar.gz)
+elif [ "$phase" = graphs ]; then
+  timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_fastpath_dist.py tests/test_failover_nccl.py 2>&1 \
+    | grep -v "^W1\|^E  \+File\|^E  \+\^" | tail -80 | tee "$out/gpu_tests.txt"
+  timeout 260 torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --out "$out/sg" --hardware h200 --presets paper \
+    --points "${points[@]}" --impls fast fast-stepgraphs --plan-filter sep --microbatches 2 --steps 60 --no-check \
+    --no-trace 2>&1 | grep -v "^W1\|Warning\|warn(" | tail -40 | tee "$out/sg_log.txt"
 else
   timeout 560 torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --out "$out/mg" --hardware h200 --presets paper \
     --points "${points[@]}" --impls fast --microbatches 1 2 --steps 60 --no-check --no-trace 2>&1 | grep -v "^W1\|Warning\|warn(" \
