@@ -2,7 +2,8 @@
 
 Attention -> expert traffic runs on a *bridge* group (one attention replica + all expert
 ranks): NCCL's `all_to_all_single` with uneven splits; on gloo, point-to-point transfers
-between the pairs that carry rows (`_PairWork` says why).
+between the pairs that carry rows (`_PairWork` says why; EP's group of equals keeps gloo's
+all-to-all).
 
 Every step opens with a handshake (`attention_begin_step`, `expert_begin_step`,
 `ep_begin_step`): each sender tells the bridge its flag (work, stop, idle), whether the step
@@ -346,12 +347,13 @@ def _all_to_all_back(out, inp, out_splits, in_splits, bridge):
 
 
 def _bridge_all_to_all(out, inp, out_splits, in_splits, bridge: Bridge, group):
-    """One all-to-all on a bridge group (splits None: equal). NCCL: `all_to_all_single`. gloo:
-    transfers between the pairs that carry rows (`_PairWork`)."""
+    """One all-to-all on a bridge group (splits None: equal). NCCL, and EP (every member talks to
+    every other): `all_to_all_single`. A separated bridge on gloo: transfers between the pairs
+    that carry rows (`_PairWork`)."""
     _check_bridge(bridge, f"bridge of attention replica {bridge.replica} (ranks {bridge.ranks})")
     if _is_dry(out):
         return _NoTransfer()
-    if _stream_waits():
+    if _stream_waits() or bridge.num_attention == bridge.size:
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
     return _pairwise(out, inp, out_splits, in_splits, bridge, group)
 
