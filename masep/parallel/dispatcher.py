@@ -72,6 +72,7 @@ class TokenDispatcher:
         self.reruns = 0  # steps run again at the worst-case capacity after an overflow
         self.payload_rows = 0  # rows of every padded block this rank sent (the worst case: below)
         self.worst_payload_rows = 0
+        self.moe_layers = cfg.num_moe_layers  # dispatches per micro-batch in a step
 
     # --- the step -------------------------------------------------------------------------------
     def begin_step(self, step: int, rows_M: list[int], padded: bool, full: bool = False, idle: bool = False
@@ -141,10 +142,11 @@ class TokenDispatcher:
         self.worst_payload_rows += blocks * routing.capacity(lay.rows[mb], self.bridge.top_k,
                                                              self.bridge.max_local_experts)
 
-    def count_payload(self, mb: int, transfers: int) -> None:
-        """Count `transfers` dispatches of micro-batch mb's blocks (a replayed graph's, which
-        runs no Python)."""
-        self._count_payload(mb, transfers * self._receivers())
+    def count_replayed_step(self) -> None:
+        """Count the blocks of a step replayed from a whole-step graph, which runs no Python
+        (dispatch does not count inside one: its warm-up and capture would count twice)."""
+        for mb in range(len(self.layout.caps)):
+            self._count_payload(mb, self.moe_layers * self._receivers())
 
     def _receivers(self) -> int:
         raise NotImplementedError
@@ -197,7 +199,7 @@ class SeparatedDispatcher(TokenDispatcher):
 
     def dispatch(self, out: Outbound, layer: int, mb: int, count: bool = True) -> comm.DispatchHandle:
         """Launch the rows to the expert ranks; the handle is all `combine` needs. count: add the
-        blocks to payload_rows (a whole-step graph counts its replays instead: count_payload)."""
+        blocks to payload_rows (a whole-step graph counts its replays instead: count_replayed_step)."""
         if out.packed is None:
             return comm.dispatch_rows(out.x_XH, out.rows, self.bridge, self.layout, layer, mb)
         if count:

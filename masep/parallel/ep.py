@@ -48,7 +48,6 @@ class EpRuntime(MicroBatchRuntime):
                                        model.dtype, env.device, len(self.my_experts))
         self.idle = False  # no sequences of our own: empty micro-batches, flag idle
         self._graph_checks: dict = {}  # whole-step graph key -> its header verdicts
-        self.moe_layers = sum(b.moe is not None for b in self.blocks)
         self.all_idle = False
         self.stopped = False
         # rows served per (layer, local expert), kept on the device during the run
@@ -101,17 +100,14 @@ class EpRuntime(MicroBatchRuntime):
 
     def _after_graphed_step(self, key: tuple, captured: bool) -> None:
         """A replay rewrites the header verdicts the capture allocated, but appends them to no
-        layout: keep them from the capture, put them back on each replay. Its blocks are counted
-        here, once a step (dispatch does not count inside a whole step: its warm-up and its
-        capture would count them twice)."""
+        layout: keep them from the capture, put them back on each replay; count the step's blocks."""
         d = self.dispatcher
         if captured:
             self._graph_checks[key] = list(d.layout.checks)
         else:
             d.layout = self._agreed_layout
             d.layout.checks.extend(self._graph_checks[key])
-        for mb in range(self.plan.microbatches):
-            d.count_payload(mb, self.moe_layers)
+        d.count_replayed_step()
 
     @property
     def load_LE(self) -> torch.Tensor:

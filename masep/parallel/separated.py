@@ -69,7 +69,6 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
         self.fallback = groups.fallback
         self.stopped = False
         self.step_graphs = step_graphs
-        self.moe_layers = sum(b.moe is not None for b in self.blocks)
 
     @property
     def bridge(self) -> comm.Bridge:
@@ -136,8 +135,7 @@ class SeparatedAttentionRuntime(MicroBatchRuntime):
 
     def _after_graphed_step(self, key: tuple, captured: bool) -> None:
         """A replay runs no Python: count its blocks here (dispatch does not, in a whole step)."""
-        for mb in range(self.plan.microbatches):
-            self.dispatcher.count_payload(mb, self.moe_layers)
+        self.dispatcher.count_replayed_step()
 
     def finish(self) -> None:
         """Tell the expert ranks this replica is done (once; later calls do nothing)."""
